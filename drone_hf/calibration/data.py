@@ -1,0 +1,208 @@
+"""Calibration inputs: from whatever the user has (texts, a dataset, a file, a built-in corpus) to
+length-sorted token batches.
+
+Only real tokens matter to DRONE's statistics; batches carry an attention mask so padding never
+enters a Gram matrix, and texts are sorted by length before batching so little padding is computed
+at all.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Built-in corpora shipped inside the package (public domain: U.S. State of the Union addresses,
+#: CC0). ``"sotu"`` (1990-2012) is the default calibration text; ``"sotu-heldout"`` (2013-2021)
+#: never overlaps it and serves for evaluation.
+BUILTIN_CORPORA = ("sotu", "sotu-heldout")
+DEFAULT_CORPUS = "sotu"
+
+
+def load_builtin_corpus(name: str) -> list[str]:
+    """The passages of a packaged corpus, one string each."""
+    if name not in BUILTIN_CORPORA:
+        raise ValueError(f"Unknown built-in corpus {name!r}: available are {list(BUILTIN_CORPORA)}.")
+    blob = resources.files("drone_hf.data.corpora").joinpath(f"{name}.txt.gz").read_bytes()
+    return [line for line in gzip.decompress(blob).decode("utf-8").splitlines() if line.strip()]
+
+
+def _read_text_file(path: Path) -> list[str]:
+    """``.txt``: one sample per line; if the file has blank lines, one sample per paragraph."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if any(not line.strip() for line in lines) and any(line.strip() for line in lines):
+        paragraphs, cur = [], []
+        for line in lines + [""]:
+            if line.strip():
+                cur.append(line.strip())
+            elif cur:
+                paragraphs.append(" ".join(cur))
+                cur = []
+        return paragraphs
+    return [line for line in lines if line.strip()]
+
+
+def _read_jsonl(path: Path, column: str) -> list[str]:
+    """``.jsonl``: each line a JSON string, or an object with a ``text`` field."""
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i} is not valid JSON ({e.msg}); each line must be one JSON value.") from e
+            if isinstance(row, str):
+                texts.append(row)
+            elif isinstance(row, dict) and isinstance(row.get(column), str):
+                texts.append(row[column])
+            else:
+                raise ValueError(
+                    f"{path}:{i} has no string field {column!r}; each line must be a JSON string or an "
+                    f'object like {{"{column}": "..."}}.'
+                )
+    return texts
+
+
+def _texts_from_dataset(ds: Any, column: str) -> list[str]:
+    """A ``datasets.Dataset``: the ``text`` column, or its only string column."""
+    names = list(getattr(ds, "column_names", None) or [])
+    if isinstance(getattr(ds, "column_names", None), dict):  # DatasetDict
+        raise ValueError(
+            f"Got a DatasetDict with splits {list(ds.keys())}: pass one split, e.g. dataset=ds['train']."
+        )
+    if column not in names:
+        features = getattr(ds, "features", {}) or {}
+        string_cols = [n for n in names if getattr(features.get(n), "dtype", None) in ("string", "large_string")]
+        if len(string_cols) != 1:
+            raise ValueError(
+                f"The dataset has no {column!r} column and not exactly one text column (columns: {names}); "
+                f"rename the text column to {column!r}, e.g. ds.rename_column('sentence', '{column}')."
+            )
+        column = string_cols[0]
+    return [t for t in ds[column]]
+
+
+def load_texts(dataset: Any, num_samples: int, seed: int = 0, column: str = "text") -> list[str]:
+    """Resolve a calibration ``dataset`` to at most ``num_samples`` non-empty texts.
+
+    Accepted forms: ``None`` (the built-in default corpus), a built-in corpus name, a path to a
+    ``.txt`` / ``.jsonl`` file, a list of strings, or a ``datasets.Dataset``. When there are more
+    texts than ``num_samples``, a seeded random subset is taken (kept in source order), so runs are
+    reproducible.
+
+    Raises:
+        ValueError: the dataset is empty, of an unsupported form, or holds no non-empty text.
+    """
+    if dataset is None:
+        dataset = DEFAULT_CORPUS
+    if isinstance(dataset, (str, os.PathLike)):
+        name = os.fspath(dataset)
+        if name in BUILTIN_CORPORA:
+            texts = load_builtin_corpus(name)
+        else:
+            path = Path(name)
+            if not path.is_file():
+                raise ValueError(
+                    f"dataset={name!r} is neither a built-in corpus {list(BUILTIN_CORPORA)} nor an existing "
+                    ".txt/.jsonl file. Pass a list of strings, a datasets.Dataset, or a valid path."
+                )
+            if path.suffix == ".jsonl":
+                texts = _read_jsonl(path, column)
+            elif path.suffix in (".txt", ".text", ".md"):
+                texts = _read_text_file(path)
+            else:
+                raise ValueError(f"Unsupported calibration file {path.name!r}: use a .txt or .jsonl file.")
+    elif isinstance(dataset, Sequence) and not isinstance(dataset, (bytes, bytearray)):
+        texts = list(dataset)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise ValueError(
+                f"dataset entries must be strings; entry {bad[0]} is {type(texts[bad[0]]).__name__}. "
+                "Pass raw texts (the tokenizer is applied by drone-hf)."
+            )
+    elif hasattr(dataset, "column_names"):
+        texts = _texts_from_dataset(dataset, column)
+    elif isinstance(dataset, Iterable):
+        texts = [t for _, t in zip(range(num_samples), dataset)]
+        if any(not isinstance(t, str) for t in texts):
+            raise ValueError("An iterable dataset must yield strings.")
+    else:
+        raise ValueError(
+            f"Unsupported dataset of type {type(dataset).__name__}: pass a list of strings, a datasets.Dataset, "
+            f"a .txt/.jsonl path, or a built-in corpus name {list(BUILTIN_CORPORA)}."
+        )
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError(
+            "The calibration dataset is empty (no non-empty text). Pass texts representative of the model's "
+            f"use, or leave dataset=None for the built-in corpus {DEFAULT_CORPUS!r}."
+        )
+    if len(texts) > num_samples:
+        keep = sorted(random.Random(seed).sample(range(len(texts)), num_samples))
+        texts = [texts[i] for i in keep]
+    return texts
+
+
+@dataclass
+class CalibrationBatches:
+    """Token batches ready for the model, plus what they count.
+
+    Attributes:
+        batches: dicts with ``input_ids`` and ``attention_mask`` ([B, L] each), sorted by length.
+        num_texts: texts that produced at least one real token.
+        num_tokens: real (unpadded) tokens over all batches.
+    """
+
+    batches: list[dict[str, torch.Tensor]]
+    num_texts: int
+    num_tokens: int
+
+
+def tokenize_batches(texts: list[str], tokenizer: Any, max_length: int, batch_size: int) -> CalibrationBatches:
+    """Tokenize, drop texts with no content token, sort by length, and pad each batch to its longest.
+
+    Padding is done here, not by the tokenizer, so tokenizers without a pad token (GPT-2, Llama)
+    need no change; padded positions are masked out and never reach the statistics.
+    """
+    enc = tokenizer(
+        texts,
+        truncation=True,
+        max_length=max_length,
+        add_special_tokens=True,
+        return_special_tokens_mask=True,
+    )
+    rows = []
+    for ids, special in zip(enc["input_ids"], enc["special_tokens_mask"]):
+        if ids and not all(special):
+            rows.append(ids)
+    if not rows:
+        raise ValueError(
+            f"All {len(texts)} calibration texts tokenize to nothing but special tokens; check that the "
+            "texts and the tokenizer match the model (e.g. the text column holds sentences, not ids)."
+        )
+    rows.sort(key=len)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return CalibrationBatches(batches=batches, num_texts=len(rows), num_tokens=sum(len(r) for r in rows))

@@ -1,0 +1,104 @@
+"""Feed calibration batches through a model and collect each target layer's input Gram.
+
+The pipeline knows no solver: it returns one :class:`GramObserver` per layer. Forward hooks see
+each layer's input; the batch's attention mask selects the real tokens, so padding never counts.
+Layers that read the very same tensor (query/key/value, gate/up) share one product per batch.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from .data import CalibrationBatches
+from .observer import GramObserver
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Calibrate with dropout off, then give the model back in the mode it came in."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def collect_grams(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    data: CalibrationBatches,
+    in_features: dict[str, int],
+    show_progress: bool = True,
+) -> dict[str, GramObserver]:
+    """Run ``model`` over ``data`` and return the input Gram of every layer in ``layers``.
+
+    Args:
+        model: the full model; called as ``model(input_ids=..., attention_mask=...)``.
+        layers: name -> layer whose input to observe.
+        data: token batches from :func:`~drone_hf.calibration.data.tokenize_batches`.
+        in_features: name -> input width of each layer.
+        show_progress: a tqdm bar over batches (honours ``transformers`` progress-bar settings).
+    """
+    observers = {name: GramObserver(in_features[name], name) for name in layers}
+    state: dict = {"mask": None, "batch": -1, "last": None}
+
+    def make_hook(name: str):
+        obs = observers[name]
+
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            x = args[0] if args else None
+            if not torch.is_tensor(x):
+                raise RuntimeError(f"Layer {name!r} was called without a tensor input; it cannot be calibrated.")
+            last = state["last"]
+            if last is not None and last[0] is x:
+                product, count = last[1], last[2]
+            else:
+                mask = state["mask"]
+                flat = x.reshape(-1, x.shape[-1])
+                if mask.numel() != flat.shape[0]:
+                    raise RuntimeError(
+                        f"Layer {name!r} received {flat.shape[0]} token rows but the batch has {mask.numel()} "
+                        "positions; drone-hf cannot tell real tokens from padding there. Exclude it with "
+                        "modules_to_not_convert."
+                    )
+                tokens = flat[mask.reshape(-1).to(flat.device)]
+                product, count = GramObserver.batch_product(tokens), tokens.shape[0]
+                state["last"] = (x, product, count)
+            obs.add(product, count, state["batch"])
+
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    device = _input_device(model)
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            bar = hf_logging.tqdm(
+                data.batches, desc="Calibrating", unit="batch", disable=not show_progress or None
+            )
+            for i, batch in enumerate(bar):
+                state["batch"], state["mask"], state["last"] = i, batch["attention_mask"].bool(), None
+                model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        for h in handles:
+            h.remove()
+        state["last"] = None
+    silent = [name for name, obs in observers.items() if obs.num_tokens == 0]
+    if silent:
+        raise RuntimeError(
+            f"{len(silent)} target layer(s) never ran during calibration (e.g. {silent[0]!r}); they are not on "
+            "the model's forward path for text input. Exclude them with modules_to_not_convert."
+        )
+    return observers

@@ -1,0 +1,193 @@
+"""The compression engine: targets -> calibration -> solve -> swap.
+
+One code path serves both entry points: ``from_pretrained(..., drone_config=...)`` (through the
+quantizer, after the dense weights load) and :func:`compress` on a model already in memory. All
+factors are computed before any layer is swapped, so a failure leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from .allocation import allocate_ranks
+from .calibration import collect_grams, load_texts, tokenize_batches
+from .config import QUANT_METHOD, DroneConfig
+from .modules.low_rank_linear import DroneLinear, dense_weight_of
+from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
+from .solver import decompose
+from .utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+def _resolve_tokenizer(tokenizer: Any, model: nn.Module) -> Any:
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    source = tokenizer or getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
+        model, "name_or_path", None
+    )
+    if not source:
+        raise ValueError(
+            "No tokenizer for calibration: the model has no name_or_path to load one from. "
+            "Pass DroneConfig(tokenizer=AutoTokenizer.from_pretrained(...)) or a tokenizer path."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix named
+        raise ValueError(
+            f"Could not load a tokenizer from {source!r} ({type(e).__name__}: {e}). "
+            "Pass DroneConfig(tokenizer=...) with a tokenizer object or a path that has one."
+        ) from e
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _describe_dataset(dataset: Any) -> str:
+    if dataset is None:
+        return "builtin:sotu"
+    if isinstance(dataset, str):
+        return dataset
+    return f"<{type(dataset).__name__}>"
+
+
+def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool = True) -> nn.Module:
+    """Factor ``model``'s targeted layers with ``config`` and record the result in ``config``.
+
+    ``config`` is mutated: ``ranks`` becomes the real rank per layer, ``relative_errors`` and
+    ``calibration`` are filled in. Callers that must not mutate the user's object pass a copy.
+    """
+    existing = [n for n, m in model.named_modules() if isinstance(m, DroneLinear)]
+    if existing:
+        raise ValueError(
+            f"The model is already DRONE-compressed ({len(existing)} factored layers, e.g. {existing[0]!r}). "
+            "Compress the dense model, or call model.dequantize() first to merge the factors."
+        )
+    targets = resolve_targets(model, config.target_modules, config.modules_to_not_convert)
+    check_rank_keys(config.ranks, targets)
+    meta = [c for c, (_, layer) in targets.items() if layer.weight.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"{len(meta)} target layer(s) have weights on the meta device (e.g. {meta[0]!r}): offloaded weights are "
+            "not supported for compression yet. Load the model without CPU/disk offload (no device_map, or a "
+            "device_map that fits in memory)."
+        )
+    weights = {c: dense_weight_of(layer) for c, (_, layer) in targets.items()}
+    shapes = {c: (int(w.shape[0]), int(w.shape[1])) for c, w in weights.items()}
+    fixed = {c: k for c, (full, _) in targets.items() if (k := rank_for(c, full, config.ranks)) is not None}
+    ranks = allocate_ranks(shapes, config.param_ratio, fixed)
+
+    tokenizer = _resolve_tokenizer(config.tokenizer, model)
+    max_length = config.max_length
+    limit = _max_positions(model)
+    if limit is not None and max_length > limit:
+        logger.warning(f"max_length={max_length} exceeds the model's {limit} positions; calibrating at {limit}.")
+        max_length = limit
+    texts = load_texts(config.dataset, config.num_samples, config.seed)
+    data = tokenize_batches(texts, tokenizer, max_length, config.batch_size)
+    layers = {c: layer for c, (_, layer) in targets.items()}
+    grams = collect_grams(model, layers, data, {c: s[1] for c, s in shapes.items()}, show_progress)
+
+    replacements: dict[str, DroneLinear] = {}
+    real_ranks: dict[str, int] = {}
+    errors: dict[str, float | None] = {}
+    bar = hf_logging.tqdm(targets.items(), desc="Solving", unit="layer", disable=not show_progress or None)
+    for c, (full, layer) in bar:
+        gram = grams.pop(c).gram
+        decomposition = decompose(weights[c], gram, method=config.method, damp=config.damp)
+        del gram
+        fact = decomposition.factors(ranks[c])
+        if fact.rank < ranks[c]:
+            logger.info(
+                f"{c}: calibration inputs span only rank {fact.rank} < requested {ranks[c]}; using {fact.rank}."
+            )
+        replacements[full] = DroneLinear.from_factors(layer, fact.up, fact.down, fact.relative_error)
+        real_ranks[c] = fact.rank
+        errors[c] = fact.relative_error
+
+    replace_modules(model, replacements)
+    config.ranks = real_ranks
+    config.relative_errors = errors
+    config.calibration = {
+        "dataset": _describe_dataset(config.dataset),
+        "num_texts": data.num_texts,
+        "num_tokens": data.num_tokens,
+        "max_length": max_length,
+    }
+    return model
+
+
+def attach_quantizer(model: nn.Module, config: DroneConfig) -> None:
+    """Mark an in-memory model as DRONE-compressed exactly as ``from_pretrained`` would, so
+    ``save_pretrained``, ``dequantize`` and ``Trainer`` treat it the same way."""
+    from .quantizer import DroneHfQuantizer
+
+    quantizer = DroneHfQuantizer(config, pre_quantized=True)
+    quantizer.quantization_config = config  # keep the very record just filled in
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cfg.quantization_config = config
+    from transformers.quantizers.base import _assign_is_quantized
+
+    _assign_is_quantized(model)
+
+
+def compress(
+    model: nn.Module, config: DroneConfig | None = None, *, show_progress: bool = True, **overrides: Any
+) -> nn.Module:
+    """Compress an already loaded model in place with DRONE, and return it.
+
+    Use this for a model you fine-tuned in memory; it runs the same engine as
+    ``from_pretrained(..., drone_config=...)``. The given ``config`` is not modified: the model
+    carries its own copy (``model.config.quantization_config``) with the real ranks filled in, so
+    ``model.save_pretrained`` writes a DRONE checkpoint that plain ``from_pretrained`` rebuilds.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (or any module with linear layers and a tokenizer
+            given in the config).
+        config: a :class:`DroneConfig`; ``None`` for the defaults.
+        show_progress: progress bars for calibration and solving.
+        **overrides: shorthand for config fields, e.g. ``compress(model, param_ratio=0.3)``.
+
+    Raises:
+        ValueError: bad configuration or data (the message names the fix); the model is unchanged.
+
+    Example::
+
+        >>> import drone_hf
+        >>> model = drone_hf.compress(model, drone_hf.DroneConfig(param_ratio=0.5))
+        >>> print(drone_hf.report(model))
+    """
+    if config is None:
+        config = DroneConfig(**overrides)
+    else:
+        if not isinstance(config, DroneConfig):
+            raise TypeError(f"config must be a DroneConfig, got {type(config).__name__}.")
+        config = copy.deepcopy(config)
+        if overrides:
+            unknown = [k for k in overrides if not hasattr(config, k)]
+            if unknown:
+                raise ValueError(f"Unknown DroneConfig field(s) {unknown}.")
+            for key, value in overrides.items():
+                setattr(config, key, value)
+            config.post_init()
+    with torch.no_grad():
+        compress_in_place(model, config, show_progress=show_progress)
+    attach_quantizer(model, config)
+    return model

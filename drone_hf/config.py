@@ -1,0 +1,221 @@
+"""``DroneConfig``: every knob of a DRONE compression, and the record a checkpoint needs to reload.
+
+It is a transformers ``QuantizationConfigMixin`` so it rides through ``from_pretrained`` as
+``quantization_config=`` (or ``drone_config=``) and lands in ``config.json`` under
+``quantization_config``. Runtime objects (a dataset, a tokenizer) are accepted but never serialised:
+``to_dict()`` writes only JSON-native settings, the resolved per-module ``ranks`` and a calibration
+summary, so a reload can build the factored skeleton without any data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .solver import METHODS
+
+#: The ``quant_method`` string drone-hf registers with transformers.
+QUANT_METHOD = "drone"
+
+#: Version of the checkpoint format written under ``quantization_config``. Loading a newer one fails
+#: loudly instead of guessing.
+FORMAT_VERSION = 1
+
+#: Default ridge ``damp`` (relative to the mean Gram diagonal). Chosen by the held-out benchmark in
+#: ``benchmarks/damp_sweep.py`` (results in ``benchmarks/results/damp_sweep.md``).
+DEFAULT_DAMP = 0.0
+
+_SETTINGS = (
+    "param_ratio",
+    "dataset",
+    "tokenizer",
+    "num_samples",
+    "max_length",
+    "batch_size",
+    "target_modules",
+    "modules_to_not_convert",
+    "damp",
+    "method",
+    "seed",
+    "ranks",
+)
+_RECORDS = ("relative_errors", "calibration", "format_version")
+_RUNTIME = ("dataset", "tokenizer")  # may hold live objects; serialised only as strings
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class DroneConfig(QuantizationConfigMixin):
+    """Configuration of a DRONE compression (Chen et al., NeurIPS 2021).
+
+    Args:
+        param_ratio (`float`, *optional*, defaults to 0.5):
+            Fraction of the targeted layers' weight parameters kept, in (0, 1]. A layer of shape
+            ``out x in`` gets rank ``floor(param_ratio · in·out / (in + out))`` (at least 1), so
+            every layer keeps the same fraction. Biases, embeddings and untargeted layers are not
+            counted. Ignored for layers whose rank is fixed by ``ranks``.
+        dataset (*optional*):
+            Calibration text: ``None`` (the packaged public-domain corpus ``"sotu"``), a built-in
+            corpus name, a path to a ``.txt`` (one sample per line, or per paragraph when the file
+            has blank lines) or ``.jsonl`` file (strings, or objects with a ``"text"`` field), a
+            ``list[str]``, or a ``datasets.Dataset`` (its ``text`` column, or its only string
+            column). Only a name or path is written to ``config.json``.
+        tokenizer (*optional*):
+            A tokenizer or a path/id for ``AutoTokenizer``; defaults to the model's own folder.
+        num_samples (`int`, defaults to 128): texts drawn (seeded) from ``dataset``.
+        max_length (`int`, defaults to 128): tokens per text (longer texts are truncated).
+        batch_size (`int`, defaults to 8): texts per calibration forward pass.
+        target_modules (`str` or `list[str]`, *optional*):
+            Layers to factor. A list entry matches a layer whose name equals it or ends with
+            ``"." + entry`` (``["query", "value"]``); a single string is a regular expression that
+            must match the whole name. Default: every ``nn.Linear``/``Conv1D`` of the base model
+            except heads (``pooler``, ``classifier``, ``lm_head``, tied output embeddings).
+            Naming a head here targets it.
+        modules_to_not_convert (`list[str]`, *optional*):
+            Layers to keep dense, matched like list entries of ``target_modules``; added to (never
+            replacing) the default head exclusions.
+        damp (`float`, defaults to ``DEFAULT_DAMP``):
+            Ridge ``δ``: the solver minimises ``||(W-W')X||² + δ·mean(diag XXᵀ)·||W-W'||²``;
+            ``0`` is the exact DRONE optimum, large values approach plain SVD.
+        method (`str`, defaults to ``"drone"``): ``"drone"`` (data-aware) or ``"svd"`` (plain
+            truncated SVD of the weight: the data-free baseline).
+        seed (`int`, defaults to 0): seed of the calibration subset.
+        ranks (`dict[str, int]`, *optional*):
+            Fixed ranks by layer name or regular expression (full match), taking precedence over
+            ``param_ratio``. After compression it holds the real rank of every factored layer, by
+            name relative to the base model; that record is what a reload rebuilds.
+
+    Names are relative to the base model (``encoder.layer.0.attention.self.query`` both for
+    ``BertModel`` and ``BertForSequenceClassification``); full names with the base-model prefix
+    are accepted too.
+    """
+
+    def __init__(
+        self,
+        param_ratio: float = 0.5,
+        dataset: Any = None,
+        tokenizer: Any = None,
+        num_samples: int = 128,
+        max_length: int = 128,
+        batch_size: int = 8,
+        target_modules: str | list[str] | None = None,
+        modules_to_not_convert: list[str] | None = None,
+        damp: float = DEFAULT_DAMP,
+        method: str = "drone",
+        seed: int = 0,
+        ranks: dict[str, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.param_ratio = param_ratio
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.num_samples = num_samples
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.target_modules = list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        self.damp = damp
+        self.method = method
+        self.seed = seed
+        self.ranks = dict(ranks) if ranks is not None else None
+        # Records written by compression (and read back from a checkpoint).
+        self.relative_errors: dict[str, float] | None = kwargs.pop("relative_errors", None)
+        self.calibration: dict[str, Any] | None = kwargs.pop("calibration", None)
+        self.format_version: int = kwargs.pop("format_version", FORMAT_VERSION)
+        method_in = kwargs.pop("quant_method", QUANT_METHOD)
+        if method_in != QUANT_METHOD:
+            raise ValueError(f"DroneConfig got quant_method={method_in!r}; it only describes {QUANT_METHOD!r} models.")
+        if kwargs:
+            raise ValueError(
+                f"Unknown DroneConfig field(s) {sorted(kwargs)}; known fields are {sorted(_SETTINGS)}. "
+                "If this came from a checkpoint, it was written by a newer drone-hf: upgrade with "
+                "`pip install -U drone-hf`."
+            )
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; each error names the field, the bad value and the fix."""
+        r = self.param_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1:
+            raise ValueError(
+                f"param_ratio={r!r} must be a number in (0, 1]: the fraction of the targeted layers' weights kept "
+                "(e.g. 0.5 keeps half)."
+            )
+        for name in ("num_samples", "max_length", "batch_size"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer.")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed={self.seed!r} must be an integer.")
+        d = self.damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+            raise ValueError(f"damp={d!r} must be a finite number >= 0 (0 is the exact DRONE optimum).")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not supported: use one of {list(METHODS)}.")
+        tm = self.target_modules
+        if tm is not None:
+            if isinstance(tm, str):
+                _check_regex(tm, "target_modules")
+            elif not tm or not all(isinstance(t, str) and t for t in tm):
+                raise ValueError(
+                    f"target_modules={tm!r} must be a non-empty list of layer names, a regular expression string, "
+                    "or None for the default (all linear layers of the base model except heads)."
+                )
+        mn = self.modules_to_not_convert
+        if mn is not None and not all(isinstance(t, str) and t for t in mn):
+            raise ValueError(f"modules_to_not_convert={mn!r} must be a list of layer names.")
+        if self.ranks is not None:
+            for key, value in self.ranks.items():
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"ranks keys must be layer names or regular expressions, got {key!r}.")
+                _check_regex(key, "ranks")
+                if not _is_int(value) or value < 1:
+                    raise ValueError(f"ranks[{key!r}]={value!r} must be a positive integer.")
+        if not _is_int(self.format_version) or self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses DRONE format version {self.format_version!r}, newer than this drone-hf "
+                f"understands ({FORMAT_VERSION}). Upgrade with `pip install -U drone-hf`."
+            )
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-native settings and records; live dataset/tokenizer objects become ``None``."""
+        out: dict[str, Any] = {"quant_method": self.quant_method}
+        for key in _SETTINGS + _RECORDS:
+            value = getattr(self, key)
+            if key in _RUNTIME and value is not None and not isinstance(value, str):
+                value = None
+            out[key] = copy.deepcopy(value)
+        return out
+
+    def __deepcopy__(self, memo: dict) -> "DroneConfig":
+        # transformers deep-copies loading kwargs; a dataset or tokenizer is shared, not copied.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key in _RUNTIME else copy.deepcopy(value, memo)
+        return new
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DroneConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def is_compressed(self) -> bool:
+        """True once compression recorded the real ranks (a checkpoint's config, or after ``compress``)."""
+        return self.relative_errors is not None
+
+
+def _check_regex(pattern: str, field: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{field} entry {pattern!r} is not a valid regular expression ({e}).") from e
