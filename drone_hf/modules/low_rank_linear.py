@@ -92,6 +92,20 @@ class DroneLinear(nn.Module):
         """The original bias (carried by ``up``), so code that reads ``layer.bias`` keeps working."""
         return self.up.bias
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A *read-only, computed* dense weight in the replaced layer's layout (``[out, in]``, or
+        ``[in, out]`` for ``Conv1D``).
+
+        Model code reads ``layer.weight`` for its dtype, device or shape, and transformers'
+        weight-init pass touches it; both keep working. It is a fresh tensor: writing into it does
+        not change the factors (train ``up``/``down`` instead).
+        """
+        merged = self.merged_weight().detach()
+        merged = merged.T if self.source == "conv1d" else merged
+        merged._is_hf_initialized = True  # transformers' guarded init leaves it alone
+        return merged
+
     @classmethod
     def from_factors(
         cls,
