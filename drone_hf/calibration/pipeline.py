@@ -68,13 +68,17 @@ def collect_grams(
             else:
                 mask = state["mask"]
                 flat = x.reshape(-1, x.shape[-1])
-                if mask.numel() != flat.shape[0]:
+                if flat.shape[0] == mask.shape[0] and mask.dim() == 2:
+                    # one row per sequence (a pooler, a classifier on pooled features): all real
+                    tokens = flat
+                elif mask.numel() != flat.shape[0]:
                     raise RuntimeError(
                         f"Layer {name!r} received {flat.shape[0]} token rows but the batch has {mask.numel()} "
                         "positions; drone-hf cannot tell real tokens from padding there. Exclude it with "
                         "modules_to_not_convert."
                     )
-                tokens = flat[mask.reshape(-1).to(flat.device)]
+                else:
+                    tokens = flat[mask.reshape(-1).to(flat.device)]
                 product, count = GramObserver.batch_product(tokens), tokens.shape[0]
                 state["last"] = (x, product, count)
             obs.add(product, count, state["batch"])
