@@ -42,7 +42,8 @@ class Factorization:
     Args:
         up: [m, rank] float64.
         down: [rank, n] float64.
-        rank: the rank actually used (may be lower than requested: see ``Decomposition.max_rank``).
+        rank: the rank actually used (may be lower than requested: see ``Decomposition.max_rank``;
+            at least 1: when ``W X = 0`` the factors are a zero rank-1 pair).
         relative_error: ``||(W - up·down) X||_F / ||W X||_F`` on the calibration inputs, or ``None``
             when no Gram matrix was given (data-free ``svd``).
     """
@@ -121,7 +122,8 @@ class Decomposition:
                 f"rank={rank!r} is not valid for a {m}x{n} weight: use an integer in [1, {min(m, n)}]."
             )
         k = min(rank, self.max_rank)
-        u = self.basis[:, :k]
+        # W X = 0 (max_rank 0): nothing to keep, but a layer needs rank >= 1, so one zero direction.
+        u = self.basis[:, :k] if k else self.weight.new_zeros(m, 1)
         down = u.T @ self.weight
         if self.projector is not None:
             down = (down @ self.projector) @ self.projector.T
@@ -131,7 +133,7 @@ class Decomposition:
         down = down / norms[:, None]
         errors = self.relative_errors()
         err = None if errors is None else float(errors[k])
-        return Factorization(up=up, down=down, rank=k, relative_error=err)
+        return Factorization(up=up, down=down, rank=max(k, 1), relative_error=err)
 
 
 def decompose(
