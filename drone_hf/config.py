@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from typing import Any
 
@@ -120,7 +121,9 @@ class DroneConfig(QuantizationConfigMixin):
         self.max_length = max_length
         self.batch_size = batch_size
         self.target_modules = list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
-        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        self.modules_to_not_convert = (
+            list(modules_to_not_convert) if isinstance(modules_to_not_convert, (list, tuple)) else modules_to_not_convert
+        )
         self.damp = damp
         self.method = method
         self.seed = seed
@@ -163,13 +166,13 @@ class DroneConfig(QuantizationConfigMixin):
         if tm is not None:
             if isinstance(tm, str):
                 _check_regex(tm, "target_modules")
-            elif not tm or not all(isinstance(t, str) and t for t in tm):
+            elif not isinstance(tm, (list, tuple)) or not tm or not all(isinstance(t, str) and t for t in tm):
                 raise ValueError(
                     f"target_modules={tm!r} must be a non-empty list of layer names, a regular expression string, "
                     "or None for the default (all linear layers of the base model except heads)."
                 )
         mn = self.modules_to_not_convert
-        if mn is not None and not all(isinstance(t, str) and t for t in mn):
+        if mn is not None and (not isinstance(mn, (list, tuple)) or not all(isinstance(t, str) and t for t in mn)):
             raise ValueError(f"modules_to_not_convert={mn!r} must be a list of layer names.")
         if self.ranks is not None:
             for key, value in self.ranks.items():
@@ -190,6 +193,8 @@ class DroneConfig(QuantizationConfigMixin):
         out: dict[str, Any] = {"quant_method": self.quant_method}
         for key in _SETTINGS + _RECORDS:
             value = getattr(self, key)
+            if key in _RUNTIME and isinstance(value, os.PathLike):
+                value = os.fspath(value)  # a path is a name, written like a str path
             if key in _RUNTIME and value is not None and not isinstance(value, str):
                 value = None
             out[key] = copy.deepcopy(value)
