@@ -1,0 +1,134 @@
+"""Rank allocation: the uniform rank formula, break-even at param_ratio=1, and fixed ranks."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drone_hf.allocation import allocate_ranks, uniform_rank
+
+SHAPES = [(1, 1), (2, 3), (8, 8), (16, 4), (4, 16), (64, 64), (768, 768), (3072, 768), (768, 3072), (30, 7)]
+RATIOS = ["0.01", "0.1", "0.25", "0.3", "0.5", "0.7", "0.75", "0.9", "1"]
+
+
+def exact_rank(out_f: int, in_f: int, ratio: str) -> int:
+    """floor(r·in·out / (in + out)) in exact rational arithmetic, at least 1, at most min(in, out)."""
+    k = math.floor(Fraction(ratio) * out_f * in_f / (out_f + in_f))
+    return max(1, min(k, out_f, in_f))
+
+
+@pytest.mark.parametrize("out_f, in_f", SHAPES)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_uniform_rank_formula(out_f: int, in_f: int, ratio: str) -> None:
+    assert uniform_rank(out_f, in_f, float(ratio)) == exact_rank(out_f, in_f, ratio)
+
+
+@pytest.mark.parametrize("out_f, in_f", SHAPES)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_uniform_rank_keeps_at_most_the_ratio_of_parameters(out_f: int, in_f: int, ratio: str) -> None:
+    k = uniform_rank(out_f, in_f, float(ratio))
+    dense = out_f * in_f
+    if k > 1:  # the floor of 1 may exceed a tiny budget
+        assert Fraction(k * (out_f + in_f)) <= Fraction(ratio) * dense
+    # and it is the largest such rank (below the shape limit)
+    if k < min(out_f, in_f):
+        assert Fraction((k + 1) * (out_f + in_f)) > Fraction(ratio) * dense
+
+
+def test_exact_integer_boundaries_are_not_lost_to_round_off() -> None:
+    # r·in·out/(in+out) is an exact integer here, but float arithmetic lands a hair below or above it
+    assert uniform_rank(768, 768, 0.5) == 192
+    assert uniform_rank(20, 20, 0.1) == 1
+    assert uniform_rank(60, 60, 0.3) == 9
+    assert uniform_rank(100, 100, 0.7) == 35
+    assert uniform_rank(40, 40, 0.35) == 7
+
+
+@pytest.mark.parametrize("out_f, in_f, expected", [(8, 8, 4), (768, 768, 384), (3072, 768, 614), (16, 4, 3), (1, 1, 1)])
+def test_param_ratio_one_gives_break_even_rank(out_f: int, in_f: int, expected: int) -> None:
+    k = uniform_rank(out_f, in_f, 1.0)
+    assert k == expected
+    assert k * (out_f + in_f) <= out_f * in_f or k == 1  # no more parameters than the dense layer
+    assert (k + 1) * (out_f + in_f) > out_f * in_f  # one more would cost more
+    if min(out_f, in_f) > 2:
+        assert k < min(out_f, in_f)  # not lossless
+
+
+def test_tiny_ratio_still_gives_rank_one() -> None:
+    assert uniform_rank(768, 768, 1e-9) == 1
+    assert uniform_rank(2, 2, 0.01) == 1
+
+
+def test_rank_grows_with_ratio() -> None:
+    ranks = [uniform_rank(768, 3072, r / 20) for r in range(1, 21)]
+    assert ranks == sorted(ranks)
+    assert ranks[-1] == uniform_rank(768, 3072, 1.0)
+
+
+@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.0000001, 1.5, float("nan"), float("inf")])
+def test_uniform_rank_rejects_bad_ratio(ratio: float) -> None:
+    with pytest.raises(ValueError, match=r"param_ratio=.* must be in \(0, 1\]"):
+        uniform_rank(8, 8, ratio)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5000), st.integers(1, 5000), st.integers(1, 100))
+def test_property_uniform_rank_is_floor_of_budget(out_f: int, in_f: int, percent: int) -> None:
+    assert uniform_rank(out_f, in_f, percent / 100) == exact_rank(out_f, in_f, f"{percent}/100")
+    k = uniform_rank(out_f, in_f, percent / 100)
+    assert 1 <= k <= min(out_f, in_f)
+
+
+# --------------------------------------------------------------------------------------------------
+# allocate_ranks
+# --------------------------------------------------------------------------------------------------
+SHAPE_MAP = {"q": (64, 64), "up": (256, 64), "down": (64, 256), "tiny": (2, 3)}
+
+
+def test_allocate_uniform_for_every_layer_in_order() -> None:
+    ranks = allocate_ranks(SHAPE_MAP, 0.5)
+    assert list(ranks) == list(SHAPE_MAP)
+    assert ranks == {name: uniform_rank(o, i, 0.5) for name, (o, i) in SHAPE_MAP.items()}
+    assert ranks == {"q": 16, "up": 25, "down": 25, "tiny": 1}
+    assert allocate_ranks(SHAPE_MAP, 0.5, None) == ranks
+    assert allocate_ranks(SHAPE_MAP, 0.5, {}) == ranks
+
+
+def test_fixed_ranks_take_precedence() -> None:
+    ranks = allocate_ranks(SHAPE_MAP, 0.5, {"q": 7, "down": 64})
+    assert ranks["q"] == 7
+    assert ranks["down"] == 64  # full rank is allowed (above break-even: no saving, but the user asked)
+    assert ranks["up"] == uniform_rank(256, 64, 0.5)
+    assert ranks["tiny"] == 1
+
+
+def test_fixed_ranks_for_unknown_layers_are_ignored_here() -> None:
+    # check_rank_keys validates names; allocation only reads the layers it is given
+    assert allocate_ranks({"q": (8, 8)}, 1.0, {"elsewhere": 3}) == {"q": 4}
+
+
+@pytest.mark.parametrize("name, rank, limit", [("q", 65, 64), ("up", 65, 64), ("tiny", 3, 2)])
+def test_too_large_fixed_rank_raises(name: str, rank: int, limit: int) -> None:
+    out_f, in_f = SHAPE_MAP[name]
+    with pytest.raises(ValueError, match=rf"rank {rank} on '{name}'.*{out_f}x{in_f} layer has rank at most {limit}"):
+        allocate_ranks(SHAPE_MAP, 0.5, {name: rank})
+
+
+def test_too_large_rank_message_suggests_the_saving_range() -> None:
+    with pytest.raises(ValueError, match=r"use a rank in \[1, 64\] \(below 32 to save parameters\)"):
+        allocate_ranks({"q": (64, 64)}, 0.5, {"q": 100})
+
+
+def test_bad_ratio_raises_even_with_fixed_ranks_for_unfixed_layers() -> None:
+    with pytest.raises(ValueError, match="param_ratio"):
+        allocate_ranks({"a": (8, 8), "b": (8, 8)}, 0.0, {"a": 2})
+    # every layer fixed: the ratio is not used
+    assert allocate_ranks({"a": (8, 8)}, 0.0, {"a": 2}) == {"a": 2}
+
+
+def test_empty_shapes_gives_empty_ranks() -> None:
+    assert allocate_ranks({}, 0.5) == {}
