@@ -77,7 +77,6 @@ INVALID = [
     ({"param_ratio": float("inf")}, "param_ratio"),
     ({"param_ratio": True}, "param_ratio"),
     ({"param_ratio": "0.5"}, "param_ratio"),
-    ({"param_ratio": None}, "param_ratio"),
     ({"num_samples": 0}, "num_samples"),
     ({"num_samples": -1}, "num_samples"),
     ({"num_samples": 2.0}, "num_samples"),
@@ -199,11 +198,14 @@ def test_to_dict_contents() -> None:
     assert d["relative_errors"] == {"encoder.layer.0.attention.self.query": 0.125}
     assert d["calibration"]["num_tokens"] == 900
     assert d["format_version"] == FORMAT_VERSION
-    assert set(d) == {
+    # every setting and record is written (newer releases may add more)
+    assert set(d) >= {
         "quant_method", "param_ratio", "dataset", "tokenizer", "num_samples", "max_length", "batch_size",
         "target_modules", "modules_to_not_convert", "damp", "method", "seed", "ranks", "relative_errors",
         "calibration", "format_version",
     }
+    assert (d["param_ratio"], d["num_samples"], d["damp"], d["seed"]) == (0.3, 32, 0.05, 3)
+    assert d["target_modules"] == ["query"] and d["modules_to_not_convert"] == ["encoder.layer.1"]
 
 
 def test_to_dict_is_a_deep_copy() -> None:
