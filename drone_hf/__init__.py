@@ -28,6 +28,14 @@ __version__ = "0.1.0"
 register()
 patch_from_pretrained()
 
+# --- Sharing (drone_hf/hub): the self-describing checkpoint format and Hub pushes. Importing the
+# subpackage after registration hooks it in: DRONE checkpoints are marked on save (so plain
+# transformers refuses them instead of loading random weights) and unmarked on load.
+from . import hub  # noqa: E402
+from .hub import push_to_hub  # noqa: E402
+
+hub.install()
+
 __all__ = [
     "DEFAULT_DAMP",
     "FORMAT_VERSION",
@@ -40,6 +48,8 @@ __all__ = [
     "__version__",
     "allocate_ranks",
     "compress",
+    "hub",
+    "push_to_hub",
     "report",
     "set_verbosity",
 ]

@@ -1,0 +1,196 @@
+"""What a saved DRONE checkpoint holds, read from ``config.json`` and the safetensors headers.
+
+No weight is loaded and no model is built, so inspecting a multi-gigabyte LLM checkpoint costs a
+few kilobytes of reading; the shapes come from the safetensors headers (the first bytes of each file).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..report import CompressionReport, LayerRow
+from .checkpoint import CHECKPOINT_KEY, is_drone_config_dict, is_marked, unmark_config_dict
+
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors file's header."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER:
+            raise ValueError(f"{path} is not a safetensors file (header length {n} is implausible)")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ValueError(
+        f"{folder} has no model.safetensors (or model.safetensors.index.json): not a checkpoint saved by "
+        "save_pretrained, or its weights are missing"
+    )
+
+
+@dataclass
+class CheckpointSummary:
+    """A DRONE checkpoint at a glance; ``str()`` is the text ``drone-hf inspect`` prints.
+
+    Attributes:
+        folder: the checkpoint folder.
+        marked: whether ``config.json`` carries the drone-hf marker (``model_type: drone``), i.e.
+            plain transformers refuses it; older checkpoints carry only ``quantization_config``.
+        base_model_type, architecture: the underlying model (``bert``, ``BertModel``).
+        info: the ``drone_checkpoint`` record (base model id, drone-hf version...), empty if absent.
+        quantization: the ``quantization_config`` as saved (settings, ranks, calibration summary).
+        report: per-layer rows (shapes from the headers, ranks, calibration errors) and parameter totals.
+        dtypes: tensor dtypes found in the weights.
+        files: size in bytes of each file in the folder.
+    """
+
+    folder: Path
+    marked: bool
+    base_model_type: str | None
+    architecture: str | None
+    info: dict[str, Any]
+    quantization: dict[str, Any]
+    report: CompressionReport
+    dtypes: list[str]
+    files: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(size for name, size in self.files.items() if name.endswith(".safetensors"))
+
+    def to_dict(self) -> dict[str, Any]:
+        rep = self.report
+        return {
+            "folder": str(self.folder),
+            "marked": self.marked,
+            "base_model_type": self.base_model_type,
+            "architecture": self.architecture,
+            "drone_checkpoint": self.info,
+            "quantization_config": self.quantization,
+            "layers": rep.to_dicts(),
+            "dense_targeted_params": rep.dense_targeted_params,
+            "factored_targeted_params": rep.factored_targeted_params,
+            "targeted_param_ratio": rep.targeted_param_ratio,
+            "dense_model_params": rep.dense_model_params,
+            "model_params": rep.model_params,
+            "model_param_ratio": rep.model_param_ratio,
+            "dtypes": self.dtypes,
+            "weight_bytes": self.weight_bytes,
+            "files": self.files,
+        }
+
+    def __str__(self) -> str:
+        q = self.quantization
+        calib = q.get("calibration") or {}
+        settings = {k: q.get(k) for k in ("method", "param_ratio", "target_speedup", "max_loss", "allocation", "damp",
+                                          "target_modules", "modules_to_not_convert", "num_samples", "max_length",
+                                          "seed") if q.get(k) is not None}
+        lines = [
+            f"DRONE checkpoint: {self.folder}",
+            f"  model:       {self.architecture or '?'} (model_type {self.base_model_type or '?'})"
+            + (f", compressed from {self.info['base_model']}" if self.info.get("base_model") else ""),
+            f"  format:      quantization_config format {q.get('format_version')}, "
+            + (f"marker format {self.info.get('format_version')} (written by drone-hf {self.info.get('drone_hf_version')})"
+               if self.marked else "no drone-hf marker (older checkpoint: loads only with `import drone_hf`)"),
+            "  settings:    " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+            f"  calibration: {calib.get('num_texts', '?')} texts from {calib.get('dataset', '?')}, "
+            f"{calib.get('num_tokens', '?')} tokens, max_length {calib.get('max_length', '?')}",
+            f"  weights:     {self.weight_bytes / 1e6:.1f} MB on disk ({', '.join(self.dtypes)})",
+            "",
+            str(self.report),
+        ]
+        return "\n".join(lines)
+
+
+def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
+    """Read a saved DRONE checkpoint's ranks, shapes, sizes and settings without loading it.
+
+    Raises:
+        ValueError: not a folder, no ``config.json``, not a DRONE checkpoint, or weights that do not
+            match the recorded ranks (each message says what is wrong).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder: give the folder a DRONE checkpoint was saved to")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} has no config.json: not a checkpoint saved by save_pretrained")
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    if not is_drone_config_dict(raw):
+        raise ValueError(
+            f"{folder} is a dense checkpoint (model_type {raw.get('model_type')!r}, no DRONE quantization_config); "
+            f"compress it first: `drone-hf compress {folder} --output DIR`"
+        )
+    marked = is_marked(raw)
+    base = unmark_config_dict(raw)
+    q = base.get("quantization_config") or {}
+    ranks = q.get("ranks") or {}
+    if not ranks:
+        raise ValueError(f"{config_file} records no ranks under quantization_config: it was edited or is damaged")
+    errors = q.get("relative_errors") or {}
+
+    shapes: dict[str, list[int]] = {}
+    dtypes: set[str] = set()
+    for path in _weight_files(folder):
+        for name, meta in read_safetensors_header(path).items():
+            shapes[name] = meta["shape"]
+            dtypes.add(meta["dtype"])
+    total = 0
+    for shape in shapes.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+
+    rows = []
+    for name, rank in ranks.items():
+        down = _find(shapes, name + ".down.weight")
+        up = _find(shapes, name + ".up.weight")
+        if down is None or up is None:
+            raise ValueError(
+                f"{folder}: ranks records {name!r} but the weights have no {name}.down/.up factors; the weights and "
+                "config.json do not belong together"
+            )
+        (k, in_f), (out_f, k2) = down, up
+        if k != rank or k2 != rank:
+            raise ValueError(f"{folder}: {name!r} is recorded with rank {rank} but its factors have rank {k}/{k2}")
+        rows.append(LayerRow(name, out_f, in_f, rank, out_f * in_f, rank * (out_f + in_f), errors.get(name)))
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    arch = (base.get("architectures") or [None])[0]
+    return CheckpointSummary(
+        folder=folder,
+        marked=marked,
+        base_model_type=base.get("model_type"),
+        architecture=arch,
+        info=dict(base.get(CHECKPOINT_KEY) or {}),
+        quantization=q,
+        report=CompressionReport(rows=rows, model_params=total),
+        dtypes=sorted(dtypes),
+        files=files,
+    )
+
+
+def _find(shapes: dict[str, list[int]], suffix: str) -> list[int] | None:
+    """The shape of the tensor named ``suffix`` or ``<prefix>.suffix`` (task models prefix names)."""
+    if suffix in shapes:
+        return shapes[suffix]
+    hits = [s for n, s in shapes.items() if n.endswith("." + suffix)]
+    return hits[0] if len(hits) == 1 else None
