@@ -8,13 +8,15 @@ factors are computed before any layer is swapped, so a failure leaves the model 
 from __future__ import annotations
 
 import copy
+import random
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from .allocation import allocate_ranks
+from .allocation import check_fixed_rank
+from .planner import RankPlanner
 from .calibration import collect_grams, load_texts, tokenize_batches
 from .config import QUANT_METHOD, DroneConfig
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
@@ -64,11 +66,33 @@ def _describe_dataset(dataset: Any) -> str:
     return f"<{type(dataset).__name__}>"
 
 
+def _split_texts(texts: list[str], eval_samples: int, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out up to ``eval_samples`` texts (at most a quarter) for evaluation; the rest calibrate.
+
+    With fewer than 4 texts nothing can be held out and evaluation reuses the calibration texts
+    (logged), so tiny smoke runs still work.
+    """
+    n_eval = min(eval_samples, len(texts) // 4)
+    if n_eval == 0:
+        logger.warning("Too few calibration texts to hold any out; evaluating on the calibration texts.")
+        return texts, texts
+    order = list(range(len(texts)))
+    random.Random(seed + 1).shuffle(order)
+    held = set(order[:n_eval])
+    return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
+
+
+def _needs_evaluation(config: DroneConfig) -> bool:
+    return config.allocation != "uniform" or config.max_loss is not None
+
+
 def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool = True) -> nn.Module:
     """Factor ``model``'s targeted layers with ``config`` and record the result in ``config``.
 
-    ``config`` is mutated: ``ranks`` becomes the real rank per layer, ``relative_errors`` and
-    ``calibration`` are filled in. Callers that must not mutate the user's object pass a copy.
+    ``config`` is mutated: ``ranks`` becomes the real rank per factored layer, ``relative_errors``,
+    ``calibration`` and ``allocation_result`` are filled in. Callers that must not mutate the user's
+    object pass a copy. Every candidate is computed before the model is finally changed; on any
+    error the model keeps its dense layers.
     """
     existing = [n for n, m in model.named_modules() if isinstance(m, DroneLinear)]
     if existing:
@@ -88,7 +112,8 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     weights = {c: dense_weight_of(layer) for c, (_, layer) in targets.items()}
     shapes = {c: (int(w.shape[0]), int(w.shape[1])) for c, w in weights.items()}
     fixed = {c: k for c, (full, _) in targets.items() if (k := rank_for(c, full, config.ranks)) is not None}
-    ranks = allocate_ranks(shapes, config.param_ratio, fixed)
+    for c, k in fixed.items():
+        check_fixed_rank(c, k, *shapes[c])
 
     tokenizer = _resolve_tokenizer(config.tokenizer, model)
     max_length = config.max_length
@@ -96,37 +121,35 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     if limit is not None and max_length > limit:
         logger.warning(f"max_length={max_length} exceeds the model's {limit} positions; calibrating at {limit}.")
         max_length = limit
-    texts = load_texts(config.dataset, config.num_samples, config.seed)
-    data = tokenize_batches(texts, tokenizer, max_length, config.batch_size)
+    evaluate = _needs_evaluation(config)
+    texts = load_texts(config.dataset, config.num_samples + (config.eval_samples if evaluate else 0), config.seed)
+    calib_texts, eval_texts = _split_texts(texts, config.eval_samples, config.seed) if evaluate else (texts, [])
+    data = tokenize_batches(calib_texts, tokenizer, max_length, config.batch_size)
     layers = {c: layer for c, (_, layer) in targets.items()}
     grams = collect_grams(model, layers, data, {c: s[1] for c, s in shapes.items()}, show_progress)
 
-    replacements: dict[str, DroneLinear] = {}
-    real_ranks: dict[str, int] = {}
-    errors: dict[str, float | None] = {}
-    bar = hf_logging.tqdm(targets.items(), desc="Solving", unit="layer", disable=not show_progress or None)
-    for c, (full, layer) in bar:
-        gram = grams.pop(c).gram
-        decomposition = decompose(weights[c], gram, method=config.method, damp=config.damp)
-        del gram
-        fact = decomposition.factors(ranks[c])
-        if fact.rank < ranks[c]:
-            logger.info(
-                f"{c}: calibration inputs span only rank {fact.rank} < requested {ranks[c]}; using {fact.rank}."
-            )
-        replacements[full] = DroneLinear.from_factors(layer, fact.up, fact.down, fact.relative_error)
-        real_ranks[c] = fact.rank
-        errors[c] = fact.relative_error
+    decompositions = {}
+    bar = hf_logging.tqdm(targets, desc="Solving", unit="layer", disable=not show_progress or None)
+    for c in bar:
+        decompositions[c] = decompose(weights[c], grams.pop(c).gram, method=config.method, damp=config.damp)
 
+    plan = RankPlanner(model, config, targets, shapes, decompositions, fixed, tokenizer, show_progress)
+    if evaluate:
+        plan.evaluation_batches = tokenize_batches(eval_texts, tokenizer, max_length, config.batch_size).batches
+    ranks = plan.choose()
+
+    replacements = {targets[c][0]: plan.factored(c, k) for c, k in ranks.items()}
     replace_modules(model, replacements)
-    config.ranks = real_ranks
-    config.relative_errors = errors
+    config.ranks = {c: replacements[targets[c][0]].rank for c in ranks}
+    config.relative_errors = {c: replacements[targets[c][0]].relative_error for c in ranks}
     config.calibration = {
         "dataset": _describe_dataset(config.dataset),
         "num_texts": data.num_texts,
         "num_tokens": data.num_tokens,
         "max_length": max_length,
+        "eval_texts": len(eval_texts),
     }
+    config.allocation_result = plan.result
     return model
 
 

@@ -43,9 +43,16 @@ _SETTINGS = (
     "method",
     "seed",
     "ranks",
+    "target_speedup",
+    "max_loss",
+    "loss_fn",
+    "allocation",
+    "rank_grid",
+    "latency_shape",
+    "eval_samples",
 )
-_RECORDS = ("relative_errors", "calibration", "format_version")
-_RUNTIME = ("dataset", "tokenizer")  # may hold live objects; serialised only as strings
+_RECORDS = ("relative_errors", "calibration", "allocation_result", "format_version")
+_RUNTIME = ("dataset", "tokenizer", "loss_fn")  # may hold live objects; serialised only as strings
 
 
 def _is_int(x: Any) -> bool:
@@ -99,7 +106,7 @@ class DroneConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        param_ratio: float = 0.5,
+        param_ratio: float | None = None,
         dataset: Any = None,
         tokenizer: Any = None,
         num_samples: int = 128,
@@ -111,6 +118,13 @@ class DroneConfig(QuantizationConfigMixin):
         method: str = "drone",
         seed: int = 0,
         ranks: dict[str, int] | None = None,
+        target_speedup: float | None = None,
+        max_loss: float | None = None,
+        loss_fn: Any = None,
+        allocation: str = "uniform",
+        rank_grid: list[int] | None = None,
+        latency_shape: tuple[int, int] | list[int] = (8, 128),
+        eval_samples: int = 32,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -128,9 +142,17 @@ class DroneConfig(QuantizationConfigMixin):
         self.method = method
         self.seed = seed
         self.ranks = dict(ranks) if ranks is not None else None
+        self.target_speedup = target_speedup
+        self.max_loss = max_loss
+        self.loss_fn = loss_fn
+        self.allocation = allocation
+        self.rank_grid = list(rank_grid) if isinstance(rank_grid, (list, tuple)) else rank_grid
+        self.latency_shape = list(latency_shape) if isinstance(latency_shape, (list, tuple)) else latency_shape
+        self.eval_samples = eval_samples
         # Records written by compression (and read back from a checkpoint).
         self.relative_errors: dict[str, float] | None = kwargs.pop("relative_errors", None)
         self.calibration: dict[str, Any] | None = kwargs.pop("calibration", None)
+        self.allocation_result: dict[str, Any] | None = kwargs.pop("allocation_result", None)
         self.format_version: int = kwargs.pop("format_version", FORMAT_VERSION)
         method_in = kwargs.pop("quant_method", QUANT_METHOD)
         if method_in != QUANT_METHOD:
@@ -145,13 +167,51 @@ class DroneConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every field; each error names the field, the bad value and the fix."""
+        budgets = [b for b in ("param_ratio", "target_speedup", "max_loss") if getattr(self, b) is not None]
+        if len(budgets) > 1:
+            raise ValueError(
+                f"DroneConfig got {len(budgets)} budgets ({', '.join(budgets)}); give exactly one of param_ratio "
+                "(size), target_speedup (speed) or max_loss (quality)."
+            )
+        if not budgets:
+            self.param_ratio = 0.5  # the default budget
         r = self.param_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1:
+        if r is not None and (
+            isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1
+        ):
             raise ValueError(
                 f"param_ratio={r!r} must be a number in (0, 1]: the fraction of the targeted layers' weights kept "
                 "(e.g. 0.5 keeps half)."
             )
-        for name in ("num_samples", "max_length", "batch_size"):
+        t = self.target_speedup
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 1):
+            raise ValueError(
+                f"target_speedup={t!r} must be a number > 1: end-to-end dense time / compressed time (e.g. 2.0)."
+            )
+        ml = self.max_loss
+        if ml is not None and (isinstance(ml, bool) or not isinstance(ml, (int, float)) or not math.isfinite(ml) or ml <= 0):
+            raise ValueError(
+                f"max_loss={ml!r} must be a number > 0: the allowed increase of the evaluation loss on held-out "
+                "calibration texts."
+            )
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ValueError(f"loss_fn must be a callable model -> float, got {type(self.loss_fn).__name__}.")
+        from .allocation import ALLOCATIONS
+
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={self.allocation!r} is not supported: use one of {list(ALLOCATIONS)}.")
+        if self.allocation == "drone" and self.max_loss is None:
+            raise ValueError(
+                "allocation='drone' is the paper's loss-budgeted search: give max_loss= (or use allocation='greedy' "
+                "for param_ratio/target_speedup budgets)."
+            )
+        g = self.rank_grid
+        if g is not None and (not isinstance(g, list) or not g or not all(_is_int(k) and k >= 1 for k in g)):
+            raise ValueError(f"rank_grid={g!r} must be a non-empty list of positive integers (candidate ranks).")
+        shape = self.latency_shape
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and v >= 1 for v in shape)):
+            raise ValueError(f"latency_shape={shape!r} must be (batch, sequence_length), two positive integers.")
+        for name in ("num_samples", "max_length", "batch_size", "eval_samples"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer.")

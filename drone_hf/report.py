@@ -39,6 +39,7 @@ class CompressionReport:
 
     rows: list[LayerRow]
     model_params: int
+    allocation: dict | None = None
 
     @property
     def dense_targeted_params(self) -> int:
@@ -90,11 +91,22 @@ class CompressionReport:
         return head, body
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{len(self.rows)} layers factored; targeted weights {self.dense_targeted_params:,} -> "
             f"{self.factored_targeted_params:,} ({self.targeted_param_ratio:.1%} kept); whole model "
             f"{self.dense_model_params:,} -> {self.model_params:,} parameters ({self.model_param_ratio:.1%})."
         )
+        a = self.allocation or {}
+        if a:
+            parts = [f"allocation {a.get('strategy')}", f"budget {a.get('budget')}"]
+            if a.get("dense_layers"):
+                parts.append(f"{a['dense_layers']} targeted layers kept dense")
+            if "measured_speedup" in a:
+                parts.append(f"speedup predicted {a['predicted_speedup']:.2f}x, measured {a['measured_speedup']:.2f}x")
+            if "measured_loss_increase" in a:
+                parts.append(f"held-out loss increase {a['measured_loss_increase']:.4g}")
+            text += "\n" + "; ".join(parts) + "."
+        return text
 
     def __str__(self) -> str:
         head, body = self._table()
@@ -139,4 +151,8 @@ def report(model: nn.Module) -> CompressionReport:
             "The model has no DRONE-factored layer: compress it first with drone_hf.compress(model, config) or "
             "from_pretrained(..., drone_config=DroneConfig(...))."
         )
-    return CompressionReport(rows=rows, model_params=sum(p.numel() for p in model.parameters()))
+    record = getattr(getattr(model, "config", None), "quantization_config", None)
+    allocation = getattr(record, "allocation_result", None)
+    return CompressionReport(
+        rows=rows, model_params=sum(p.numel() for p in model.parameters()), allocation=allocation
+    )

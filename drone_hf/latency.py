@@ -1,0 +1,148 @@
+"""Latency model: how long one layer takes, dense and factored, on *this* device.
+
+Factoring pays only where two thin matrix products beat one wide one, and that depends on the
+device, the dtype, the token count and the thread count, not on a formula. The model measures each
+distinct layer shape once, dense and factored at every candidate rank, runs interleaved and reports
+the median; results are cached on disk per device/dtype/threads/tokens/shape, so a second run costs
+nothing. Allocation uses it so that a layer is only factored at ranks where it is measurably faster:
+"no speedup" cannot happen by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+#: Candidate ranks are multiples of this (hardware-friendly tiles), see :func:`rank_grid`.
+RANK_MULTIPLE = 8
+
+
+def default_cache_dir() -> Path:
+    """``$DRONE_HF_CACHE``, else ``$XDG_CACHE_HOME/drone-hf``, else ``~/.cache/drone-hf``."""
+    if os.environ.get("DRONE_HF_CACHE"):
+        return Path(os.environ["DRONE_HF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "drone-hf"
+
+
+def rank_grid(out_features: int, in_features: int, step: int = RANK_MULTIPLE, limit: int | None = None) -> list[int]:
+    """Candidate ranks ``step, 2·step, ...`` below the parameter break-even ``in·out/(in+out)``.
+
+    Ranks at or above break-even never save parameters or multiply-adds, so they are not candidates.
+    Very small layers get at least rank 1.
+    """
+    breakeven = out_features * in_features / (out_features + in_features)
+    top = min(breakeven, limit) if limit is not None else breakeven
+    grid = list(range(step, int(top - 1e-9) + 1, step))
+    if not grid and top > 1:
+        grid = [max(1, int(top) // 2)]
+    return [k for k in grid if k < breakeven]
+
+
+def _device_key(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        import platform
+
+        name = platform.processor() or platform.machine()
+    return f"{device.type}:{name}|{str(dtype).removeprefix('torch.')}|threads={torch.get_num_threads()}"
+
+
+class LatencyModel:
+    """Measured time (seconds) of one linear layer of a given shape, dense or at rank ``k``.
+
+    Args:
+        tokens: rows per call, ``batch x sequence`` of the shape the model will serve.
+        device, dtype: where and in what precision to measure (the model's own).
+        repeats: timed runs per variant (median reported); ``warmup`` untimed runs first.
+        cache_dir: where measurements persist (``None``: :func:`default_cache_dir`); ``False``
+            disables the disk cache.
+    """
+
+    def __init__(
+        self,
+        tokens: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        repeats: int = 7,
+        warmup: int = 2,
+        cache_dir: Path | str | None | bool = None,
+    ) -> None:
+        self.tokens = int(tokens)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.repeats = repeats
+        self.warmup = warmup
+        self._key = f"{_device_key(self.device, dtype)}|tokens={self.tokens}"
+        self._path = None if cache_dir is False else Path(cache_dir or default_cache_dir()) / "latency.json"
+        self._table: dict[str, float] = self._load()
+
+    def _load(self) -> dict[str, float]:
+        if self._path is None or not self._path.exists():
+            return {}
+        try:
+            return json.loads(self._path.read_text()).get(self._key, {})
+        except (OSError, json.JSONDecodeError):
+            return {}  # a damaged cache is re-measured, never trusted
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            data = json.loads(self._path.read_text()) if self._path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            data = {}
+        data[self._key] = self._table
+        tmp = self._path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            tmp.replace(self._path)
+        except OSError:
+            pass  # caching is an optimisation; a read-only home must not break compression
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _measure(self, out_features: int, in_features: int, ranks: list[int]) -> dict[str, float]:
+        """Interleaved median times for the dense layer and each factored rank."""
+        x = torch.randn(self.tokens, in_features, device=self.device, dtype=self.dtype)
+        w = torch.randn(out_features, in_features, device=self.device, dtype=self.dtype)
+        pairs = {
+            k: (
+                torch.randn(k, in_features, device=self.device, dtype=self.dtype),
+                torch.randn(out_features, k, device=self.device, dtype=self.dtype),
+            )
+            for k in ranks
+        }
+        fns = {"dense": lambda: torch.nn.functional.linear(x, w)}
+        for k, (d, u) in pairs.items():
+            fns[str(k)] = lambda d=d, u=u: torch.nn.functional.linear(torch.nn.functional.linear(x, d), u)
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for i in range(self.warmup + self.repeats):
+            for name, fn in fns.items():
+                self._sync()
+                start = time.perf_counter()
+                fn()
+                self._sync()
+                if i >= self.warmup:
+                    times[name].append(time.perf_counter() - start)
+        return {name: statistics.median(ts) for name, ts in times.items()}
+
+    def layer_times(self, out_features: int, in_features: int, ranks: list[int]) -> tuple[float, dict[int, float]]:
+        """(dense time, {rank: factored time}) for one shape, measuring only what is not cached."""
+        shape = f"{out_features}x{in_features}"
+        missing = [k for k in ranks if f"{shape}@{k}" not in self._table]
+        if missing or f"{shape}@dense" not in self._table:
+            measured = self._measure(out_features, in_features, missing)
+            self._table[f"{shape}@dense"] = measured.pop("dense")
+            self._table.update({f"{shape}@{k}": t for k, t in measured.items()})
+            self._save()
+        return self._table[f"{shape}@dense"], {k: self._table[f"{shape}@{k}"] for k in ranks}

@@ -1,0 +1,296 @@
+"""``RankPlanner``: from a budget (size, speed or loss) and the solved layers to one rank per layer.
+
+The solver has already decomposed every targeted layer, so any rank's factors and calibration
+error are at hand. The planner adds what a budget needs: parameter counts, measured layer and
+end-to-end latency (:mod:`drone_hf.latency`), layer sensitivities and held-out loss
+(:mod:`drone_hf.search`), and records what it decided and what it measured in ``result``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from .allocation import LayerOptions, greedy_allocate, uniform_rank
+from .config import DroneConfig
+from .latency import LatencyModel, rank_grid
+from .modules.low_rank_linear import DroneLinear
+from .search import LossEvaluator, Swapper, drone_search, end_to_end_times, probe_sensitivities
+from .solver import Decomposition
+from .utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+#: Uniform budgets searched for speed/loss budgets: the kept fraction r, finest near the top.
+UNIFORM_STEPS = [round(1 - 0.05 * i, 2) for i in range(20)]
+
+#: Re-allocations allowed when the measured result misses the predicted one.
+VERIFY_ROUNDS = 3
+
+
+class RankPlanner:
+    """Chooses ranks for the targeted layers of one compression run (see module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: DroneConfig,
+        targets: dict[str, tuple[str, nn.Module]],
+        shapes: dict[str, tuple[int, int]],
+        decompositions: dict[str, Decomposition],
+        fixed: dict[str, int],
+        tokenizer: Any,
+        show_progress: bool,
+    ) -> None:
+        self.model, self.config, self.targets = model, config, targets
+        self.shapes, self.decompositions, self.fixed = shapes, decompositions, fixed
+        self.tokenizer, self.show_progress = tokenizer, show_progress
+        self.free = [c for c in targets if c not in fixed]
+        self.evaluation_batches: list[dict[str, torch.Tensor]] = []
+        self.result: dict[str, Any] = {}
+        self._layers: dict[tuple[str, int], DroneLinear] = {}
+        self._swapper = Swapper(model, {full: layer for full, layer in targets.values()})
+        self._evaluator: LossEvaluator | None = None
+        self._latency: LatencyModel | None = None
+
+    # --- building blocks -------------------------------------------------------------------------
+    def effective_rank(self, c: str, k: int) -> int:
+        """The rank the factors really have: calibration may span fewer dimensions than ``k``."""
+        return max(1, min(k, self.decompositions[c].max_rank))
+
+    def factored(self, c: str, k: int) -> DroneLinear:
+        """The rank-``k`` replacement of layer ``c`` (cached)."""
+        k = self.effective_rank(c, k)
+        if (c, k) not in self._layers:
+            f = self.decompositions[c].factors(k)
+            self._layers[(c, k)] = DroneLinear.from_factors(self.targets[c][1], f.up, f.down, f.relative_error)
+        return self._layers[(c, k)]
+
+    def sq_error(self, c: str, k: int) -> float:
+        errors = self.decompositions[c].relative_errors()
+        return 0.0 if errors is None else float(errors[min(k, len(errors) - 1)]) ** 2
+
+    def grid(self, c: str) -> list[int]:
+        out_f, in_f = self.shapes[c]
+        raw = self.config.rank_grid or rank_grid(out_f, in_f)
+        ranks = sorted({self.effective_rank(c, k) for k in raw if 1 <= k <= min(out_f, in_f)})
+        if not ranks:
+            raise ValueError(
+                f"rank_grid={self.config.rank_grid} has no rank that fits {c!r} ({out_f}x{in_f}); "
+                f"give ranks in [1, {min(out_f, in_f)}]."
+            )
+        return ranks
+
+    def params(self, c: str, k: int | None) -> int:
+        out_f, in_f = self.shapes[c]
+        return out_f * in_f if k is None else self.effective_rank(c, k) * (out_f + in_f)
+
+    def evaluator(self) -> LossEvaluator:
+        if self._evaluator is None:
+            self._evaluator = LossEvaluator(self.model, self.evaluation_batches, self.config.loss_fn)
+        return self._evaluator
+
+    def latency(self) -> LatencyModel:
+        if self._latency is None:
+            p = next(p for p in self.model.parameters() if p.device.type != "meta")
+            batch, seq = self.config.latency_shape
+            self._latency = LatencyModel(batch * seq, p.device, p.dtype)
+        return self._latency
+
+    def layer_times(self, c: str, ranks: list[int]) -> tuple[float, dict[int, float]]:
+        out_f, in_f = self.shapes[c]
+        return self.latency().layer_times(out_f, in_f, ranks)
+
+    def latency_inputs(self) -> dict[str, torch.Tensor]:
+        batch, seq = self.config.latency_shape
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None) or len(self.tokenizer)
+        g = torch.Generator().manual_seed(self.config.seed)
+        ids = torch.randint(0, int(vocab), (batch, seq), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def full(self, ranks: dict[str, int]) -> dict[str, nn.Module]:
+        return {self.targets[c][0]: self.factored(c, k) for c, k in ranks.items()}
+
+    def measure_loss(self, ranks: dict[str, int]) -> float:
+        with self._swapper.trying(self.full(ranks)):
+            return self.evaluator().increase(self.model)
+
+    def sensitivities(self) -> dict[str, float]:
+        """Per-layer loss increase per unit of relative squared error, probed at the 50% uniform rank."""
+        probes = {}
+        for c in self.free:
+            k = self.effective_rank(c, uniform_rank(*self.shapes[c], 0.5))
+            probes[self.targets[c][0]] = (self.factored(c, k), self.sq_error(c, k))
+        bar = hf_logging.tqdm(list(probes), desc="Probing sensitivity", unit="layer", disable=not self.show_progress or None)
+        by_full = probe_sensitivities(self._swapper, self.evaluator(), probes, bar)
+        return {c: by_full[self.targets[c][0]] for c in self.free}
+
+    def options(self, cost: str, weights: dict[str, float]) -> list[LayerOptions]:
+        out = []
+        for c in self.free:
+            ranks = self.grid(c)
+            if cost == "params":
+                dense, costs = float(self.params(c, None)), [float(self.params(c, k)) for k in ranks]
+            else:
+                dense, times = self.layer_times(c, ranks)
+                costs = [times[k] for k in ranks]
+            out.append(LayerOptions(c, dense, ranks, costs, [self.sq_error(c, k) for k in ranks], weights.get(c, 1.0)))
+        return out
+
+    # --- strategies ------------------------------------------------------------------------------
+    def choose(self) -> dict[str, int]:
+        cfg = self.config
+        if cfg.param_ratio is not None:
+            ranks = self._size_budget(cfg.param_ratio)
+        elif cfg.target_speedup is not None:
+            ranks = self._speed_budget(cfg.target_speedup)
+        else:
+            ranks = self._loss_budget(float(cfg.max_loss))  # type: ignore[arg-type]
+        total = sum(self.params(c, None) for c in self.targets)
+        kept = sum(self.params(c, ranks.get(c)) for c in self.targets)
+        self.result.update(
+            strategy=cfg.allocation, factored_layers=len(ranks), dense_layers=len(self.targets) - len(ranks),
+            targeted_param_ratio=kept / total,
+        )
+        return ranks
+
+    def _size_budget(self, ratio: float) -> dict[str, int]:
+        self.result["budget"] = {"param_ratio": ratio}
+        if self.config.allocation == "uniform":
+            return dict(self.fixed) | {c: uniform_rank(*self.shapes[c], ratio) for c in self.free}
+        max_cost = ratio * sum(self.params(c, None) for c in self.targets) - sum(
+            self.params(c, k) for c, k in self.fixed.items()
+        )
+        alloc = greedy_allocate(self.options("params", self.sensitivities()), max_cost=max_cost)
+        if not alloc.reachable:
+            raise ValueError(
+                f"param_ratio={ratio} cannot be met with the candidate ranks (smallest reachable: "
+                f"{(alloc.cost + sum(self.params(c, k) for c, k in self.fixed.items())) / sum(self.params(c, None) for c in self.targets):.3f}); "
+                "raise param_ratio or give a rank_grid with smaller ranks."
+            )
+        ranks = dict(self.fixed) | alloc.ranks
+        self.result.update(predicted_loss_increase=alloc.predicted_loss, measured_loss_increase=self.measure_loss(ranks))
+        return ranks
+
+    def _speed_budget(self, target: float) -> dict[str, int]:
+        self.result["budget"] = {"target_speedup": target, "latency_shape": list(self.config.latency_shape)}
+        inputs = self.latency_inputs()
+        dense_total = end_to_end_times(self._swapper, {"dense": {}}, inputs)["dense"]
+        fixed_time = sum(self.layer_times(c, [self.effective_rank(c, k)])[1][self.effective_rank(c, k)] for c, k in self.fixed.items())
+        fixed_dense = sum(self.layer_times(c, [])[0] for c in self.fixed)
+        weights = self.sensitivities() if self.config.allocation == "greedy" else {}
+        options = self.options("time", weights)
+        layers_dense = sum(o.dense_cost for o in options) + fixed_dense
+        overhead = max(dense_total - layers_dense, 0.0)
+        best = dense_total / (overhead + fixed_time + sum(min([o.dense_cost] + o.costs) for o in options))
+        budget = dense_total / target - overhead - fixed_time
+        if best < target:
+            raise ValueError(
+                f"target_speedup={target} is out of reach for this model on this device at batch x sequence "
+                f"{tuple(self.config.latency_shape)}: the best reachable is about {best:.2f}x (non-matmul work takes "
+                f"{overhead / dense_total:.0%} of the time). Ask for at most {best:.2f}, or use param_ratio."
+            )
+        measured = predicted = 0.0
+        ranks: dict[str, int] = {}
+        for _ in range(VERIFY_ROUNDS):
+            free = self._uniform_for_time(options, budget) if self.config.allocation == "uniform" else greedy_allocate(options, max_cost=budget).ranks
+            ranks = dict(self.fixed) | free
+            predicted_time = overhead + fixed_time + sum(
+                o.costs[o.ranks.index(free[o.name])] if o.name in free else o.dense_cost for o in options
+            )
+            predicted = dense_total / predicted_time
+            t = end_to_end_times(self._swapper, {"dense": {}, "compressed": self.full(ranks)}, inputs)
+            measured = t["dense"] / t["compressed"]
+            if measured >= target:
+                break
+            budget *= measured / target  # the model ran slower than predicted: ask for less time
+        if measured < target:
+            logger.warning(
+                f"target_speedup={target}: measured {measured:.2f}x after {VERIFY_ROUNDS} allocation rounds "
+                f"(predicted {predicted:.2f}x); machine noise or non-matmul overhead. The result is kept."
+            )
+        self.result.update(predicted_speedup=predicted, measured_speedup=measured, best_reachable_speedup=best)
+        if self.evaluation_batches:
+            self.result["measured_loss_increase"] = self.measure_loss(ranks)
+        return ranks
+
+    def _uniform_for_time(self, options: list[LayerOptions], budget: float) -> dict[str, int]:
+        """Largest uniform kept-fraction whose grid-rounded ranks fit the time budget."""
+        by_name = {o.name: o for o in options}
+        best: dict[str, int] = {}
+        for r in sorted(UNIFORM_STEPS):  # ascending r: the last one that fits wins
+            ranks, total = {}, 0.0
+            for c, o in by_name.items():
+                k = uniform_rank(*self.shapes[c], r)
+                fitting = [g for g in o.ranks if g <= k]
+                if fitting and o.costs[o.ranks.index(fitting[-1])] < o.dense_cost:
+                    ranks[c] = fitting[-1]
+                    total += o.costs[o.ranks.index(fitting[-1])]
+                else:
+                    total += o.dense_cost
+            if total <= budget:
+                best = ranks
+        if not best:
+            best = {o.name: o.ranks[0] for o in options if o.costs[0] < o.dense_cost}
+        return best
+
+    def _loss_budget(self, max_loss: float) -> dict[str, int]:
+        self.result["budget"] = {"max_loss": max_loss, "loss": self.evaluator().kind, "dense_loss": self.evaluator().dense_loss}
+        strategy = self.config.allocation
+        if strategy == "uniform":
+            ranks = self._uniform_for_loss(max_loss)
+        elif strategy == "drone":
+            ranks = self._paper_search(max_loss)
+        else:
+            ranks = self._greedy_for_loss(max_loss)
+        if self.free and not set(ranks) - set(self.fixed):
+            raise ValueError(
+                f"max_loss={max_loss} is too small: no layer can be factored within it on the held-out texts "
+                f"(loss: {self.evaluator().kind}). Allow a larger max_loss."
+            )
+        self.result["measured_loss_increase"] = self.measure_loss(ranks)
+        return ranks
+
+    def _uniform_for_loss(self, max_loss: float) -> dict[str, int]:
+        steps = sorted(UNIFORM_STEPS)  # ascending kept fraction: loss falls along it
+        lo, hi, best = 0, len(steps) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            ranks = dict(self.fixed) | {c: uniform_rank(*self.shapes[c], steps[mid]) for c in self.free}
+            if self.measure_loss(ranks) <= max_loss:
+                best, hi = ranks, mid - 1
+            else:
+                lo = mid + 1
+        return best or {}
+
+    def _greedy_for_loss(self, max_loss: float) -> dict[str, int]:
+        options = self.options("time", self.sensitivities())
+        allowed, best = max_loss, {}
+        for _ in range(VERIFY_ROUNDS + 1):
+            ranks = dict(self.fixed) | greedy_allocate(options, max_loss=allowed).ranks
+            measured = self.measure_loss(ranks)
+            if measured <= max_loss:
+                best = ranks
+                break
+            allowed *= 0.8 * max_loss / measured  # the layers interact: predict less
+        return best
+
+    def _paper_search(self, max_loss: float) -> dict[str, int]:
+        candidates, dense_time = {}, {}
+        for c in self.free:
+            ranks = self.grid(c)
+            dense, times = self.layer_times(c, ranks)
+            dense_time[c] = dense
+            faster = [(k, self.factored(c, k)) for k in ranks if times[k] < dense]
+            if faster:
+                candidates[self.targets[c][0]] = faster
+        total = sum(dense_time[c] for c in self.free) or 1.0
+        shares = {self.targets[c][0]: max_loss * dense_time[c] / total for c in self.free}
+        base = {self.targets[c][0]: self.factored(c, k) for c, k in self.fixed.items()}
+        bar = hf_logging.tqdm(list(candidates), desc="DRONE rank search", unit="layer", disable=not self.show_progress or None)
+        by_full = drone_search(self._swapper, self.evaluator(), candidates, shares, bar, base=base)
+        full_to_c = {full: c for c, (full, _) in self.targets.items()}
+        return dict(self.fixed) | {full_to_c[f]: k for f, k in by_full.items()}

@@ -1,0 +1,224 @@
+"""Budgets and allocation strategies: size, speed and loss, uniform, greedy and the paper's search.
+
+Speed decisions are tested with an injected, deterministic cost model (time proportional to
+multiply-adds plus a fixed overhead): the logic is what is under test here; real timings live in
+benchmarks/.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import CALIBRATION_TEXTS, bert_config, tokenizer
+from transformers import BertModel
+
+import drone_hf
+import drone_hf.planner as planner_mod
+from drone_hf import DroneConfig, DroneLinear
+from drone_hf.allocation import LayerOptions, greedy_allocate
+from drone_hf.compress import _split_texts
+from drone_hf.evaluation import output_fidelity
+from drone_hf.calibration import tokenize_batches
+
+TOKENIZER = tokenizer()
+TEXTS = CALIBRATION_TEXTS * 3  # 24 texts: 6 held out for evaluation, 18 calibrate
+
+
+def build(seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    return BertModel(bert_config(hidden_size=64, intermediate_size=128)).eval()
+
+
+def config(**kw) -> DroneConfig:
+    base = dict(dataset=TEXTS, num_samples=18, eval_samples=6, batch_size=6, tokenizer=TOKENIZER, rank_grid=[4, 8, 12, 16, 24])
+    return DroneConfig(**(base | kw))
+
+
+# --- the knapsack itself -----------------------------------------------------------------------
+def test_hull_starts_dense_and_has_non_decreasing_slopes():
+    opt = LayerOptions("a", 100.0, [8, 16, 24, 32, 40], [20, 40, 60, 80, 95], [0.6, 0.2, 0.15, 0.02, 0.01], 2.0)
+    hull = opt.hull()
+    assert hull[0] == (100.0, 0.0, None)
+    slopes = [(l2 - l1) / (c1 - c2) for (c1, l1, _), (c2, l2, _) in zip(hull, hull[1:])]
+    assert all(b >= a - 1e-12 for a, b in zip(slopes, slopes[1:]))
+    # by hand: slope dense->32 is 0.04/20 = 0.002 < dense->40 (0.02/5), so 40 lies above the hull;
+    # 32->16 is 0.36/40 = 0.009 < 32->24 (0.26/20), so 24 does too
+    assert [k for *_, k in hull] == [None, 32, 16, 8]
+
+
+def test_options_not_cheaper_than_dense_are_never_chosen():
+    opt = LayerOptions("a", 50.0, [8, 16], [60.0, 70.0], [0.1, 0.01])
+    assert opt.hull() == [(50.0, 0.0, None)]
+    alloc = greedy_allocate([opt], max_cost=10.0)
+    assert alloc.ranks == {} and not alloc.reachable
+
+
+def test_greedy_meets_a_cost_budget_at_least_loss():
+    a = LayerOptions("a", 100.0, [8, 16, 24], [20.0, 40.0, 60.0], [0.5, 0.3, 0.1], 1.0)
+    b = LayerOptions("b", 100.0, [8, 16, 24], [20.0, 40.0, 60.0], [0.9, 0.2, 0.05], 1.0)
+    alloc = greedy_allocate([a, b], max_cost=100.0)
+    assert alloc.reachable and alloc.cost <= 100.0
+    # brute force over every combination within budget: greedy on convex hulls is optimal here
+    combos = [
+        (ra, rb, la + lb)
+        for ra, ca, la in [(None, 100.0, 0.0)] + list(zip(a.ranks, a.costs, a.errors))
+        for rb, cb, lb in [(None, 100.0, 0.0)] + list(zip(b.ranks, b.costs, b.errors))
+        if ca + cb <= 100.0
+    ]
+    assert alloc.predicted_loss == pytest.approx(min(loss for *_, loss in combos))
+
+
+def test_greedy_respects_a_loss_budget():
+    a = LayerOptions("a", 100.0, [8, 16, 24], [20.0, 40.0, 60.0], [0.5, 0.3, 0.1], 1.0)
+    b = LayerOptions("b", 100.0, [8, 16, 24], [20.0, 40.0, 60.0], [0.9, 0.2, 0.05], 3.0)
+    alloc = greedy_allocate([a, b], max_loss=0.3)
+    assert alloc.predicted_loss <= 0.3 and alloc.ranks
+    with pytest.raises(ValueError, match="exactly one"):
+        greedy_allocate([a], max_cost=1.0, max_loss=1.0)
+
+
+# --- budgets through compress() ----------------------------------------------------------------
+def test_greedy_size_budget_is_met_and_recorded():
+    model = drone_hf.compress(build(), config(param_ratio=0.4, allocation="greedy"), show_progress=False)
+    rep = drone_hf.report(model)
+    result = model.config.quantization_config.allocation_result
+    assert result["strategy"] == "greedy" and result["budget"] == {"param_ratio": 0.4}
+    dense_shapes = {c: layer.weight.shape for c, (_, layer) in drone_hf.modules.resolve_targets(build(), None, None).items()}
+    dense_total = sum(o * i for o, i in dense_shapes.values())
+    factored = {r.name: r for r in rep}
+    kept = sum(factored[c].factored_params if c in factored else o * i for c, (o, i) in dense_shapes.items())
+    assert kept / dense_total <= 0.4 + 1e-9
+    assert result["targeted_param_ratio"] == pytest.approx(kept / dense_total)
+    assert all(r.rank in (4, 8, 12, 16, 24) for r in rep)
+    assert "allocation greedy" in str(rep)
+
+
+def test_unreachable_size_budget_is_refused():
+    with pytest.raises(ValueError, match="cannot be met with the candidate ranks"):
+        drone_hf.compress(build(), config(param_ratio=0.01, allocation="greedy"), show_progress=False)
+
+
+def held_out_distortion(dense, compressed, cfg) -> float:
+    texts = TEXTS[: cfg.num_samples + cfg.eval_samples]
+    _, held = _split_texts(texts, cfg.eval_samples, cfg.seed)
+    batches = tokenize_batches(held, TOKENIZER, cfg.max_length, cfg.batch_size).batches
+    return output_fidelity(dense, compressed, batches).relative_error ** 2
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "greedy", "drone"])
+def test_loss_budget_holds_on_held_out_texts(strategy, monkeypatch):
+    monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
+    dense = build()
+    cfg = config(max_loss=0.05, allocation=strategy)
+    model = drone_hf.compress(copy.deepcopy(dense), cfg, show_progress=False)
+    result = model.config.quantization_config.allocation_result
+    assert result["budget"]["max_loss"] == 0.05 and result["budget"]["loss"] == "distortion"
+    assert 0 <= result["measured_loss_increase"] <= 0.05
+    # independently: the relative squared output error on the same held-out texts
+    assert held_out_distortion(dense, model, cfg) == pytest.approx(result["measured_loss_increase"], rel=1e-4, abs=1e-9)
+    assert any(isinstance(m, DroneLinear) for m in model.modules())
+
+
+def test_loss_budget_too_small_is_refused():
+    with pytest.raises(ValueError, match="max_loss=1e-12 is too small"):
+        drone_hf.compress(build(), config(max_loss=1e-12), show_progress=False)
+
+
+def test_user_loss_fn_is_used_and_its_failure_is_reported():
+    calls = []
+
+    def loss_fn(model):
+        calls.append(1)
+        w = model.encoder.layer[0].attention.self.query
+        return float(w.weight.float().norm()) * 0  # constant: any compression is within budget
+
+    model = drone_hf.compress(build(), config(max_loss=0.1, loss_fn=loss_fn), show_progress=False)
+    assert calls and model.config.quantization_config.allocation_result["budget"]["loss"] == "callable"
+    assert model.config.quantization_config.to_dict()["loss_fn"] is None  # never serialised
+
+    def broken(model):
+        raise RuntimeError("metric exploded")
+
+    dense = build()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    with pytest.raises(ValueError, match="loss_fn raised RuntimeError: metric exploded"):
+        drone_hf.compress(dense, config(max_loss=0.1, loss_fn=broken), show_progress=False)
+    assert not any(isinstance(m, DroneLinear) for m in dense.modules())
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+
+
+# --- speed budgets with a deterministic cost model ----------------------------------------------
+class FlopLatency:
+    """Seconds = multiply-adds x 1e-9 (+ a per-call cost), a stand-in for measured layer times."""
+
+    def __init__(self, tokens, device=None, dtype=None, **kw):
+        self.tokens = tokens
+
+    def layer_times(self, out_f, in_f, ranks):
+        call = 2e-7
+        return self.tokens * out_f * in_f * 1e-9, {k: self.tokens * k * (out_f + in_f) * 1e-9 + call for k in ranks}
+
+
+def fake_end_to_end(overhead: float):
+    def run(swapper, variants, inputs, repeats=9, warmup=2):
+        out = {}
+        for name, layers in variants.items():
+            swapper.set(layers)
+            total = overhead
+            tokens = inputs["input_ids"].numel()
+            for full in swapper.dense:
+                m = swapper.model.get_submodule(full)
+                if isinstance(m, DroneLinear):
+                    total += tokens * m.rank * (m.in_features + m.out_features) * 1e-9 + 2e-7
+                else:
+                    total += tokens * m.in_features * m.out_features * 1e-9
+            out[name] = total
+        swapper.set({})
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "greedy"])
+def test_speed_budget_is_met_under_the_cost_model(strategy, monkeypatch):
+    monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
+    monkeypatch.setattr(planner_mod, "end_to_end_times", fake_end_to_end(overhead=1e-4))
+    model = drone_hf.compress(build(), config(target_speedup=1.5, allocation=strategy), show_progress=False)
+    result = model.config.quantization_config.allocation_result
+    assert result["budget"]["target_speedup"] == 1.5
+    assert result["measured_speedup"] >= 1.5
+    assert result["predicted_speedup"] == pytest.approx(result["measured_speedup"], rel=1e-6)
+    assert result["best_reachable_speedup"] >= result["measured_speedup"]
+    assert "measured" in str(drone_hf.report(model))
+
+
+def test_unreachable_speedup_names_the_best_reachable(monkeypatch):
+    monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
+    monkeypatch.setattr(planner_mod, "end_to_end_times", fake_end_to_end(overhead=1.0))  # overhead dominates
+    with pytest.raises(ValueError, match=r"target_speedup=3.0 is out of reach .* best reachable is about 1.0\dx"):
+        drone_hf.compress(build(), config(target_speedup=3.0), show_progress=False)
+
+
+def test_rank_grid_without_a_fitting_rank_is_refused():
+    with pytest.raises(ValueError, match="has no rank that fits"):
+        drone_hf.compress(build(), config(param_ratio=0.5, allocation="greedy", rank_grid=[1000]), show_progress=False)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(param_ratio=0.5, target_speedup=2.0), "2 budgets"),
+        (dict(target_speedup=0.9), "must be a number > 1"),
+        (dict(max_loss=0.0), "must be a number > 0"),
+        (dict(allocation="drone"), "loss-budgeted"),
+        (dict(allocation="best"), "allocation='best' is not supported"),
+        (dict(rank_grid=[0, 8]), "rank_grid"),
+        (dict(latency_shape=(8,)), "latency_shape"),
+        (dict(max_loss=0.1, loss_fn=3), "loss_fn must be a callable"),
+    ],
+)
+def test_budget_configuration_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        DroneConfig(**bad)
