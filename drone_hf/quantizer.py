@@ -22,6 +22,7 @@ from .config import DroneConfig
 from .modules.low_rank_linear import DroneLinear
 from .modules.targets import build_skeleton, canonical_name, replace_modules
 from .utils.logging import get_logger
+from .validation import validate_factored_checkpoint
 
 logger = get_logger(__name__)
 
@@ -66,6 +67,7 @@ class DroneHfQuantizer(HfQuantizer):
                 f"{type(model).__name__} (e.g. {missing[0]!r}); they are skipped. This is expected when a task "
                 "checkpoint is loaded as its base model."
             )
+        validate_factored_checkpoint(model, kwargs.get("checkpoint_files"))
         errors = self.quantization_config.relative_errors or {}
         for name, module in model.named_modules():
             if isinstance(module, DroneLinear):
