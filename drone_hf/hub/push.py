@@ -15,7 +15,7 @@ from typing import Any
 
 from ..utils.logging import get_logger
 from .card import RANK_PLOT_FILE, Measurements, plot_ranks, render_model_card
-from .checkpoint import is_drone_model
+from .checkpoint import is_drone_model, set_base_model
 
 logger = get_logger(__name__)
 
@@ -185,7 +185,8 @@ def push_to_hub(
         token, private, commit_message, commit_description, revision, create_pr: as for
             ``huggingface_hub.HfApi``.
         max_shard_size: as for ``save_pretrained``.
-        base_model: the dense model's Hub id for the card (default: recorded / ``name_or_path``).
+        base_model: the dense model's Hub id, for the card and the checkpoint record (recorded on
+            ``model.config``); default: the recorded one, else ``name_or_path`` if a Hub id.
         measurements: :class:`~drone_hf.hub.Measurements` (or a dict of its fields) to show on the card.
         license: SPDX license id for the card's metadata (keep the base model's).
         tags: extra tags for the card.
@@ -205,6 +206,8 @@ def push_to_hub(
         )
     if isinstance(measurements, dict):
         measurements = Measurements.from_dict(measurements)
+    if base_model is not None:
+        set_base_model(model, base_model)  # the pushed config.json records it too, not only the card
     tok = resolve_tokenizer(model, tokenizer)
     with tempfile.TemporaryDirectory(prefix="drone-hf-push-") as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)

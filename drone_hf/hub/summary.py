@@ -161,7 +161,8 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
         total += n
 
     rows = []
-    for name, rank in ranks.items():
+    # config.json stores ranks with sorted keys; natural order puts block 10 after block 9.
+    for name, rank in sorted(ranks.items(), key=lambda kv: _natural_key(kv[0])):
         down = _find(shapes, name + ".down.weight")
         up = _find(shapes, name + ".up.weight")
         if down is None or up is None:
@@ -186,6 +187,10 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
         dtypes=sorted(dtypes),
         files=files,
     )
+
+
+def _natural_key(name: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
 def _find(shapes: dict[str, list[int]], suffix: str) -> list[int] | None:

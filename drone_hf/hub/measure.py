@@ -1,0 +1,222 @@
+"""Measuring a DRONE model against its dense original, into :class:`~drone_hf.hub.Measurements`.
+
+These are the numbers a model card and ``drone-hf eval`` / ``drone-hf bench`` report: output
+fidelity (:func:`drone_hf.evaluation.output_fidelity`), perplexity for causal LMs, accuracy on a
+labelled set for classifiers, and interleaved latency (:func:`drone_hf.evaluation.measure_latency`).
+Both models always see the same inputs, and latency is only ever reported as a ratio from one
+interleaved run, with the device it ran on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from ..calibration import tokenize_batches
+from ..evaluation import measure_latency, output_fidelity
+from .card import Measurements, describe_device
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def measure_fidelity(
+    dense: nn.Module,
+    compressed: nn.Module,
+    texts: Sequence[str],
+    tokenizer: Any,
+    *,
+    max_length: int = 128,
+    batch_size: int = 8,
+    data_name: str | None = None,
+) -> Measurements:
+    """Hidden-state relative error and mean-pooled embedding cosine of ``compressed`` against ``dense``."""
+    batches = tokenize_batches(list(texts), tokenizer, max_length, batch_size).batches
+    fid = output_fidelity(dense, compressed, batches)
+    return Measurements(
+        fidelity_cosine=fid.cosine,
+        fidelity_relative_error=fid.relative_error,
+        fidelity_tokens=fid.num_tokens,
+        fidelity_data=data_name,
+    )
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], desc: str = "Perplexity") -> float:
+    """``exp`` of the mean next-token negative log-likelihood over real (unpadded) tokens.
+
+    Args:
+        model: a causal LM returning ``logits`` [batch, seq, vocab].
+        batches: right-padded ``input_ids`` / ``attention_mask`` dicts (as from
+            :func:`drone_hf.calibration.tokenize_batches`).
+    """
+    device = _device(model)
+    total, count = 0.0, 0
+    for batch in hf_logging.tqdm(batches, desc=desc, unit="batch"):
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target, keep = ids[:, 1:], mask[:, 1:].bool()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    if count == 0:
+        raise ValueError("No token to predict: the texts are empty or one token long; give longer texts.")
+    return math.exp(total / count)
+
+
+def measure_perplexity(
+    dense: nn.Module | None,
+    compressed: nn.Module,
+    texts: Sequence[str],
+    tokenizer: Any,
+    *,
+    max_length: int = 128,
+    batch_size: int = 8,
+    data_name: str | None = None,
+) -> Measurements:
+    """Perplexity of both models on the same texts (``dense=None`` measures the compressed one only)."""
+    batches = tokenize_batches(list(texts), tokenizer, max_length, batch_size).batches
+    return Measurements(
+        perplexity_dense=None if dense is None else perplexity(dense, batches, "Perplexity (dense)"),
+        perplexity_compressed=perplexity(compressed, batches, "Perplexity (compressed)"),
+        perplexity_data=data_name,
+    )
+
+
+def read_labelled(path: str | Path, text_column: str = "text", label_column: str = "label") -> list[tuple[str, Any]]:
+    """``(text, label)`` pairs from a ``.jsonl`` (one object per line) or ``.csv``/``.tsv`` file.
+
+    Raises:
+        ValueError: unknown file type, missing columns, or no rows (each message names the fix).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"labelled dataset {path} does not exist; give a .jsonl or .csv file")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    else:
+        raise ValueError(f"labelled dataset {path} must be a .jsonl, .csv or .tsv file")
+    if not rows:
+        raise ValueError(f"labelled dataset {path} has no rows")
+    missing = [c for c in (text_column, label_column) if not isinstance(rows[0], dict) or c not in rows[0]]
+    if missing:
+        have = sorted(rows[0]) if isinstance(rows[0], dict) else type(rows[0]).__name__
+        raise ValueError(f"labelled dataset {path} has no column(s) {missing} (it has {have}); "
+                         "name them with --text-column / --label-column")
+    return [(str(r[text_column]), r[label_column]) for r in rows]
+
+
+def _label_ids(labels: Sequence[Any], config: Any) -> list[int]:
+    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    out = []
+    for label in labels:
+        if isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
+            out.append(int(label))
+        elif str(label) in label2id:
+            out.append(label2id[str(label)])
+        else:
+            raise ValueError(f"label {label!r} is neither an integer class id nor one of the model's labels "
+                             f"{sorted(label2id)}")
+    return out
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module, examples: Sequence[tuple[str, Any]], tokenizer: Any, *, max_length: int = 128, batch_size: int = 8,
+    desc: str = "Accuracy",
+) -> float:
+    """Fraction of ``examples`` whose argmax logit is the label (an integer id or a name in ``label2id``)."""
+    labels = _label_ids([label for _, label in examples], model.config)
+    texts = [text for text, _ in examples]
+    device = _device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    correct = 0
+    for start in hf_logging.tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
+        rows = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length)["input_ids"]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):  # right padding, done here so tokenizers without a pad token work
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        pred = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+        correct += int((pred == torch.tensor(labels[start : start + batch_size])).sum())
+    return correct / len(texts)
+
+
+def measure_accuracy(
+    dense: nn.Module | None, compressed: nn.Module, examples: Sequence[tuple[str, Any]], tokenizer: Any, *,
+    max_length: int = 128, batch_size: int = 8, data_name: str | None = None,
+) -> Measurements:
+    """Accuracy of both classifiers on the same labelled examples (``dense=None``: compressed only)."""
+    kw = dict(max_length=max_length, batch_size=batch_size)
+    return Measurements(
+        accuracy_dense=None if dense is None else accuracy(dense, examples, tokenizer, desc="Accuracy (dense)", **kw),
+        accuracy_compressed=accuracy(compressed, examples, tokenizer, desc="Accuracy (compressed)", **kw),
+        accuracy_data=data_name,
+    )
+
+
+class _Synchronized(nn.Module):
+    """Waits for the device after each forward, so wall-clock timing covers the work (CUDA is async)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        out = self.model(**inputs)
+        if _device(self.model).type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+
+def measure_speed(
+    dense: nn.Module,
+    compressed: nn.Module,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    repeats: int = 15,
+    warmup: int = 3,
+    seed: int = 0,
+) -> Measurements:
+    """Median forward latency of both models on one random ``batch_size x seq_len`` batch, interleaved.
+
+    Token values do not change the cost of a forward pass, so seeded random ids (no padding) stand
+    in for text; both models run on their own device (which must be the same one).
+
+    Raises:
+        ValueError: the models sit on different devices, or ``seq_len`` exceeds the model's positions.
+    """
+    device = _device(compressed)
+    if _device(dense) != device:
+        raise ValueError(f"dense and compressed models are on {_device(dense)} and {device}; put both on one device")
+    limit = getattr(compressed.config, "max_position_embeddings", None) or getattr(compressed.config, "n_positions", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's {limit} positions; use a shorter sequence")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, compressed.config.vocab_size, (batch_size, seq_len), generator=gen).to(device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    times = measure_latency(
+        {"dense": _Synchronized(dense), "compressed": _Synchronized(compressed)}, inputs, repeats=repeats, warmup=warmup
+    )
+    return Measurements(
+        dense_latency_ms=times["dense"] * 1e3,
+        compressed_latency_ms=times["compressed"] * 1e3,
+        latency_device=describe_device(device),
+        latency_inputs=f"batch {batch_size} x {seq_len} tokens",
+    )

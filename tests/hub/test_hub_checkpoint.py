@@ -1,0 +1,167 @@
+"""The checkpoint marker in-process: what save_pretrained writes, what loading reads back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import sample_inputs
+from transformers import AutoConfig, AutoModel, BertModel, PreTrainedConfig, PreTrainedModel
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as hf_logging
+
+import drone_hf
+from drone_hf import DroneLinear
+from drone_hf.hub import checkpoint as ckpt
+
+
+def read_config(folder) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def test_saved_checkpoint_is_marked_and_carries_the_shim(compressed, tmp_path):
+    model, _ = compressed("bert")
+    model.save_pretrained(tmp_path / "drone")
+    raw = read_config(tmp_path / "drone")
+    assert raw["model_type"] == "drone"
+    assert raw["auto_map"] == {"AutoConfig": "drone_hf_checkpoint.DroneCheckpointConfig"}
+    info = raw["drone_checkpoint"]
+    assert info["base_model_type"] == "bert" and info["format_version"] == ckpt.CHECKPOINT_FORMAT
+    assert info["drone_hf_version"] == drone_hf.__version__ and "import drone_hf" in info["how_to_load"]
+    assert info["base_model"] is None  # compressed from a local folder: no path is ever written
+    assert raw["quantization_config"]["quant_method"] == "drone"
+    shim = (tmp_path / "drone" / "drone_hf_checkpoint.py").read_text()
+    compile(shim, "drone_hf_checkpoint.py", "exec")
+    assert "pip install drone-hf" in shim and "DroneCheckpointConfig" in shim
+
+
+def test_dense_models_are_saved_untouched(tmp_path):
+    from tiny_models import save_tiny
+
+    folder = save_tiny("bert", tmp_path / "dense")
+    assert read_config(folder)["model_type"] == "bert"
+    assert not (folder / "drone_hf_checkpoint.py").exists() and "drone_checkpoint" not in read_config(folder)
+
+
+def test_concrete_and_auto_classes_reload_without_the_type_warning(compressed, tmp_path):
+    model, _ = compressed("bert")
+    model.save_pretrained(tmp_path / "drone")
+    logger = hf_logging.get_logger("transformers.configuration_utils")
+    with CaptureLogger(logger) as captured:
+        concrete = BertModel.from_pretrained(tmp_path / "drone")
+    assert "model of type `drone`" not in captured.out
+    assert type(AutoConfig.from_pretrained(tmp_path / "drone")).__name__ == "BertConfig"
+    auto = AutoModel.from_pretrained(tmp_path / "drone")
+    inputs = sample_inputs()
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+        for other in (concrete, auto):
+            assert any(isinstance(m, DroneLinear) for m in other.modules())
+            torch.testing.assert_close(other(**inputs).last_hidden_state, expected, rtol=0, atol=0)
+    assert auto.config.model_type == "bert" and not hasattr(auto.config, "auto_map")
+
+
+def test_resaving_keeps_the_recorded_base_model(compressed, tmp_path):
+    model, _ = compressed("bert")
+    model.save_pretrained(tmp_path / "a")
+    raw = read_config(tmp_path / "a")
+    raw["drone_checkpoint"]["base_model"] = "org/base-model"  # as if compressed from a Hub id
+    (tmp_path / "a" / "config.json").write_text(json.dumps(raw))
+    AutoModel.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    assert read_config(tmp_path / "b")["drone_checkpoint"]["base_model"] == "org/base-model"
+    assert read_config(tmp_path / "b")["model_type"] == "drone"
+
+
+def test_older_unmarked_checkpoints_still_load_and_get_marked_on_save(compressed, tmp_path):
+    model, _ = compressed("bert")
+    model.save_pretrained(tmp_path / "new")
+    old = ckpt.unmark_config_dict(read_config(tmp_path / "new"))
+    del old["drone_checkpoint"]
+    (tmp_path / "new" / "config.json").write_text(json.dumps(old))  # the format before the marker
+    reloaded = AutoModel.from_pretrained(tmp_path / "new")
+    assert len(drone_hf.report(reloaded)) == len(drone_hf.report(model))
+    reloaded.save_pretrained(tmp_path / "again")
+    assert read_config(tmp_path / "again")["model_type"] == "drone"
+
+
+def test_merged_model_saves_as_a_plain_dense_checkpoint(compressed, tmp_path):
+    model, _ = compressed("bert")
+    model.dequantize()
+    model.save_pretrained(tmp_path / "merged")
+    raw = read_config(tmp_path / "merged")
+    assert raw["model_type"] == "bert" and "quantization_config" not in raw and "auto_map" not in raw
+    assert not (tmp_path / "merged" / "drone_hf_checkpoint.py").exists()
+
+
+def test_mark_and_unmark_are_inverse_and_keep_other_auto_map_entries():
+    base = {"model_type": "bert", "hidden_size": 32, "auto_map": {"AutoTokenizer": "tok.Tok"}}
+    marked = ckpt.mark_config_dict(base, {"format_version": 1, "base_model": None})
+    assert marked["model_type"] == "drone" and marked["auto_map"]["AutoTokenizer"] == "tok.Tok"
+    assert base["model_type"] == "bert"  # the input is not modified
+    back = ckpt.unmark_config_dict(marked)
+    assert back.pop("drone_checkpoint")["base_model_type"] == "bert"
+    assert back == base
+    assert ckpt.unmark_config_dict(base) is base  # unmarked dicts pass through
+
+
+def test_remote_code_base_configs_are_not_marked():
+    with pytest.raises(ValueError, match="remote-code"):
+        ckpt.mark_config_dict({"model_type": "x", "auto_map": {"AutoConfig": "their.Config"}}, {})
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: d.pop("drone_checkpoint"), "has no drone_checkpoint.base_model_type"),
+        (lambda d: d["drone_checkpoint"].update(format_version=ckpt.CHECKPOINT_FORMAT + 1), "pip install -U drone-hf"),
+    ],
+)
+def test_damaged_or_newer_markers_fail_loudly(compressed, tmp_path, damage, message):
+    model, _ = compressed("bert")
+    model.save_pretrained(tmp_path / "drone")
+    raw = read_config(tmp_path / "drone")
+    damage(raw)
+    (tmp_path / "drone" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(tmp_path / "drone")
+
+
+@pytest.mark.parametrize(
+    "name, hub_id",
+    [("org/model", "org/model"), ("gpt2", "gpt2"), ("/abs/path", None), ("./rel", None), ("a/b/c", None), (None, None)],
+)
+def test_only_hub_ids_are_recorded_as_base_model(name, hub_id):
+    assert ckpt._hub_id(name) == hub_id
+
+
+def test_local_folders_are_not_hub_ids(tmp_path):
+    (tmp_path / "model").mkdir()
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert ckpt._hub_id("model") is None
+    finally:
+        os.chdir(cwd)
+
+
+def test_install_is_idempotent():
+    before = (PreTrainedModel.save_pretrained, PreTrainedModel.push_to_hub, PreTrainedConfig.__dict__["get_config_dict"])
+    ckpt.install()
+    ckpt.install()
+    after = (PreTrainedModel.save_pretrained, PreTrainedModel.push_to_hub, PreTrainedConfig.__dict__["get_config_dict"])
+    assert before[:2] == after[:2] and before[2].__func__ is after[2].__func__
+    assert all(getattr(f, "_drone_hf_checkpoint_patched", False) for f in (*after[:2], after[2].__func__))
+
+
+def test_save_pretrained_with_push_commits_the_marked_checkpoint(compressed, tmp_path, fake_hub):
+    model, _ = compressed("bert")
+    model.save_pretrained(tmp_path / "drone", push_to_hub=True, repo_id="me/tiny-drone", commit_message="hi")
+    assert [r["repo_id"] for r in fake_hub.repos] == ["me/tiny-drone"]
+    (commit,) = fake_hub.commits
+    assert commit["commit_message"] == "hi"
+    assert json.loads(commit["files"]["config.json"])["model_type"] == "drone"
+    assert {"drone_hf_checkpoint.py", "model.safetensors", "README.md", "rank_per_layer.png"} <= set(commit["files"])
+    assert read_config(tmp_path / "drone")["model_type"] == "drone"  # the local copy too
