@@ -360,6 +360,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"output folder (default: {RESULTS_DIR} for a full run, a temp folder with --quick)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own for a full run, 1 with --quick: a smoke run that shares "
+        "the CPUs with other work is several times slower with oversubscribed threads)",
+    )
     return p.parse_args(argv)
 
 
@@ -367,6 +374,17 @@ def main(argv: list[str] | None = None) -> Path:
     """Run both studies and write the results; returns the output folder."""
     argv = list(sys.argv[1:] if argv is None else map(str, argv))
     args = parse_args(argv)
+    threads = args.threads or (1 if args.quick else None)
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> Path:
     settings = QUICK if args.quick else FULL
     out = args.out or (Path(tempfile.mkdtemp(prefix="drone-fidelity-quick-")) if args.quick else RESULTS_DIR)
     out = Path(out)
