@@ -26,8 +26,10 @@ QUANT_METHOD = "drone"
 #: loudly instead of guessing.
 FORMAT_VERSION = 1
 
-#: Default ridge ``damp`` (relative to the mean Gram diagonal). Chosen by the held-out benchmark in
-#: ``benchmarks/damp_sweep.py`` (results in ``benchmarks/results/damp_sweep.md``).
+#: Default ridge ``damp`` (relative to the mean Gram diagonal). Chosen on held-out text by
+#: ``benchmarks/fidelity.py`` (``benchmarks/results/damp_sweep.md``): on the real MiniLM at 50% and 30%
+#: of the weights, damp 0 had the best held-out hidden-state error and embedding cosine, 1e-4..1e-3
+#: were indistinguishable and 0.01 upwards drifted toward plain SVD.
 DEFAULT_DAMP = 0.0
 
 _SETTINGS = (
@@ -50,9 +52,16 @@ _SETTINGS = (
     "rank_grid",
     "latency_shape",
     "eval_samples",
+    "compress_attention",
+    "attention_rank",
 )
-_RECORDS = ("relative_errors", "calibration", "allocation_result", "format_version")
+_RECORDS = ("relative_errors", "calibration", "allocation_result", "format_version", "attention_ranks", "attention_errors")
 _RUNTIME = ("dataset", "tokenizer", "loss_fn")  # may hold live objects; serialised only as strings
+
+
+#: Per-head query-key rank used when ``compress_attention=True`` and ``attention_rank`` is not given:
+#: half the head width (16 of MiniLM's 32).
+DEFAULT_ATTENTION_RANK = 0.5
 
 
 def _is_int(x: Any) -> bool:
@@ -98,6 +107,18 @@ class DroneConfig(QuantizationConfigMixin):
             Fixed ranks by layer name or regular expression (full match), taking precedence over
             ``param_ratio``. After compression it holds the real rank of every factored layer, by
             name relative to the base model; that record is what a reload rebuilds.
+        compress_attention (`bool`, defaults to `False`):
+            Also compress each self-attention layer's query-key product (DRONE section 2): every head's
+            query and key projections shrink to width ``attention_rank``, chosen data-aware on the
+            scores, while values, output projection and the softmax scale stay as they were. The
+            query/key linear layers are then not factored separately (target_modules that name only
+            them compress attention alone). Absolute-position models only (BERT, RoBERTa, DistilBERT,
+            MPNet, GPT-2); rotary models are refused. After compression ``attention_ranks`` (per-head
+            rank by attention module) and ``attention_errors`` record the result.
+        attention_rank (`int` or `float`, *optional*):
+            Per-head query-key width ``k``: an integer in [1, head width], or a float in (0, 1] giving
+            ``floor(ratio · head width)`` (at least 1). Default ``DEFAULT_ATTENTION_RANK`` (0.5).
+            Only meaningful with ``compress_attention=True``.
 
     Names are relative to the base model (``encoder.layer.0.attention.self.query`` both for
     ``BertModel`` and ``BertForSequenceClassification``); full names with the base-model prefix
@@ -125,6 +146,8 @@ class DroneConfig(QuantizationConfigMixin):
         rank_grid: list[int] | None = None,
         latency_shape: tuple[int, int] | list[int] = (8, 128),
         eval_samples: int = 32,
+        compress_attention: bool = False,
+        attention_rank: int | float | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -149,11 +172,15 @@ class DroneConfig(QuantizationConfigMixin):
         self.rank_grid = list(rank_grid) if isinstance(rank_grid, (list, tuple)) else rank_grid
         self.latency_shape = list(latency_shape) if isinstance(latency_shape, (list, tuple)) else latency_shape
         self.eval_samples = eval_samples
+        self.compress_attention = compress_attention
+        self.attention_rank = attention_rank
         # Records written by compression (and read back from a checkpoint).
         self.relative_errors: dict[str, float] | None = kwargs.pop("relative_errors", None)
         self.calibration: dict[str, Any] | None = kwargs.pop("calibration", None)
         self.allocation_result: dict[str, Any] | None = kwargs.pop("allocation_result", None)
         self.format_version: int = kwargs.pop("format_version", FORMAT_VERSION)
+        self.attention_ranks: dict[str, int] | None = kwargs.pop("attention_ranks", None)
+        self.attention_errors: dict[str, float | None] | None = kwargs.pop("attention_errors", None)
         method_in = kwargs.pop("quant_method", QUANT_METHOD)
         if method_in != QUANT_METHOD:
             raise ValueError(f"DroneConfig got quant_method={method_in!r}; it only describes {QUANT_METHOD!r} models.")
@@ -241,10 +268,38 @@ class DroneConfig(QuantizationConfigMixin):
                 _check_regex(key, "ranks")
                 if not _is_int(value) or value < 1:
                     raise ValueError(f"ranks[{key!r}]={value!r} must be a positive integer.")
+        self._check_attention()
         if not _is_int(self.format_version) or self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This checkpoint uses DRONE format version {self.format_version!r}, newer than this drone-hf "
                 f"understands ({FORMAT_VERSION}). Upgrade with `pip install -U drone-hf`."
+            )
+
+    def _check_attention(self) -> None:
+        """Validate the query-key (attention) compression fields."""
+        if not isinstance(self.compress_attention, bool):
+            raise ValueError(f"compress_attention={self.compress_attention!r} must be True or False.")
+        k = self.attention_rank
+        if k is not None:
+            if not self.compress_attention:
+                raise ValueError(
+                    f"attention_rank={k!r} is set but compress_attention is False: pass compress_attention=True to "
+                    "compress the query-key product, or drop attention_rank."
+                )
+            is_ratio = isinstance(k, float) and math.isfinite(k) and 0 < k <= 1
+            if not (is_ratio or (_is_int(k) and k >= 1)):
+                raise ValueError(
+                    f"attention_rank={k!r} must be a per-head width (an integer >= 1, at most the head width) or a "
+                    "fraction of the head width (a float in (0, 1], e.g. 0.5)."
+                )
+        records = self.attention_ranks
+        if records is not None and (
+            not isinstance(records, dict)
+            or not all(isinstance(n, str) and n and _is_int(v) and v >= 1 for n, v in records.items())
+        ):
+            raise ValueError(
+                f"attention_ranks={records!r} must map attention module names to positive per-head ranks; "
+                "the checkpoint's config.json was edited or damaged."
             )
 
     # --- serialisation -------------------------------------------------------------------------
@@ -276,7 +331,7 @@ class DroneConfig(QuantizationConfigMixin):
     @property
     def is_compressed(self) -> bool:
         """True once compression recorded the real ranks (a checkpoint's config, or after ``compress``)."""
-        return self.relative_errors is not None
+        return self.relative_errors is not None or self.attention_ranks is not None
 
 
 def _check_regex(pattern: str, field: str) -> None:
