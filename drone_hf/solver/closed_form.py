@@ -222,6 +222,45 @@ def decompose(
     )
 
 
+def decompose_output_gram(weight: torch.Tensor, output_gram: torch.Tensor) -> Decomposition:
+    """The same DRONE optimum from the *output* Gram ``Σ y yᵀ = W G Wᵀ`` (``y = W x``, bias excluded).
+
+    The rank-k optimum is ``[W X]_k = Q_k Q_kᵀ W X`` with ``Q_k`` the top eigenvectors of the output
+    Gram, so the factors are ``up = Q_k``, ``down = Q_kᵀ W`` and the eigenvalues are ``σ_j(W X)²``
+    directly. For a layer that narrows (an FFN output layer, 3072 -> 768) accumulating ``y yᵀ`` costs
+    ``out²`` per token instead of ``in²``: 16x less there. Equal to :func:`decompose` with ``damp=0``
+    on calibration data; directions calibration never saw keep ``Q_k Q_kᵀ W`` instead of mapping to
+    zero (no input-side statistics exist to tell them apart). No damping in this form.
+
+    Args:
+        weight: [m, n].
+        output_gram: [m, m], ``Σ (W x)(W x)ᵀ`` over the calibration tokens.
+    """
+    w = as_float64(weight)
+    check_finite(w, "weight")
+    m = w.shape[0]
+    g = as_float64(output_gram)
+    if tuple(g.shape) != (m, m):
+        raise ValueError(f"output_gram has shape {tuple(g.shape)} but the weight has {m} outputs: expected ({m}, {m}).")
+    check_finite(g, "output_gram")
+    lam, vec = torch.linalg.eigh(0.5 * (g + g.T))
+    lam, vec = lam.flip(0), vec.flip(1)  # largest first
+    lam_max = float(lam[0]) if lam.numel() else 0.0
+    keep = lam > SINGULAR_TOL**2 * lam_max if lam_max > 0 else torch.zeros_like(lam, dtype=torch.bool)
+    captured = lam[keep].clamp_min(0.0)
+    dropped = float(lam[~keep].clamp_min(0.0).sum())
+    return Decomposition(
+        weight=w,
+        basis=vec[:, keep],
+        projector=None,
+        captured=captured,
+        residual=dropped,
+        total_energy=float(captured.sum()) + dropped,
+        spectrum=captured.clone(),
+        method="drone",
+    )
+
+
 def factorize(
     weight: torch.Tensor,
     gram: torch.Tensor | None,

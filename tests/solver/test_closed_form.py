@@ -558,3 +558,26 @@ def test_solver_never_imports_transformers() -> None:
                     assert top in allowed_top, f"{path.name} imports from {node.module}"
             elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
                 pytest.fail(f"{path.name} uses a dynamic __import__")
+
+
+# --- the output-Gram route (cheaper statistics for layers that narrow) ------------------------------
+def test_output_gram_reaches_the_same_optimum_as_the_input_gram():
+    from drone_hf.solver import decompose_output_gram
+
+    torch.manual_seed(3)
+    m, n, N = 12, 40, 150
+    X = torch.randn(n, N, dtype=torch.float64)
+    X[30:] = 0  # rank-deficient inputs
+    W = torch.randn(m, n, dtype=torch.float64)
+    Y = W @ X
+    sigma = torch.linalg.svdvals(Y)
+    out = decompose_output_gram(W, Y @ Y.T)
+    ref = decompose(W, X @ X.T)
+    torch.testing.assert_close(out.relative_errors(), ref.relative_errors()[: out.max_rank + 1], rtol=1e-9, atol=1e-12)
+    for k in (1, 4, 8, 11):
+        f = out.factors(k)
+        achieved = float(((W - f.up @ f.down) @ X).norm())
+        assert achieved == pytest.approx(float(sigma[k:].pow(2).sum().sqrt()), rel=1e-9, abs=1e-9)
+        assert f.relative_error == pytest.approx(achieved / float(Y.norm()), rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError, match="expected \\(12, 12\\)"):
+        decompose_output_gram(W, torch.eye(5, dtype=torch.float64))
