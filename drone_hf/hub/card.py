@@ -139,23 +139,23 @@ def plot_ranks(rep: CompressionReport, path: str | Path | None = None, title: st
         title: figure title.
 
     Returns:
-        the matplotlib ``Figure``.
+        the matplotlib ``Figure`` (shown inline when it is a notebook cell's last value).
 
     Raises:
         ImportError: matplotlib is missing (``pip install matplotlib``).
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        # The object API, not pyplot: no global figure state and no backend switch, so this is safe
+        # on headless servers and leaves a notebook's inline backend alone.
+        from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - matplotlib ships with the dev and hub extras
         raise ImportError("Plotting ranks needs matplotlib: `pip install matplotlib`.") from e
 
     rows = rep.rows
     x = list(range(len(rows)))
     breakeven = [r.out_features * r.in_features / (r.out_features + r.in_features) for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(rows) + 2), 3.6), dpi=100)
+    fig = Figure(figsize=(max(6.0, 0.22 * len(rows) + 2), 3.6), dpi=100)
+    ax = fig.subplots()
     ax.bar(x, [r.rank for r in rows], color="#3b75af", label="rank kept")
     ax.scatter(x, breakeven, marker="_", s=120, color="#d62728", label="break-even rank in·out/(in+out)")
     ax.set_xlabel("factored layer (forward order)")
@@ -170,7 +170,6 @@ def plot_ranks(rep: CompressionReport, path: str | Path | None = None, title: st
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, format="png", metadata={"Software": None})
-        plt.close(fig)
     return fig
 
 
