@@ -36,8 +36,12 @@ def test_helper_commits_weights_config_tokenizer_card_and_plot(compressed, tmp_p
     assert fake_hub.repos == [{"repo_id": "me/tiny-drone", "private": True, "exist_ok": True}]
     (commit,) = fake_hub.commits
     files = commit["files"]
-    assert MODEL_FILES | TOKENIZER_FILES <= set(files)
-    assert not [f for f in files if f.startswith(".")]  # no temporary files
+    # exactly: what save_pretrained + the tokenizer write, plus the card and its plot, nothing else
+    model.save_pretrained(tmp_path / "reference")
+    AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path / "reference")
+    expected = {p.name for p in (tmp_path / "reference").iterdir()} | {"README.md", "rank_per_layer.png"}
+    assert set(files) == expected and MODEL_FILES | TOKENIZER_FILES <= expected
+    assert files["config.json"] == (tmp_path / "reference" / "config.json").read_bytes()
     assert files["rank_per_layer.png"].startswith(b"\x89PNG\r\n\x1a\n")
 
     config = json.loads(files["config.json"])
