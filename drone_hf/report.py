@@ -97,7 +97,7 @@ class CompressionReport:
             f"{self.dense_model_params:,} -> {self.model_params:,} parameters ({self.model_param_ratio:.1%})."
         )
         a = self.allocation or {}
-        if a:
+        if a and (a.get("strategy") != "uniform" or "param_ratio" not in (a.get("budget") or {})):
             parts = [f"allocation {a.get('strategy')}", f"budget {a.get('budget')}"]
             if a.get("dense_layers"):
                 parts.append(f"{a['dense_layers']} targeted layers kept dense")
