@@ -4,6 +4,10 @@ DRONE needs only ``G = Σ x xᵀ`` over the real calibration tokens, never the a
 themselves: memory is ``O(n²)`` per layer whatever the number of tokens. Each batch's product is
 computed in float32 (float64 for a float64 model) on the layer's device and added to a float64
 running sum, so a long calibration does not lose the small eigenvalues to round-off.
+
+It also keeps the token sum ``Σ x`` (optional per batch): the query-key form of attention
+compression (:mod:`drone_hf.solver.attention`) needs the Gram of ``[x; 1]``, whose extra row is
+``Σ x`` and the token count, because projection biases multiply the appended 1.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ class GramObserver:
         self.name = name
         self.gram: torch.Tensor | None = None
         self.num_tokens = 0
+        #: float64 ``Σ x`` [features] over the batches that passed ``token_sum`` to :meth:`add`.
+        self.token_sum: torch.Tensor | None = None
+        #: tokens covered by ``token_sum``; equals ``num_tokens`` when every batch passed its sum.
+        self.summed_tokens = 0
 
     @staticmethod
     def batch_product(tokens: torch.Tensor) -> torch.Tensor:
@@ -27,8 +35,22 @@ class GramObserver:
         t = tokens.to(wide)
         return t.T @ t
 
-    def add(self, product: torch.Tensor, num_tokens: int, batch_index: int = -1) -> None:
-        """Add one batch's product (from :meth:`batch_product`) covering ``num_tokens`` tokens."""
+    @staticmethod
+    def batch_sum(tokens: torch.Tensor) -> torch.Tensor:
+        """``Σ x`` [n] of [N, n] real tokens, in the same precision as :meth:`batch_product`."""
+        wide = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+        return tokens.to(wide).sum(dim=0)
+
+    @property
+    def has_token_sum(self) -> bool:
+        """Whether ``token_sum`` covers every observed token (needed for attention compression)."""
+        return self.token_sum is not None and self.summed_tokens == self.num_tokens
+
+    def add(
+        self, product: torch.Tensor, num_tokens: int, batch_index: int = -1, token_sum: torch.Tensor | None = None
+    ) -> None:
+        """Add one batch's product (from :meth:`batch_product`) covering ``num_tokens`` tokens, and
+        optionally its token sum (from :meth:`batch_sum`)."""
         if not bool(torch.isfinite(product).all()):
             raise ValueError(
                 f"Non-finite activations (NaN/inf) reached layer {self.name!r} in calibration batch {batch_index}. "
@@ -38,3 +60,8 @@ class GramObserver:
             self.gram = torch.zeros(self.features, self.features, dtype=torch.float64, device=product.device)
         self.gram += product.to(torch.float64)
         self.num_tokens += num_tokens
+        if token_sum is not None:
+            if self.token_sum is None:
+                self.token_sum = torch.zeros(self.features, dtype=torch.float64, device=token_sum.device)
+            self.token_sum += token_sum.to(torch.float64)
+            self.summed_tokens += num_tokens

@@ -64,7 +64,7 @@ def collect_grams(
                 raise RuntimeError(f"Layer {name!r} was called without a tensor input; it cannot be calibrated.")
             last = state["last"]
             if last is not None and last[0] is x:
-                product, count = last[1], last[2]
+                product, count, total = last[1], last[2], last[3]
             else:
                 mask = state["mask"]
                 flat = x.reshape(-1, x.shape[-1])
@@ -80,8 +80,9 @@ def collect_grams(
                 else:
                     tokens = flat[mask.reshape(-1).to(flat.device)]
                 product, count = GramObserver.batch_product(tokens), tokens.shape[0]
-                state["last"] = (x, product, count)
-            obs.add(product, count, state["batch"])
+                total = GramObserver.batch_sum(tokens)  # Σx: attention compression needs the Gram of [x; 1]
+                state["last"] = (x, product, count, total)
+            obs.add(product, count, state["batch"], token_sum=total)
 
         return hook
 
