@@ -1,0 +1,126 @@
+"""Per-architecture adapters for DRONE's query-key (attention) compression.
+
+One small file per family registers an :class:`~drone_hf.architectures.base.AttentionAdapter`:
+``bert.py`` (BERT, RoBERTa), ``distilbert.py``, ``mpnet.py``, ``gpt2.py``. ``rotary.py`` explains
+why rotary-embedding models are refused. Adding a family is one file plus one line in
+:data:`ADAPTERS`; the generic code below finds, rebuilds and restores the modules by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..modules.attention import DroneAttention
+from ..modules.targets import canonical_name, replace_modules
+from .base import AttentionAdapter
+from .bert import BertLikeAdapter
+from .distilbert import DistilBertAdapter
+from .gpt2 import GPT2Adapter
+from .mpnet import MPNetAdapter
+from .rotary import rotary_refusal, uses_rotary
+
+#: family -> adapter, in the order they are tried.
+ADAPTERS: dict[str, AttentionAdapter] = {
+    a.family: a for a in (BertLikeAdapter(), DistilBertAdapter(), MPNetAdapter(), GPT2Adapter())
+}
+
+
+def register_adapter(adapter: AttentionAdapter) -> None:
+    """Add (or replace) the adapter of ``adapter.family``."""
+    ADAPTERS[adapter.family] = adapter
+
+
+def adapter_by_family(family: str) -> AttentionAdapter:
+    return ADAPTERS[family]
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for a in ADAPTERS.values() for t in a.model_types})
+
+
+def _adapter_of(module: nn.Module) -> AttentionAdapter | None:
+    for adapter in ADAPTERS.values():
+        if adapter.matches(module):
+            return adapter
+    return None
+
+
+def find_attention_layers(model: nn.Module) -> dict[str, tuple[str, nn.Module, AttentionAdapter]]:
+    """Canonical name -> (full name, module, adapter) of every supported self-attention module.
+
+    Raises:
+        ValueError: the model uses rotary embeddings (with the reason), or has no supported
+            self-attention module (naming the supported families).
+    """
+    if uses_rotary(model):
+        raise rotary_refusal(model)
+    found = {}
+    for full, module in model.named_modules():
+        adapter = _adapter_of(module)
+        if adapter is not None:
+            found[canonical_name(model, full)] = (full, module, adapter)
+    if not found:
+        model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise ValueError(
+            f"compress_attention=True found no supported self-attention module in {type(model).__name__} "
+            f"(model type {model_type!r}). Supported model types: {', '.join(supported_model_types())}. Its linear "
+            "layers are still compressible: drop compress_attention."
+        )
+    return found
+
+
+def rebuild_attention(
+    model: nn.Module, attention_ranks: dict[str, int], errors: dict[str, Any] | None = None
+) -> list[str]:
+    """Replace each attention module named in a checkpoint's ``attention_ranks`` by an empty
+    compressed one (meta-safe), so the checkpoint's narrower ``query``/``key`` keys match.
+
+    Runs before weights load. Returns the recorded names this model does not have.
+    """
+    layers = {canonical_name(model, full): (full, m) for full, m in model.named_modules()}
+    replacements, missing = {}, []
+    for name, rank in attention_ranks.items():
+        hit = layers.get(name)
+        adapter = _adapter_of(hit[1]) if hit is not None else None
+        if hit is None or adapter is None:
+            missing.append(name)
+            continue
+        full, module = hit
+        head_dim = adapter.qk_weights(module)[0].shape[0] // adapter.num_heads(module)
+        if not 1 <= rank <= head_dim:
+            raise ValueError(
+                f"The checkpoint records attention rank {rank} for {name!r}, outside [1, {head_dim}] for its heads; "
+                "the checkpoint's config.json is inconsistent with its model."
+            )
+        new = adapter.new_module(module, rank, getattr(model, "config", None))
+        new.relative_error = (errors or {}).get(name)
+        replacements[full] = new
+    replace_modules(model, replacements)
+    return missing
+
+
+def restore_attention(model: nn.Module) -> int:
+    """Turn every compressed attention module back into its original class (zero-padded heads,
+    identical outputs), e.g. for ``model.dequantize()``. Returns how many were restored."""
+    restored = {}
+    for full, module in model.named_modules():
+        if isinstance(module, DroneAttention):
+            restored[full] = adapter_by_family(module.family).restore(module)
+    replace_modules(model, restored)
+    return len(restored)
+
+
+__all__ = [
+    "ADAPTERS",
+    "AttentionAdapter",
+    "adapter_by_family",
+    "find_attention_layers",
+    "rebuild_attention",
+    "register_adapter",
+    "restore_attention",
+    "rotary_refusal",
+    "supported_model_types",
+    "uses_rotary",
+]
