@@ -16,6 +16,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from .allocation import check_fixed_rank
+from .attention_stage import AttentionStage
 from .planner import RankPlanner
 from .calibration import collect_grams, load_texts, tokenize_batches
 from .config import QUANT_METHOD, DroneConfig
@@ -101,6 +102,10 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
             "Compress the dense model, or call model.dequantize() first to merge the factors."
         )
     targets = resolve_targets(model, config.target_modules, config.modules_to_not_convert)
+    # --- attention (query-key) compression, see attention_stage.py: q/k leave the linear targets.
+    attention = AttentionStage(model, config, targets) if config.compress_attention else None
+    if attention is not None:
+        targets = attention.linear_targets
     check_rank_keys(config.ranks, targets)
     meta = [c for c, (_, layer) in targets.items() if layer.weight.device.type == "meta"]
     if meta:
@@ -126,7 +131,13 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     calib_texts, eval_texts = _split_texts(texts, config.eval_samples, config.seed) if evaluate else (texts, [])
     data = tokenize_batches(calib_texts, tokenizer, max_length, config.batch_size)
     layers = {c: layer for c, (_, layer) in targets.items()}
-    grams = collect_grams(model, layers, data, {c: s[1] for c, s in shapes.items()}, show_progress)
+    in_features = {c: s[1] for c, s in shapes.items()}
+    if attention is not None:  # attention inputs are observed in the same calibration pass
+        attention_layers, attention_widths = attention.observed_layers()
+        layers, in_features = layers | attention_layers, in_features | attention_widths
+    grams = collect_grams(model, layers, data, in_features, show_progress)
+    if attention is not None:
+        attention.take_statistics(grams)
 
     decompositions = {}
     bar = hf_logging.tqdm(targets, desc="Solving", unit="layer", disable=not show_progress or None)
@@ -136,10 +147,14 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     plan = RankPlanner(model, config, targets, shapes, decompositions, fixed, tokenizer, show_progress)
     if evaluate:
         plan.evaluation_batches = tokenize_batches(eval_texts, tokenizer, max_length, config.batch_size).batches
-    ranks = plan.choose()
+    ranks = plan.choose() if targets else {}  # no linear target left: attention-only compression
 
     replacements = {targets[c][0]: plan.factored(c, k) for c, k in ranks.items()}
+    if attention is not None:
+        attention.solve(show_progress)  # all math before anything is swapped
     replace_modules(model, replacements)
+    if attention is not None:
+        attention.install(model)  # after the linear swap: factored values are carried over
     config.ranks = {c: replacements[targets[c][0]].rank for c in ranks}
     config.relative_errors = {c: replacements[targets[c][0]].relative_error for c in ranks}
     config.calibration = {
@@ -149,7 +164,9 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         "max_length": max_length,
         "eval_texts": len(eval_texts),
     }
-    config.allocation_result = plan.result
+    config.allocation_result = plan.result if targets else None
+    if attention is not None:
+        attention.record(config)
     return model
 
 

@@ -4,7 +4,8 @@
   load as usual; after loading, :func:`~drone_hf.compress.compress_in_place` calibrates and factors.
 * Reload (``from_pretrained(drone_checkpoint)``): before the weights load, every layer recorded in
   ``quantization_config.ranks`` becomes an empty :class:`~drone_hf.modules.DroneLinear`, so the
-  checkpoint's ``down``/``up`` keys match one to one.
+  checkpoint's ``down``/``up`` keys match one to one. Attention layers recorded in
+  ``quantization_config.attention_ranks`` (query-key compression) are rebuilt first, the same way.
 
 Tested against transformers 5.x (the ``HfQuantizer`` hooks changed between 4.x and 5.x).
 """
@@ -55,12 +56,22 @@ class DroneHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return
         ranks = self.quantization_config.ranks
-        if not ranks:
+        attention_ranks = self.quantization_config.attention_ranks
+        if not ranks and not attention_ranks:
             raise ValueError(
                 "This checkpoint's quantization_config says 'drone' but records no ranks, so its factored layers "
                 "cannot be rebuilt. It was not written by drone-hf's save_pretrained, or config.json was edited."
             )
-        missing = build_skeleton(model, ranks)
+        if attention_ranks:  # first: GPT-2's split value only exists in the rebuilt attention module
+            from .architectures import rebuild_attention
+
+            gone = rebuild_attention(model, attention_ranks, self.quantization_config.attention_errors)
+            if gone:
+                logger.warning(
+                    f"{len(gone)} compressed attention layer(s) recorded in the checkpoint are not part of "
+                    f"{type(model).__name__} (e.g. {gone[0]!r}); they are skipped."
+                )
+        missing = build_skeleton(model, ranks or {})
         if missing:
             logger.warning(
                 f"{len(missing)} factored layer(s) recorded in the checkpoint are not part of "
@@ -89,6 +100,9 @@ class DroneHfQuantizer(HfQuantizer):
             for layer in dense.values():
                 layer.to(dtype)
         replace_modules(model, dense)
+        from .architectures import restore_attention
+
+        restore_attention(model)  # after the merge: restored modules take dense value layers
         return model
 
     def is_serializable(self, **kwargs: Any) -> bool:
