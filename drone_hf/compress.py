@@ -15,14 +15,15 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from .allocation import check_fixed_rank
+from .allocation import check_fixed_rank, uniform_rank
 from .attention_stage import AttentionStage
 from .planner import RankPlanner
 from .calibration import collect_grams, load_texts, tokenize_batches
 from .config import QUANT_METHOD, DroneConfig
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
 from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
-from .solver import decompose
+from .sequential import compress_sequentially
+from .solver import Decomposition, decompose, decompose_output_gram
 from .utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -119,6 +120,15 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     fixed = {c: k for c, (full, _) in targets.items() if (k := rank_for(c, full, config.ranks)) is not None}
     for c, k in fixed.items():
         check_fixed_rank(c, k, *shapes[c])
+    # Layers that narrow (out < in) are observed through their output Gram: out² per token instead
+    # of in², the same optimum (solver.decompose_output_gram). Damping needs the input Gram.
+    observe_output = {c for c, (o, i) in shapes.items() if config.method == "drone" and config.damp == 0 and o < i}
+    widths = {c: shapes[c][0] if c in observe_output else shapes[c][1] for c in targets}
+
+    def solve(c: str, gram: torch.Tensor) -> Decomposition:
+        if c in observe_output:
+            return decompose_output_gram(weights[c], gram)
+        return decompose(weights[c], gram, method=config.method, damp=config.damp)
 
     tokenizer = _resolve_tokenizer(config.tokenizer, model)
     max_length = config.max_length
@@ -130,31 +140,44 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     texts = load_texts(config.dataset, config.num_samples + (config.eval_samples if evaluate else 0), config.seed)
     calib_texts, eval_texts = _split_texts(texts, config.eval_samples, config.seed) if evaluate else (texts, [])
     data = tokenize_batches(calib_texts, tokenizer, max_length, config.batch_size)
-    layers = {c: layer for c, (_, layer) in targets.items()}
-    in_features = {c: s[1] for c, s in shapes.items()}
-    if attention is not None:  # attention inputs are observed in the same calibration pass
-        attention_layers, attention_widths = attention.observed_layers()
-        layers, in_features = layers | attention_layers, in_features | attention_widths
-    grams = collect_grams(model, layers, data, in_features, show_progress)
-    if attention is not None:
-        attention.take_statistics(grams)
+    one_shot = not (config.sequential and config.allocation == "uniform" and config.param_ratio is not None)
+    plan = RankPlanner(model, config, targets, shapes, {}, fixed, tokenizer, show_progress)
+    if one_shot:  # statistics of the dense model for every layer at once
+        layers = {c: layer for c, (_, layer) in targets.items()}
+        in_features = dict(widths)
+        if attention is not None:  # attention inputs are observed in the same calibration pass
+            attention_layers, attention_widths = attention.observed_layers()
+            layers, in_features = layers | attention_layers, in_features | attention_widths
+        grams = collect_grams(model, layers, data, in_features, show_progress, observe_output=observe_output)
+        if attention is not None:
+            attention.take_statistics(grams)
+        bar = hf_logging.tqdm(targets, desc="Solving", unit="layer", disable=not show_progress or None)
+        for c in bar:
+            plan.decompositions[c] = solve(c, grams.pop(c).gram)
+        if evaluate:
+            plan.evaluation_batches = tokenize_batches(eval_texts, tokenizer, max_length, config.batch_size).batches
+        ranks = plan.choose() if targets else {}  # no linear target left: attention-only compression
+    else:  # uniform ranks are known from the shapes alone
+        ranks = dict(fixed) | {c: uniform_rank(*shapes[c], config.param_ratio) for c in targets if c not in fixed}
+        plan.result = {"strategy": "uniform", "budget": {"param_ratio": config.param_ratio}}
 
-    decompositions = {}
-    bar = hf_logging.tqdm(targets, desc="Solving", unit="layer", disable=not show_progress or None)
-    for c in bar:
-        decompositions[c] = decompose(weights[c], grams.pop(c).gram, method=config.method, damp=config.damp)
-
-    plan = RankPlanner(model, config, targets, shapes, decompositions, fixed, tokenizer, show_progress)
-    if evaluate:
-        plan.evaluation_batches = tokenize_batches(eval_texts, tokenizer, max_length, config.batch_size).batches
-    ranks = plan.choose() if targets else {}  # no linear target left: attention-only compression
-
-    replacements = {targets[c][0]: plan.factored(c, k) for c, k in ranks.items()}
-    if attention is not None:
-        attention.solve(show_progress)  # all math before anything is swapped
-    replace_modules(model, replacements)
-    if attention is not None:
-        attention.install(model)  # after the linear swap: factored values are carried over
+    if config.sequential:
+        originals = {full: layer for full, layer in targets.values()}
+        try:
+            replacements = compress_sequentially(
+                model, targets, data, widths, observe_output, solve, ranks, show_progress
+            )
+        except BaseException:
+            replace_modules(model, {f: m for f, m in originals.items() if model.get_submodule(f) is not m})
+            raise
+        plan.result["sequential"] = True
+    else:
+        replacements = {targets[c][0]: plan.factored(c, k) for c, k in ranks.items()}
+        if attention is not None:
+            attention.solve(show_progress)  # all math before anything is swapped
+        replace_modules(model, replacements)
+        if attention is not None:
+            attention.install(model)  # after the linear swap: factored values are carried over
     config.ranks = {c: replacements[targets[c][0]].rank for c in ranks}
     config.relative_errors = {c: replacements[targets[c][0]].relative_error for c in ranks}
     config.calibration = {
@@ -165,6 +188,10 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         "eval_texts": len(eval_texts),
     }
     config.allocation_result = plan.result if targets else None
+    if targets:
+        total = sum(o * i for o, i in shapes.values())
+        kept = sum(replacements[targets[c][0]].factored_parameters if c in ranks else o * i for c, (o, i) in shapes.items())
+        config.allocation_result["targeted_param_ratio"] = kept / total
     if attention is not None:
         attention.record(config)
     return model

@@ -54,8 +54,11 @@ _SETTINGS = (
     "eval_samples",
     "compress_attention",
     "attention_rank",
+    "sequential",
 )
-_RECORDS = ("relative_errors", "calibration", "allocation_result", "format_version", "attention_ranks", "attention_errors")
+_RECORDS = (
+    "relative_errors", "calibration", "allocation_result", "format_version", "attention_ranks", "attention_errors",
+)
 _RUNTIME = ("dataset", "tokenizer", "loss_fn")  # may hold live objects; serialised only as strings
 
 
@@ -107,6 +110,11 @@ class DroneConfig(QuantizationConfigMixin):
             Fixed ranks by layer name or regular expression (full match), taking precedence over
             ``param_ratio``. After compression it holds the real rank of every factored layer, by
             name relative to the base model; that record is what a reload rebuilds.
+        sequential (`bool`, defaults to `False`):
+            Layer-sequential calibration: factor one block at a time, each calibrated on the outputs of
+            the blocks already compressed, so statistics match what the compressed model sees. Ranks
+            that need a whole-model view (greedy, drone, speed and loss budgets) come from a one-shot
+            plan first. See ``drone_hf/sequential.py``.
         compress_attention (`bool`, defaults to `False`):
             Also compress each self-attention layer's query-key product (DRONE section 2): every head's
             query and key projections shrink to width ``attention_rank``, chosen data-aware on the
@@ -148,6 +156,7 @@ class DroneConfig(QuantizationConfigMixin):
         eval_samples: int = 32,
         compress_attention: bool = False,
         attention_rank: int | float | None = None,
+        sequential: bool = False,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -174,6 +183,7 @@ class DroneConfig(QuantizationConfigMixin):
         self.eval_samples = eval_samples
         self.compress_attention = compress_attention
         self.attention_rank = attention_rank
+        self.sequential = sequential
         # Records written by compression (and read back from a checkpoint).
         self.relative_errors: dict[str, float] | None = kwargs.pop("relative_errors", None)
         self.calibration: dict[str, Any] | None = kwargs.pop("calibration", None)
@@ -194,6 +204,13 @@ class DroneConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every field; each error names the field, the bad value and the fix."""
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential={self.sequential!r} must be True or False.")
+        if self.sequential and self.compress_attention:
+            raise ValueError(
+                "sequential=True with compress_attention=True is not supported yet: use one-shot calibration "
+                "(sequential=False) for attention compression."
+            )
         budgets = [b for b in ("param_ratio", "target_speedup", "max_loss") if getattr(self, b) is not None]
         if len(budgets) > 1:
             raise ValueError(

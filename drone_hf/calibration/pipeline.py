@@ -7,6 +7,7 @@ Layers that read the very same tensor (query/key/value, gate/up) share one produ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -26,14 +27,20 @@ def _input_device(model: nn.Module) -> torch.device:
 
 @contextmanager
 def _eval_mode(model: nn.Module):
-    """Calibrate with dropout off, then give the model back in the mode it came in."""
+    """Calibrate with dropout and the KV cache off, then give the model back as it came in."""
     modes = {m: m.training for m in model.modules()}
+    cfg = getattr(model, "config", None)
+    use_cache = getattr(cfg, "use_cache", None)
+    if use_cache:  # a KV cache only costs memory here (and would grow when blocks are replayed)
+        cfg.use_cache = False
     model.eval()
     try:
         yield
     finally:
         for m, mode in modes.items():
             m.training = mode
+        if use_cache:
+            cfg.use_cache = use_cache
 
 
 def collect_grams(
@@ -42,6 +49,8 @@ def collect_grams(
     data: CalibrationBatches,
     in_features: dict[str, int],
     show_progress: bool = True,
+    forward: Callable[[int, dict[str, torch.Tensor]], object] | None = None,
+    observe_output: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, GramObserver]:
     """Run ``model`` over ``data`` and return the input Gram of every layer in ``layers``.
 
@@ -49,8 +58,13 @@ def collect_grams(
         model: the full model; called as ``model(input_ids=..., attention_mask=...)``.
         layers: name -> layer whose input to observe.
         data: token batches from :func:`~drone_hf.calibration.data.tokenize_batches`.
-        in_features: name -> input width of each layer.
+        in_features: name -> width of the observed statistic (the layer's input width, or its
+            output width for ``observe_output`` layers).
         show_progress: a tqdm bar over batches (honours ``transformers`` progress-bar settings).
+        forward: ``(batch index, batch) -> None`` that runs the forward pass instead of
+            ``model(**batch)`` (layer-sequential mode replays one block on stored inputs).
+        observe_output: layers whose *output* Gram ``Σ (W x)(W x)ᵀ`` (bias removed) is
+            accumulated instead of the input Gram: the cheaper statistic for layers that narrow.
     """
     observers = {name: GramObserver(in_features[name], name) for name in layers}
     state: dict = {"mask": None, "batch": -1, "last": None}
@@ -60,6 +74,9 @@ def collect_grams(
 
         def hook(module: nn.Module, args: tuple, output) -> None:
             x = args[0] if args else None
+            if name in observe_output and torch.is_tensor(output):
+                bias = getattr(module, "bias", None)
+                x = output - bias if bias is not None else output  # y = W x: the bias is not in W's span
             if not torch.is_tensor(x):
                 raise RuntimeError(f"Layer {name!r} was called without a tensor input; it cannot be calibrated.")
             last = state["last"]
@@ -95,7 +112,10 @@ def collect_grams(
             )
             for i, batch in enumerate(bar):
                 state["batch"], state["mask"], state["last"] = i, batch["attention_mask"].bool(), None
-                model(**{k: v.to(device) for k, v in batch.items()})
+                if forward is not None:
+                    forward(i, batch)
+                else:
+                    model(**{k: v.to(device) for k, v in batch.items()})
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,113 @@
+"""Block-by-block (layer-sequential) calibration support: find the repeated blocks, capture what
+the first one receives, and replay any block on stored inputs.
+
+Assumptions, checked where possible: the model's repeated blocks (its ``_no_split_modules`` classes,
+else the longest ``nn.ModuleList`` of one module type) form a chain, each block's first input (or
+``hidden_states`` keyword) is the previous block's first output, and every other argument (masks,
+position embeddings) is the same for all blocks. This holds for BERT/RoBERTa/MPNet/DistilBERT-style
+encoders and GPT-2/Llama-style decoders; encoder-decoder models do not fit and are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+#: Keyword arguments holding a KV cache: stored as ``None`` so replaying a block never grows a cache.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache_params")
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass once the first block's inputs are stored."""
+
+
+@dataclass
+class BlockInputs:
+    """What one block receives for one calibration batch."""
+
+    hidden: torch.Tensor
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    uses_keyword: bool = False
+
+
+def find_blocks(model: nn.Module, targets: set[str]) -> list[tuple[str, nn.Module]]:
+    """The chain of repeated blocks (full name, module) that contain at least one target layer.
+
+    Raises:
+        ValueError: no block structure is found, or the model is an encoder-decoder.
+    """
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(
+            "sequential=True is not supported for encoder-decoder models (their blocks do not form one chain); "
+            "use the default one-shot calibration."
+        )
+    kinds = set(getattr(model, "_no_split_modules", None) or [])
+    candidates = [(n, m) for n, m in model.named_modules() if n and type(m).__name__ in kinds]
+    if not candidates:
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+        lists = [(n, m) for n, m in lists if len({type(c) for c in m}) == 1]
+        if lists:
+            name, best = max(lists, key=lambda x: len(x[1]))
+            candidates = [(f"{name}.{i}", c) for i, c in enumerate(best)]
+    # outermost blocks only, and only those holding a target
+    blocks = [(n, m) for n, m in candidates if not any(n.startswith(o + ".") for o, _ in candidates if o != n)]
+    blocks = [(n, m) for n, m in blocks if any(t == n or t.startswith(n + ".") for t in targets)]
+    if not blocks:
+        raise ValueError(
+            f"sequential=True found no repeated blocks holding the target layers in {type(model).__name__}; "
+            "use the default one-shot calibration."
+        )
+    return blocks
+
+
+def capture_first_block_inputs(
+    model: nn.Module, first: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
+) -> list[BlockInputs]:
+    """Run the model up to ``first`` on each batch and keep what ``first`` was called with."""
+    stored: list[BlockInputs] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}  # replays must not append
+        if args:
+            stored.append(BlockInputs(hidden=args[0], args=args[1:], kwargs=dict(kwargs)))
+        elif "hidden_states" in kwargs:
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            stored.append(BlockInputs(hidden=kwargs["hidden_states"], kwargs=rest, uses_keyword=True))
+        else:
+            raise ValueError(f"{type(module).__name__} was called without hidden states; sequential mode cannot follow it.")
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                try:
+                    model(**{k: v.to(device) for k, v in batch.items()})
+                except _Captured:
+                    continue
+                raise RuntimeError("The first block never ran; sequential calibration cannot capture its inputs.")
+    finally:
+        handle.remove()
+    return stored
+
+
+def run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
+    """The block's first output (the next block's hidden states) on stored inputs."""
+    if inputs.uses_keyword:
+        out = block(hidden_states=inputs.hidden, **inputs.kwargs)
+    else:
+        out = block(inputs.hidden, *inputs.args, **inputs.kwargs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not torch.is_tensor(out) or out.shape != inputs.hidden.shape:
+        raise ValueError(
+            f"{type(block).__name__} does not return hidden states of its input's shape; sequential mode needs "
+            "blocks whose first output feeds the next block. Use the default one-shot calibration."
+        )
+    return out
