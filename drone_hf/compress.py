@@ -19,6 +19,7 @@ from .allocation import check_fixed_rank, uniform_rank
 from .attention_stage import AttentionStage
 from .planner import RankPlanner
 from .calibration import collect_grams, load_texts, tokenize_batches
+from .calibration.distributed import all_reduce_count, broadcast_object, shard_texts
 from .config import QUANT_METHOD, DroneConfig
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
 from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
@@ -139,7 +140,8 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     evaluate = _needs_evaluation(config)
     texts = load_texts(config.dataset, config.num_samples + (config.eval_samples if evaluate else 0), config.seed)
     calib_texts, eval_texts = _split_texts(texts, config.eval_samples, config.seed) if evaluate else (texts, [])
-    data = tokenize_batches(calib_texts, tokenizer, max_length, config.batch_size)
+    # torchrun / accelerate launch: each process calibrates on its shard; statistics are all-reduced
+    data = tokenize_batches(shard_texts(calib_texts), tokenizer, max_length, config.batch_size)
     one_shot = not (config.sequential and config.allocation == "uniform" and config.param_ratio is not None)
     plan = RankPlanner(model, config, targets, shapes, {}, fixed, tokenizer, show_progress)
     if one_shot:  # statistics of the dense model for every layer at once
@@ -157,6 +159,8 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         if evaluate:
             plan.evaluation_batches = tokenize_batches(eval_texts, tokenizer, max_length, config.batch_size).batches
         ranks = plan.choose() if targets else {}  # no linear target left: attention-only compression
+        # timings differ between processes: every process takes process 0's decision
+        ranks, plan.result = broadcast_object((ranks, plan.result))
     else:  # uniform ranks are known from the shapes alone
         ranks = dict(fixed) | {c: uniform_rank(*shapes[c], config.param_ratio) for c in targets if c not in fixed}
         plan.result = {"strategy": "uniform", "budget": {"param_ratio": config.param_ratio}}
@@ -182,8 +186,8 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     config.relative_errors = {c: replacements[targets[c][0]].relative_error for c in ranks}
     config.calibration = {
         "dataset": _describe_dataset(config.dataset),
-        "num_texts": data.num_texts,
-        "num_tokens": data.num_tokens,
+        "num_texts": all_reduce_count(data.num_texts),
+        "num_tokens": all_reduce_count(data.num_tokens),
         "max_length": max_length,
         "eval_texts": len(eval_texts),
     }

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from .data import CalibrationBatches
+from .distributed import all_reduce_observers
 from .observer import GramObserver
 
 
@@ -120,6 +121,7 @@ def collect_grams(
         for h in handles:
             h.remove()
         state["last"] = None
+    all_reduce_observers(observers)  # multi-process runs: every process gets the whole set's statistics
     silent = [name for name, obs in observers.items() if obs.num_tokens == 0]
     if silent:
         raise RuntimeError(
