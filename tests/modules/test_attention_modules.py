@@ -24,6 +24,9 @@ from drone_hf.modules.attention import DroneAttention, drone_attention_modules, 
 from drone_hf.modules.targets import replace_modules  # noqa: E402
 
 IMPLEMENTATIONS = ("sdpa", "eager")
+#: (attention implementation, qk_layout): the layout only matters for SDPA (eager always runs narrow).
+MODES = [("sdpa", "auto"), ("sdpa", "narrow"), ("eager", "auto")]
+INPUTS = sample_inputs()
 
 
 def with_implementation(model, implementation: str):
@@ -54,20 +57,19 @@ def compress_by_hand(model, rank: int, seed: int = 0):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_full_head_width_with_the_original_projections_changes_nothing(family, implementation) -> None:
     dense = with_implementation(build(family), implementation)
-    inputs = sample_inputs()
+    inputs = INPUTS
     expected = output_of(dense, inputs)
     model = compress_by_hand(copy.deepcopy(dense), HEAD_DIM)
     assert len(drone_attention_modules(model)) == 2
     torch.testing.assert_close(output_of(model, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["auto", "narrow"])
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation,layout", MODES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_narrow_heads_equal_the_zero_padded_original_module(family, implementation, layout) -> None:
     model = compress_by_hand(with_implementation(build(family), implementation), rank=3)
     set_qk_layout(model, layout)
-    inputs = sample_inputs()
+    inputs = INPUTS
     got = output_of(model, inputs)
     dense = copy.deepcopy(model)
     assert restore_attention(dense) == 2 and not drone_attention_modules(dense)
@@ -104,7 +106,7 @@ def test_gpt2_is_causal_and_generation_with_the_cache_matches_full_recomputation
 
 def test_mpnet_eager_path_with_attention_weights_matches_sdpa() -> None:
     model = compress_by_hand(build("mpnet"), rank=3)
-    inputs = sample_inputs()
+    inputs = INPUTS
     with torch.no_grad():
         plain = model(**inputs).last_hidden_state
         weighted = model(**inputs, output_attentions=True)
