@@ -38,13 +38,19 @@ def shard_texts(texts: list[str]) -> list[str]:
     return texts[rank::size]
 
 
-def all_reduce_observers(observers: dict[str, GramObserver]) -> None:
-    """Sum every observer's statistics over all processes, in place (sorted names: same order everywhere)."""
+def all_reduce_observers(observers: dict[str, GramObserver], shared: dict[str, str] | None = None) -> None:
+    """Sum every observer's statistics over all processes, in place (sorted names: same order everywhere).
+
+    ``shared`` maps layers that share another layer's accumulator to that layer: they are reduced once.
+    """
     _, size = world()
     if size == 1:
         return
     dist = torch.distributed
+    shared = shared or {}
     for name in sorted(observers):
+        if name in shared:
+            continue
         obs = observers[name]
         if obs.gram is None:  # a layer that saw no token here still takes part in the collective
             obs.gram = torch.zeros(obs.features, obs.features, dtype=torch.float64, device=_device())
@@ -58,6 +64,9 @@ def all_reduce_observers(observers: dict[str, GramObserver]) -> None:
             dist.all_reduce(obs.token_sum, op=dist.ReduceOp.SUM)
         else:
             obs.token_sum, obs.summed_tokens = None, 0
+    for name, leader in shared.items():
+        src, dst = observers[leader], observers[name]
+        dst.gram, dst.num_tokens, dst.token_sum, dst.summed_tokens = src.gram, src.num_tokens, src.token_sum, src.summed_tokens
 
 
 def all_reduce_count(value: int) -> int:

@@ -51,17 +51,20 @@ class GramObserver:
     ) -> None:
         """Add one batch's product (from :meth:`batch_product`) covering ``num_tokens`` tokens, and
         optionally its token sum (from :meth:`batch_sum`)."""
-        if not bool(torch.isfinite(product).all()):
+        # One reduction decides: NaN/inf in any token reaches its sum (and the product's). A float32
+        # overflow of x·x with finite x is caught by collect_grams' final check of the whole Gram.
+        probe = token_sum if token_sum is not None else product.sum()
+        if not bool(torch.isfinite(probe).all()):
             raise ValueError(
                 f"Non-finite activations (NaN/inf) reached layer {self.name!r} in calibration batch {batch_index}. "
                 "Load the model in float32 (dtype=torch.float32) or check the calibration texts."
             )
         if self.gram is None:
             self.gram = torch.zeros(self.features, self.features, dtype=torch.float64, device=product.device)
-        self.gram += product.to(torch.float64)
+        self.gram.add_(product)  # float32 product into the float64 sum, no float64 copy of it
         self.num_tokens += num_tokens
         if token_sum is not None:
             if self.token_sum is None:
                 self.token_sum = torch.zeros(self.features, dtype=torch.float64, device=token_sum.device)
-            self.token_sum += token_sum.to(torch.float64)
+            self.token_sum.add_(token_sum)
             self.summed_tokens += num_tokens

@@ -69,6 +69,9 @@ def collect_grams(
     """
     observers = {name: GramObserver(in_features[name], name) for name in layers}
     state: dict = {"mask": None, "batch": -1, "last": None}
+    # Layers reading the very same tensor (query/key/value, gate/up) share one accumulator: the
+    # first batch links each to the layer that computed the product, later batches skip them.
+    leader_of: dict[str, str] = {}
 
     def make_hook(name: str):
         obs = observers[name]
@@ -82,7 +85,18 @@ def collect_grams(
                 raise RuntimeError(f"Layer {name!r} was called without a tensor input; it cannot be calibrated.")
             last = state["last"]
             if last is not None and last[0] is x:
+                if state["batch"] == 0 and name not in leader_of and last[4] != name:
+                    leader_of[name] = last[4]  # last[4] computed the product, so it is a leader itself
+                if name in leader_of:
+                    if leader_of[name] != last[4]:
+                        raise RuntimeError(f"Layer {name!r} shares its input inconsistently across batches.")
+                    return
                 product, count, total = last[1], last[2], last[3]
+            elif name in leader_of:
+                raise RuntimeError(
+                    f"Layer {name!r} read the same tensor as {leader_of[name]!r} in the first calibration batch but "
+                    "not later; drone-hf cannot share their statistics. Calibrate them in separate runs."
+                )
             else:
                 mask = state["mask"]
                 flat = x.reshape(-1, x.shape[-1])
@@ -99,7 +113,7 @@ def collect_grams(
                     tokens = flat[mask.reshape(-1).to(flat.device)]
                 product, count = GramObserver.batch_product(tokens), tokens.shape[0]
                 total = GramObserver.batch_sum(tokens)  # Σx: attention compression needs the Gram of [x; 1]
-                state["last"] = (x, product, count, total)
+                state["last"] = (x, product, count, total, name)
             obs.add(product, count, state["batch"], token_sum=total)
 
         return hook
@@ -121,7 +135,16 @@ def collect_grams(
         for h in handles:
             h.remove()
         state["last"] = None
-    all_reduce_observers(observers)  # multi-process runs: every process gets the whole set's statistics
+    for name, leader in leader_of.items():  # shared inputs: the same statistics, one accumulator
+        src, dst = observers[leader], observers[name]
+        dst.gram, dst.num_tokens, dst.token_sum, dst.summed_tokens = src.gram, src.num_tokens, src.token_sum, src.summed_tokens
+    all_reduce_observers(observers, shared=leader_of)  # multi-process: every process gets the whole set's statistics
+    for name, obs in observers.items():
+        if name not in leader_of and obs.gram is not None and not bool(torch.isfinite(obs.gram.sum())):
+            raise ValueError(
+                f"The input statistics of layer {name!r} overflowed (inf/NaN): its activations exceed float32 range. "
+                "Load the model in float32 and check for extreme activations."
+            )
     silent = [name for name, obs in observers.items() if obs.num_tokens == 0]
     if silent:
         raise RuntimeError(

@@ -1,0 +1,197 @@
+"""Cost of calibration: time against a plain forward pass, peak memory, sequential vs one-shot quality.
+
+Studies:
+
+* ``overhead``: wall time of drone-hf's statistics pass (hooks, masking, float32 products, shared
+  inputs, output Grams for narrowing layers) divided by a plain forward pass over the same token
+  batches, interleaved, median of repeats; next to a naive hook that accumulates
+  ``x.double().T @ x`` for every layer. Target: at most 1.3x. Also the peak resident memory of
+  each (separate processes, ``ru_maxrss``).
+* ``sequential``: held-out fidelity of one-shot vs layer-sequential calibration at the same ranks.
+
+Usage::
+
+    python benchmarks/calibration.py [--study overhead|sequential|all] [--model minilm|mpnet] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import drone_hf  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    command_line,
+    dense_reference,
+    fidelity,
+    fmt,
+    heldout_eval_set,
+    load_average,
+    machine_info,
+    markdown_table,
+    minilm_path,
+    results_header,
+    write_markdown,
+)
+from drone_hf.calibration import collect_grams, load_texts, tokenize_batches  # noqa: E402
+from drone_hf.modules import dense_weight_of, resolve_targets  # noqa: E402
+
+
+def _model_path(name: str) -> str:
+    if name == "mpnet":
+        from benchmarks.assets import mpnet
+
+        return str(mpnet())
+    return minilm_path()
+
+
+def _setup(name: str, quick: bool):
+    from transformers import AutoModel, AutoTokenizer
+
+    path = _model_path(name)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = load_texts(None, 16 if quick else 128, seed=0)
+    data = tokenize_batches(texts, tok, 128, 8)
+    targets = resolve_targets(model, None, None)
+    shapes = {c: tuple(dense_weight_of(m).shape) for c, (_, m) in targets.items()}
+    return model, data, targets, shapes
+
+
+def drone_statistics(model, data, targets, shapes) -> None:
+    """drone-hf's statistics pass as the engine runs it (output Grams where a layer narrows)."""
+    out = {c for c, (o, i) in shapes.items() if o < i}
+    widths = {c: o if c in out else i for c, (o, i) in shapes.items()}
+    collect_grams(model, {c: m for c, (_, m) in targets.items()}, data, widths, False, observe_output=out)
+
+
+def naive_statistics(model, data, targets, shapes) -> None:
+    """The naive baseline: every layer, float64 ``x.T @ x`` of every (padded) row."""
+    grams = {}
+
+    def hook(name):
+        def fn(m, a, o):
+            x = a[0].reshape(-1, a[0].shape[-1]).double()
+            grams[name] = grams.get(name, 0) + x.T @ x
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(c)) for c, (_, m) in targets.items()]
+    try:
+        plain_forward(model, data)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def plain_forward(model, data) -> None:
+    for batch in data.batches:
+        model(**batch)
+
+
+def study_overhead(name: str, quick: bool) -> tuple[str, dict]:
+    model, data, targets, shapes = _setup(name, quick)
+    runs = {"forward": plain_forward, "drone-hf": drone_statistics, "naive float64": naive_statistics}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    repeats = 2 if quick else 5
+    for _ in range(repeats + 1):  # first round is warm-up
+        for key, fn in runs.items():
+            start = time.perf_counter()
+            fn(model, data) if key == "forward" else fn(model, data, targets, shapes)
+            times[key].append(time.perf_counter() - start)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    rss = {k: _peak_rss(name, k, quick) for k in runs}
+    rows = [[k, f"{med[k]:.2f}", fmt(med[k] / med["forward"], 2), f"{rss[k]:.0f}"] for k in runs]
+    body = (
+        f"## Calibration overhead ({name}, {data.num_tokens:,} real tokens in {len(data.batches)} length-sorted "
+        f"batches of 8 texts, {torch.get_num_threads()} threads, load average {load_average()})\n\n"
+        "Median of interleaved repeats; the ratio is against the plain forward pass over the same batches. "
+        "Peak RSS is measured in a fresh process per row (model loaded + that pass).\n\n"
+        + markdown_table(["pass", "seconds", "x forward", "peak RSS MiB"], rows)
+    )
+    return body, {"seconds": med, "peak_rss_mib": rss, "tokens": data.num_tokens}
+
+
+def _peak_rss(name: str, key: str, quick: bool) -> float:
+    code = (
+        "import sys, resource; sys.path.insert(0, %r)\n"
+        "from benchmarks.calibration import _setup, plain_forward, drone_statistics, naive_statistics\n"
+        "m, d, t, s = _setup(%r, %r)\n"
+        "fn = {'forward': plain_forward, 'drone-hf': drone_statistics, 'naive float64': naive_statistics}[%r]\n"
+        "fn(m, d) if %r == 'forward' else fn(m, d, t, s)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    ) % (str(Path(__file__).resolve().parent.parent), name, quick, key, key)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+def study_sequential(name: str, quick: bool) -> tuple[str, dict]:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = _model_path(name)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ref = dense_reference(model, heldout_eval_set(tok, 16 if quick else 256))
+    rows, records = [], {}
+    for ratio in ((0.5,) if quick else (0.3, 0.5)):
+        for sequential in (False, True):
+            cfg = drone_hf.DroneConfig(param_ratio=ratio, sequential=sequential, num_samples=16 if quick else 128)
+            start = time.perf_counter()
+            comp = drone_hf.compress(copy.deepcopy(model), cfg, show_progress=False)
+            seconds = time.perf_counter() - start
+            f = fidelity(comp, ref)
+            mode = "sequential" if sequential else "one-shot"
+            records[f"{ratio}-{mode}"] = {"relerr": f.relative_error, "cos": f.cosine_mean, "seconds": seconds}
+            rows.append([ratio, mode, fmt(f.relative_error), fmt(f.cosine_mean), f"{seconds:.0f}"])
+    body = (
+        f"## One-shot vs layer-sequential calibration ({name}, uniform ranks)\n\n"
+        "Fidelity on sotu-heldout against the dense model: relative error of the last hidden state and mean "
+        "embedding cosine.\n\n" + markdown_table(["param_ratio", "calibration", "rel. error", "cosine", "seconds"], rows)
+    )
+    return body, records
+
+
+STUDIES = {"overhead": study_overhead, "sequential": study_sequential}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", choices=[*STUDIES, "all"], default="all")
+    parser.add_argument("--model", choices=["minilm", "mpnet"], default="minilm")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
+    start = time.perf_counter()
+    studies = list(STUDIES) if args.study == "all" else [args.study]
+    bodies, records = [], {}
+    for s in studies:
+        body, rec = STUDIES[s](args.model, args.quick)
+        bodies.append(body)
+        records[s] = rec
+    stem = f"calibration_{args.model}"
+    header = results_header("Calibration cost and quality", command_line(__file__, argv or sys.argv[1:]), machine_info(),
+                            time.perf_counter() - start)
+    write_markdown(out / f"{stem}.md", header, "\n\n".join(bodies))
+    (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    print(f"wrote {out / f'{stem}.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
