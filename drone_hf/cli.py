@@ -64,7 +64,8 @@ def _positive_int(text: str) -> int:
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser, dense: bool = True) -> None:
-    p.add_argument("checkpoint", help="folder of a saved DRONE checkpoint (from `compress --output` or save_pretrained)")
+    p.add_argument("checkpoint",
+                   help="folder of a saved DRONE checkpoint (from `compress --output` or save_pretrained)")
     p.add_argument("--model-class", choices=["infer", *sorted(MODEL_CLASSES)], default="infer",
                    help="which Auto class loads it (default: inferred from the checkpoint's architecture)")
     if dense:
@@ -175,7 +176,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def _check_output(output: str, source: str, overwrite: bool) -> Path:
     out = Path(output).resolve()
     if Path(source).exists() and out == Path(source).resolve():
-        raise CliError(f"--output {output} is the source model folder; choose a new folder (the source is never modified)")
+        raise CliError(
+            f"--output {output} is the source model folder; choose a new folder (the source is never modified)"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CliError(f"--output {output} exists and is not empty; choose a new folder or pass --overwrite")
     if out.exists() and not out.is_dir():

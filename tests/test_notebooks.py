@@ -6,6 +6,7 @@ the notebooks assert what they claim (bit-for-bit reload, merge == compressed) i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def run_notebook(name: str, workdir: Path, monkeypatch, **env: str):
         monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
     monkeypatch.setenv("TQDM_DISABLE", "1")
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}})
+    resources = {"metadata": {"path": str(workdir)}}
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources=resources)
     client.execute()
     return nb
 
@@ -63,3 +65,11 @@ def test_quickstart_runs_on_the_real_minilm(tmp_path, monkeypatch):
     nb = run_notebook("quickstart.ipynb", tmp_path, monkeypatch, DRONE_NB_SAMPLES="16", DRONE_NB_REPEATS="3")
     text = outputs_text(nb)
     assert "36 layers factored" in text and images(nb) == 2
+    # The committed example card (model_cards/examples) shows what the code produces today: the
+    # notebook's fresh compression of the same model at the same param_ratio has the same layers,
+    # shapes and ranks (uniform ranks do not depend on the number of calibration texts).
+    card = (NOTEBOOKS.parent / "model_cards" / "examples" / "all-MiniLM-L6-v2-drone" / "README.md").read_text()
+    rows = re.findall(r"^(encoder\.\S+)\s+(\d+)x(\d+)\s+(\d+)\s", text, flags=re.M)
+    assert len(rows) == 36
+    for name, out_f, in_f, rank in rows:
+        assert f"| `{name}` | {out_f}x{in_f} | {rank} |" in card

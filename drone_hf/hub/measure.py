@@ -135,7 +135,12 @@ def _label_ids(labels: Sequence[Any], config: Any) -> list[int]:
 
 @torch.no_grad()
 def accuracy(
-    model: nn.Module, examples: Sequence[tuple[str, Any]], tokenizer: Any, *, max_length: int = 128, batch_size: int = 8,
+    model: nn.Module,
+    examples: Sequence[tuple[str, Any]],
+    tokenizer: Any,
+    *,
+    max_length: int = 128,
+    batch_size: int = 8,
     desc: str = "Accuracy",
 ) -> float:
     """Fraction of ``examples`` whose argmax logit is the label (an integer id or a name in ``label2id``)."""
@@ -205,7 +210,8 @@ def measure_speed(
     device = _device(compressed)
     if _device(dense) != device:
         raise ValueError(f"dense and compressed models are on {_device(dense)} and {device}; put both on one device")
-    limit = getattr(compressed.config, "max_position_embeddings", None) or getattr(compressed.config, "n_positions", None)
+    cfg = compressed.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if isinstance(limit, int) and seq_len > limit:
         raise ValueError(f"seq_len={seq_len} exceeds the model's {limit} positions; use a shorter sequence")
     gen = torch.Generator().manual_seed(seed)

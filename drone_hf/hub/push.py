@@ -34,7 +34,7 @@ def check_repo_id(repo_id: Any) -> str:
     except HFValidationError as e:
         raise ValueError(
             f"repo_id {repo_id!r} is not a valid Hub model id: use 'name' or 'namespace/name' with letters, digits, "
-            "'-', '_' and '.' ({e})"
+            f"'-', '_' and '.' ({e})"
         ) from None
     if repo_id.count("/") > 1:
         raise ValueError(f"repo_id {repo_id!r} is not a valid Hub model id: use 'name' or 'namespace/name'")

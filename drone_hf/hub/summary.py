@@ -108,7 +108,8 @@ class CheckpointSummary:
             f"  model:       {self.architecture or '?'} (model_type {self.base_model_type or '?'})"
             + (f", compressed from {self.info['base_model']}" if self.info.get("base_model") else ""),
             f"  format:      quantization_config format {q.get('format_version')}, "
-            + (f"marker format {self.info.get('format_version')} (written by drone-hf {self.info.get('drone_hf_version')})"
+            + (f"marker format {self.info.get('format_version')} "
+               f"(written by drone-hf {self.info.get('drone_hf_version')})"
                if self.marked else "no drone-hf marker (older checkpoint: loads only with `import drone_hf`)"),
             "  settings:    " + ", ".join(f"{k}={v}" for k, v in settings.items()),
             f"  calibration: {calib.get('num_texts', '?')} texts from {calib.get('dataset', '?')}, "

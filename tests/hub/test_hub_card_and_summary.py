@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_models import minilm_path
 
 import drone_hf
 from drone_hf.hub import Measurements, plot_ranks, render_model_card, summarize_checkpoint
@@ -37,7 +36,8 @@ def test_card_states_what_was_done_and_how_to_load(compressed, arch, auto, task)
     assert meta["drone"]["layers_factored"] == len(rep)
     assert meta["drone"]["targeted_param_ratio"] == pytest.approx(rep.targeted_param_ratio, abs=1e-4)
     assert f"{auto}.from_pretrained(\"me/x\")" in card and f'pipeline("{task}"' in card
-    assert f"| weights of the factored layers | {rep.dense_targeted_params:,} | {rep.factored_targeted_params:,} |" in card
+    dense, factored = rep.dense_targeted_params, rep.factored_targeted_params
+    assert f"| weights of the factored layers | {dense:,} | {factored:,} |" in card
     assert f"| all parameters | {rep.dense_model_params:,} | {rep.model_params:,} |" in card
     table = [line for line in card.splitlines() if re.match(r"\| `[^`]+` \| \d+x\d+ \| \d+ \|", line)]
     assert len(table) == len(rep)
@@ -125,14 +125,3 @@ def test_committed_example_card_is_complete():
     assert re.search(r"\*\*Speed\*\*: \d+\.\d\dx .* on CPU", card)  # measured, with the device
     assert "embedding cosine 0." in card
     assert (EXAMPLES / "all-MiniLM-L6-v2-drone" / "rank_per_layer.png").read_bytes().startswith(b"\x89PNG")
-
-
-@pytest.mark.slow
-def test_example_card_matches_a_fresh_compression_of_the_real_minilm():
-    """The committed example is what the code produces: same layers, shapes and ranks."""
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(minilm_path(), drone_config=drone_hf.DroneConfig(param_ratio=0.5, num_samples=32))
-    card = (EXAMPLES / "all-MiniLM-L6-v2-drone" / "README.md").read_text()
-    for row in drone_hf.report(model):
-        assert f"| `{row.name}` | {row.out_features}x{row.in_features} | {row.rank} |" in card

@@ -148,10 +148,14 @@ def test_local_folders_are_not_hub_ids(tmp_path):
 
 
 def test_install_is_idempotent():
-    before = (PreTrainedModel.save_pretrained, PreTrainedModel.push_to_hub, PreTrainedConfig.__dict__["get_config_dict"])
+    def hooks():
+        config_hook = PreTrainedConfig.__dict__["get_config_dict"]
+        return PreTrainedModel.save_pretrained, PreTrainedModel.push_to_hub, config_hook
+
+    before = hooks()
     ckpt.install()
     ckpt.install()
-    after = (PreTrainedModel.save_pretrained, PreTrainedModel.push_to_hub, PreTrainedConfig.__dict__["get_config_dict"])
+    after = hooks()
     assert before[:2] == after[:2] and before[2].__func__ is after[2].__func__
     assert all(getattr(f, "_drone_hf_checkpoint_patched", False) for f in (*after[:2], after[2].__func__))
 

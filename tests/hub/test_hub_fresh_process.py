@@ -86,9 +86,11 @@ def checkpoints(tmp_path_factory):
         model.save_pretrained(folder)
         AutoTokenizer.from_pretrained(src).save_pretrained(folder)
         layers[name] = sum(isinstance(m, DroneLinear) for m in model.modules())
-        common = {"case": name, "folder": str(folder), "inputs": str(root / "inputs.pt"), "expected": str(root / f"{name}-expected.pt")}
+        common = {"case": name, "folder": str(folder), "inputs": str(root / "inputs.pt"),
+                  "expected": str(root / f"{name}-expected.pt")}
         spec.append({"name": f"{auto.__name__}:{name}", "kind": "auto", "auto": auto.__name__, **common})
-        spec.append({"name": f"pipeline:{task}", "kind": "pipeline", "task": task, "call_kwargs": call_kwargs, **common})
+        spec.append({"name": f"pipeline:{task}", "kind": "pipeline", "task": task, "call_kwargs": call_kwargs,
+                     **common})
     (root / "spec.json").write_text(json.dumps(spec))
     return root, spec, layers
 
