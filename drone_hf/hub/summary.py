@@ -115,9 +115,13 @@ class CheckpointSummary:
             f"  calibration: {calib.get('num_texts', '?')} texts from {calib.get('dataset', '?')}, "
             f"{calib.get('num_tokens', '?')} tokens, max_length {calib.get('max_length', '?')}",
             f"  weights:     {self.weight_bytes / 1e6:.1f} MB on disk ({', '.join(self.dtypes)})",
-            "",
-            str(self.report),
         ]
+        attention = q.get("attention_ranks") or {}
+        if attention:
+            per_head = sorted(set(attention.values()))
+            lines.append(f"  attention:   query-key compressed in {len(attention)} attention modules, per-head rank "
+                         f"{', '.join(map(str, per_head))}")
+        lines += ["", str(self.report)]
         return "\n".join(lines)
 
 
@@ -144,7 +148,7 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
     base = unmark_config_dict(raw)
     q = base.get("quantization_config") or {}
     ranks = q.get("ranks") or {}
-    if not ranks:
+    if not ranks and not q.get("attention_ranks"):
         raise ValueError(f"{config_file} records no ranks under quantization_config: it was edited or is damaged")
     errors = q.get("relative_errors") or {}
 

@@ -125,3 +125,12 @@ def test_committed_example_card_is_complete():
     assert re.search(r"\*\*Speed\*\*: \d+\.\d\dx .* on CPU", card)  # measured, with the device
     assert "embedding cosine 0." in card
     assert (EXAMPLES / "all-MiniLM-L6-v2-drone" / "rank_per_layer.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_summary_reports_query_key_compression(compressed, tmp_path):
+    model, _ = compressed("bert", compress_attention=True)
+    model.save_pretrained(tmp_path / "drone")
+    summary = summarize_checkpoint(tmp_path / "drone")
+    attention = model.config.quantization_config.attention_ranks
+    assert attention and f"query-key compressed in {len(attention)} attention modules" in str(summary)
+    assert summary.to_dict()["quantization_config"]["attention_ranks"] == attention
