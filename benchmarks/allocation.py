@@ -57,20 +57,22 @@ from drone_hf.evaluation import measure_latency  # noqa: E402
 
 #: In --quick runs only the first two MiniLM blocks are compressed: every code path, a tenth of the time.
 QUICK_SKIP = ["encoder.layer.2", "encoder.layer.3", "encoder.layer.4", "encoder.layer.5"]
+#: ...and a three-rank grid, so the searches take a few evaluations per layer.
+QUICK_GRID = [16, 64, 128]
 
 
 def study_size(quick: bool) -> tuple[str, list[dict]]:
     model, tok = load_minilm()
     ratios = (0.5,) if quick else (0.3, 0.5, 0.7)
-    n_eval = 16 if quick else 256
+    n_eval = 8 if quick else 256
     sets = [s for s in (heldout_eval_set(tok, n_eval), license_eval_set(tok, n_eval)) if s is not None]
     refs = [dense_reference(model, s) for s in sets]
     rows, records = [], []
     for ratio in ratios:
         for strategy in ("uniform", "greedy"):
             cfg = drone_hf.DroneConfig(
-                param_ratio=ratio, allocation=strategy, num_samples=16 if quick else 128, eval_samples=8 if quick else 32,
-                modules_to_not_convert=QUICK_SKIP if quick else None,
+                param_ratio=ratio, allocation=strategy, num_samples=8 if quick else 128, eval_samples=4 if quick else 32,
+                modules_to_not_convert=QUICK_SKIP if quick else None, rank_grid=QUICK_GRID if quick else None,
             )
             start = time.perf_counter()
             comp = drone_hf.compress(copy.deepcopy(model), cfg, show_progress=False)
@@ -165,13 +167,14 @@ def study_llm(quick: bool) -> tuple[str, list[dict]]:
 
 def study_loss(quick: bool) -> tuple[str, list[dict]]:
     model, tok = load_minilm()
-    held = heldout_eval_set(tok, 16 if quick else 256)
+    held = heldout_eval_set(tok, 8 if quick else 256)
     ref = dense_reference(model, held)
     rows, records = [], []
     for strategy in ("uniform", "greedy", "drone"):
         max_loss = 0.15
-        cfg = drone_hf.DroneConfig(max_loss=max_loss, allocation=strategy, num_samples=16 if quick else 128,
-                                   eval_samples=8 if quick else 32, modules_to_not_convert=QUICK_SKIP if quick else None)
+        cfg = drone_hf.DroneConfig(max_loss=max_loss, allocation=strategy, num_samples=8 if quick else 128,
+                                   eval_samples=4 if quick else 32, modules_to_not_convert=QUICK_SKIP if quick else None,
+                                   rank_grid=QUICK_GRID if quick else None)
         start = time.perf_counter()
         comp = drone_hf.compress(copy.deepcopy(model), cfg, show_progress=False)
         seconds = time.perf_counter() - start
