@@ -1,0 +1,425 @@
+"""``TrainerCallback``s for fine-tuning after DRONE compression with the stock ``transformers.Trainer``.
+
+* :class:`SelectTrainableCallback`: what trains (``"factors"``, ``"all"``, ``"up"``, ``"down"``; heads
+  trainable unless frozen), applied at train begin and logged.
+* :class:`CompressionStatsCallback`: parameters, ranks and the measured speedup in the Trainer logs,
+  so they reach TensorBoard/W&B through ``report_to``.
+* :class:`CompressOnTrainBeginCallback`: calibrate on the training rows and compress at train begin,
+  then fine-tune the compressed model in the same run.
+* :class:`ProgressiveRankCallback`: lower the ranks in stages during training toward a final budget,
+  re-solving from the current weights.
+
+**The optimizer exists before ``on_train_begin``.** ``Trainer.train`` builds it in
+``_prepare_for_training`` from the parameters that require grad at that moment, then hands the
+callbacks ``model``, ``optimizer`` and ``train_dataloader`` and fires ``on_train_begin``. No event
+fires between ``train()`` and the optimizer's creation, and ``on_init_end`` has no training data.
+So a callback that swaps modules or unfreezes parameters at train begin re-points the optimizer it
+is given (:func:`~drone_hf.training._model.sync_optimizer`): departed parameters are removed, new
+trainable ones join the Trainer's own decayed / not-decayed group (the scheduler is untouched, no
+step has run, so no state is lost). That is exact for the default optimizer on one device. Where
+the model is already wrapped by something that captured its parameters (DDP/FSDP/DeepSpeed,
+``torch.compile``) or the optimizer is custom, the callbacks refuse with a ``ValueError`` that says
+to compress and choose the trainable set before creating the Trainer (``drone_hf.compress`` and
+:func:`~drone_hf.training.set_trainable`), which always works.
+
+**Logs.** Callbacks cannot call ``Trainer.log``; they add their ``drone/...`` entries to the next
+``logs`` dict in ``on_log`` (and to ``state.log_history``). ``Trainer`` places the ``report_to``
+integrations *before* callbacks passed in ``callbacks=[...]``, so to reach TensorBoard/W&B add them
+with :func:`add_callbacks` (which puts them ahead of the integrations); passed the usual way their
+entries still reach the console and ``trainer.state.log_history``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..compress import compress
+from ..config import DroneConfig
+from ..utils.logging import get_logger
+from ._model import (
+    factored_layers,
+    inner_optimizer,
+    is_peft_model,
+    require_factored,
+    sample_batches,
+    sync_optimizer,
+    unwrap,
+)
+from .progressive import final_ranks_for, lower_ranks, stage_ranks
+from .stats import LOG_PREFIX, compression_stats
+from .trainable import TrainableSummary, check_mode, set_trainable
+
+logger = get_logger(__name__)
+
+
+def add_callbacks(trainer: Any, *callbacks: TrainerCallback) -> Any:
+    """Add ``callbacks`` to ``trainer`` ahead of its ``report_to`` integrations (right after
+    ``DefaultFlowCallback``), so the ``drone/...`` entries they add to the logs reach them; returns
+    the trainer. Order among ``callbacks`` is kept (put compression before the others)."""
+    handler = trainer.callback_handler
+    at = next((i + 1 for i, cb in enumerate(handler.callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
+    for offset, cb in enumerate(callbacks):
+        if not isinstance(cb, TrainerCallback):
+            raise ValueError(f"add_callbacks takes TrainerCallback instances, got {type(cb).__name__}.")
+        handler.callbacks.insert(at + offset, cb)
+    return trainer
+
+
+class _LogsMixin:
+    """Queue numeric entries and add them to the next Trainer log (and its ``log_history`` row)."""
+
+    _pending: dict[str, float]
+
+    def _queue(self, entries: dict[str, float]) -> None:
+        self._pending = getattr(self, "_pending", {}) | entries
+
+    def _flush(self, state: TrainerState, logs: dict | None) -> None:
+        pending = getattr(self, "_pending", {})
+        if not pending or logs is None:
+            return
+        logs.update(pending)
+        if state.log_history and isinstance(state.log_history[-1], dict):
+            state.log_history[-1].update(pending)
+        self._pending = {}
+
+
+def _check_plain_run(args: TrainingArguments, state: TrainerState, what: str, resuming_ok: bool = False) -> None:
+    """Refuse setups where parameters were captured by a wrapper before train begin."""
+    wrapped = []
+    if getattr(args, "world_size", 1) > 1:
+        wrapped.append(f"distributed training (world_size={args.world_size})")
+    if getattr(args, "deepspeed", None):
+        wrapped.append("DeepSpeed")
+    if getattr(args, "fsdp", None):
+        wrapped.append("FSDP")
+    if getattr(args, "torch_compile", False):
+        wrapped.append("torch_compile=True")
+    if wrapped:
+        raise ValueError(
+            f"{what} changes the model's parameters at train begin, but {', '.join(wrapped)} captured them when the "
+            "Trainer prepared the model. Compress (drone_hf.compress) and set the trainable parameters "
+            "(drone_hf.training.set_trainable) before creating the Trainer instead."
+        )
+    if state.global_step > 0 and not resuming_ok:
+        raise ValueError(
+            f"{what} runs at the start of a fresh training run, but this run resumes at step {state.global_step}. "
+            "Load the compressed checkpoint (from_pretrained) and resume without this callback."
+        )
+
+
+class SelectTrainableCallback(TrainerCallback, _LogsMixin):
+    """Choose what trains after compression; applied at train begin, logged as ``drone/trainable_*``.
+
+    Args:
+        train: ``"factors"`` (both factors of every factored layer), ``"all"``, ``"up"`` or ``"down"``;
+            see :func:`~drone_hf.training.set_trainable`.
+        freeze_heads: also freeze the heads (default: heads train).
+
+    Parameters it unfreezes that the Trainer's optimizer does not hold (they were frozen when the
+    optimizer was built) are added to it; parameters it freezes stop receiving gradients, which
+    torch optimizers skip. Put it after :class:`CompressOnTrainBeginCallback` when both are used.
+    """
+
+    def __init__(self, train: str = "factors", freeze_heads: bool = False) -> None:
+        check_mode(train)
+        self.train = train
+        self.freeze_heads = freeze_heads
+        self.summary: TrainableSummary | None = None
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        before = {p: p.requires_grad for p in model.parameters()}
+        summary = set_trainable(model, self.train, self.freeze_heads)
+        if optimizer is not None:
+            held = {id(p) for g in inner_optimizer(optimizer).param_groups for p in g["params"]}
+            unheld = [p for p in model.parameters() if p.requires_grad and id(p) not in held]
+            try:
+                if unheld:  # parameters frozen when the optimizer was built: it must learn about them
+                    _check_plain_run(args, state, "SelectTrainableCallback (unfreezing parameters)", resuming_ok=True)
+                sync_optimizer(optimizer, model, args.weight_decay)
+            except ValueError:
+                for p, flag in before.items():  # leave the model as it came
+                    p.requires_grad_(flag)
+                raise
+        self.summary = summary
+        logger.info(f"drone-hf: {summary}")
+        self._queue(self.summary.to_logs())
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._flush(state, logs)
+
+
+class CompressionStatsCallback(TrainerCallback, _LogsMixin):
+    """Compression statistics in the Trainer logs: ``drone/params``, ``drone/model_param_ratio``,
+    ``drone/targeted_param_ratio``, ``drone/rank_mean|min|max``, ``drone/factored_layers``,
+    ``drone/trainable_params`` and ``drone/measured_speedup`` when the compression measured one.
+
+    Args:
+        per_layer_ranks: also log ``drone/rank/<layer>`` for every factored layer.
+        every_log: add the entries to every log; by default only to the first log and to the first
+            log after they change (a progressive schedule), which keeps console logs readable while
+            TensorBoard/W&B still get a point at every change.
+
+    To reach ``report_to`` integrations add it with :func:`add_callbacks` (see the module docstring).
+    """
+
+    def __init__(self, per_layer_ranks: bool = False, every_log: bool = False) -> None:
+        self.per_layer_ranks = per_layer_ranks
+        self.every_log = every_log
+        self.last: dict[str, float] = {}
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None or logs is None:
+            return
+        stats = compression_stats(model, self.per_layer_ranks)
+        if stats and (self.every_log or stats != self.last):
+            self._queue(stats)
+            self.last = stats
+        self._flush(state, logs)
+
+
+class CompressOnTrainBeginCallback(TrainerCallback, _LogsMixin):
+    """Compress the model at train begin, calibrated on the training rows, then fine-tune it.
+
+    Args:
+        config: the :class:`~drone_hf.DroneConfig` (budget, targets, method...). Its ``dataset`` is
+            replaced by the training rows; ``num_samples`` rows are drawn with ``seed`` (plus
+            ``eval_samples`` when the budget needs held-out text).
+        tokenizer: turns training rows back into text for calibration; default: the Trainer's
+            ``processing_class``, else ``config.tokenizer``.
+
+    The rows are drawn from the training dataset directly (the sampler and its random state are
+    untouched), decoded to text and handed to :func:`drone_hf.compress`, which re-tokenizes them:
+    for WordPiece and byte-level BPE tokenizers the round trip gives back the training tokens (case
+    and spacing normalisation aside). After compression the optimizer is re-pointed at the factors
+    (see the module docstring); the model becomes a DRONE model, so ``trainer.save_model`` writes a
+    factored checkpoint. Put it first among the drone-hf callbacks.
+    """
+
+    def __init__(self, config: DroneConfig | None = None, tokenizer: Any = None, seed: int | None = None) -> None:
+        if config is not None and not isinstance(config, DroneConfig):
+            raise ValueError(f"config must be a drone_hf.DroneConfig, got {type(config).__name__}.")
+        self.config = config if config is not None else DroneConfig()
+        self.tokenizer = tokenizer
+        self.seed = self.config.seed if seed is None else seed
+        self.compressed = False
+
+    def _tokenizer(self, processing_class: Any) -> Any:
+        for candidate in (self.tokenizer, processing_class, self.config.tokenizer):
+            candidate = getattr(candidate, "tokenizer", candidate)  # a processor wraps its tokenizer
+            if candidate is not None and callable(getattr(candidate, "decode", None)):
+                return candidate
+        raise ValueError(
+            "CompressOnTrainBeginCallback needs a tokenizer to turn training rows into calibration text: pass "
+            "Trainer(processing_class=tokenizer) or CompressOnTrainBeginCallback(config, tokenizer=tokenizer)."
+        )
+
+    def calibration_texts(self, train_dataloader: Any, tokenizer: Any, rows: int) -> list[str]:
+        """``rows`` training rows (seeded) as text, real tokens only, special tokens dropped."""
+        texts = []
+        for batch in sample_batches(train_dataloader, rows, self.seed):
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask")
+            for i in range(ids.shape[0]):
+                row = ids[i] if mask is None else ids[i][mask[i].bool()]
+                text = tokenizer.decode(row.tolist(), skip_special_tokens=True).strip()
+                if text:
+                    texts.append(text)
+        return texts
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        optimizer: Any = None,
+        train_dataloader: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if is_peft_model(model):
+            raise ValueError(
+                "CompressOnTrainBeginCallback got a PEFT model: compress first (drone_hf.compress), then attach "
+                "adapters (drone_hf.training.prepare_lora_model)."
+            )
+        if factored_layers(unwrap(model)):
+            raise ValueError(
+                "The model is already DRONE-compressed; CompressOnTrainBeginCallback compresses a dense model. Drop "
+                "the callback to fine-tune the compressed model as it is."
+            )
+        _check_plain_run(args, state, "CompressOnTrainBeginCallback")
+        tokenizer = self._tokenizer(processing_class)
+        cfg = copy.deepcopy(self.config)
+        needs_eval = cfg.allocation != "uniform" or cfg.max_loss is not None
+        texts = self.calibration_texts(
+            train_dataloader, tokenizer, cfg.num_samples + (cfg.eval_samples if needs_eval else 0)
+        )
+        if not texts:
+            raise ValueError("The sampled training rows decode to no text; check the dataset's input_ids.")
+        cfg.dataset, cfg.tokenizer = texts, tokenizer
+        compress(model, cfg, show_progress=not args.disable_tqdm)
+        self.compressed = True
+        if optimizer is not None:
+            update = sync_optimizer(optimizer, model, args.weight_decay)
+            logger.info(
+                f"drone-hf: compressed at train begin on {len(texts)} training rows; optimizer re-pointed "
+                f"({update.removed} dense tensors out, {update.added} factor tensors in)."
+            )
+        self._queue(compression_stats(model))
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._flush(state, logs)
+
+
+class ProgressiveRankCallback(TrainerCallback, _LogsMixin):
+    """Lower the ranks in ``num_stages`` steps during training toward a final budget.
+
+    Stage ``i`` (of ``n``) runs at the optimizer step ``round(max_steps·(start + (end-start)·i/n))``
+    and sets every factored layer to the rank ``k0 + (k_final - k0)·i/n`` (rounded), where ``k0`` is
+    its rank at train begin; after ``end`` the model trains at the final ranks. Each cut re-solves
+    from the current weights (see :mod:`drone_hf.training.progressive`): DRONE on the input Grams of
+    ``calibration_samples`` training rows (fresh rows each stage), or the SVD of ``up @ down`` with
+    ``method="svd"`` (no data, cheaper). Cut layers restart their optimizer moments.
+
+    Args:
+        final_param_ratio: final uniform budget, as ``DroneConfig(param_ratio=...)`` (per layer,
+            never above its current rank); or
+        final_ranks: final rank by layer name (relative to the base model, or full name).
+        num_stages: number of cuts (>= 1).
+        start, end: fractions of the training steps where the first and the last cut happen
+            (``0 <= start < end <= 1``).
+        calibration_samples: training rows per data-aware re-solve.
+        method: ``"drone"`` (data-aware) or ``"svd"``.
+        damp: ridge of the re-solve (as ``DroneConfig.damp``).
+        seed: seed of the rows drawn (stage ``i`` uses ``seed + i``).
+
+    Logs ``drone/progressive_stage`` and ``drone/progressive_rel_error`` (mean relative error of the
+    cut against the weights just before it) at each stage; ``CompressionStatsCallback`` logs the
+    new ranks. ``save_pretrained`` afterwards writes the final ranks.
+    """
+
+    def __init__(
+        self,
+        final_param_ratio: float | None = None,
+        final_ranks: dict[str, int] | None = None,
+        num_stages: int = 3,
+        start: float = 0.1,
+        end: float = 0.6,
+        calibration_samples: int = 64,
+        method: str = "drone",
+        damp: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if (final_param_ratio is None) == (final_ranks is None):
+            raise ValueError(
+                "Give exactly one of final_param_ratio= or final_ranks= (the budget the schedule ends at)."
+            )
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+            raise ValueError(f"num_stages={num_stages!r} must be a positive integer (number of rank cuts).")
+        if not (isinstance(start, (int, float)) and isinstance(end, (int, float)) and 0 <= start < end <= 1):
+            raise ValueError(
+                f"start={start!r}, end={end!r} must satisfy 0 <= start < end <= 1 (fractions of training)."
+            )
+        if method not in ("drone", "svd"):
+            raise ValueError(f"method={method!r} must be 'drone' (data-aware re-solve) or 'svd' (no data).")
+        if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
+            raise ValueError(f"calibration_samples={calibration_samples!r} must be a positive integer.")
+        self.final_param_ratio, self.final_ranks = final_param_ratio, final_ranks
+        self.num_stages, self.start, self.end = num_stages, float(start), float(end)
+        self.calibration_samples, self.method, self.damp, self.seed = calibration_samples, method, damp, seed
+        self.schedule: dict[int, int] = {}
+        self.history: list[dict[str, Any]] = []
+        self._start_ranks: dict[str, int] = {}
+        self._final: dict[str, int] = {}
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
+    ) -> None:
+        if is_peft_model(model):
+            raise ValueError(
+                "ProgressiveRankCallback changes factor shapes, which PEFT adapters on those factors cannot follow; "
+                "run the schedule before attaching adapters."
+            )
+        _check_plain_run(args, state, "ProgressiveRankCallback")
+        layers = require_factored(model, "ProgressiveRankCallback")
+        self._start_ranks = {n: m.rank for n, m in layers.items()}
+        self._final = final_ranks_for(layers, model, self.final_param_ratio, self.final_ranks)
+        max_steps = max(int(state.max_steps), 1)
+        self.schedule = {}
+        for stage in range(1, self.num_stages + 1):
+            frac = self.start + (self.end - self.start) * stage / self.num_stages
+            self.schedule[min(max(1, round(max_steps * frac)), max_steps)] = stage  # later stages win ties
+        logger.info(f"drone-hf: progressive rank schedule, stage by step: {self.schedule}")
+
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        optimizer: Any = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> TrainerControl | None:
+        stage = self.schedule.get(state.global_step)
+        if stage is None:
+            return None
+        ranks = stage_ranks(self._start_ranks, self._final, stage, self.num_stages)
+        batches = (
+            sample_batches(train_dataloader, self.calibration_samples, self.seed + stage)
+            if self.method == "drone"
+            else None
+        )
+        errors = lower_ranks(model, ranks, batches, optimizer, self.method, self.damp)
+        known = [e for e in errors.values() if e is not None]
+        entry = {
+            f"{LOG_PREFIX}progressive_stage": float(stage),
+            f"{LOG_PREFIX}progressive_rel_error": sum(known) / len(known) if known else float("nan"),
+        }
+        self.history.append({"step": state.global_step, "stage": stage, "ranks": ranks, "cut_layers": len(errors)})
+        self._queue(entry)
+        control.should_log = True  # a log at this step: the stats callback then shows the new ranks
+        return control
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._flush(state, logs)

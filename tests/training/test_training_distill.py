@@ -1,0 +1,162 @@
+"""Distillation loss against hand computations, and inside a stock Trainer run."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from trainer_helpers import classification_dataset, compressed_classifier, snapshot, training_args
+from transformers import DataCollatorWithPadding
+
+from drone_hf.training import DistillationLoss, distillation_trainer
+
+
+def softmax(row: list[float], T: float) -> list[float]:
+    e = [math.exp(v / T) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def kd_by_hand(s: list[float], t: list[float], T: float) -> float:
+    """T² · Σ_c p_t(c) · log(p_t(c) / p_s(c)) with plain floats."""
+    ps, pt = softmax(s, T), softmax(t, T)
+    return T * T * sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=True))
+
+
+def ce_by_hand(s: list[float], y: int) -> float:
+    return -math.log(softmax(s, 1.0)[y])
+
+
+def out(logits, hidden=None):
+    return SimpleNamespace(logits=torch.tensor(logits, dtype=torch.float64), hidden_states=hidden)
+
+
+S = [[1.0, -0.5, 0.25], [0.2, 0.1, -1.5], [-0.3, 2.0, 0.4]]
+T_ = [[0.5, 0.0, 1.0], [1.2, -0.7, 0.3], [0.0, 1.5, -0.2]]
+Y = [2, 0, 1]
+
+
+def test_classification_loss_matches_the_hand_computation():
+    loss = DistillationLoss(torch.nn.Linear(1, 1), temperature=2.0, alpha=0.3, task="sequence_classification")
+    got = loss.compute(out(S), out(T_), torch.tensor(Y))
+    expected = sum(0.3 * kd_by_hand(s, t, 2.0) + 0.7 * ce_by_hand(s, y) for s, t, y in zip(S, T_, Y, strict=True)) / 3
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    # Trainer's gradient-accumulation accounting: the sum over this batch's items / items of the whole step
+    scaled = loss.compute(out(S), out(T_), torch.tensor(Y), num_items_in_batch=torch.tensor(7))
+    assert float(scaled) == pytest.approx(expected * 3 / 7, rel=1e-6)
+    # ignored rows (-100) are not items; without labels the loss is the KL alone
+    masked = loss.compute(out(S), out(T_), torch.tensor([Y[0], -100, Y[2]]))
+    assert float(masked) == pytest.approx(
+        sum(0.3 * kd_by_hand(S[i], T_[i], 2.0) + 0.7 * ce_by_hand(S[i], Y[i]) for i in (0, 2)) / 2, rel=1e-6
+    )
+    assert float(loss.compute(out(S), out(T_), None)) == pytest.approx(
+        sum(map(kd_by_hand, S, T_, [2.0] * 3)) / 3, rel=1e-6
+    )
+
+
+def test_alpha_extremes_and_identical_models():
+    pure_kd = DistillationLoss(torch.nn.Linear(1, 1), temperature=3.0, alpha=1.0, task="sequence_classification")
+    assert float(pure_kd.compute(out(T_), out(T_), torch.tensor(Y))) == pytest.approx(0.0, abs=1e-12)
+    task_only = DistillationLoss(torch.nn.Linear(1, 1), alpha=0.0, task="sequence_classification")
+    got = task_only.compute(out(S), out(T_), torch.tensor(Y))
+    assert float(got) == pytest.approx(float(torch.nn.functional.cross_entropy(torch.tensor(S), torch.tensor(Y))))
+
+
+def test_causal_lm_shifts_and_skips_ignored_tokens():
+    """Position i predicts token i+1; labels of -100 (and the last position) are not items."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 4, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    labels = torch.tensor([[3, 1, 4, -100], [-100, 2, 0, 1]])
+    loss = DistillationLoss(torch.nn.Linear(1, 1), temperature=1.5, alpha=0.6, task="causal_lm")
+    got = loss.compute(out(s.tolist()), out(t.tolist()), labels)
+    items = []
+    for b in range(2):
+        for i in range(3):
+            y = int(labels[b, i + 1])
+            if y != -100:
+                items.append(
+                    0.6 * kd_by_hand(s[b, i].tolist(), t[b, i].tolist(), 1.5) + 0.4 * ce_by_hand(s[b, i].tolist(), y)
+                )
+    assert len(items) == 5
+    assert float(got) == pytest.approx(sum(items) / 5, rel=1e-6)
+
+
+def test_hidden_state_mse_over_real_tokens_and_layers():
+    h_s = [torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]), torch.tensor([[[0.0, 0.0], [9.0, 9.0]]])]
+    h_t = [torch.tensor([[[0.0, 2.0], [0.0, 0.0]]]), torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])]
+    mask = torch.tensor([[1, 0]])  # the second token is padding: its (large) errors must not count
+    loss = DistillationLoss(torch.nn.Linear(1, 1), alpha=1.0, hidden_weight=0.5, task="sequence_classification")
+    logits = [[0.0, 1.0]]
+    got = loss.compute(out(logits, h_s), out(logits, h_t), None, attention_mask=mask)
+    layer0 = ((1 - 0) ** 2 + (2 - 2) ** 2) / 2
+    layer1 = ((0 - 1) ** 2 + (0 - 1) ** 2) / 2
+    assert float(got) == pytest.approx(0.5 * (layer0 + layer1) / 2)
+    assert float(loss.last["hidden"]) == pytest.approx((layer0 + layer1) / 2)
+
+
+def test_regression_uses_squared_differences():
+    loss = DistillationLoss(torch.nn.Linear(1, 1), alpha=0.25, task="regression")
+    got = loss.compute(out([[1.0], [2.0]]), out([[0.5], [3.0]]), torch.tensor([1.5, 1.0]))
+    expected = (0.25 * (0.25 + 1.0) + 0.75 * (0.25 + 1.0)) / 2
+    assert float(got) == pytest.approx(expected)
+
+
+def test_bad_input_names_the_fix(tok):
+    dense, student = compressed_classifier(tok)
+    with pytest.raises(ValueError, match="temperature=0 must be a number > 0"):
+        DistillationLoss(dense, temperature=0)
+    with pytest.raises(ValueError, match=r"alpha=1.5 must be a number in \[0, 1\]"):
+        DistillationLoss(dense, alpha=1.5)
+    with pytest.raises(ValueError, match="task='ner'"):
+        DistillationLoss(dense, task="ner")
+    with pytest.raises(ValueError, match="compress a copy"):
+        DistillationLoss(student).attach(student)
+    shared = copy.deepcopy(student)
+    shared.classifier = student.classifier
+    with pytest.raises(ValueError, match="shares 2 parameter tensor"):
+        DistillationLoss(shared).attach(student)
+    assert all(p.requires_grad for p in student.parameters())  # a refused attach froze nothing
+    with pytest.raises(ValueError, match=r"call \.attach\(student\)"):
+        DistillationLoss(dense)(SimpleNamespace(logits=torch.zeros(1, 3)), None)
+    with pytest.raises(ValueError, match="compute_loss_func itself"):
+        distillation_trainer(student, dense, compute_loss_func=lambda *a, **k: 0)
+
+
+def test_trainer_step_loss_is_the_distillation_loss_and_the_teacher_stays_put(tok, tmp_path):
+    dense, student = compressed_classifier(tok)
+    dense.train()  # the loss must switch it to eval (dropout is off here, the mode is what is checked)
+    data = classification_dataset(tok, n=8)
+    teacher_before = snapshot(dense)
+    batch = DataCollatorWithPadding(tok)([data[i] for i in range(8)])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        s_out, t_out = student(**batch, output_hidden_states=True), dense.eval()(**batch, output_hidden_states=True)
+    loss = DistillationLoss(dense, temperature=2.0, alpha=0.7, hidden_weight=0.5)
+    expected = float(loss.compute(s_out, t_out, labels, attention_mask=batch["attention_mask"]))
+    dense.train()
+
+    trainer = distillation_trainer(
+        student,
+        dense,
+        training_args(tmp_path, per_device_train_batch_size=8),
+        train_dataset=data,
+        data_collator=DataCollatorWithPadding(tok),
+        temperature=2.0,
+        alpha=0.7,
+        hidden_weight=0.5,
+    )  # one batch = the whole set: step 1 sees exactly `batch`
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if "loss" in h)
+    assert first["loss"] == pytest.approx(expected, rel=1e-3)
+    loss_obj = trainer.compute_loss_func
+    assert loss_obj.task == "sequence_classification" and set(loss_obj.last) == {"kd", "task", "hidden", "loss"}
+    assert not dense.training and not any(p.requires_grad for p in dense.parameters())
+    assert all(torch.equal(teacher_before[n], p) for n, p in dense.named_parameters())
+    held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not held & {id(p) for p in dense.parameters()}
+    assert held == {id(p) for p in student.parameters()}
+    # evaluation: the hidden term is training-only, so predictions stay plain logits
+    prediction = trainer.predict(data)
+    assert prediction.predictions.shape == (8, 3) and math.isfinite(prediction.metrics["test_loss"])

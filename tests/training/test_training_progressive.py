@@ -1,0 +1,122 @@
+"""Progressive rank schedule: the cut re-solves the current weights, and the Trainer keeps training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import CALIBRATION_TEXTS
+from trainer_helpers import classification_dataset, compressed_classifier, make_trainer
+from transformers import AutoModelForSequenceClassification
+
+from drone_hf import DroneLinear
+from drone_hf.allocation import uniform_rank
+from drone_hf.solver import decompose
+from drone_hf.training import CompressionStatsCallback, ProgressiveRankCallback, add_callbacks, lower_ranks
+from drone_hf.training.progressive import final_ranks_for, input_grams, stage_ranks
+
+
+@pytest.fixture(scope="module")
+def pristine(tok):
+    return compressed_classifier(tok)[1]
+
+
+def ranks_of(model) -> dict[str, int]:
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, DroneLinear)}
+
+
+def test_stage_ranks_interpolate_and_end_at_the_final_budget():
+    start, final = {"a": 16, "b": 10}, {"a": 4, "b": 10}
+    assert stage_ranks(start, final, 1, 3) == {"a": 12, "b": 10}
+    assert stage_ranks(start, final, 2, 3) == {"a": 8, "b": 10}
+    assert stage_ranks(start, final, 3, 3) == final
+
+
+def test_final_ranks_from_a_ratio_or_names(pristine):
+    layers = {n: m for n, m in pristine.named_modules() if isinstance(m, DroneLinear)}
+    by_ratio = final_ranks_for(layers, pristine, 0.25, None)
+    assert by_ratio == {n: min(m.rank, uniform_rank(m.out_features, m.in_features, 0.25)) for n, m in layers.items()}
+    named = final_ranks_for(layers, pristine, None, {"encoder.layer.0.attention.self.query": 2})
+    assert named["bert.encoder.layer.0.attention.self.query"] == 2
+    assert (
+        named["bert.encoder.layer.1.attention.self.query"] == layers["bert.encoder.layer.1.attention.self.query"].rank
+    )
+    with pytest.raises(ValueError, match="exactly one final budget"):
+        final_ranks_for(layers, pristine, 0.3, {"x": 1})
+    with pytest.raises(ValueError, match="not a factored layer"):
+        final_ranks_for(layers, pristine, None, {"encoder.layer.0.attention.self.nope": 2})
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        final_ranks_for(layers, pristine, 1.5, None)
+
+
+def test_lower_ranks_is_the_drone_optimum_of_the_current_weights(tok, pristine):
+    model = copy.deepcopy(pristine).double()
+    name = "bert.encoder.layer.0.intermediate.dense"
+    layer = model.get_submodule(name)
+    with torch.no_grad():  # pretend training moved the factors
+        layer.up.weight.add_(0.05 * torch.randn_like(layer.up.weight))
+    down_param, up_param = layer.down.weight, layer.up.weight
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(**tok(CALIBRATION_TEXTS[:2], return_tensors="pt", padding=True)).logits.sum().backward()
+    optimizer.step()
+    assert down_param in optimizer.state
+    current = layer.merged_weight().detach().clone()
+    batches = [dict(tok(CALIBRATION_TEXTS, return_tensors="pt", padding=True))]
+    gram = input_grams(model, {name: layer}, batches)[name]
+    k = layer.rank - 3
+    errors = lower_ranks(model, {name: k}, batches, optimizer)
+    expected = decompose(current, gram).factors(k)
+    assert layer.rank == k and tuple(layer.down.weight.shape) == (k, layer.in_features)
+    assert layer.down.weight is down_param and layer.up.weight is up_param  # the optimizer still holds them
+    assert down_param not in optimizer.state and up_param not in optimizer.state  # moments of the old shape dropped
+    torch.testing.assert_close(layer.merged_weight(), expected.up @ expected.down)
+    assert errors[name] == pytest.approx(expected.relative_error)
+    record = model.config.quantization_config
+    assert record.ranks["encoder.layer.0.intermediate.dense"] == k
+    assert record.relative_errors["encoder.layer.0.intermediate.dense"] is None
+
+
+def test_lower_ranks_without_data_is_the_svd_of_the_product(pristine):
+    model = copy.deepcopy(pristine).double()
+    name = "bert.encoder.layer.1.output.dense"
+    layer = model.get_submodule(name)
+    current = layer.merged_weight().detach().clone()
+    assert lower_ranks(model, {name: 3}, None, method="svd") == {name: None}
+    u, s, vh = torch.linalg.svd(current)
+    torch.testing.assert_close(layer.merged_weight(), (u[:, :3] * s[:3]) @ vh[:3])
+    assert lower_ranks(model, {name: 5}, None, method="svd") == {}  # never raises a rank
+    with pytest.raises(ValueError, match="re-solves on data"):
+        lower_ranks(model, {name: 2}, None, method="drone")
+
+
+def test_schedule_in_a_trainer_run_reaches_the_final_ranks_and_saves_them(tok, tmp_path, pristine):
+    model = copy.deepcopy(pristine)
+    start = ranks_of(model)
+    cb = ProgressiveRankCallback(final_param_ratio=0.25, num_stages=2, start=0.2, end=0.6, calibration_samples=8)
+    trainer = make_trainer(model, tok, classification_dataset(tok), tmp_path, max_steps=6)
+    add_callbacks(trainer, cb, CompressionStatsCallback())
+    trainer.train()
+    layers = {n: model.get_submodule(n) for n in start}
+    final = {n: min(r, uniform_rank(layers[n].out_features, layers[n].in_features, 0.25)) for n, r in start.items()}
+    assert cb.schedule == {2: 1, 4: 2}  # round(6 x 0.4), round(6 x 0.6)
+    assert [h["step"] for h in cb.history] == [2, 4]
+    assert cb.history[0]["ranks"] == stage_ranks(start, final, 1, 2)
+    assert ranks_of(model) == final and final != start
+    logged = {h["step"]: h for h in trainer.state.log_history if "drone/progressive_stage" in h}
+    assert sorted(logged) == [2, 4] and logged[4]["drone/progressive_stage"] == 2
+    assert logged[4]["drone/rank_mean"] == pytest.approx(sum(final.values()) / len(final))  # the stats follow
+    trainer.save_model(str(tmp_path / "out"))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert ranks_of(reloaded) == final
+
+
+def test_callback_validates_its_arguments():
+    with pytest.raises(ValueError, match="exactly one of final_param_ratio"):
+        ProgressiveRankCallback()
+    with pytest.raises(ValueError, match="0 <= start < end <= 1"):
+        ProgressiveRankCallback(final_param_ratio=0.3, start=0.7, end=0.5)
+    with pytest.raises(ValueError, match="num_stages"):
+        ProgressiveRankCallback(final_param_ratio=0.3, num_stages=0)
+    with pytest.raises(ValueError, match="'drone'"):
+        ProgressiveRankCallback(final_param_ratio=0.3, method="qr")

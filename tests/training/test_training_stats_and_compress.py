@@ -1,0 +1,162 @@
+"""Compression statistics in the Trainer logs, and compressing inside a training run."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_models import CALIBRATION_TEXTS
+from trainer_helpers import classification_dataset, compressed_classifier, dense_classifier, make_trainer
+from transformers import AutoModelForSequenceClassification, DefaultFlowCallback, TrainerCallback
+
+import drone_hf
+from drone_hf import DroneLinear
+from drone_hf.training import (
+    CompressionStatsCallback,
+    CompressOnTrainBeginCallback,
+    SelectTrainableCallback,
+    add_callbacks,
+    compression_stats,
+)
+from drone_hf.training.callbacks import _check_plain_run
+
+
+class Recorder(TrainerCallback):
+    """Stands in for a report_to integration: records every logs dict it is handed."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+@pytest.fixture(scope="module")
+def pair(tok):
+    return compressed_classifier(tok)
+
+
+def test_stats_match_the_module_tree(pair):
+    dense, model = pair
+    stats = compression_stats(model, per_layer_ranks=True)
+    layers = [m for m in model.modules() if isinstance(m, DroneLinear)]
+    ranks = [m.rank for m in layers]
+    report = drone_hf.report(model)
+    assert stats["drone/factored_layers"] == len(layers) == 12
+    assert stats["drone/params"] == sum(p.numel() for p in model.parameters())
+    assert stats["drone/params_dense"] == sum(p.numel() for p in dense.parameters())
+    assert stats["drone/targeted_param_ratio"] == pytest.approx(report.targeted_param_ratio)
+    assert stats["drone/model_param_ratio"] == pytest.approx(report.model_param_ratio)
+    assert (stats["drone/rank_min"], stats["drone/rank_max"]) == (min(ranks), max(ranks))
+    assert stats["drone/rank_mean"] == pytest.approx(sum(ranks) / len(ranks))
+    assert stats["drone/rank/encoder.layer.0.intermediate.dense"] == model.bert.encoder.layer[0].intermediate.dense.rank
+    assert "drone/measured_speedup" not in stats  # a param_ratio budget measures no speed
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_measured_speedup_is_logged_only_while_it_is_true(pair):
+    model = copy.deepcopy(pair[1])
+    record = model.config.quantization_config
+    record.allocation_result = dict(record.allocation_result or {}, measured_speedup=2.31)
+    assert compression_stats(model)["drone/measured_speedup"] == pytest.approx(2.31)
+    layer = model.bert.encoder.layer[0].attention.self.query
+    record.ranks = dict(record.ranks, **{"encoder.layer.0.attention.self.query": layer.rank + 1})  # out of date
+    assert "drone/measured_speedup" not in compression_stats(model)
+
+
+def test_stats_reach_integrations_through_add_callbacks(tok, tmp_path, pair):
+    model = copy.deepcopy(pair[1])
+    trainer = make_trainer(model, tok, classification_dataset(tok), tmp_path, max_steps=3)
+    recorder = Recorder()
+    handler = trainer.callback_handler  # where Trainer puts report_to integrations: right after DefaultFlowCallback
+    handler.callbacks.insert(
+        1 + next(i for i, c in enumerate(handler.callbacks) if isinstance(c, DefaultFlowCallback)), recorder
+    )
+    stats_cb = CompressionStatsCallback()
+    add_callbacks(trainer, stats_cb, SelectTrainableCallback("factors"))
+    assert handler.callbacks.index(stats_cb) < handler.callbacks.index(recorder)
+    trainer.train()
+    with_stats = [logs for logs in recorder.logs if "drone/factored_layers" in logs]
+    assert len(with_stats) == 1, "stats are logged once while they do not change"
+    first = with_stats[0]
+    assert first["drone/trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert first["drone/trainable_params"] < first["drone/params"]
+    assert "loss" in first  # added to a regular training log
+    assert any("drone/rank_mean" in h for h in trainer.state.log_history)
+
+
+def test_every_log_repeats_the_stats(tok, tmp_path, pair):
+    trainer = make_trainer(copy.deepcopy(pair[1]), tok, classification_dataset(tok), tmp_path, max_steps=3)
+    add_callbacks(trainer, CompressionStatsCallback(every_log=True))
+    trainer.train()
+    assert sum("drone/params" in h for h in trainer.state.log_history) == len(trainer.state.log_history)
+
+
+def test_compress_on_train_begin_then_fine_tune_and_reload(tok, tmp_path):
+    model = dense_classifier()
+    train_ds = classification_dataset(tok, n=12)
+    config = drone_hf.DroneConfig(param_ratio=0.5, num_samples=10)
+    compress_cb = CompressOnTrainBeginCallback(config)
+
+    class Snap(TrainerCallback):  # runs right after compression: the factors as compression left them
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            self.factors = {n: p.detach().clone() for n, p in model.named_parameters() if ".down." in n or ".up." in n}
+            self.held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+    snap = Snap()
+    trainer = make_trainer(model, tok, train_ds, tmp_path, callbacks=[compress_cb, snap], max_steps=3)
+    dense_ids = {id(p) for p in model.parameters()}
+    trainer.train()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, DroneLinear)}
+    assert len(layers) == 12 and compress_cb.compressed
+    record = model.config.quantization_config
+    assert record.calibration["num_texts"] == 10  # 10 training rows, drawn from the training set
+    assert record.calibration["dataset"] == "<list>"
+    live = {id(p) for p in model.parameters()}
+    assert snap.held <= live  # the optimizer holds no departed dense weight...
+    assert all(id(p) in snap.held for p in model.parameters())  # ...and every factor
+    assert not (snap.held & (dense_ids - live))
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(snap.factors[n], params[n].detach()) for n in snap.factors if n.endswith("down.weight"))
+    assert any("drone/factored_layers" in h for h in trainer.state.log_history)
+
+    trainer.save_model(str(tmp_path / "out"))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert {n: m.rank for n, m in reloaded.named_modules() if isinstance(m, DroneLinear)} == {
+        n: m.rank for n, m in layers.items()
+    }
+    batch = tok(CALIBRATION_TEXTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_compress_callback_refuses_what_it_cannot_do(tok, tmp_path, pair):
+    cb = CompressOnTrainBeginCallback(drone_hf.DroneConfig(param_ratio=0.5))
+    args = SimpleNamespace(
+        world_size=1, deepspeed=None, fsdp="", torch_compile=False, disable_tqdm=True, weight_decay=0.0
+    )
+    state = SimpleNamespace(global_step=0)
+    with pytest.raises(ValueError, match="already DRONE-compressed"):
+        cb.on_train_begin(args, state, None, model=copy.deepcopy(pair[1]))
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        cb.on_train_begin(args, state, None, model=dense_classifier(), train_dataloader=None, processing_class=None)
+    with pytest.raises(ValueError, match="torch_compile=True captured them"):
+        _check_plain_run(SimpleNamespace(**{**vars(args), "torch_compile": True}), state, "X")
+    with pytest.raises(ValueError, match="world_size=2"):
+        _check_plain_run(SimpleNamespace(**{**vars(args), "world_size": 2}), state, "X")
+    with pytest.raises(ValueError, match="resumes at step 5"):
+        _check_plain_run(args, SimpleNamespace(global_step=5), "X")
+    with pytest.raises(ValueError, match="must be a drone_hf.DroneConfig"):
+        CompressOnTrainBeginCallback({"param_ratio": 0.5})
+    model = dense_classifier()
+    with pytest.raises(ValueError):  # nothing changed on failure
+        cb.on_train_begin(args, state, None, model=model, processing_class=tok, train_dataloader=None)
+    assert not any(isinstance(m, DroneLinear) for m in model.modules())
+
+
+def test_add_callbacks_rejects_classes(tok, tmp_path, pair):
+    trainer = make_trainer(copy.deepcopy(pair[1]), tok, classification_dataset(tok), tmp_path)
+    with pytest.raises(ValueError, match="TrainerCallback instances"):
+        add_callbacks(trainer, CompressionStatsCallback)
