@@ -36,15 +36,41 @@ from .hub import push_to_hub  # noqa: E402
 
 hub.install()
 
+# --- Fine-tuning after compression (drone_hf/training): Trainer callbacks, distillation, PEFT.
+# Imported on first use: it loads transformers' Trainer machinery, which `import drone_hf` (the
+# CLI, plain loading) should not pay for.
+_TRAINING_EXPORTS = (
+    "CompressOnTrainBeginCallback",
+    "CompressionStatsCallback",
+    "DistillationLoss",
+    "ProgressiveRankCallback",
+    "SelectTrainableCallback",
+)
+
+
+def __getattr__(name: str):
+    if name == "training" or name in _TRAINING_EXPORTS:
+        import importlib
+
+        training = importlib.import_module(".training", __name__)
+        return training if name == "training" else getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_DAMP",
     "FORMAT_VERSION",
     "QUANT_METHOD",
+    "CompressOnTrainBeginCallback",
     "CompressionReport",
+    "CompressionStatsCallback",
+    "DistillationLoss",
     "DroneConfig",
     "DroneHfQuantizer",
     "DroneLinear",
     "LayerRow",
+    "ProgressiveRankCallback",
+    "SelectTrainableCallback",
     "__version__",
     "allocate_ranks",
     "compress",
@@ -52,4 +78,5 @@ __all__ = [
     "push_to_hub",
     "report",
     "set_verbosity",
+    "training",
 ]
