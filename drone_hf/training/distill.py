@@ -135,6 +135,7 @@ class DistillationLoss:
         self._inputs: dict[str, Any] | None = None
         self._with_hidden = False
         self._handle: Any = None
+        self._teacher_flags: dict[nn.Parameter, bool] = {}
 
     # --- wiring to the student ---------------------------------------------------------------------
     def attach(self, student: nn.Module) -> DistillationLoss:
@@ -156,16 +157,22 @@ class DistillationLoss:
             )
         if self.task == "auto":
             self.task = infer_task(student)
-        self.teacher.requires_grad_(False)
         self.detach()
+        self._teacher_flags = {p: p.requires_grad for p in self.teacher.parameters()}
+        self.teacher.requires_grad_(False)
         self._handle = student.register_forward_pre_hook(self._capture, with_kwargs=True)
         return self
 
     def detach(self) -> None:
-        """Remove the input-capturing hook from the student."""
+        """Remove the input-capturing hook from the student and give the teacher back its
+        ``requires_grad`` flags (the dense model may be trained again afterwards)."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        for p, flag in self._teacher_flags.items():
+            p.requires_grad_(flag)
+        self._teacher_flags = {}
+        self._inputs = None  # never run the teacher on inputs from before the detach
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:

@@ -160,3 +160,5 @@ def test_trainer_step_loss_is_the_distillation_loss_and_the_teacher_stays_put(to
     # evaluation: the hidden term is training-only, so predictions stay plain logits
     prediction = trainer.predict(data)
     assert prediction.predictions.shape == (8, 3) and math.isfinite(prediction.metrics["test_loss"])
+    loss_obj.detach()  # done distilling: the dense model is trainable again, the student's hook is gone
+    assert all(p.requires_grad for p in dense.parameters()) and not student._forward_pre_hooks

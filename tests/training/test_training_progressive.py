@@ -120,3 +120,26 @@ def test_callback_validates_its_arguments():
         ProgressiveRankCallback(final_param_ratio=0.3, num_stages=0)
     with pytest.raises(ValueError, match="'drone'"):
         ProgressiveRankCallback(final_param_ratio=0.3, method="qr")
+
+
+def test_compress_select_and_progressive_in_one_run(tok, tmp_path):
+    """Dense model in, factored model at the final budget out: the three callbacks compose in order."""
+    from trainer_helpers import dense_classifier
+
+    import drone_hf
+    from drone_hf.training import CompressOnTrainBeginCallback, SelectTrainableCallback
+
+    model = dense_classifier()
+    schedule = ProgressiveRankCallback(final_param_ratio=0.25, num_stages=1, start=0.0, end=0.5, method="svd")
+    callbacks = [
+        CompressOnTrainBeginCallback(drone_hf.DroneConfig(param_ratio=0.5, num_samples=8)),
+        SelectTrainableCallback("factors"),
+        schedule,
+    ]
+    trainer = make_trainer(model, tok, classification_dataset(tok), tmp_path, callbacks=callbacks, max_steps=4)
+    trainer.train()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, DroneLinear)}
+    assert len(layers) == 12 and list(schedule.schedule) == [2]
+    assert all(m.rank == uniform_rank(m.out_features, m.in_features, 0.25) for m in layers.values())
+    assert not model.bert.embeddings.word_embeddings.weight.requires_grad  # "factors" held through the cuts
+    assert model.get_submodule("bert.encoder.layer.0.attention.self.query").down.weight.requires_grad
