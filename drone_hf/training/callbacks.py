@@ -68,8 +68,9 @@ def add_callbacks(trainer: Any, *callbacks: TrainerCallback) -> Any:
     return trainer
 
 
-class _LogsMixin:
-    """Queue numeric entries and add them to the next Trainer log (and its ``log_history`` row)."""
+class _LoggingCallback(TrainerCallback):
+    """A callback that queues numeric entries and adds them to the next Trainer log (and its
+    ``log_history`` row), so they reach ``report_to`` integrations that run after it."""
 
     _pending: dict[str, float]
 
@@ -84,6 +85,16 @@ class _LogsMixin:
         if state.log_history and isinstance(state.log_history[-1], dict):
             state.log_history[-1].update(pending)
         self._pending = {}
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._flush(state, logs)
 
 
 def _check_plain_run(args: TrainingArguments, state: TrainerState, what: str, resuming_ok: bool = False) -> None:
@@ -110,7 +121,7 @@ def _check_plain_run(args: TrainingArguments, state: TrainerState, what: str, re
         )
 
 
-class SelectTrainableCallback(TrainerCallback, _LogsMixin):
+class SelectTrainableCallback(_LoggingCallback):
     """Choose what trains after compression; applied at train begin, logged as ``drone/trainable_*``.
 
     Args:
@@ -155,18 +166,8 @@ class SelectTrainableCallback(TrainerCallback, _LogsMixin):
         logger.info(f"drone-hf: {summary}")
         self._queue(self.summary.to_logs())
 
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._flush(state, logs)
 
-
-class CompressionStatsCallback(TrainerCallback, _LogsMixin):
+class CompressionStatsCallback(_LoggingCallback):
     """Compression statistics in the Trainer logs: ``drone/params``, ``drone/model_param_ratio``,
     ``drone/targeted_param_ratio``, ``drone/rank_mean|min|max``, ``drone/factored_layers``,
     ``drone/trainable_params`` and ``drone/measured_speedup`` when the compression measured one.
@@ -203,7 +204,7 @@ class CompressionStatsCallback(TrainerCallback, _LogsMixin):
         self._flush(state, logs)
 
 
-class CompressOnTrainBeginCallback(TrainerCallback, _LogsMixin):
+class CompressOnTrainBeginCallback(_LoggingCallback):
     """Compress the model at train begin, calibrated on the training rows, then fine-tune it.
 
     Args:
@@ -293,18 +294,8 @@ class CompressOnTrainBeginCallback(TrainerCallback, _LogsMixin):
             )
         self._queue(compression_stats(model))
 
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._flush(state, logs)
 
-
-class ProgressiveRankCallback(TrainerCallback, _LogsMixin):
+class ProgressiveRankCallback(_LoggingCallback):
     """Lower the ranks in ``num_stages`` steps during training toward a final budget.
 
     Stage ``i`` (of ``n``) runs at the optimizer step ``round(max_steps·(start + (end-start)·i/n))``
@@ -413,13 +404,3 @@ class ProgressiveRankCallback(TrainerCallback, _LogsMixin):
         self._queue(entry)
         control.should_log = True  # a log at this step: the stats callback then shows the new ranks
         return control
-
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._flush(state, logs)
