@@ -44,6 +44,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from ..config import QUANT_METHOD
 from ..quantizer import DroneHfQuantizer
 from ..utils.logging import get_logger
+from .atomic import atomic_folder
 
 logger = get_logger(__name__)
 
@@ -298,11 +299,16 @@ def _patch_save_pretrained() -> None:
             # transformers would upload inside save_pretrained, before the config is marked: the Hub
             # copy would be the unsafe one. Save, mark, then upload ourselves.
             bound.arguments["push_to_hub"] = False
-        result = current(*bound.args, **bound.kwargs)
         is_main = bound.arguments.get("is_main_process", True)
-        if is_main:
-            mark_checkpoint_folder(save_directory, self)
-        if push and is_main:
+        if not is_main:  # other ranks write nothing of the checkpoint; transformers knows what they do
+            return current(*bound.args, **bound.kwargs)
+        # Written whole into a staging folder, marked, then swapped in: a crash never leaves a half
+        # checkpoint, nor destroys the previous one (see drone_hf.hub.atomic).
+        with atomic_folder(save_directory) as staging:
+            bound.arguments["save_directory"] = staging
+            result = current(*bound.args, **bound.kwargs)
+            mark_checkpoint_folder(staging, self)
+        if push:
             from .push import push_folder
 
             repo_id = hub.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))
