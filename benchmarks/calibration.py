@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         bodies.append(body)
         records[s] = rec
     stem = f"calibration_{args.model}"
-    header = results_header("Calibration cost and quality", command_line(__file__, argv or sys.argv[1:]), machine_info([args.model]),
+    command = command_line(__file__, argv or sys.argv[1:])
+    header = results_header("Calibration cost and quality", command, machine_info([args.model]),
                             time.perf_counter() - start)
     write_markdown(out / f"{stem}.md", header, "\n\n".join(bodies))
     (out / f"{stem}.json").write_text(json.dumps(records, indent=1))

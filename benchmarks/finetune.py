@@ -34,7 +34,6 @@ import hashlib
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -111,28 +110,10 @@ def movie_reviews() -> list[tuple[str, int]]:
     """(sentence, label) for the 10,568 non-neutral movie-review sentences (label 1 = positive)."""
     target = default_cache_dir() / "assets" / "movie_reviews.tsv"
     if not target.exists():
-        downloads = default_cache_dir() / "assets" / "downloads"
-        downloads.mkdir(parents=True, exist_ok=True)
-        found = sorted(downloads.glob("vaderSentiment-3.3.2*.tar.gz"))
-        if not found:
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "-q",
-                    "--no-deps",
-                    "--no-binary",
-                    ":all:",
-                    VADER,
-                    "-d",
-                    str(downloads),
-                ],
-                check=True,
-            )
-            found = sorted(downloads.glob("vaderSentiment-3.3.2*.tar.gz"))
-        with tarfile.open(found[0]) as sdist:
+        from benchmarks.assets import _download
+
+        archive = _download(VADER, sdist=True)
+        with tarfile.open(archive) as sdist:
             inner = next(
                 m for m in sdist.getmembers() if m.name.endswith("additional_resources/hutto_ICWSM_2014.tar.gz")
             )

@@ -10,8 +10,8 @@ cached dense model, the same fixed-seed 80/20 split) is compressed without any f
 * by DRONE to ``target_speedup`` budgets (greedy, measured at batch 32 x 128 tokens),
 * by DRONE with query-key attention compression on top of ``param_ratio=0.5``,
 
-each calibrated on the same training sentences as ``finetune.py`` (512). Every row reports the test accuracy and the end-to-end
-speedup over the dense model at batch 32 x 128 random tokens and at 1 x 128 (2 threads;
+each calibrated on the same training sentences as ``finetune.py`` (512). Every row reports the test
+accuracy and the end-to-end speedup over the dense model at batch 32 x 128 random tokens and at 1 x 128 (2 threads;
 ``drone_hf.evaluation.measure_latency``: dense and compressed interleaved, median of repeats).
 A method that fails on this model (e.g. a Cholesky factorisation of a singular statistic) is a row
 that says so, not a missing row. Fine-tuning and distillation results are in ``finetune.md``.
@@ -115,7 +115,7 @@ def speedups(dense: torch.nn.Module, model: torch.nn.Module, vocab: int, plan: P
     out = {}
     g = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
-        for (batch, seq), repeats in zip(plan.shapes, plan.repeats):
+        for (batch, seq), repeats in zip(plan.shapes, plan.repeats, strict=True):
             ids = torch.randint(1000, vocab, (batch, seq), generator=g)
             t = measure_latency(
                 {"dense": dense, "compressed": model},

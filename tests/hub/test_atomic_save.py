@@ -115,7 +115,7 @@ def test_killed_save_leaves_the_previous_checkpoint_intact(saved, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert snapshot(ckpt) == before  # every byte of the previous checkpoint is still there
     reloaded = AutoModel.from_pretrained(ckpt)
-    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert written.parent.exists()  # the dead process's staging folder ...
     model.save_pretrained(ckpt)  # ... is cleaned up by the next save into the same path
