@@ -105,9 +105,11 @@ def resolve_targets(
         for entry in target_modules:
             hits = {c: v for c, v in layers.items() if name_matches(entry, c, v[0])}
             if not hits:
+                other = next((m for n, m in model.named_modules() if n and name_matches(entry, n, n)), None)
+                kind = f" (it names a {type(other).__name__}, which DRONE cannot factor)" if other is not None else ""
                 raise ValueError(
-                    f"target_modules entry {entry!r} matches no linear layer of {type(model).__name__}; "
-                    f"layer names look like {_examples(layers)}."
+                    f"target_modules entry {entry!r} matches no linear layer of {type(model).__name__}{kind}; "
+                    f"layer names look like {_examples(layers)} (DRONE factors torch.nn.Linear and Conv1D layers)."
                 )
             chosen.update(hits)
         chosen = {c: layers[c] for c in layers if c in chosen}  # keep module order
