@@ -89,7 +89,8 @@ def resolve_targets(
     layers = supported_layers(model)
     if not layers:
         raise ValueError(
-            f"{type(model).__name__} has no torch.nn.Linear or transformers Conv1D layer; DRONE has nothing to compress."
+            f"{type(model).__name__} has no torch.nn.Linear or transformers Conv1D layer; DRONE has nothing to compress. "
+            "If this is a part or a wrapper of a transformer, pass the transformer model itself."
         )
     if target_modules is None:
         chosen = {c: v for c, v in layers.items() if not _excluded_by_default(model, c, v[0], v[1])}
@@ -121,7 +122,10 @@ def resolve_targets(
             )
         chosen = {c: v for c, v in chosen.items() if not _within(entry, c, v[0])}
     if not chosen:
-        raise ValueError("No layer is left to compress after applying target_modules and modules_to_not_convert.")
+        raise ValueError(
+            "No layer is left to compress after applying target_modules and modules_to_not_convert: remove entries "
+            "from modules_to_not_convert or widen target_modules."
+        )
     return chosen
 
 
