@@ -254,7 +254,10 @@ def compress(
         if overrides:
             unknown = [k for k in overrides if not hasattr(config, k)]
             if unknown:
-                raise ValueError(f"Unknown DroneConfig field(s) {unknown}.")
+                raise ValueError(
+                    f"Unknown DroneConfig field(s) {unknown} passed to compress(); known fields are "
+                    f"{sorted(k for k in config.to_dict() if k != 'quant_method')}."
+                )
             for key, value in overrides.items():
                 setattr(config, key, value)
             config.post_init()

@@ -193,7 +193,10 @@ class DroneConfig(QuantizationConfigMixin):
         self.attention_errors: dict[str, float | None] | None = kwargs.pop("attention_errors", None)
         method_in = kwargs.pop("quant_method", QUANT_METHOD)
         if method_in != QUANT_METHOD:
-            raise ValueError(f"DroneConfig got quant_method={method_in!r}; it only describes {QUANT_METHOD!r} models.")
+            raise ValueError(
+                f"DroneConfig got quant_method={method_in!r}; it only describes {QUANT_METHOD!r} models. Use that "
+                f"method's own config class (transformers.AutoQuantizationConfig), or set quant_method={QUANT_METHOD!r}."
+            )
         if kwargs:
             raise ValueError(
                 f"Unknown DroneConfig field(s) {sorted(kwargs)}; known fields are {sorted(_SETTINGS)}. "
@@ -355,4 +358,7 @@ def _check_regex(pattern: str, field: str) -> None:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"{field} entry {pattern!r} is not a valid regular expression ({e}).") from e
+        raise ValueError(
+            f"{field} entry {pattern!r} is not a valid regular expression ({e}). Escape special characters "
+            "(re.escape) or pass a list of layer names instead."
+        ) from e

@@ -70,7 +70,8 @@ def validate_factored_checkpoint(model: nn.Module, checkpoint_files: Sequence[st
                 raise ValueError(
                     f"The checkpoint's config.json records {c!r} as factored (rank {module.rank}) but the weights "
                     f"have no '{c}.{part}.weight' tensor. The checkpoint is incomplete or its config.json belongs "
-                    "to another checkpoint; nothing was loaded."
+                    "to another checkpoint: download or save it again, keeping config.json and the weights together; "
+                    "nothing was loaded."
                 )
             if tuple(got) != shape:
                 raise ValueError(

@@ -182,9 +182,12 @@ def tokenize_batches(texts: list[str], tokenizer: Any, max_length: int, batch_si
         add_special_tokens=True,
         return_special_tokens_mask=True,
     )
+    # Special tokens typed in the text ("[PAD] [PAD]") are not flagged by special_tokens_mask (it marks
+    # only the ones the tokenizer adds), so they are compared by id too: a row of padding is no data.
+    special_ids = set(getattr(tokenizer, "all_special_ids", None) or [])
     rows = []
     for ids, special in zip(enc["input_ids"], enc["special_tokens_mask"]):
-        if ids and not all(special):
+        if ids and not all(s or i in special_ids for i, s in zip(ids, special)):
             rows.append(ids)
     if not rows:
         raise ValueError(

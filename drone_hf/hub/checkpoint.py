@@ -44,7 +44,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from ..config import QUANT_METHOD
 from ..quantizer import DroneHfQuantizer
 from ..utils.logging import get_logger
-from .atomic import atomic_folder
+from .atomic_save import atomic_save
 
 logger = get_logger(__name__)
 
@@ -170,7 +170,7 @@ def unmark_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     the next ``save_pretrained`` keeps the provenance.
 
     Raises:
-        ValueError: the marker is damaged, or written by a newer drone-hf.
+        ValueError: the marker is damaged, written by a newer drone-hf, or its quant_method was edited.
     """
     if not is_marked(config_dict):
         return config_dict
@@ -185,6 +185,17 @@ def unmark_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"This DRONE checkpoint uses marker format {version!r}, newer than this drone-hf understands "
             f"({CHECKPOINT_FORMAT}). Upgrade with `pip install -U drone-hf`."
+        )
+    qc = config_dict.get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != QUANT_METHOD:
+        # Without this check transformers would load the factored checkpoint as a dense model (or as
+        # another method's) with the missing dense weights initialised at random.
+        found = "no quantization_config" if not isinstance(qc, dict) else f"quantization_config.quant_method={method!r}"
+        raise ValueError(
+            f"config.json is marked as a DRONE checkpoint ({CHECKPOINT_KEY}) but has {found}, so its factored "
+            f"weights would load as random dense layers: config.json was edited. Restore "
+            f"quantization_config.quant_method={QUANT_METHOD!r} (or the original config.json written by drone-hf)."
         )
     out = copy.deepcopy(config_dict)
     out["model_type"] = info["base_model_type"]
@@ -300,15 +311,19 @@ def _patch_save_pretrained() -> None:
             # copy would be the unsafe one. Save, mark, then upload ourselves.
             bound.arguments["push_to_hub"] = False
         is_main = bound.arguments.get("is_main_process", True)
-        if not is_main:  # other ranks write nothing of the checkpoint; transformers knows what they do
-            return current(*bound.args, **bound.kwargs)
-        # Written whole into a staging folder, marked, then swapped in: a crash never leaves a half
-        # checkpoint, nor destroys the previous one (see drone_hf.hub.atomic).
-        with atomic_folder(save_directory) as staging:
-            bound.arguments["save_directory"] = staging
+        if is_main:
+            # Written into a temporary sibling, marked, then swapped into place (atomic_save.py): an
+            # interrupted save leaves the previous checkpoint as it was.
+            def write(folder):
+                bound.arguments["save_directory"] = str(folder)
+                out = current(*bound.args, **bound.kwargs)
+                mark_checkpoint_folder(folder, self)
+                return out
+
+            result = atomic_save(save_directory, write)
+        else:  # other ranks of a distributed save write nothing (transformers' should_save_on_this_rank)
             result = current(*bound.args, **bound.kwargs)
-            mark_checkpoint_folder(staging, self)
-        if push:
+        if push and is_main:
             from .push import push_folder
 
             repo_id = hub.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))

@@ -89,7 +89,8 @@ def resolve_targets(
     layers = supported_layers(model)
     if not layers:
         raise ValueError(
-            f"{type(model).__name__} has no torch.nn.Linear or transformers Conv1D layer; DRONE has nothing to compress."
+            f"{type(model).__name__} has no torch.nn.Linear or transformers Conv1D layer; DRONE has nothing to compress. "
+            "If this is a part or a wrapper of a transformer, pass the transformer model itself."
         )
     if target_modules is None:
         chosen = {c: v for c, v in layers.items() if not _excluded_by_default(model, c, v[0], v[1])}
@@ -105,9 +106,11 @@ def resolve_targets(
         for entry in target_modules:
             hits = {c: v for c, v in layers.items() if name_matches(entry, c, v[0])}
             if not hits:
+                other = next((m for n, m in model.named_modules() if n and name_matches(entry, n, n)), None)
+                kind = f" (it names a {type(other).__name__}, which DRONE cannot factor)" if other is not None else ""
                 raise ValueError(
-                    f"target_modules entry {entry!r} matches no linear layer of {type(model).__name__}; "
-                    f"layer names look like {_examples(layers)}."
+                    f"target_modules entry {entry!r} matches no linear layer of {type(model).__name__}{kind}; "
+                    f"layer names look like {_examples(layers)} (DRONE factors torch.nn.Linear and Conv1D layers)."
                 )
             chosen.update(hits)
         chosen = {c: layers[c] for c in layers if c in chosen}  # keep module order
@@ -119,7 +122,10 @@ def resolve_targets(
             )
         chosen = {c: v for c, v in chosen.items() if not _within(entry, c, v[0])}
     if not chosen:
-        raise ValueError("No layer is left to compress after applying target_modules and modules_to_not_convert.")
+        raise ValueError(
+            "No layer is left to compress after applying target_modules and modules_to_not_convert: remove entries "
+            "from modules_to_not_convert or widen target_modules."
+        )
     return chosen
 
 

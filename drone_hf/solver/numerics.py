@@ -33,3 +33,37 @@ def check_finite(t: torch.Tensor, what: str) -> None:
             "unusable. Check the model's dtype (fp16 activations can overflow: load with dtype=torch.float32) "
             "and the calibration texts."
         )
+
+
+def cast_factors(
+    up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype, what: str = "the factors"
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Cast float64 factors to the model's ``dtype`` and measure what the cast cost.
+
+    The solve runs in float64; a float16/bfloat16 model stores its factors in its own dtype, which
+    rounds them (bfloat16 keeps 8 bits of mantissa) and could, in principle, overflow float16's
+    65504. The factors are balanced (``up``'s column j and ``down``'s row j share one norm), which
+    keeps their entries near ``sqrt`` of the weight's scale, so overflow needs an absurd weight; it is
+    still checked rather than left to produce inf outputs.
+
+    Returns:
+        ``(up, down, cast_error)``: the cast tensors and ``||up_c down_c - up down||_F / ||up down||_F``
+        (0 for an all-zero product), the relative change of the layer's weight caused by the cast.
+
+    Raises:
+        ValueError: a factor does not fit ``dtype`` (it would hold inf).
+    """
+    up_c, down_c = up.to(dtype), down.to(dtype)
+    if not (bool(torch.isfinite(up_c).all()) and bool(torch.isfinite(down_c).all())):
+        largest = max(float(up.abs().max()), float(down.abs().max()))
+        raise ValueError(
+            f"{what} overflow {dtype} (largest entry {largest:.3g}); the factored layer cannot be stored in the "
+            "model's dtype. Load the model in float32 (dtype=torch.float32) or bfloat16, or keep this layer dense "
+            "with modules_to_not_convert."
+        )
+    exact = up.to(torch.float64) @ down.to(torch.float64)
+    norm = float(torch.linalg.matrix_norm(exact))
+    if norm == 0.0:
+        return up_c, down_c, 0.0
+    diff = up_c.to(torch.float64) @ down_c.to(torch.float64) - exact
+    return up_c, down_c, float(torch.linalg.matrix_norm(diff)) / norm
