@@ -95,7 +95,12 @@ def test_merged_model_saves_as_a_plain_dense_checkpoint(compressed, tmp_path):
 
 
 def test_mark_and_unmark_are_inverse_and_keep_other_auto_map_entries():
-    base = {"model_type": "bert", "hidden_size": 32, "auto_map": {"AutoTokenizer": "tok.Tok"}}
+    base = {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "auto_map": {"AutoTokenizer": "tok.Tok"},
+        "quantization_config": {"quant_method": "drone"},  # a marked dict without it is refused on read
+    }
     marked = ckpt.mark_config_dict(base, {"format_version": 1, "base_model": None})
     assert marked["model_type"] == "drone" and marked["auto_map"]["AutoTokenizer"] == "tok.Tok"
     assert base["model_type"] == "bert"  # the input is not modified
