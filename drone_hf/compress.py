@@ -19,6 +19,7 @@ from .allocation import check_fixed_rank, uniform_rank
 from .attention_stage import AttentionStage
 from .planner import RankPlanner
 from .calibration import collect_grams, load_texts, tokenize_batches
+from .calibration.cache import open_cache
 from .calibration.distributed import all_reduce_count, broadcast_object, shard_texts
 from .config import QUANT_METHOD, DroneConfig
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
@@ -142,6 +143,12 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     calib_texts, eval_texts = _split_texts(texts, config.eval_samples, config.seed) if evaluate else (texts, [])
     # torchrun / accelerate launch: each process calibrates on its shard; statistics are all-reduced
     data = tokenize_batches(shard_texts(calib_texts), tokenizer, max_length, config.batch_size)
+    cache = open_cache(config.calibration_cache, model, data.batches, {
+        "mode": "sequential" if config.sequential else "one-shot",
+        "widths": sorted(widths.items()), "observe_output": sorted(observe_output),
+        "attention": config.compress_attention, "attention_rank": config.attention_rank,
+        "solver": [config.method, config.damp] if config.sequential else None,  # later blocks see solved ones
+    })
     one_shot = not (config.sequential and config.allocation == "uniform" and config.param_ratio is not None)
     plan = RankPlanner(model, config, targets, shapes, {}, fixed, tokenizer, show_progress)
     if one_shot:  # statistics of the dense model for every layer at once
@@ -150,7 +157,9 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         if attention is not None:  # attention inputs are observed in the same calibration pass
             attention_layers, attention_widths = attention.observed_layers()
             layers, in_features = layers | attention_layers, in_features | attention_widths
-        grams = collect_grams(model, layers, data, in_features, show_progress, observe_output=observe_output)
+        grams = collect_grams(
+            model, layers, data, in_features, show_progress, observe_output=observe_output, cache=cache
+        )
         if attention is not None:
             attention.take_statistics(grams)
         bar = hf_logging.tqdm(targets, desc="Solving", unit="layer", disable=not show_progress or None)
@@ -169,7 +178,7 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         originals = {full: layer for full, layer in targets.values()}
         try:
             replacements = compress_sequentially(
-                model, targets, data, widths, observe_output, solve, ranks, show_progress
+                model, targets, data, widths, observe_output, solve, ranks, show_progress, cache=cache
             )
         except BaseException:
             replace_modules(model, {f: m for f, m in originals.items() if model.get_submodule(f) is not m})
