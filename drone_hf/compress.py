@@ -20,6 +20,7 @@ from .attention_stage import AttentionStage
 from .planner import RankPlanner
 from .calibration import collect_grams, load_texts, tokenize_batches
 from .calibration.cache import open_cache
+from .calibration.offload import check_materialisable, materialise
 from .calibration.distributed import all_reduce_count, broadcast_object, shard_texts
 from .config import QUANT_METHOD, DroneConfig
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
@@ -110,15 +111,9 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     if attention is not None:
         targets = attention.linear_targets
     check_rank_keys(config.ranks, targets)
-    meta = [c for c, (_, layer) in targets.items() if layer.weight.device.type == "meta"]
-    if meta:
-        raise ValueError(
-            f"{len(meta)} target layer(s) have weights on the meta device (e.g. {meta[0]!r}): offloaded weights are "
-            "not supported for compression yet. Load the model without CPU/disk offload (no device_map, or a "
-            "device_map that fits in memory)."
-        )
-    weights = {c: dense_weight_of(layer) for c, (_, layer) in targets.items()}
-    shapes = {c: (int(w.shape[0]), int(w.shape[1])) for c, w in weights.items()}
+    # accelerate offload (device_map with cpu/disk entries): weights are loaded when solved (calibration/offload.py)
+    check_materialisable({c: layer for c, (_, layer) in targets.items()})
+    shapes = {c: tuple(int(v) for v in dense_weight_of(layer).shape) for c, (_, layer) in targets.items()}
     fixed = {c: k for c, (full, _) in targets.items() if (k := rank_for(c, full, config.ranks)) is not None}
     for c, k in fixed.items():
         check_fixed_rank(c, k, *shapes[c])
@@ -128,9 +123,10 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     widths = {c: shapes[c][0] if c in observe_output else shapes[c][1] for c in targets}
 
     def solve(c: str, gram: torch.Tensor) -> Decomposition:
+        weight = dense_weight_of(targets[c][1])  # read now: an offloaded layer is materialised just before
         if c in observe_output:
-            return decompose_output_gram(weights[c], gram)
-        return decompose(weights[c], gram, method=config.method, damp=config.damp)
+            return decompose_output_gram(weight, gram)
+        return decompose(weight, gram, method=config.method, damp=config.damp)
 
     tokenizer = _resolve_tokenizer(config.tokenizer, model)
     max_length = config.max_length
@@ -152,6 +148,7 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     one_shot = not (config.sequential and config.allocation == "uniform" and config.param_ratio is not None)
     plan = RankPlanner(model, config, targets, shapes, {}, fixed, tokenizer, show_progress)
     if one_shot:  # statistics of the dense model for every layer at once
+        materialise(layer for _, layer in targets.values())  # offloaded targets: their dense weights, all at once
         layers = {c: layer for c, (_, layer) in targets.items()}
         in_features = dict(widths)
         if attention is not None:  # attention inputs are observed in the same calibration pass

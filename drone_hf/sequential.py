@@ -10,6 +10,10 @@ model. Only one block's statistics exist at a time.
 Ranks are decided before the sequential pass: uniform and fixed ranks directly from the shapes;
 budgets that need spectra, latency or loss (greedy, drone, target_speedup, max_loss) from a
 one-shot plan, whose ranks the sequential pass then re-solves.
+
+With accelerate offload (``device_map`` with ``"cpu"``/``"disk"`` entries) each block's target layers
+are materialised right before the block is calibrated and replaced by their factors after it, so at
+most one dense block is held in memory (see :mod:`drone_hf.calibration.offload`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from .calibration import CalibrationBatches, collect_grams
 from .calibration.pipeline import _eval_mode
+from .calibration.offload import materialise
 from .calibration.blocks import BlockInputs, capture_first_block_inputs, find_blocks, run_block
 from .modules.low_rank_linear import DroneLinear
 from .modules.targets import replace_modules
@@ -70,6 +75,7 @@ def compress_sequentially(
 
     def factor(names: list[str], grams: dict) -> None:
         replacements = {}
+        materialise(model.get_submodule(full) for full in names)  # offloaded: load the dense weights to factor
         for full in names:
             c = full_to_c[full]
             fact = solve(c, grams.pop(c).gram).factors(ranks[c])
@@ -96,6 +102,7 @@ def compress_sequentially(
             grams = {}
             if inside:
                 layers = {full_to_c[f]: model.get_submodule(f) for f in inside}
+                materialise(layers.values())  # offloaded: this block's dense targets, once, not per batch
 
                 def forward(i: int, batch: dict, block: nn.Module = block) -> None:
                     run_block(block, stored[i])
@@ -120,6 +127,7 @@ def compress_sequentially(
         rest = [f for f in chosen if f not in installed]
         if rest:  # layers outside the block chain (e.g. a pooler): through the whole compressed model
             layers = {full_to_c[f]: model.get_submodule(f) for f in rest}
+            materialise(layers.values())
             grams = collect_grams(model, layers, data, {c: widths[c] for c in layers}, False,
                                   observe_output=observe_output & set(layers), cache=cache, cache_entry="rest")
             factor(rest, grams)

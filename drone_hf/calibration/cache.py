@@ -82,10 +82,23 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order; offloaded
+    tensors are read from their accelerate offload store."""
+
+    from .offload import is_offloaded
+
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        store = module._hf_hook.weights_map if is_offloaded(module) else {}
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t is None:
+                continue
+            if t.device.type == "meta" and name in store:  # accelerate offload: the real values are in its store
+                t = store[name]
+            tensors.setdefault(f"{prefix}.{name}" if prefix else name, t)
 
     def chunks():
-        for name, t in sorted(model.state_dict(keep_vars=True).items()):
+        for name, t in sorted(tensors.items()):
             yield f"{name}|{t.dtype}|{tuple(t.shape)}|".encode()
             yield _tensor_bytes(t)
 
