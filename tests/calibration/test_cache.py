@@ -278,3 +278,55 @@ def test_progress_bar_shows_resumed_work(tmp_path, monkeypatch):
     block_bars = [b for b in bars if b.get("unit") == "block"]
     assert [(b["desc"], b["initial"], b["total"]) for b in block_bars] == [("Sequential blocks (2 resumed from cache)", 2, 3)]
     assert_identical(resumed, compress(dense, sequential=True))
+
+
+def _distributed_worker(rank: int, size: int, init_file: str, folder: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        dense = build()
+        results, counts = [], []
+        for step in range(3):
+            if step == 2:  # one process lost a finished block: the processes must agree to start over
+                if rank == 1:
+                    (Path(folder) / f"rank1-of-{size}" / "block-00001.pt").unlink()
+                dist.barrier()
+            model = copy.deepcopy(dense)
+            calls = Calls({f"block{i}": b for i, b in enumerate(model.encoder.layer)})
+            drone_hf.compress(model, config(sequential=True, calibration_cache=folder), show_progress=False)
+            calls.remove()
+            results.append(model.state_dict())
+            counts.append(sum(calls.count.values()))
+        torch.save({"results": results, "counts": counts}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes, three compressions each: about 50 s on 2 cores
+def test_processes_keep_their_own_entries_and_agree_on_the_resume_point(tmp_path):
+    import torch.multiprocessing as mp
+
+    folder = tmp_path / "cache"
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(folder), str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["rank0-of-2", "rank1-of-2"]
+    runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for run in runs:
+        first, cached, restarted = run["counts"]
+        assert first > 0 and cached == 0 and restarted == first  # resumed all / started over together
+        for state in run["results"][1:]:
+            for key, value in run["results"][0].items():
+                assert torch.equal(state[key], value), key
+    for key, value in runs[0]["results"][0].items():  # the processes agree with each other exactly
+        assert torch.equal(runs[1]["results"][0][key], value), key
+
+
+def test_a_one_shot_cache_serves_another_param_ratio_without_a_forward_pass(tmp_path):
+    dense = build()
+    compress(dense, param_ratio=0.4, calibration_cache=tmp_path)
+    model = copy.deepcopy(dense)
+    calls = Calls({"encoder": model.encoder})
+    again = drone_hf.compress(model, config(param_ratio=0.25, calibration_cache=tmp_path), show_progress=False)
+    calls.remove()
+    assert calls.count["encoder"] == 0  # the statistics do not depend on the budget
+    assert_identical(again, compress(dense, param_ratio=0.25))
