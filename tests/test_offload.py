@@ -53,7 +53,13 @@ def test_offloaded_compression_equals_in_memory(checkpoint, tmp_path, sequential
     assert model.config.quantization_config.ranks == reference.config.quantization_config.ranks
     enc = TOK(["The union is strong.", "Offloaded or not, the same answer."], padding=True, return_tensors="pt")
     with torch.no_grad():
-        assert torch.equal(model(**enc).last_hidden_state, reference(**enc).last_hidden_state)
+        out = model(**enc).last_hidden_state
+        assert torch.equal(out, reference(**enc).last_hidden_state)
+    # the compressed model, its norms still on disk, saves a checkpoint that reloads to the same outputs
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = BertModel.from_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**enc).last_hidden_state, out)
 
 
 def test_sequential_materialises_one_block_at_a_time(checkpoint, tmp_path, monkeypatch):
