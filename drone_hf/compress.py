@@ -17,14 +17,14 @@ from transformers.utils import logging as hf_logging
 
 from .allocation import check_fixed_rank, uniform_rank
 from .attention_stage import AttentionStage
-from .planner import RankPlanner
 from .calibration import collect_grams, load_texts, tokenize_batches
 from .calibration.cache import open_cache
-from .calibration.offload import check_materialisable, materialise
 from .calibration.distributed import all_reduce_count, broadcast_object, shard_texts
+from .calibration.offload import check_materialisable, materialise
 from .config import QUANT_METHOD, DroneConfig
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
 from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
+from .planner import RankPlanner
 from .sequential import compress_sequentially
 from .solver import Decomposition, decompose, decompose_output_gram
 from .utils.logging import get_logger

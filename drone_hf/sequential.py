@@ -26,9 +26,9 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from .calibration import CalibrationBatches, collect_grams
-from .calibration.pipeline import _eval_mode
-from .calibration.offload import materialise
 from .calibration.blocks import BlockInputs, capture_first_block_inputs, find_blocks, run_block
+from .calibration.offload import materialise
+from .calibration.pipeline import _eval_mode
 from .modules.low_rank_linear import DroneLinear
 from .modules.targets import replace_modules
 from .solver import Decomposition
@@ -185,7 +185,7 @@ def _resume(
             restore_observer(grams[c], states[index][c], device)
         if inside:
             factor(inside, grams)
-    for item, hidden in zip(stored, outputs["hidden"]):
+    for item, hidden in zip(stored, outputs["hidden"], strict=True):
         item.hidden = hidden.to(device)
     logger.info(f"Calibration cache: {agreed} of {len(blocks)} blocks finished earlier; resuming at block {agreed}.")
     return agreed

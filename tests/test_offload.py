@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import CALIBRATION_TEXTS, bert_config, save_tiny, tokenizer
+from tiny_models import CALIBRATION_TEXTS, bert_config, tokenizer
 from transformers import BertModel
 
 import drone_hf
@@ -15,7 +15,9 @@ from drone_hf.calibration.cache import weights_fingerprint
 from drone_hf.calibration.offload import is_offloaded
 
 TOK = tokenizer()
-MAP = {"embeddings": "cpu", "encoder.layer.0": "cpu", "encoder.layer.1": "disk", "encoder.layer.2": "disk", "pooler": "cpu"}
+MAP = {
+    "embeddings": "cpu", "encoder.layer.0": "cpu", "encoder.layer.1": "disk", "encoder.layer.2": "disk", "pooler": "cpu"
+}
 
 
 @pytest.fixture(scope="module")

@@ -195,7 +195,8 @@ class CalibrationCache:
         new = {k: v for k, v in fingerprints.items() if k not in self._fingerprints}
         if new or not self.manifest.exists():
             self._fingerprints.update(new)
-            self._write(self.manifest, json.dumps({"fingerprints": self._fingerprints}, indent=1, sort_keys=True).encode())
+            text = json.dumps({"fingerprints": self._fingerprints}, indent=1, sort_keys=True)
+            self._write(self.manifest, text.encode())
 
     # --- entries ---------------------------------------------------------------------------------
     def _path(self, name: str) -> Path:

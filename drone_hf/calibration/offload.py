@@ -70,11 +70,14 @@ def materialise(layers: Iterable[nn.Module]) -> None:
                 "to materialise; load it with a plain device_map ('cpu'/'disk' entries) instead."
             )
         device = hook.execution_device if hook.execution_device is not None else torch.device("cpu")
-        names = [n for n, _ in layer.named_parameters(recurse=False)] + [n for n, _ in layer.named_buffers(recurse=False)]
+        params = dict(layer.named_parameters(recurse=False))
+        names = list(params) + [n for n, _ in layer.named_buffers(recurse=False)]
         values = {n: hook.weights_map[n] for n in names if n in hook.weights_map}
-        missing = [n for n, t in list(layer.named_parameters(recurse=False)) if n not in values and t.device.type == "meta"]
+        missing = [n for n, t in params.items() if n not in values and t.device.type == "meta"]
         if missing:
-            raise ValueError(f"The offload store of {type(layer).__name__} has no {missing[0]!r}; cannot materialise it.")
+            raise ValueError(
+                f"The offload store of {type(layer).__name__} has no {missing[0]!r}; drone-hf cannot materialise it."
+            )
         remove_hook_from_module(layer)
         for name, value in values.items():
             set_module_tensor_to_device(layer, name, device, value=value)

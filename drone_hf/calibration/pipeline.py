@@ -37,7 +37,9 @@ def _snapshot_seconds() -> float:
     return cache_mod.SNAPSHOT_SECONDS
 
 
-def _snapshot(cache: CalibrationCache, entry: str, observers: dict[str, GramObserver], leader_of: dict, done: int) -> None:
+def _snapshot(
+    cache: CalibrationCache, entry: str, observers: dict[str, GramObserver], leader_of: dict, done: int
+) -> None:
     from .cache import observer_state
 
     cache.save(entry, {
@@ -55,7 +57,9 @@ def _resume(
     if cache is None:
         return 0
     snap = cache.load(entry)
-    if snap is None or set(snap["observers"]) | set(snap["leader_of"]) != set(observers) or snap["batches_done"] > total:
+    if snap is None or snap["batches_done"] > total:
+        return 0
+    if set(snap["observers"]) | set(snap["leader_of"]) != set(observers):
         return 0
     from .cache import restore_observer
 
