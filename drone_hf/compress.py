@@ -17,12 +17,14 @@ from transformers.utils import logging as hf_logging
 
 from .allocation import check_fixed_rank, uniform_rank
 from .attention_stage import AttentionStage
-from .planner import RankPlanner
 from .calibration import collect_grams, load_texts, tokenize_batches
+from .calibration.cache import open_cache
 from .calibration.distributed import all_reduce_count, broadcast_object, shard_texts
+from .calibration.offload import check_materialisable, materialise
 from .config import QUANT_METHOD, DroneConfig
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
 from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
+from .planner import RankPlanner
 from .sequential import compress_sequentially
 from .solver import Decomposition, decompose, decompose_output_gram
 from .utils.logging import get_logger
@@ -109,15 +111,9 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     if attention is not None:
         targets = attention.linear_targets
     check_rank_keys(config.ranks, targets)
-    meta = [c for c, (_, layer) in targets.items() if layer.weight.device.type == "meta"]
-    if meta:
-        raise ValueError(
-            f"{len(meta)} target layer(s) have weights on the meta device (e.g. {meta[0]!r}): offloaded weights are "
-            "not supported for compression yet. Load the model without CPU/disk offload (no device_map, or a "
-            "device_map that fits in memory)."
-        )
-    weights = {c: dense_weight_of(layer) for c, (_, layer) in targets.items()}
-    shapes = {c: (int(w.shape[0]), int(w.shape[1])) for c, w in weights.items()}
+    # accelerate offload (device_map with cpu/disk entries): weights are loaded when solved (calibration/offload.py)
+    check_materialisable({c: layer for c, (_, layer) in targets.items()})
+    shapes = {c: tuple(int(v) for v in dense_weight_of(layer).shape) for c, (_, layer) in targets.items()}
     fixed = {c: k for c, (full, _) in targets.items() if (k := rank_for(c, full, config.ranks)) is not None}
     for c, k in fixed.items():
         check_fixed_rank(c, k, *shapes[c])
@@ -127,9 +123,10 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     widths = {c: shapes[c][0] if c in observe_output else shapes[c][1] for c in targets}
 
     def solve(c: str, gram: torch.Tensor) -> Decomposition:
+        weight = dense_weight_of(targets[c][1])  # read now: an offloaded layer is materialised just before
         if c in observe_output:
-            return decompose_output_gram(weights[c], gram)
-        return decompose(weights[c], gram, method=config.method, damp=config.damp)
+            return decompose_output_gram(weight, gram)
+        return decompose(weight, gram, method=config.method, damp=config.damp)
 
     tokenizer = _resolve_tokenizer(config.tokenizer, model)
     max_length = config.max_length
@@ -142,15 +139,24 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     calib_texts, eval_texts = _split_texts(texts, config.eval_samples, config.seed) if evaluate else (texts, [])
     # torchrun / accelerate launch: each process calibrates on its shard; statistics are all-reduced
     data = tokenize_batches(shard_texts(calib_texts), tokenizer, max_length, config.batch_size)
+    cache = open_cache(config.calibration_cache, model, data.batches, {
+        "mode": "sequential" if config.sequential else "one-shot",
+        "widths": sorted(widths.items()), "observe_output": sorted(observe_output),
+        "attention": config.compress_attention, "attention_rank": config.attention_rank,
+        "solver": [config.method, config.damp] if config.sequential else None,  # later blocks see solved ones
+    })
     one_shot = not (config.sequential and config.allocation == "uniform" and config.param_ratio is not None)
     plan = RankPlanner(model, config, targets, shapes, {}, fixed, tokenizer, show_progress)
     if one_shot:  # statistics of the dense model for every layer at once
+        materialise(layer for _, layer in targets.values())  # offloaded targets: their dense weights, all at once
         layers = {c: layer for c, (_, layer) in targets.items()}
         in_features = dict(widths)
         if attention is not None:  # attention inputs are observed in the same calibration pass
             attention_layers, attention_widths = attention.observed_layers()
             layers, in_features = layers | attention_layers, in_features | attention_widths
-        grams = collect_grams(model, layers, data, in_features, show_progress, observe_output=observe_output)
+        grams = collect_grams(
+            model, layers, data, in_features, show_progress, observe_output=observe_output, cache=cache
+        )
         if attention is not None:
             attention.take_statistics(grams)
         bar = hf_logging.tqdm(targets, desc="Solving", unit="layer", disable=not show_progress or None)
@@ -169,7 +175,7 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         originals = {full: layer for full, layer in targets.values()}
         try:
             replacements = compress_sequentially(
-                model, targets, data, widths, observe_output, solve, ranks, show_progress
+                model, targets, data, widths, observe_output, solve, ranks, show_progress, cache=cache
             )
         except BaseException:
             replace_modules(model, {f: m for f, m in originals.items() if model.get_submodule(f) is not m})

@@ -127,6 +127,16 @@ class DroneConfig(QuantizationConfigMixin):
             Per-head query-key width ``k``: an integer in [1, head width], or a float in (0, 1] giving
             ``floor(ratio · head width)`` (at least 1). Default ``DEFAULT_ATTENTION_RANK`` (0.5).
             Only meaningful with ``compress_attention=True``.
+        calibration_cache (`str` or `os.PathLike`, *optional*):
+            A folder where calibration writes its statistics as they are finished (one-shot mode:
+            the running accumulators of every layer, every ``SNAPSHOT_SECONDS`` and at the end;
+            ``sequential=True``: each block's statistics plus the latest block's outputs), so a run
+            killed midway resumes where it stopped instead of starting over. The folder is bound to
+            one run: a different model (weights or architecture), calibration data/tokenization or
+            statistics-relevant setting is refused with an error naming what changed, never reused.
+            Entries are written atomically and checksummed; a damaged entry is recomputed. A
+            machine-local path, so it is not written to ``config.json``. See
+            ``drone_hf/calibration/cache.py``.
 
     Names are relative to the base model (``encoder.layer.0.attention.self.query`` both for
     ``BertModel`` and ``BertForSequenceClassification``); full names with the base-model prefix
@@ -157,6 +167,7 @@ class DroneConfig(QuantizationConfigMixin):
         compress_attention: bool = False,
         attention_rank: int | float | None = None,
         sequential: bool = False,
+        calibration_cache: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -184,6 +195,7 @@ class DroneConfig(QuantizationConfigMixin):
         self.compress_attention = compress_attention
         self.attention_rank = attention_rank
         self.sequential = sequential
+        self.calibration_cache = calibration_cache  # runtime only: never serialised (a local path)
         # Records written by compression (and read back from a checkpoint).
         self.relative_errors: dict[str, float] | None = kwargs.pop("relative_errors", None)
         self.calibration: dict[str, Any] | None = kwargs.pop("calibration", None)
@@ -214,6 +226,7 @@ class DroneConfig(QuantizationConfigMixin):
                 "sequential=True with compress_attention=True is not supported yet: use one-shot calibration "
                 "(sequential=False) for attention compression."
             )
+        self._check_cache()
         budgets = [b for b in ("param_ratio", "target_speedup", "max_loss") if getattr(self, b) is not None]
         if len(budgets) > 1:
             raise ValueError(
@@ -293,6 +306,22 @@ class DroneConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"This checkpoint uses DRONE format version {self.format_version!r}, newer than this drone-hf "
                 f"understands ({FORMAT_VERSION}). Upgrade with `pip install -U drone-hf`."
+            )
+
+    def _check_cache(self) -> None:
+        """``calibration_cache``: ``None`` or a folder path (created when calibration starts)."""
+        folder = self.__dict__.get("calibration_cache")
+        if folder is None:
+            return
+        if isinstance(folder, bool) or not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):
+            raise ValueError(
+                f"calibration_cache={folder!r} must be a folder path (str or os.PathLike) where calibration statistics "
+                "are kept for resuming, or None to keep nothing."
+            )
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(
+                f"calibration_cache={os.fspath(folder)!r} exists and is not a folder; give a folder path (it is "
+                "created if missing)."
             )
 
     def _check_attention(self) -> None:

@@ -41,16 +41,20 @@ class DroneHfQuantizer(HfQuantizer):
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
 
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        """Refuse a ``device_map`` naming a device this machine does not have, before anything loads.
+
+        CPU and disk offload are honoured (see :mod:`drone_hf.calibration.offload`): offloaded target
+        layers are materialised for their solve and replaced by in-memory factors.
+        """
         if self.pre_quantized or not isinstance(device_map, dict):
             return
-        offloaded = sorted({str(v) for v in device_map.values() if str(v) in ("cpu", "disk")})
-        devices = {str(v) for v in device_map.values()}
-        if offloaded and len(devices) > 1:
-            raise ValueError(
-                f"Compressing while offloading to {offloaded} is not supported yet: calibration needs every "
-                "target weight materialised. Load without offload (e.g. device_map=None or a single device), "
-                "compress, save, and reload the (smaller) DRONE checkpoint with offload."
-            )
+        for module, place in device_map.items():
+            problem = _unavailable(place)
+            if problem:
+                raise ValueError(
+                    f"device_map places {module or 'the model'!r} on {place!r}, but {problem}; drone-hf cannot "
+                    "calibrate there. Use devices this machine has, 'cpu', or 'disk' (with offload_folder=)."
+                )
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         if not self.pre_quantized:
@@ -120,3 +124,23 @@ class DroneHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _unavailable(place: Any) -> str | None:
+    """Why ``place`` (a device_map value) cannot be used on this machine, or ``None`` when it can."""
+    if place in ("cpu", "disk"):
+        return None
+    if place == "meta":
+        return "the meta device holds no weights to calibrate"
+    try:  # an integer is an accelerator index (accelerate's convention)
+        accel = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+        device = torch.device(accel.type if accel else "cuda", place) if isinstance(place, int) else torch.device(place)
+    except (RuntimeError, TypeError):
+        return "that is not a device name"
+    if device.type == "cpu":
+        return None
+    backend = getattr(torch, device.type, None)
+    count = backend.device_count() if backend is not None and hasattr(backend, "device_count") else 0
+    if device.index is None and count > 0 or (device.index is not None and device.index < count):
+        return None
+    return f"torch sees {count} {device.type} device(s)"

@@ -10,22 +10,34 @@ model. Only one block's statistics exist at a time.
 Ranks are decided before the sequential pass: uniform and fixed ranks directly from the shapes;
 budgets that need spectra, latency or loss (greedy, drone, target_speedup, max_loss) from a
 one-shot plan, whose ranks the sequential pass then re-solves.
+
+With accelerate offload (``device_map`` with ``"cpu"``/``"disk"`` entries) each block's target layers
+are materialised right before the block is calibrated and replaced by their factors after it, so at
+most one dense block is held in memory (see :mod:`drone_hf.calibration.offload`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
 from .calibration import CalibrationBatches, collect_grams
-from .calibration.pipeline import _eval_mode
 from .calibration.blocks import BlockInputs, capture_first_block_inputs, find_blocks, run_block
+from .calibration.offload import materialise
+from .calibration.pipeline import _eval_mode
 from .modules.low_rank_linear import DroneLinear
 from .modules.targets import replace_modules
 from .solver import Decomposition
+from .utils.logging import get_logger
+
+if TYPE_CHECKING:
+    from .calibration.cache import CalibrationCache
+
+logger = get_logger(__name__)
 
 
 def compress_sequentially(
@@ -37,6 +49,7 @@ def compress_sequentially(
     solve: Callable[[str, torch.Tensor], Decomposition],
     ranks: dict[str, int],
     show_progress: bool,
+    cache: CalibrationCache | None = None,
 ) -> dict[str, DroneLinear]:
     """Factor ``targets`` at ``ranks`` block by block; returns full name -> installed ``DroneLinear``.
 
@@ -46,6 +59,10 @@ def compress_sequentially(
             ``observe_output`` layers).
         solve: ``(canonical name, gram) -> Decomposition`` (the engine's solver choice).
         ranks: canonical name -> rank; layers absent stay dense.
+
+        cache: resumable calibration (:mod:`~drone_hf.calibration.cache`): each block's statistics
+            and the latest block's outputs are written as blocks finish; finished blocks found there
+            are re-solved from their statistics without running them.
 
     The model is modified as it goes (block ``i`` is swapped before block ``i+1`` is calibrated); on
     an error the caller restores the dense layers from its own references.
@@ -58,6 +75,7 @@ def compress_sequentially(
 
     def factor(names: list[str], grams: dict) -> None:
         replacements = {}
+        materialise(model.get_submodule(full) for full in names)  # offloaded: load the dense weights to factor
         for full in names:
             c = full_to_c[full]
             fact = solve(c, grams.pop(c).gram).factors(ranks[c])
@@ -68,11 +86,23 @@ def compress_sequentially(
 
     with _eval_mode(model):
         stored: list[BlockInputs] = capture_first_block_inputs(model, blocks[0][1], data.batches, device)
-        bar = hf_logging.tqdm(blocks, desc="Sequential blocks", unit="block", disable=not show_progress or None)
-        for block_name, block in bar:
+        start = 0
+        if cache is not None:
+            from .calibration.cache import value_fingerprint
+
+            cache.bind({"ranks": value_fingerprint(sorted((c, int(k)) for c, k in ranks.items()))})
+            start = _resume(cache, blocks, chosen, full_to_c, widths, stored, device, factor)
+        bar = hf_logging.tqdm(
+            total=len(blocks), initial=start, unit="block", disable=not show_progress or None,
+            desc="Sequential blocks" + (f" ({start} resumed from cache)" if start else ""),
+        )
+        for index in range(start, len(blocks)):
+            block_name, block = blocks[index]
             inside = [f for f in chosen if f.startswith(block_name + ".")]
+            grams = {}
             if inside:
                 layers = {full_to_c[f]: model.get_submodule(f) for f in inside}
+                materialise(layers.values())  # offloaded: this block's dense targets, once, not per batch
 
                 def forward(i: int, batch: dict, block: nn.Module = block) -> None:
                     run_block(block, stored[i])
@@ -81,14 +111,81 @@ def compress_sequentially(
                     model, layers, data, {c: widths[c] for c in layers}, False,
                     forward=forward, observe_output=observe_output & set(layers),
                 )
+            if cache is not None:
+                from .calibration.cache import observer_state
+
+                cache.save(_block_entry(index), {c: observer_state(o) for c, o in grams.items()})
+            if inside:
                 factor(inside, grams)
             with torch.inference_mode():
                 for item in stored:  # the compressed block's outputs feed the next block
                     item.hidden = run_block(block, item)
+            if cache is not None:  # only the latest outputs are kept: they are what a resume needs
+                cache.save("outputs", {"block": index, "hidden": [item.hidden for item in stored]})
+            bar.update(1)
+        bar.close()
         rest = [f for f in chosen if f not in installed]
         if rest:  # layers outside the block chain (e.g. a pooler): through the whole compressed model
             layers = {full_to_c[f]: model.get_submodule(f) for f in rest}
+            materialise(layers.values())
             grams = collect_grams(model, layers, data, {c: widths[c] for c in layers}, False,
-                                  observe_output=observe_output & set(layers))
+                                  observe_output=observe_output & set(layers), cache=cache, cache_entry="rest")
             factor(rest, grams)
     return installed
+
+
+def _block_entry(index: int) -> str:
+    return f"block-{index:05d}"
+
+
+def _resume(
+    cache: CalibrationCache,
+    blocks: list[tuple[str, nn.Module]],
+    chosen: list[str],
+    full_to_c: dict[str, str],
+    widths: dict[str, int],
+    stored: list[BlockInputs],
+    device: torch.device,
+    factor: Callable[[list[str], dict], None],
+) -> int:
+    """Install the blocks the cache has finished and return the index of the first block to run.
+
+    A resume needs the statistics of every block up to ``j`` and the outputs of block ``j`` (only
+    the latest outputs are kept); anything less, or a damaged entry, resumes earlier (at worst from
+    the start). Several processes agree on the smallest resume point; a process whose stored outputs
+    are not at that point makes everyone start over (all processes must replay the same blocks).
+    """
+    from .calibration.cache import agree_min, restore_observer
+    from .calibration.observer import GramObserver
+
+    outputs = cache.load("outputs")
+    start, states = 0, []
+    if outputs is not None and len(outputs["hidden"]) == len(stored) and outputs["block"] < len(blocks):
+        for index in range(int(outputs["block"]) + 1):
+            st = cache.load(_block_entry(index))
+            if st is None:
+                break
+            states.append(st)
+        else:
+            start = len(states)
+    agreed = agree_min(start)
+    if agree_min(int(agreed == start)) == 0:
+        agreed = 0
+    if agreed == 0:
+        return 0
+    for index in range(agreed):
+        block_name = blocks[index][0]
+        inside = [f for f in chosen if f.startswith(block_name + ".")]
+        grams = {}
+        for f in inside:
+            c = full_to_c[f]
+            if c not in states[index]:
+                raise ValueError(f"Calibration cache entry {_block_entry(index)} has no statistics for {c!r}.")
+            grams[c] = GramObserver(widths[c], c)
+            restore_observer(grams[c], states[index][c], device)
+        if inside:
+            factor(inside, grams)
+    for item, hidden in zip(stored, outputs["hidden"], strict=True):
+        item.hidden = hidden.to(device)
+    logger.info(f"Calibration cache: {agreed} of {len(blocks)} blocks finished earlier; resuming at block {agreed}.")
+    return agreed

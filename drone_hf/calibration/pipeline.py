@@ -7,8 +7,10 @@ Layers that read the very same tensor (query/key/value, gate/up) share one produ
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,12 +20,53 @@ from .data import CalibrationBatches
 from .distributed import all_reduce_observers
 from .observer import GramObserver
 
+if TYPE_CHECKING:
+    from .cache import CalibrationCache
+
 
 def _input_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
+
+
+def _snapshot_seconds() -> float:
+    from . import cache as cache_mod
+
+    return cache_mod.SNAPSHOT_SECONDS
+
+
+def _snapshot(
+    cache: CalibrationCache, entry: str, observers: dict[str, GramObserver], leader_of: dict, done: int
+) -> None:
+    from .cache import observer_state
+
+    cache.save(entry, {
+        "batches_done": done,
+        "leader_of": dict(leader_of),
+        "observers": {n: observer_state(o) for n, o in observers.items() if n not in leader_of},
+    })
+
+
+def _resume(
+    cache: CalibrationCache | None, entry: str, observers: dict[str, GramObserver], leader_of: dict,
+    device: torch.device, total: int,
+) -> int:
+    """Load a snapshot into ``observers``; the index of the first batch still to feed (0: none)."""
+    if cache is None:
+        return 0
+    snap = cache.load(entry)
+    if snap is None or snap["batches_done"] > total:
+        return 0
+    if set(snap["observers"]) | set(snap["leader_of"]) != set(observers):
+        return 0
+    from .cache import restore_observer
+
+    for name, st in snap["observers"].items():
+        restore_observer(observers[name], st, device)
+    leader_of.update(snap["leader_of"])
+    return int(snap["batches_done"])
 
 
 @contextmanager
@@ -52,6 +95,8 @@ def collect_grams(
     show_progress: bool = True,
     forward: Callable[[int, dict[str, torch.Tensor]], object] | None = None,
     observe_output: set[str] | frozenset[str] = frozenset(),
+    cache: CalibrationCache | None = None,
+    cache_entry: str = "oneshot",
 ) -> dict[str, GramObserver]:
     """Run ``model`` over ``data`` and return the input Gram of every layer in ``layers``.
 
@@ -66,6 +111,9 @@ def collect_grams(
             ``model(**batch)`` (layer-sequential mode replays one block on stored inputs).
         observe_output: layers whose *output* Gram ``Σ (W x)(W x)ᵀ`` (bias removed) is
             accumulated instead of the input Gram: the cheaper statistic for layers that narrow.
+        cache: resumable calibration (:mod:`~drone_hf.calibration.cache`): the running statistics
+            are written to entry ``cache_entry`` every ``SNAPSHOT_SECONDS`` and after the last
+            batch, and a run that finds such an entry feeds only the batches it does not cover.
     """
     observers = {name: GramObserver(in_features[name], name) for name in layers}
     state: dict = {"mask": None, "batch": -1, "last": None}
@@ -118,19 +166,29 @@ def collect_grams(
 
         return hook
 
-    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
     device = _input_device(model)
+    start = _resume(cache, cache_entry, observers, leader_of, device, len(data.batches))
+    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
     try:
         with _eval_mode(model), torch.inference_mode():
             bar = hf_logging.tqdm(
-                data.batches, desc="Calibrating", unit="batch", disable=not show_progress or None
+                total=len(data.batches), initial=start, unit="batch", disable=not show_progress or None,
+                desc="Calibrating" + (f" (resumed at batch {start})" if start else ""),
             )
-            for i, batch in enumerate(bar):
+            saved = time.monotonic()
+            for i in range(start, len(data.batches)):
+                batch = data.batches[i]
                 state["batch"], state["mask"], state["last"] = i, batch["attention_mask"].bool(), None
                 if forward is not None:
                     forward(i, batch)
                 else:
                     model(**{k: v.to(device) for k, v in batch.items()})
+                bar.update(1)
+                last = i + 1 == len(data.batches)
+                if cache is not None and (last or time.monotonic() - saved >= _snapshot_seconds()):
+                    _snapshot(cache, cache_entry, observers, leader_of, i + 1)
+                    saved = time.monotonic()
+            bar.close()
     finally:
         for h in handles:
             h.remove()
