@@ -15,6 +15,16 @@
 
 Statistics come from the dense model in the same one-shot pass as the linear layers; a non-uniform
 linear allocation measures its candidates with dense attention.
+
+Per-layer attention ranks: with ``allocation="uniform"`` (the default) every module gets the per-head
+rank ``attention_rank``. With any other allocation (``"greedy"``, ``"drone"``) ``attention_rank`` is
+an *average*: the total query/key width ``Σ heads·k`` of the uniform choice is the budget, and
+:func:`allocate_attention_ranks` distributes it over the modules from their score-error spectra,
+greedily, one per-head step at a time to the module whose squared relative score error drops most
+per unit of width. The objective is separable and each module's error drop per step never grows
+(the solver keeps singular directions in decreasing order), so the greedy choice is optimal for the
+sum of squared relative score errors at that total width (for equal head counts). It uses only the
+statistics already collected (no extra forward pass), independently of the linear stage's budget.
 """
 
 from __future__ import annotations
@@ -54,6 +64,45 @@ def per_head_rank(attention_rank: int | float | None, head_dim: int, name: str) 
             "such as 0.5."
         )
     return int(k)
+
+
+def allocate_attention_ranks(
+    errors: dict[str, list[float]], heads: dict[str, int], budget: int
+) -> dict[str, int]:
+    """Per-head ranks (module -> k) minimising ``Σ relative_error(k)²`` with ``Σ heads·k <= budget``.
+
+    Args:
+        errors: module -> relative score error at per-head rank ``0..d`` (``d + 1`` values, non-increasing).
+        heads: module -> number of heads (the width cost of one per-head step).
+        budget: total query/key width ``Σ heads·k`` to distribute; at least ``Σ heads`` (rank 1 each).
+
+    Every module starts at rank 1, then the remaining width goes, one step at a time, to the module
+    with the largest drop of squared relative error per unit of width (ties: the first module).
+
+    Raises:
+        ValueError: a budget below one per-head dimension per module.
+    """
+    names = list(errors)
+    floor = sum(heads[n] for n in names)
+    if budget < floor:
+        raise ValueError(
+            f"an attention width budget of {budget} cannot give every one of the {len(names)} modules rank 1 "
+            f"(needs {floor}); raise attention_rank."
+        )
+    ranks = dict.fromkeys(names, 1)
+    left = budget - floor
+
+    def gain(n: str) -> float:
+        e, k = errors[n], ranks[n]
+        return (e[k] ** 2 - e[k + 1] ** 2) / heads[n] if k + 1 < len(e) else -math.inf
+
+    while True:
+        candidates = [n for n in names if heads[n] <= left and gain(n) > -math.inf]
+        if not candidates:
+            return ranks
+        best = max(candidates, key=gain)  # max keeps the first on ties: deterministic
+        ranks[best] += 1
+        left -= heads[best]
 
 
 @dataclass
@@ -153,6 +202,7 @@ class AttentionStage:
         bar = hf_logging.tqdm(
             list(self.layers), desc="Solving attention", unit="layer", disable=not show_progress or None
         )
+        decompositions = {}
         for name in bar:
             layer = self.layers[name]
             obs = layer.observer
@@ -160,8 +210,7 @@ class AttentionStage:
             gram = augmented_gram(obs.gram, obs.token_sum, obs.num_tokens)
             wq, bq, wk, bk = layer.adapter.qk_weights(layer.module)
             heads = layer.adapter.num_heads(layer.module)
-            dec = decompose_qk(wq, bq, wk, bk, heads, gram, method=cfg.method, damp=cfg.damp)
-            layer.projections = dec.projections(layer.rank)
+            decompositions[name] = decompose_qk(wq, bq, wk, bk, heads, gram, method=cfg.method, damp=cfg.damp)
             if layer.extra_rank is not None:
                 layer.extras = {}
                 for child, dense in layer.adapter.extra_layers(layer.module).items():
@@ -169,6 +218,28 @@ class AttentionStage:
                     f = decompose(dense.weight, obs.gram, method=cfg.method, damp=cfg.damp).factors(k)
                     layer.extras[child] = DroneLinear.from_factors(dense, f.up, f.down, f.relative_error)
             obs.gram = None  # free the statistics as we go
+        if cfg.allocation != "uniform" and len(decompositions) > 1:
+            self._allocate(decompositions)
+        for name, dec in decompositions.items():
+            self.layers[name].projections = dec.projections(self.layers[name].rank)
+
+    def _allocate(self, decompositions: dict) -> None:
+        """Replace the uniform per-head ranks by :func:`allocate_attention_ranks` at the same total width."""
+        heads = {n: d.num_heads for n, d in decompositions.items()}
+        spectra = {}
+        for n, d in decompositions.items():
+            e = d.relative_errors()
+            if e is None:  # no statistics (cannot happen after solve's pass): keep the uniform ranks
+                return
+            spectra[n] = e.tolist()
+        budget = sum(heads[n] * self.layers[n].rank for n in decompositions)
+        chosen = allocate_attention_ranks(spectra, heads, budget)
+        for n, k in chosen.items():
+            self.layers[n].rank = k
+        logger.info(
+            "attention ranks allocated (%s) from the score-error spectra, total width %d: %s",
+            self.config.allocation, budget, chosen,
+        )
 
     def install(self, model: nn.Module) -> dict[str, DroneAttention]:
         """Swap the compressed attention modules in (carrying the current value/output children)."""

@@ -2,16 +2,24 @@
 
 What a ratio counts: *targeted* ratios compare the weight parameters of the factored layers
 (``rank·(in+out)``) with the dense layers they replaced (``in·out``); biases are unchanged and not
-counted. *Model* ratios compare every parameter of the model (embeddings, norms, heads included)
-before and after.
+counted. *Attention* rows (``compress_attention=True``) compare the query and key projections of each
+compressed self-attention module, weights **and** biases (both shrink from ``H·d`` to ``H·k`` rows):
+``2·H·k·(n+1)`` against ``2·H·d·(n+1)``. *Model* ratios compare every parameter of the model
+(embeddings, norms, heads included) before and after, so they count both kinds of layers exactly.
+
+Compute: a factored layer's multiply-adds per token shrink like its weights; a compressed attention
+module's query/key projections shrink like its parameters and its ``L x L`` score product (per token
+pair) by ``k/d`` (:attr:`CompressionReport.score_macs_ratio`; whether a kernel realises that saving
+depends on the attention implementation, see ``docs/attention.md``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .modules.attention import DroneAttention
 from .modules.low_rank_linear import DroneLinear
 from .modules.targets import canonical_name
 
@@ -34,12 +42,45 @@ class LayerRow:
 
 
 @dataclass(frozen=True)
+class AttentionRow:
+    """One query-key compressed self-attention module (``compress_attention=True``).
+
+    ``dense_params``/``compressed_params`` count the query and key projections, weights and biases
+    (see the module docstring); ``score_error`` is the relative error of the attention scores on the
+    calibration tokens (``None`` when the checkpoint has no record of it).
+    """
+
+    name: str
+    heads: int
+    head_dim: int
+    qk_rank: int
+    in_features: int
+    dense_params: int
+    compressed_params: int
+    score_error: float | None
+
+    @property
+    def param_ratio(self) -> float:
+        return self.compressed_params / self.dense_params
+
+    @property
+    def score_macs_ratio(self) -> float:
+        """Multiply-adds of the score product ``q·k`` after / before: ``k/d``."""
+        return self.qk_rank / self.head_dim
+
+
+@dataclass(frozen=True)
 class CompressionReport:
-    """Per-layer rows plus totals; ``str(report)`` is a fixed-width table, ``to_markdown()`` a Markdown one."""
+    """Per-layer rows plus totals; ``str(report)`` is a fixed-width table, ``to_markdown()`` a Markdown one.
+
+    ``rows`` are the factored linear layers, ``attention_rows`` the query-key compressed attention
+    modules (empty unless ``compress_attention=True``); iterating a report yields ``rows`` only.
+    """
 
     rows: list[LayerRow]
     model_params: int
     allocation: dict | None = None
+    attention_rows: list[AttentionRow] = field(default_factory=list)
 
     @property
     def dense_targeted_params(self) -> int:
@@ -56,9 +97,44 @@ class CompressionReport:
         return self.factored_targeted_params / dense if dense else 1.0
 
     @property
+    def dense_attention_params(self) -> int:
+        """Query/key parameters (weights and biases) of the compressed attention modules before compression."""
+        return sum(r.dense_params for r in self.attention_rows)
+
+    @property
+    def compressed_attention_params(self) -> int:
+        """Query/key parameters (weights and biases) of the compressed attention modules now."""
+        return sum(r.compressed_params for r in self.attention_rows)
+
+    @property
+    def attention_param_ratio(self) -> float:
+        """Query/key parameters after / before over the compressed attention modules (1.0 if none)."""
+        dense = self.dense_attention_params
+        return self.compressed_attention_params / dense if dense else 1.0
+
+    @property
+    def score_macs_ratio(self) -> float:
+        """Multiply-adds of all compressed modules' score products after / before (``Σ H·k / Σ H·d``; 1.0 if none)."""
+        dense = sum(r.heads * r.head_dim for r in self.attention_rows)
+        return sum(r.heads * r.qk_rank for r in self.attention_rows) / dense if dense else 1.0
+
+    @property
+    def compressed_param_ratio(self) -> float:
+        """After / before over everything DRONE changed: factored linear weights plus attention query/key."""
+        dense = self.dense_targeted_params + self.dense_attention_params
+        after = self.factored_targeted_params + self.compressed_attention_params
+        return after / dense if dense else 1.0
+
+    @property
     def dense_model_params(self) -> int:
-        """Parameters of the model before compression."""
-        return self.model_params - self.factored_targeted_params + self.dense_targeted_params
+        """Parameters of the model before compression (factored layers and compressed attention restored)."""
+        return (
+            self.model_params
+            - self.factored_targeted_params
+            + self.dense_targeted_params
+            - self.compressed_attention_params
+            + self.dense_attention_params
+        )
 
     @property
     def model_param_ratio(self) -> float:
@@ -72,7 +148,31 @@ class CompressionReport:
         return iter(self.rows)
 
     def to_dicts(self) -> list[dict]:
+        """The factored linear rows as dicts (see :meth:`attention_dicts` for the attention rows)."""
         return [asdict(r) | {"param_ratio": r.param_ratio} for r in self.rows]
+
+    def attention_dicts(self) -> list[dict]:
+        """The compressed attention rows as dicts, with their parameter and score-compute ratios."""
+        return [
+            asdict(r) | {"param_ratio": r.param_ratio, "score_macs_ratio": r.score_macs_ratio}
+            for r in self.attention_rows
+        ]
+
+    def _attention_table(self) -> tuple[list[str], list[list[str]]]:
+        head = ["attention module", "heads x width", "q/k rank", "q/k params before", "after", "kept", "score error"]
+        body = [
+            [
+                r.name,
+                f"{r.heads}x{r.head_dim}",
+                str(r.qk_rank),
+                f"{r.dense_params:,}",
+                f"{r.compressed_params:,}",
+                f"{r.param_ratio:.1%}",
+                "n/a" if r.score_error is None else f"{r.score_error:.4f}",
+            ]
+            for r in self.attention_rows
+        ]
+        return head, body
 
     def _table(self) -> tuple[list[str], list[list[str]]]:
         head = ["layer", "shape", "rank", "params before", "params after", "kept", "rel. error"]
@@ -93,8 +193,19 @@ class CompressionReport:
     def summary(self) -> str:
         text = (
             f"{len(self.rows)} layers factored; targeted weights {self.dense_targeted_params:,} -> "
-            f"{self.factored_targeted_params:,} ({self.targeted_param_ratio:.1%} kept); whole model "
-            f"{self.dense_model_params:,} -> {self.model_params:,} parameters ({self.model_param_ratio:.1%})."
+            f"{self.factored_targeted_params:,} ({self.targeted_param_ratio:.1%} kept); "
+        )
+        if self.attention_rows:
+            ranks = sorted({r.qk_rank for r in self.attention_rows})
+            text += (
+                f"{len(self.attention_rows)} attention modules query-key compressed (per-head rank "
+                f"{'/'.join(map(str, ranks))}); query/key parameters {self.dense_attention_params:,} -> "
+                f"{self.compressed_attention_params:,} ({self.attention_param_ratio:.1%} kept), score products "
+                f"{self.score_macs_ratio:.1%} of the multiply-adds; "
+            )
+        text += (
+            f"whole model {self.dense_model_params:,} -> {self.model_params:,} parameters "
+            f"({self.model_param_ratio:.1%})."
         )
         a = self.allocation or {}
         if a and (a.get("strategy") != "uniform" or "param_ratio" not in (a.get("budget") or {})):
@@ -108,30 +219,36 @@ class CompressionReport:
             text += "\n" + "; ".join(parts) + "."
         return text
 
+    def _tables(self) -> list[tuple[list[str], list[list[str]]]]:
+        tables = [self._table()] if self.rows else []
+        return tables + ([self._attention_table()] if self.attention_rows else [])
+
     def __str__(self) -> str:
-        head, body = self._table()
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        fmt = lambda cells: "  ".join(  # noqa: E731
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        )
-        lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
-        return "\n".join(lines + ["", self.summary()])
+        lines: list[str] = []
+        for head, body in self._tables():
+            widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+            lines += [_fixed(head, widths), _fixed(["-" * w for w in widths], widths)]
+            lines += [_fixed(r, widths) for r in body] + [""]
+        return "\n".join(lines + [self.summary()])
 
     def to_markdown(self) -> str:
-        head, body = self._table()
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in body]
-        return "\n".join(lines + ["", self.summary()])
+        lines: list[str] = []
+        for head, body in self._tables():
+            lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+            lines += ["| " + " | ".join(r) + " |" for r in body] + [""]
+        return "\n".join(lines + [self.summary()])
 
 
 def report(model: nn.Module) -> CompressionReport:
-    """Per-layer rows (name, shape, rank, parameters before/after, relative calibration error).
+    """Per-layer rows (name, shape, rank, parameters before/after, relative calibration error), and
+    one row per query-key compressed attention module (per-head rank, query/key parameters before and
+    after, relative score error).
 
     Works on a freshly compressed model and on one reloaded from a DRONE checkpoint (the errors
     come from the checkpoint's record).
 
     Raises:
-        ValueError: the model has no DRONE layer.
+        ValueError: the model has neither a factored layer nor a compressed attention module.
     """
     rows = [
         LayerRow(
@@ -146,7 +263,9 @@ def report(model: nn.Module) -> CompressionReport:
         for name, m in model.named_modules()
         if isinstance(m, DroneLinear)
     ]
-    if not rows:
+    attention_rows = [_attention_row(canonical_name(model, name), m) for name, m in model.named_modules()
+                      if isinstance(m, DroneAttention)]
+    if not rows and not attention_rows:
         raise ValueError(
             "The model has no DRONE-factored layer: compress it first with drone_hf.compress(model, config) or "
             "from_pretrained(..., drone_config=DroneConfig(...))."
@@ -154,5 +273,21 @@ def report(model: nn.Module) -> CompressionReport:
     record = getattr(getattr(model, "config", None), "quantization_config", None)
     allocation = getattr(record, "allocation_result", None)
     return CompressionReport(
-        rows=rows, model_params=sum(p.numel() for p in model.parameters()), allocation=allocation
+        rows=rows, model_params=sum(p.numel() for p in model.parameters()), allocation=allocation,
+        attention_rows=attention_rows,
+    )
+
+
+def _fixed(cells: list[str], widths: list[int]) -> str:
+    """One fixed-width line: the first two columns left-aligned, numbers right-aligned."""
+    return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+
+def _attention_row(name: str, m: DroneAttention) -> AttentionRow:
+    """Query and key projections, weights and biases, at width ``d`` (before) and ``k`` (now) per head."""
+    per_row = m.query_proj.in_features + (1 if m.query_proj.bias is not None else 0)
+    return AttentionRow(
+        name=name, heads=m.num_heads, head_dim=m.head_dim, qk_rank=m.qk_rank, in_features=m.query_proj.in_features,
+        dense_params=2 * m.num_heads * m.head_dim * per_row, compressed_params=2 * m.num_heads * m.qk_rank * per_row,
+        score_error=m.relative_error,
     )

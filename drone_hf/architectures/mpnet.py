@@ -24,6 +24,7 @@ class DroneMPNetSelfAttention(DroneAttention):
     family = "mpnet"
     query_name = "q"
     key_name = "k"
+    records_attentions = False  # MPNet's encoder collects the weights from the return values
 
     def __init__(
         self, config: Any, qk_rank: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -20,6 +20,13 @@ unfused math kernel, measured 2-5x slower than the fused kernel at equal widths.
 padded columns add exactly zero to every score, the fused kernel runs, and the projections keep
 their ``k/d`` cost. ``qk_layout="narrow"`` keeps the narrow width inside SDPA (for backends with an
 efficient kernel for unequal widths); see ``benchmarks/attention.py`` for measurements.
+
+``output_attentions=True``: transformers collects attention weights with forward hooks it attaches
+to modules of the *original* class (``_can_record_outputs``), which a replacement is not. Each
+:class:`DroneAttention` therefore carries its own hook that hands its weights (the softmax of the
+``k``-wide scores, i.e. what the compressed model really attends with) to the same collector. As
+for the dense model, weights exist only with ``attn_implementation="eager"``; under SDPA transformers
+warns and returns none, exactly as it does for the original modules.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ class DroneAttention(nn.Module):
     family: ClassVar[str] = ""
     query_name: ClassVar[str] = "query"
     key_name: ClassVar[str] = "key"
+    #: Whether the family's model collects attention weights through transformers' output recorder
+    #: (``_can_record_outputs``), so the replacement must hand them over itself (module docstring).
+    records_attentions: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -85,6 +95,8 @@ class DroneAttention(nn.Module):
         self.source_class: type | None = None
         setattr(self, self.query_name, nn.Linear(in_features, num_heads * qk_rank, device=device, dtype=dtype))
         setattr(self, self.key_name, nn.Linear(in_features, num_heads * qk_rank, device=device, dtype=dtype))
+        if self.records_attentions:
+            self.register_forward_hook(_record_attention_weights)
 
     # --- projections -----------------------------------------------------------------------------
     @property
@@ -189,6 +201,21 @@ class DroneAttention(nn.Module):
 
     def _get_name(self) -> str:  # shows as "drone.<Family>Attention" in print(model)
         return f"drone.{type(self).__name__.removeprefix('Drone')}"
+
+
+def _record_attention_weights(module: nn.Module, args: Any, output: Any) -> None:
+    """Give this module's attention weights (output index 1) to transformers' active output collector
+    when the caller asked for ``output_attentions``; what the hook transformers attaches to the original
+    class would have done (``transformers.utils.output_capturing``)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers without the output recorder collects weights from return values
+        return
+    collected = _active_collector.get()
+    if collected is None or "attentions" not in collected:
+        return
+    if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
+        collected["attentions"].append(output[1])
 
 
 def drone_attention_modules(model: nn.Module) -> dict[str, DroneAttention]:

@@ -64,3 +64,35 @@ def test_quick_run_writes_complete_tables(tmp_path) -> None:
 
     raw = json.loads((tmp_path / "attention.json").read_text())
     assert raw["settings"]["ranks"] == list(quick.ranks) and len(raw["latency"]) == len(lat)
+
+
+def test_model_specs_name_real_modules_and_shapes() -> None:
+    """``--model``: each spec's timed block, head shape and q/k names match a model of that family
+    (tiny ones built in code), and the MACs count adds the output projection only where the block has it."""
+    import torch
+    from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+    from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention
+
+    assert attention.parse_args(["--model", "mpnet"]).model == "mpnet"
+    assert attention.parse_args([]).model == "minilm"
+    with pytest.raises(SystemExit):
+        attention.parse_args(["--model", "llama"])
+    tiny = {
+        "minilm": (BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=64)), BertSelfAttention),
+        "mpnet": (MPNetModel(MPNetConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                          intermediate_size=64)), MPNetSelfAttention),
+    }
+    for key, (model, cls) in tiny.items():
+        spec = attention.MODELS[key]
+        block = model.get_submodule(spec.block)
+        assert isinstance(block, cls)
+        assert all(isinstance(getattr(block, n), torch.nn.Linear) for n in spec.qk_names)
+        assert attention.qk_kept(model, spec.qk_names) == 1.0  # nothing compressed: everything kept
+        assert spec.hidden == spec.heads * spec.head_dim
+        assert hasattr(block, "o") == spec.block_has_output
+    n, h, d, k, length = 768, 12, 64, 16, 128
+    base = attention.block_macs(length, n, h, d, k)
+    assert base == length * n * h * (2 * k + d) + length * length * h * (k + d)
+    assert attention.block_macs(length, n, h, d, k, output=True) == base + length * n * h * d
