@@ -16,6 +16,7 @@ Studies (``--study``, default ``all``):
 Usage::
 
     python benchmarks/allocation.py [--study size|llm|loss|speed|all] [--quick] [--out DIR]
+                                    [--llm-ratios 0.6 0.8] [--llm-articles 16]
 """
 
 from __future__ import annotations
@@ -318,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out Wikipedia articles of the llm study (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, or a temp dir with --quick)")
     args = parser.parse_args(argv)
-    global LLM_RATIOS, LLM_EVAL_ARTICLES
-    LLM_RATIOS, LLM_EVAL_ARTICLES = tuple(args.llm_ratios), args.llm_articles
+    globals().update(LLM_RATIOS=tuple(args.llm_ratios), LLM_EVAL_ARTICLES=args.llm_articles)  # read by study_llm
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     torch.manual_seed(0)
     studies = list(STUDIES) if args.study == "all" else [args.study]
