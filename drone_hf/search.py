@@ -255,7 +255,8 @@ def fisher_sensitivities(
         for b in batches:
             ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
             with torch.enable_grad():
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 up, fp64 kept
                 target, real = ids[:, 1:], mask[:, 1:].bool()
                 nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
                 per_seq = (nll * real).sum(1) / real.sum(1).clamp(min=1)
