@@ -130,7 +130,9 @@ class RankPlanner:
         for c in self.free:
             k = self.effective_rank(c, uniform_rank(*self.shapes[c], 0.5))
             probes[self.targets[c][0]] = (self.factored(c, k), self.sq_error(c, k))
-        if self.evaluator().kind == "lm":  # one backward pass instead of one evaluation per layer
+        # one backward pass instead of one evaluation per layer; under a caller's inference_mode no
+        # graph can be built, so the measured probes (same quantity, slower) are used instead
+        if self.evaluator().kind == "lm" and not torch.is_inference_mode_enabled():
             by_full = fisher_sensitivities(self.model, self.evaluation_batches, probes)
             self.result["sensitivity"] = "fisher"
         else:

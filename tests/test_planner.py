@@ -293,3 +293,14 @@ def test_greedy_uses_fisher_sensitivities_for_lms_and_measured_ones_otherwise():
     assert lm.config.quantization_config.allocation_result["sensitivity"] == "fisher"
     enc = drone_hf.compress(build(), config(param_ratio=0.5, allocation="greedy"), show_progress=False)
     assert enc.config.quantization_config.allocation_result["sensitivity"] == "measured"
+
+
+def test_greedy_on_an_lm_under_inference_mode_falls_back_to_measured_sensitivities():
+    from tiny_models import llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        lm = drone_hf.compress(LlamaForCausalLM(llama_config()).eval(), config(param_ratio=0.5, allocation="greedy"),
+                               show_progress=False)
+    assert lm.config.quantization_config.allocation_result["sensitivity"] == "measured"
