@@ -16,6 +16,7 @@ Studies (``--study``, default ``all``):
 Usage::
 
     python benchmarks/allocation.py [--study size|llm|loss|speed|all] [--quick] [--out DIR]
+                                    [--llm-ratios 0.6 0.8] [--llm-articles 16]
 """
 
 from __future__ import annotations
@@ -98,6 +99,15 @@ def study_size(quick: bool) -> tuple[str, list[dict]]:
     return body, records
 
 
+#: SmolLM2 study sizes. Session 1 ran 24 articles x 1,024 tokens of perplexity per model, 128+32
+#: calibration texts and one full evaluation per targeted layer (210) for greedy sensitivities, and
+#: did not finish on a loaded 2-core machine. The sensitivities now come from one backward pass
+#: (``search.fisher_sensitivities``); the perplexity estimate is paired per window, so its standard
+#: error is reported next to the number of tokens it rests on.
+LLM_EVAL_ARTICLES, LLM_TOKENS_PER_ARTICLE, LLM_WINDOW = 16, 512, 256
+LLM_RATIOS = (0.6, 0.8)
+
+
 def _wiki_split(quick: bool):
     from benchmarks.assets import wiki_articles
 
@@ -107,23 +117,36 @@ def _wiki_split(quick: bool):
     for a in calib_articles:
         words = a.split()
         chunks += [" ".join(words[i : i + 90]) for i in range(0, len(words) - 45, 90)]
-    return chunks, eval_articles[: 4 if quick else 24]
+    return chunks, eval_articles[: 4 if quick else LLM_EVAL_ARTICLES]  # read at call time: --llm-articles
 
 
 @torch.inference_mode()
-def perplexity(model, tok, articles, window: int = 256) -> float:
-    nll = count = 0.0
+def window_nll(model, tok, articles, window: int = LLM_WINDOW, per_article: int = LLM_TOKENS_PER_ARTICLE) -> list[tuple[float, int]]:
+    """(summed next-token NLL, predicted tokens) per window: windows are the unit of pairing."""
+    out = []
     for text in articles:
-        ids = tok(text, return_tensors="pt")["input_ids"][:, : window * 4]
+        ids = tok(text, return_tensors="pt")["input_ids"][:, :per_article]
         for start in range(0, ids.shape[1] - 1, window):
             chunk = ids[:, start : start + window]
             if chunk.shape[1] < 2:
                 continue
-            out = model(input_ids=chunk, labels=chunk)
             n = chunk.shape[1] - 1
-            nll += float(out.loss) * n
-            count += n
-    return math.exp(nll / count)
+            out.append((float(model(input_ids=chunk, labels=chunk).loss) * n, n))
+    return out
+
+
+def perplexity(windows: list[tuple[float, int]]) -> float:
+    return math.exp(sum(s for s, _ in windows) / sum(n for _, n in windows))
+
+
+def paired_log_ratio(a: list[tuple[float, int]], b: list[tuple[float, int]]) -> tuple[float, float]:
+    """log(ppl_a / ppl_b) and its standard error over windows (same texts, so paired)."""
+    diffs = [(sa - sb) / n for (sa, n), (sb, _) in zip(a, b)]
+    weights = [n for _, n in a]
+    total = sum(weights)
+    mean = sum(d * w for d, w in zip(diffs, weights)) / total
+    var = sum(w * (d - mean) ** 2 for d, w in zip(diffs, weights)) / total
+    return mean, math.sqrt(var / max(len(diffs) - 1, 1))
 
 
 def study_llm(quick: bool) -> tuple[str, list[dict]]:
@@ -135,13 +158,19 @@ def study_llm(quick: bool) -> tuple[str, list[dict]]:
     tok = AutoTokenizer.from_pretrained(path)
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     calib, held = _wiki_split(quick)
-    dense_ppl = perplexity(dense, tok, held)
-    rows, records = [["dense", "-", "1.000", fmt(dense_ppl, 2), "1.00"]], []
-    for ratio in ((0.8,) if quick else (0.8, 0.6)):
+    start = time.perf_counter()
+    dense_w = window_nll(dense, tok, held)
+    eval_seconds = time.perf_counter() - start
+    del dense
+    tokens = sum(n for _, n in dense_w)
+    dense_ppl = perplexity(dense_w)
+    rows, records = [["dense", "-", "1.000", fmt(dense_ppl, 2), "1.00", "-", "-", f"{eval_seconds:.0f}"]], []
+    by_ratio: dict[float, dict[str, list]] = {}
+    for ratio in ((0.8,) if quick else LLM_RATIOS):
         for strategy in ("uniform", "greedy"):
             cfg = drone_hf.DroneConfig(
                 param_ratio=ratio, allocation=strategy, dataset=calib, tokenizer=tok,
-                num_samples=16 if quick else 128, eval_samples=8 if quick else 32, max_length=128,
+                num_samples=16 if quick else 64, eval_samples=8 if quick else 16, max_length=128,
             )
             if quick:
                 cfg.target_modules = [r"layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
@@ -149,18 +178,36 @@ def study_llm(quick: bool) -> tuple[str, list[dict]]:
             start = time.perf_counter()
             drone_hf.compress(model, cfg, show_progress=False)
             seconds = time.perf_counter() - start
-            ppl = perplexity(model, tok, held)
-            kept = model.config.quantization_config.allocation_result["targeted_param_ratio"]
-            records.append({"ratio": ratio, "strategy": strategy, "ppl": ppl, "dense_ppl": dense_ppl, "kept": kept,
-                            "seconds": seconds})
-            rows.append([ratio, strategy, fmt(kept, 3), fmt(ppl, 2), fmt(ppl / dense_ppl, 2)])
+            windows = window_nll(model, tok, held)
+            by_ratio.setdefault(ratio, {})[strategy] = windows
+            ppl = perplexity(windows)
+            result = model.config.quantization_config.allocation_result
+            kept = result["targeted_param_ratio"]
+            rec = {"ratio": ratio, "strategy": strategy, "ppl": ppl, "dense_ppl": dense_ppl, "kept": kept,
+                   "seconds": seconds, "eval_tokens": tokens, "dense_layers": result["dense_layers"],
+                   "sensitivity": result.get("sensitivity"), "load_average": load_average()}
+            diff = "-"
+            if strategy == "greedy":
+                mean, se = paired_log_ratio(windows, by_ratio[ratio]["uniform"])
+                rec["log_ppl_ratio_vs_uniform"], rec["log_ppl_ratio_se"] = mean, se
+                diff = f"{mean:+.4f} ± {se:.4f}"
+            records.append(rec)
+            print(rec, flush=True)
+            rows.append([ratio, strategy, fmt(kept, 3), fmt(ppl, 2), fmt(ppl / dense_ppl, 2), result["dense_layers"],
+                         diff, f"{seconds:.0f}"])
             del model
     body = (
         "## Greedy vs uniform ranks at the same parameter budget (SmolLM2-135M)\n\n"
-        f"Perplexity on {len(held)} held-out Wikipedia articles (256-token windows, up to 1,024 tokens each); "
-        "calibration on passages of the other articles. All q/k/v/o/gate/up/down projections targeted; "
-        "`lm_head` (tied to the embeddings) stays dense.\n\n"
-        + markdown_table(["param_ratio", "allocation", "kept", "perplexity", "x dense"], rows)
+        f"Perplexity on {len(held)} held-out Wikipedia articles, the first {LLM_TOKENS_PER_ARTICLE} tokens of each in "
+        f"{LLM_WINDOW}-token windows: {tokens} predicted tokens. Calibration on 90-word passages of the other "
+        "articles (64 texts x 128 tokens; greedy holds out 16 more to estimate sensitivities). All "
+        "q/k/v/o/gate/up/down projections targeted; `lm_head` (tied to the embeddings) stays dense. "
+        "`log ppl ratio` is log(perplexity greedy / perplexity uniform) with its standard error over the "
+        "paired windows (negative: greedy better). Greedy's sensitivities for the LM loss come from one "
+        "backward pass (empirical Fisher, `sensitivity` in the JSON). `seconds`: compression time on this "
+        "(shared) machine.\n\n"
+        + markdown_table(["param_ratio", "allocation", "kept", "perplexity", "x dense", "dense layers",
+                          "log ppl ratio vs uniform", "seconds"], rows)
     )
     return body, records
 
@@ -268,8 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=[*STUDIES, "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="tiny settings, every code path, temp folder")
+    parser.add_argument("--llm-ratios", type=float, nargs="+", default=list(LLM_RATIOS),
+                        help="param_ratio budgets of the llm study (default: %(default)s)")
+    parser.add_argument("--llm-articles", type=int, default=LLM_EVAL_ARTICLES,
+                        help="held-out Wikipedia articles of the llm study (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, or a temp dir with --quick)")
     args = parser.parse_args(argv)
+    globals().update(LLM_RATIOS=tuple(args.llm_ratios), LLM_EVAL_ARTICLES=args.llm_articles)  # read by study_llm
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     torch.manual_seed(0)
     studies = list(STUDIES) if args.study == "all" else [args.study]

@@ -132,3 +132,84 @@ def test_bad_ratio_raises_even_with_fixed_ranks_for_unfixed_layers() -> None:
 
 def test_empty_shapes_gives_empty_ranks() -> None:
     assert allocate_ranks({}, 0.5) == {}
+
+
+# --- bad budgets on a real compression: a clear error, and the model handed back untouched -----
+import torch  # noqa: E402
+from tiny_models import CALIBRATION_TEXTS, bert_config, tokenizer  # noqa: E402
+from transformers import BertModel  # noqa: E402
+
+import drone_hf  # noqa: E402
+import drone_hf.planner as planner_mod  # noqa: E402
+from drone_hf import DroneConfig, DroneLinear  # noqa: E402
+
+TOKENIZER = tokenizer()
+
+
+def tiny_bert() -> BertModel:
+    torch.manual_seed(0)
+    return BertModel(bert_config(hidden_size=64, intermediate_size=128)).eval()
+
+
+def budget_config(**kw) -> DroneConfig:
+    base = dict(dataset=CALIBRATION_TEXTS * 3, num_samples=18, eval_samples=6, batch_size=6, tokenizer=TOKENIZER)
+    return DroneConfig(**(base | kw))
+
+
+def assert_untouched(model: BertModel, before: dict[str, torch.Tensor]) -> None:
+    assert not any(isinstance(m, DroneLinear) for m in model.modules())
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(before[k], state[k]) for k in before)
+    assert getattr(model.config, "quantization_config", None) is None
+
+
+def refuse(kwargs: dict, match: str, **overrides) -> None:
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        drone_hf.compress(model, budget_config(**kwargs), show_progress=False, **overrides)
+    assert_untouched(model, before)
+
+
+def test_two_budgets_at_once_are_refused_even_as_overrides() -> None:
+    refuse(dict(param_ratio=0.5), "2 budgets", max_loss=0.1)
+
+
+@pytest.mark.parametrize("grid", [[], [0, 8], [-4], [8.5], ["8"], (8, 16)])
+def test_empty_or_invalid_rank_grid_is_refused(grid) -> None:
+    if isinstance(grid, tuple):  # a tuple is accepted and stored as a list
+        assert DroneConfig(param_ratio=0.5, allocation="greedy", rank_grid=grid).rank_grid == [8, 16]
+        return
+    with pytest.raises(ValueError, match=r"rank_grid=.* must be a non-empty list of positive integers"):
+        DroneConfig(param_ratio=0.5, allocation="greedy", rank_grid=grid)
+
+
+def test_rank_grid_with_no_rank_a_layer_can_take_leaves_the_model_dense() -> None:
+    refuse(dict(param_ratio=0.5, allocation="greedy", rank_grid=[1000]), r"has no rank that fits .*give ranks in \[1, ")
+
+
+def test_unreachable_param_ratio_names_the_smallest_reachable_and_leaves_the_model_dense() -> None:
+    refuse(dict(param_ratio=0.01, allocation="greedy", rank_grid=[16, 32]),
+           r"param_ratio=0.01 cannot be met .*smallest reachable: 0\.\d+.*raise param_ratio")
+
+
+def test_unreachable_speedup_names_the_best_reachable_and_leaves_the_model_dense(monkeypatch) -> None:
+    def slow_overhead(swapper, variants, inputs, repeats=9, warmup=2):
+        return {name: 1.0 for name in variants}  # layers are a negligible share of the time
+
+    monkeypatch.setattr(planner_mod, "end_to_end_times", slow_overhead)
+    refuse(dict(target_speedup=2.0, allocation="greedy"),
+           r"target_speedup=2.0 is out of reach .*best reachable is about 1\.\d\dx.*Ask for at most")
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "greedy", "drone"])
+def test_a_failing_loss_callable_leaves_the_model_dense(strategy) -> None:
+    def broken(model):
+        raise KeyError("validation split")
+
+    refuse(dict(max_loss=0.1, allocation=strategy, loss_fn=broken), r"loss_fn raised KeyError: 'validation split'.*not changed")
+
+
+@pytest.mark.parametrize("value", [float("nan"), "0.1", None, True])
+def test_a_loss_callable_returning_no_number_is_refused(value) -> None:
+    refuse(dict(max_loss=0.1, allocation="greedy", loss_fn=lambda model: value), r"loss_fn returned .* finite float")

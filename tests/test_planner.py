@@ -222,3 +222,85 @@ def test_rank_grid_without_a_fitting_rank_is_refused():
 def test_budget_configuration_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         DroneConfig(**bad)
+
+
+# --- LM sensitivities from one backward pass ----------------------------------------------------
+class Mix(torch.nn.Module):
+    """dense(x) + eps · (probe(x) − dense(x)): moves a layer's output along the probe's change."""
+
+    def __init__(self, dense, probe, eps):
+        super().__init__()
+        self.dense, self.probe, self.eps = dense, probe, eps
+
+    def forward(self, x):
+        y = self.dense(x)
+        return y + self.eps * (self.probe(x) - y)
+
+
+def per_sequence_loss(model, batches):
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            ids, mask = b["input_ids"], b["attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            real = mask[:, 1:].bool()
+            out.append((nll * real).sum(1) / real.sum(1))
+    return torch.cat(out)
+
+
+def test_fisher_sensitivity_matches_finite_differences_of_the_per_sequence_loss():
+    from tiny_models import llama_config
+    from transformers import LlamaForCausalLM
+
+    from drone_hf.modules.targets import replace_modules
+    from drone_hf.search import fisher_sensitivities
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config()).double().eval()
+    batches = tokenize_batches(TEXTS[:8], TOKENIZER, 32, 4).batches
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
+    probes = {}
+    for n in names:
+        dense = model.get_submodule(n)
+        probe = copy.deepcopy(dense)
+        with torch.no_grad():
+            probe.weight.add_(0.3 * torch.randn_like(probe.weight) * probe.weight.std())
+        probes[n] = (probe, 0.25)
+    got = fisher_sensitivities(model, batches, probes)
+    eps = 1e-4  # llama norms compute in float32 even for a float64 model: finite differences see ~1e-4 noise
+    for n in names:
+        dense, probe = model.get_submodule(n), probes[n][0]
+        slopes = []
+        for sign in (1, -1):
+            replace_modules(model, {n: Mix(dense, probe, sign * eps)})
+            slopes.append(per_sequence_loss(model, batches))
+            replace_modules(model, {n: dense})
+        dl = (slopes[0] - slopes[1]) / (2 * eps)  # d l_s / d eps: ∂l_s/∂Y · ΔY
+        expected = 0.5 * float((dl**2).mean()) / 0.25
+        assert got[n] == pytest.approx(expected, rel=1e-3)
+    assert not any(isinstance(m, Mix) for m in model.modules())
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # no gradients left behind
+
+
+def test_greedy_uses_fisher_sensitivities_for_lms_and_measured_ones_otherwise():
+    from tiny_models import llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = drone_hf.compress(LlamaForCausalLM(llama_config()).eval(), config(param_ratio=0.5, allocation="greedy"),
+                           show_progress=False)
+    assert lm.config.quantization_config.allocation_result["sensitivity"] == "fisher"
+    enc = drone_hf.compress(build(), config(param_ratio=0.5, allocation="greedy"), show_progress=False)
+    assert enc.config.quantization_config.allocation_result["sensitivity"] == "measured"
+
+
+def test_greedy_on_an_lm_under_inference_mode_falls_back_to_measured_sensitivities():
+    from tiny_models import llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        lm = drone_hf.compress(LlamaForCausalLM(llama_config()).eval(), config(param_ratio=0.5, allocation="greedy"),
+                               show_progress=False)
+    assert lm.config.quantization_config.allocation_result["sensitivity"] == "measured"
