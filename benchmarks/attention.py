@@ -376,9 +376,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> Path:
     latency = latency_study(dense, variants, settings, spec)
 
     runtime = time.perf_counter() - started
-    info = machine_info() | {"load average (1 min) at start / end": f"{load_at_start} / {load_average()}"}
-    if spec.key == "mpnet":  # machine_info() names the packaged MiniLM
-        info["model"] = "all-mpnet-base-v2 from the local asset cache (benchmarks/assets.py mpnet)"
+    info = machine_info([spec.key]) | {"load average (1 min) at start / end": f"{load_at_start} / {load_average()}"}
     header = results_header(f"Attention (query-key) compression: {spec.title}", command, info, runtime)
     body = render(settings, variants, latency, (num_texts, num_tokens), spec)
     write_markdown(out / f"{spec.results_stem}.md", header, body)
