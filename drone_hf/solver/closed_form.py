@@ -171,6 +171,7 @@ def decompose(
     *,
     method: str = "drone",
     damp: float = 0.0,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Decomposition:
     """Decompose ``weight`` once so any rank can be cut from it.
 
@@ -182,6 +183,8 @@ def decompose(
         method: ``"drone"`` (data-aware optimum) or ``"svd"`` (plain truncated SVD of ``W``, the
             data-free baseline).
         damp: relative ridge ``δ`` (see the module docstring); ``0`` is the exact DRONE optimum.
+        eig: ``torch.linalg.eigh`` of the (symmetrised) ``gram`` when the caller already has it, so a
+            comparison of several methods on one Gram decomposes it once.
 
     Cost: one ``n x n`` eigendecomposition and one ``m x t`` SVD in float64.
     """
@@ -210,7 +213,7 @@ def decompose(
             raise ValueError(f"gram has shape {tuple(g.shape)} but the weight takes {n} inputs: expected ({n}, {n}).")
         check_finite(g, "gram")
         g = 0.5 * (g + g.T)
-        lam, vec = torch.linalg.eigh(g)
+        lam, vec = (as_float64(eig[0]), as_float64(eig[1])) if eig is not None else torch.linalg.eigh(g)
         lam_max = float(lam[-1]) if lam.numel() else 0.0
         keep = lam > EIGEN_TOL * max(lam_max, 0.0)
         if lam_max <= 0.0:

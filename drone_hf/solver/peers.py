@@ -67,19 +67,21 @@ def _check(weight: torch.Tensor, gram: torch.Tensor | None) -> tuple[torch.Tenso
     return w, 0.5 * (g + g.T)
 
 
-def _eig(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eigenpairs of the Gram and the mask of those DRONE keeps (``λ > EIGEN_TOL · λ_max``)."""
-    lam, vec = torch.linalg.eigh(g)
+def _eig(g: torch.Tensor, eig: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Eigenpairs of the Gram (or the caller's precomputed ``torch.linalg.eigh`` of it) and the mask
+    of those DRONE keeps (``λ > EIGEN_TOL · λ_max``)."""
+    lam, vec = eig if eig is not None else torch.linalg.eigh(g)
+    lam, vec = as_float64(lam), as_float64(vec)
     lam_max = float(lam[-1]) if lam.numel() else 0.0
     keep = lam > EIGEN_TOL * lam_max if lam_max > 0 else torch.zeros_like(lam, dtype=torch.bool)
     return lam, vec, keep
 
 
-def _root(g: torch.Tensor | None) -> torch.Tensor | None:
+def _root(g: torch.Tensor | None, eig=None) -> torch.Tensor | None:
     """``R = V_t Λ_t^{1/2}`` with ``G ≈ R Rᵀ``: the calibration outputs are ``W R`` up to rotation."""
     if g is None:
         return None
-    lam, vec, keep = _eig(g)
+    lam, vec, keep = _eig(g, eig)
     return vec[:, keep] * lam[keep].sqrt()
 
 
@@ -106,21 +108,28 @@ def _projection(w: torch.Tensor, z: torch.Tensor, root: torch.Tensor | None, met
 
 
 def pair_squared_errors(
-    weight: torch.Tensor, root: torch.Tensor, up_all: torch.Tensor, down_all: torch.Tensor
+    weight: torch.Tensor, root: torch.Tensor, up_all: torch.Tensor, down_all: torch.Tensor, block: int = 32
 ) -> torch.Tensor:
     """``||(W - A_k B_k) X||²`` for k = 0..r, for any factor pair ``A`` [m, r], ``B`` [r, n].
 
-    With ``G = R Rᵀ`` the calibration error is ``||W R - A_k (B_k R)||_F``. The residual is updated one
-    rank-one term at a time and its norm taken directly (cost ``O(r m t)``), not as a difference of
-    large sums, so small errors keep their relative precision. This is the error of the factors
-    actually returned, whatever the method's truncation.
+    With ``G = R Rᵀ`` the calibration error is ``||W R - A_k (B_k R)||_F``. The residual ``E_s`` is
+    formed exactly every ``block`` ranks; within a block, ``||E_s - Σ a_j (b_j R)||²`` is expanded
+    around ``||E_s||²`` (cross terms and the block's small Gram table), so round-off is relative to
+    the current residual, not to ``||W X||²``: small errors keep their relative precision. Cost
+    ``O(r m t)`` in matrix products. This is the error of the factors actually returned, whatever the
+    method's truncation.
     """
     rest = weight @ root
     br = down_all @ root
     out = [float((rest * rest).sum())]
-    for j in range(up_all.shape[1]):
-        rest.sub_(torch.outer(up_all[:, j], br[j]))
-        out.append(float((rest * rest).sum()))
+    r = up_all.shape[1]
+    for s in range(0, r, block):
+        a, b = up_all[:, s : s + block], br[s : s + block]
+        base = (rest * rest).sum()
+        cross = ((a.T @ rest) * b).sum(dim=1)
+        quad = torch.diagonal(((a.T @ a) * (b @ b.T)).cumsum(0).cumsum(1))
+        out.extend((base - 2 * cross.cumsum(0) + quad).clamp_min(0.0).tolist())
+        rest = rest - a @ b
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -139,7 +148,8 @@ def _pairs(
 
 
 def decompose_asvd(
-    weight: torch.Tensor, gram: torch.Tensor | None, abs_mean: torch.Tensor, alpha: float = DEFAULT_ASVD_ALPHA
+    weight: torch.Tensor, gram: torch.Tensor | None, abs_mean: torch.Tensor, alpha: float = DEFAULT_ASVD_ALPHA,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Decomposition:
     """ASVD: truncated SVD of ``W diag(abs_mean^α)``, mapped back (see the module docstring).
 
@@ -149,6 +159,7 @@ def decompose_asvd(
         abs_mean: [n] mean absolute value of each input channel over the real calibration tokens
             (:class:`~drone_hf.calibration.activation_stats.AbsMeanObserver`).
         alpha: exponent, ``>= 0``; 0 is plain SVD.
+        eig: ``torch.linalg.eigh(gram)`` if the caller already has it (a benchmark comparing methods).
     """
     if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"asvd_alpha={alpha!r} must be a finite number >= 0 (the paper uses 0.5; 0 is plain SVD).")
@@ -160,10 +171,13 @@ def decompose_asvd(
     if bool((s < 0).any()):
         raise ValueError("abs_mean must be >= 0 (a mean of absolute values).")
     scale = s.pow(alpha) if alpha > 0 else torch.ones_like(s)
-    return _projection(w, w * scale, _root(g), "asvd")
+    return _projection(w, w * scale, _root(g, eig), "asvd")
 
 
-def decompose_fwsvd(weight: torch.Tensor, gram: torch.Tensor | None, row_fisher: torch.Tensor) -> Decomposition:
+def decompose_fwsvd(
+    weight: torch.Tensor, gram: torch.Tensor | None, row_fisher: torch.Tensor,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Decomposition:
     """Fisher-weighted SVD: truncate ``diag(sqrt(I)) W``, map back (``W' = W P_k P_kᵀ``).
 
     Args:
@@ -171,6 +185,7 @@ def decompose_fwsvd(weight: torch.Tensor, gram: torch.Tensor | None, row_fisher:
         gram: [n, n] input Gram, for the calibration errors only (``None``: no errors).
         row_fisher: [m] ``I_i = Σ_j (∂L/∂W_ij)²`` summed over calibration batches
             (:func:`~drone_hf.calibration.fisher.collect_row_fisher`). All zeros: plain SVD.
+        eig: ``torch.linalg.eigh(gram)`` if the caller already has it.
     """
     w, g = _check(weight, gram)
     f = as_float64(row_fisher).reshape(-1)
@@ -183,11 +198,16 @@ def decompose_fwsvd(weight: torch.Tensor, gram: torch.Tensor | None, row_fisher:
     _, sing, vh = torch.linalg.svd(d[:, None] * w, full_matrices=False)
     mask = _nonzero(sing)
     p = vh[mask].T  # [n, r] input directions, best first
-    return _pairs(w, w @ p, p.T.contiguous(), sing[mask] ** 2, p, _root(g), "fwsvd")
+    return _pairs(w, w @ p, p.T.contiguous(), sing[mask] ** 2, p, _root(g, eig), "fwsvd")
 
 
-def decompose_svdllm(weight: torch.Tensor, gram: torch.Tensor, name: str = "") -> Decomposition:
+def decompose_svdllm(
+    weight: torch.Tensor, gram: torch.Tensor, name: str = "", eig: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> Decomposition:
     """SVD-LLM: Cholesky whitening ``G = L Lᵀ``, truncated SVD of ``W L``, map back with ``L⁻¹``.
+
+    ``eig``: ``torch.linalg.eigh(gram)`` if the caller already has it (used for the rank check and
+    the error bookkeeping, never for the whitening).
 
     Raises:
         CholeskyError: ``G`` is not (numerically) positive definite; the message names ``name``.
@@ -196,7 +216,7 @@ def decompose_svdllm(weight: torch.Tensor, gram: torch.Tensor, name: str = "") -
         raise ValueError("method='svdllm' needs the input Gram matrix.")
     w, g = _check(weight, gram)
     n = w.shape[1]
-    lam, vec, keep = _eig(g)
+    lam, vec, keep = _eig(g, eig)
     rank = int(keep.sum())
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0 or rank < n:
@@ -225,16 +245,18 @@ def decompose_peer(
     row_fisher: torch.Tensor | None = None,
     asvd_alpha: float = DEFAULT_ASVD_ALPHA,
     name: str = "",
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Decomposition:
-    """Dispatch to the peer ``method`` with the statistics it needs (each missing one is named)."""
+    """Dispatch to the peer ``method`` with the statistics it needs (each missing one is named).
+    ``eig``: ``torch.linalg.eigh(gram)`` if the caller already has it."""
     if method == "asvd":
         if abs_mean is None:
             raise ValueError(f"method='asvd' needs the mean absolute input activations of layer {name!r}.")
-        return decompose_asvd(weight, gram, abs_mean, asvd_alpha)
+        return decompose_asvd(weight, gram, abs_mean, asvd_alpha, eig=eig)
     if method == "fwsvd":
         if row_fisher is None:
             raise ValueError(f"method='fwsvd' needs the row Fisher information of layer {name!r}.")
-        return decompose_fwsvd(weight, gram, row_fisher)
+        return decompose_fwsvd(weight, gram, row_fisher, eig=eig)
     if method == "svdllm":
-        return decompose_svdllm(weight, gram, name)
+        return decompose_svdllm(weight, gram, name, eig=eig)
     raise ValueError(f"{method!r} is not a peer method: use one of {list(PEER_METHODS)}.")
