@@ -108,12 +108,12 @@ def _projection(w: torch.Tensor, z: torch.Tensor, root: torch.Tensor | None, met
 
 
 def pair_squared_errors(
-    weight: torch.Tensor, root: torch.Tensor, up_all: torch.Tensor, down_all: torch.Tensor, block: int = 32
+    weight: torch.Tensor, root: torch.Tensor, up_all: torch.Tensor, down_all: torch.Tensor, block: int = 16
 ) -> torch.Tensor:
     """``||(W - A_k B_k) X||²`` for k = 0..r, for any factor pair ``A`` [m, r], ``B`` [r, n].
 
     With ``G = R Rᵀ`` the calibration error is ``||W R - A_k (B_k R)||_F``. The residual ``E_s`` is
-    formed exactly every ``block`` ranks; within a block, ``||E_s - Σ a_j (b_j R)||²`` is expanded
+    formed (and its norm taken) exactly every ``block`` ranks; within a block, ``||E_s - Σ a_j (b_j R)||²`` is expanded
     around ``||E_s||²`` (cross terms and the block's small Gram table), so round-off is relative to
     the current residual, not to ``||W X||²``: small errors keep their relative precision. Cost
     ``O(r m t)`` in matrix products. This is the error of the factors actually returned, whatever the
@@ -128,8 +128,10 @@ def pair_squared_errors(
         base = (rest * rest).sum()
         cross = ((a.T @ rest) * b).sum(dim=1)
         quad = torch.diagonal(((a.T @ a) * (b @ b.T)).cumsum(0).cumsum(1))
-        out.extend((base - 2 * cross.cumsum(0) + quad).clamp_min(0.0).tolist())
+        inside = (base - 2 * cross.cumsum(0) + quad).clamp_min(0.0)
         rest = rest - a @ b
+        inside[-1] = (rest * rest).sum()  # block ends exact: the full-rank error is 0 up to round-off
+        out.extend(inside.tolist())
     return torch.tensor(out, dtype=torch.float64)
 
 
