@@ -107,7 +107,9 @@ def eval_windows(tok, held: list[str], length: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def run(quick: bool, calib_texts: int, fisher_texts: int) -> tuple[str, dict]:
+def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[str, dict]:
+    """Run every method; ``save(body, record)`` is called after each method (partial results survive
+    an interrupted run, marked ``partial`` in the record)."""
     torch.set_num_threads(1)
     model, tok, model_name, calib, held = _load(quick)
     max_length, eval_length = (32, 32) if quick else (256, 256)
@@ -121,46 +123,63 @@ def run(quick: bool, calib_texts: int, fisher_texts: int) -> tuple[str, dict]:
     fisher_data = tokenize_batches(calib[: (8 if quick else fisher_texts)], tok, max_length, 4)
     timings: dict[str, float] = {}
 
-    t = time.perf_counter()
-    dense_ppl = perplexity(model, windows)
-    timings["dense perplexity"] = time.perf_counter() - t
-    t = time.perf_counter()
-    grams = {c: o.gram for c, o in collect_grams(model, layers, data, {c: s[1] for c, s in shapes.items()}, False).items()}
-    timings["Gram pass"] = time.perf_counter() - t
-    t = time.perf_counter()
-    abs_means = {c: o.mean for c, o in collect_abs_means(model, layers, data).items()}
-    timings["mean |x| pass (asvd)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    fisher = collect_row_fisher(model, layers, fisher_data)
-    timings["Fisher pass (fwsvd)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    eigs = {}
-    for c, g in grams.items():
-        if c not in eigs:
+    def timed(label: str, fn):
+        t = time.perf_counter()
+        value = fn()
+        timings[label] = time.perf_counter() - t
+        return value
+
+    dense_ppl = timed("dense perplexity", lambda: perplexity(model, windows))
+    print(f"dense ppl {dense_ppl:.3f}", flush=True)
+    widths = {c: s[1] for c, s in shapes.items()}
+    grams = timed("Gram pass", lambda: {c: o.gram for c, o in collect_grams(model, layers, data, widths, False).items()})
+
+    def eigendecompose() -> dict:
+        eigs: dict = {}
+        for c, g in grams.items():
             same = [d for d in eigs if grams[d] is g]  # q/k/v and gate/up share one Gram object
             eigs[c] = eigs[same[0]] if same else torch.linalg.eigh(0.5 * (g + g.T))
-    timings["Gram eigendecompositions"] = time.perf_counter() - t
+        return eigs
+
+    eigs = timed("Gram eigendecompositions (shared)", eigendecompose)
+    stats: dict[str, dict] = {}  # the peers' extra statistics, collected when first needed
+
+    def needs(method: str) -> None:
+        if method == "asvd" and "abs_mean" not in stats:
+            stats["abs_mean"] = timed("mean |x| pass (asvd)", lambda: {
+                c: o.mean for c, o in collect_abs_means(model, layers, data).items()})
+        if method == "fwsvd" and "row_fisher" not in stats:
+            stats["row_fisher"] = timed("Fisher forward+backward pass (fwsvd)",
+                                        lambda: collect_row_fisher(model, layers, fisher_data))
 
     originals = {full: layer for full, layer in targets.values()}
     results: dict[str, dict] = {}
-    for method in ("drone", "svd", "asvd", "fwsvd", "svdllm"):
+    record = {
+        "model": model_name, "dense_ppl": dense_ppl, "ratios": list(RATIOS), "methods": results,
+        "calibration_texts": data.num_texts, "calibration_tokens": data.num_tokens,
+        "fisher_texts": fisher_data.num_texts, "eval_windows": int(windows.shape[0]), "eval_length": eval_length,
+        "targeted_layers": len(targets), "timings_s": timings, "partial": True,
+    }
+    # DRONE first, then the peers; the 20% cut (the issue's target) first within each method
+    for method in ("drone", "asvd", "svd", "fwsvd", "svdllm"):
+        needs(method)
         t = time.perf_counter()
         entry: dict = {"ppl": {}, "kept": {}}
+        results[method] = entry
         try:
             decs = {}
             for c in targets:
                 if method in ("drone", "svd"):
                     decs[c] = decompose(weights[c], grams[c], method=method, eig=eigs[c])
                 else:
-                    decs[c] = decompose_peer(method, weights[c], grams[c], abs_mean=abs_means[c],
-                                             row_fisher=fisher[c], name=c, eig=eigs[c])
+                    decs[c] = decompose_peer(method, weights[c], grams[c], name=c, eig=eigs[c],
+                                             **{k: v[c] for k, v in stats.items()})
         except CholeskyError as e:
             entry["failed"] = str(e)
-            results[method] = entry
             print(f"{method}: failed: {e}", flush=True)
             continue
         entry["solve_s"] = time.perf_counter() - t
-        for ratio in RATIOS:
+        for ratio in sorted(RATIOS, key=lambda r: abs(r - (1 - TARGET_CUT))):
             repl, kept = {}, 0
             for c, (full, layer) in targets.items():
                 f = decs[c].factors(uniform_rank(*shapes[c], ratio))
@@ -175,15 +194,11 @@ def run(quick: bool, calib_texts: int, fisher_texts: int) -> tuple[str, dict]:
             entry["kept"][str(ratio)] = kept / sum(m * n for m, n in shapes.values())
             print(f"{method} ratio {ratio}: ppl {ppl:.3f} (dense {dense_ppl:.3f})", flush=True)
         del decs
-        results[method] = entry
-
-    record = {
-        "model": model_name, "dense_ppl": dense_ppl, "ratios": list(RATIOS), "methods": results,
-        "calibration_texts": data.num_texts, "calibration_tokens": data.num_tokens,
-        "fisher_texts": fisher_data.num_texts, "eval_windows": int(windows.shape[0]), "eval_length": eval_length,
-        "targeted_layers": len(targets), "timings_s": timings, "load_average": load_average(),
-    }
-    record["target"] = _target(record)
+        if save is not None:
+            record["load_average"], record["target"] = load_average(), _target(record)
+            save(_body(record), record)
+    record["partial"] = False
+    record["load_average"], record["target"] = load_average(), _target(record)
     return _body(record), record
 
 
@@ -198,7 +213,8 @@ def _target(rec: dict) -> dict:
     return {
         "cut": TARGET_CUT, "drone_ppl": drone, "x_dense": ratio, "within_factor": ratio <= TARGET_FACTOR,
         "beats_every_peer": all(drone < p for p in peers.values()), "best_peer": min(peers, key=peers.get) if peers else None,
-        "met": ratio <= TARGET_FACTOR and all(drone < p for p in peers.values()),
+        "peers_compared": sorted(peers),
+        "met": ratio <= TARGET_FACTOR and all(drone < p for p in peers.values()) and len(peers) == 4,
     }
 
 
@@ -210,14 +226,16 @@ def _body(rec: dict) -> str:
         if "failed" in e:
             rows.append([method, *["failed"] * len(RATIOS)])
             continue
-        rows.append([method, *[f"{fmt(e['ppl'][str(r)], 2)} ({fmt(e['ppl'][str(r)] / dense, 2)}x)" for r in RATIOS]])
+        rows.append([method, *[f"{fmt(e['ppl'][str(r)], 2)} ({fmt(e['ppl'][str(r)] / dense, 2)}x)"
+                               if str(r) in e["ppl"] else "not run" for r in RATIOS]])
     tg = rec["target"]
     if "x_dense" in tg:
         verdict = (
             f"DRONE at a {round(TARGET_CUT * 100)}% cut: perplexity {fmt(tg['drone_ppl'], 2)} = {fmt(tg['x_dense'], 3)}x dense "
             f"(target <= {TARGET_FACTOR}x: {'met' if tg['within_factor'] else 'missed by ' + fmt(tg['x_dense'] - TARGET_FACTOR, 3) + 'x'}); "
             f"{'lower than every peer' if tg['beats_every_peer'] else 'NOT lower than every peer'} "
-            f"(best peer: {tg['best_peer']}). Target {'met' if tg['met'] else 'missed'}."
+            f"(peers compared: {', '.join(tg['peers_compared']) or 'none'}; best: {tg['best_peer']}). "
+            f"Target {'met' if tg['met'] else 'not met' + (' (not every peer ran)' if len(tg['peers_compared']) < 4 else '')}."
         )
     else:
         verdict = "No DRONE result."
@@ -226,14 +244,16 @@ def _body(rec: dict) -> str:
     timing = markdown_table(["step", "seconds"], [[k, fmt(v, 1)] for k, v in rec["timings_s"].items()]
                             + [[f"solve all layers: {m}", fmt(e["solve_s"], 1)] for m, e in rec["methods"].items()
                                if "solve_s" in e])
+    partial = ("**Partial run**: interrupted before every method finished; missing methods were not run.\n\n"
+               if rec.get("partial") else "")
     return (
-        f"## Perplexity vs parameter cut ({rec['model']})\n\n"
+        partial + f"## Perplexity vs parameter cut ({rec['model']})\n\n"
         f"Held-out Wikipedia (articles never used for calibration): {rec['eval_windows']} windows of "
         f"{rec['eval_length']} tokens. Calibration: {rec['calibration_texts']} passages of other articles "
         f"({rec['calibration_tokens']} tokens); FWSVD's Fisher on the first {rec['fisher_texts']} of them. "
         f"{rec['targeted_layers']} targeted layers (every q/k/v/o/gate/up/down projection), uniform ranks; a "
         "cut of c keeps `param_ratio = 1 - c` of the targeted weights (exact fractions kept: "
-        + ", ".join(f"{k}: {fmt(v, 4)}" for k, v in kept.items())
+        + ", ".join(f"{k}: {fmt(v, 4)}" for k, v in sorted(kept.items(), reverse=True))
         + "). Embeddings, norms and the tied lm_head are dense and not counted. No fine-tuning. "
         "Cells: perplexity (x dense).\n\n"
         + markdown_table(headers, rows)
@@ -249,7 +269,9 @@ def _plot(rec: dict, out: Path) -> None:
     for method, e in rec["methods"].items():
         if "failed" in e:
             continue
-        ax.plot(cuts, [e["ppl"][str(r)] for r in RATIOS], marker="o", label=method)
+        pts = [(c, e["ppl"][str(r)]) for c, r in zip(cuts, RATIOS) if str(r) in e["ppl"]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=method)
     ax.axhline(rec["dense_ppl"], color="gray", linestyle="--", label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("parameter cut of the targeted weights (%)")
@@ -272,13 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    body, record = run(args.quick, args.calib_texts, args.fisher_texts)
-    header = results_header("LM perplexity vs parameter cut, DRONE and peer methods",
-                            command_line(__file__, argv if argv is not None else sys.argv[1:]), machine_info(),
-                            time.perf_counter() - start)
-    write_markdown(out / "lm.md", header, body)
-    (out / "lm.json").write_text(json.dumps(record, indent=1))
-    _plot(record, out)
+    info = machine_info()
+
+    def save(body: str, record: dict) -> None:
+        header = results_header("LM perplexity vs parameter cut, DRONE and peer methods",
+                                command_line(__file__, argv if argv is not None else sys.argv[1:]), info,
+                                time.perf_counter() - start)
+        write_markdown(out / "lm.md", header, body)
+        (out / "lm.json").write_text(json.dumps(record, indent=1))
+        _plot(record, out)
+
+    save(*run(args.quick, args.calib_texts, args.fisher_texts, save))
     print(f"wrote {out / 'lm.md'}")
     return 0
 
