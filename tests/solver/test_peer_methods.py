@@ -272,3 +272,17 @@ def test_cli_and_model_card_know_every_method():
                     if a.dest == "method")
     assert tuple(compress.choices) == METHODS
     assert set(_METHOD_NAMES) == set(METHODS)
+
+
+def test_peer_methods_through_from_pretrained_and_sequential(tmp_path):
+    # the quantizer path (statistics inside from_pretrained) and layer-sequential mode, where the
+    # peers' statistics stay those of the dense model and the Gram follows the compressed blocks
+    path = save_tiny("llama-gqa-lm", tmp_path / "dense")
+    common = dict(param_ratio=0.5, dataset=CALIBRATION_TEXTS * 4, num_samples=32, max_length=32)
+    model = AutoModelForCausalLM.from_pretrained(path, drone_config=drone_hf.DroneConfig(method="fwsvd", **common))
+    assert model.config.quantization_config.method == "fwsvd" and model.config.quantization_config.ranks
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    drone_hf.compress(model, drone_hf.DroneConfig(method="asvd", asvd_alpha=1.0, sequential=True, tokenizer=tokenizer(),
+                                                  **common), show_progress=False)
+    rec = model.config.quantization_config
+    assert rec.method == "asvd" and rec.asvd_alpha == 1.0 and rec.allocation_result.get("sequential") is True
