@@ -223,11 +223,16 @@ def decompose_svdllm(
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0 or rank < n:
         where = f"layer {name!r}" if name else "this layer"
+        lam_max = float(lam[-1]) if lam.numel() else 0.0
+        ratio = float(lam[0]) / lam_max if lam_max > 0 else float("nan")
+        why = ("its Cholesky factorisation failed" if int(info) != 0 else
+               f"Cholesky succeeded only through round-off (λ_min/λ_max = {ratio:.1e} <= {EIGEN_TOL:g}; L⁻¹ would "
+               "amplify noise in the directions calibration barely saw)")
         raise CholeskyError(
             f"SVD-LLM cannot whiten {where}: its input Gram ({n}x{n}) is not positive definite (numerical rank "
-            f"{rank} of {n}: too few calibration tokens, or input channels that are never active), so its Cholesky "
-            "factor does not exist. Use method='drone' (the same optimum, computed without Cholesky), more "
-            "calibration texts, or exclude the layer with modules_to_not_convert."
+            f"{rank} of {n}: too few calibration tokens, or input channels that are never active); {why}. "
+            "Use method='drone' (the same optimum, computed without Cholesky), more calibration texts, or exclude "
+            "the layer with modules_to_not_convert."
         )
     u, sing, vh = torch.linalg.svd(w @ chol, full_matrices=False)
     mask = _nonzero(sing)
