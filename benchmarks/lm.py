@@ -146,7 +146,7 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
 
     def needs(method: str) -> None:
         if method == "asvd" and "abs_mean" not in stats:
-            stats["abs_mean"] = timed("mean |x| pass (asvd)", lambda: {
+            stats["abs_mean"] = timed("mean abs(x) pass (asvd)", lambda: {
                 c: o.mean for c, o in collect_abs_means(model, layers, data).items()})
         if method == "fwsvd" and "row_fisher" not in stats:
             stats["row_fisher"] = timed("Fisher forward+backward pass (fwsvd)",
@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    torch.set_num_threads(1)  # before machine_info, so the header records the threads actually used
     info = machine_info()
 
     def save(body: str, record: dict) -> None:
