@@ -92,7 +92,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model-class", choices=sorted(MODEL_CLASSES), default="auto", help="which Auto class loads it")
     c.add_argument("--dataset", help="calibration text: built-in corpus name (sotu), or a .txt/.jsonl file")
     c.add_argument("--param-ratio", type=float, default=0.5, help="fraction of targeted weights kept, in (0, 1]")
-    c.add_argument("--method", choices=["drone", "svd"], default="drone", help="drone (data-aware) or plain svd")
+    c.add_argument("--method", choices=["drone", "svd", "asvd", "fwsvd", "svdllm"], default="drone",  # = solver.METHODS
+                   help="drone (data-aware), plain svd, or a peer method: asvd, fwsvd, svdllm (docs/methods.md)")
     c.add_argument("--damp", type=float, default=None, help="ridge regularisation (default: the library's)")
     c.add_argument("--num-samples", type=int, default=128, help="calibration texts")
     c.add_argument("--max-length", type=int, default=128, help="tokens per calibration text")

@@ -26,7 +26,7 @@ from .modules.low_rank_linear import DroneLinear, dense_weight_of
 from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
 from .planner import RankPlanner
 from .sequential import compress_sequentially
-from .solver import Decomposition, decompose, decompose_output_gram
+from .solver import PEER_METHODS, Decomposition, decompose, decompose_output_gram, decompose_peer
 from .utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -91,6 +91,22 @@ def _needs_evaluation(config: DroneConfig) -> bool:
     return config.allocation != "uniform" or config.max_loss is not None
 
 
+def _peer_statistics(model: nn.Module, method: str, targets: dict, data) -> dict[str, dict[str, torch.Tensor]]:
+    """The extra statistics of the peer methods, on the dense model (as their papers calibrate):
+    ASVD's per-channel mean |x| (one forward pass), FWSVD's row Fisher (one forward+backward pass).
+    Empty for every other method; in sequential mode they stay those of the dense model."""
+    layers = {c: layer for c, (_, layer) in targets.items()}
+    if method == "asvd" and layers:
+        from .calibration.activation_stats import collect_abs_means
+
+        return {c: {"abs_mean": obs.mean} for c, obs in collect_abs_means(model, layers, data).items()}
+    if method == "fwsvd" and layers:
+        from .calibration.fisher import collect_row_fisher
+
+        return {c: {"row_fisher": f} for c, f in collect_row_fisher(model, layers, data).items()}
+    return {}
+
+
 def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool = True) -> nn.Module:
     """Factor ``model``'s targeted layers with ``config`` and record the result in ``config``.
 
@@ -122,10 +138,15 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     observe_output = {c for c, (o, i) in shapes.items() if config.method == "drone" and config.damp == 0 and o < i}
     widths = {c: shapes[c][0] if c in observe_output else shapes[c][1] for c in targets}
 
+    peer_stats: dict[str, dict[str, torch.Tensor]] = {}  # asvd/fwsvd statistics, filled after tokenising
+
     def solve(c: str, gram: torch.Tensor) -> Decomposition:
         weight = dense_weight_of(targets[c][1])  # read now: an offloaded layer is materialised just before
         if c in observe_output:
             return decompose_output_gram(weight, gram)
+        if config.method in PEER_METHODS:
+            return decompose_peer(config.method, weight, gram, asvd_alpha=config.asvd_alpha, name=c,
+                                  **peer_stats.get(c, {}))
         return decompose(weight, gram, method=config.method, damp=config.damp)
 
     tokenizer = _resolve_tokenizer(config.tokenizer, model)
@@ -143,8 +164,10 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         "mode": "sequential" if config.sequential else "one-shot",
         "widths": sorted(widths.items()), "observe_output": sorted(observe_output),
         "attention": config.compress_attention, "attention_rank": config.attention_rank,
-        "solver": [config.method, config.damp] if config.sequential else None,  # later blocks see solved ones
+        # later blocks see solved ones
+        "solver": [config.method, config.damp, config.asvd_alpha] if config.sequential else None,
     })
+    peer_stats.update(_peer_statistics(model, config.method, targets, data))
     one_shot = not (config.sequential and config.allocation == "uniform" and config.param_ratio is not None)
     plan = RankPlanner(model, config, targets, shapes, {}, fixed, tokenizer, show_progress)
     if one_shot:  # statistics of the dense model for every layer at once

@@ -43,6 +43,7 @@ _SETTINGS = (
     "modules_to_not_convert",
     "damp",
     "method",
+    "asvd_alpha",
     "seed",
     "ranks",
     "target_speedup",
@@ -103,8 +104,16 @@ class DroneConfig(QuantizationConfigMixin):
         damp (`float`, defaults to ``DEFAULT_DAMP``):
             Ridge ``δ``: the solver minimises ``||(W-W')X||² + δ·mean(diag XXᵀ)·||W-W'||²``;
             ``0`` is the exact DRONE optimum, large values approach plain SVD.
-        method (`str`, defaults to ``"drone"``): ``"drone"`` (data-aware) or ``"svd"`` (plain
-            truncated SVD of the weight: the data-free baseline).
+        method (`str`, defaults to ``"drone"``): the solver. ``"drone"`` (data-aware optimum of
+            ``||(W-W')X||``); ``"svd"`` (plain truncated SVD of the weight: the data-free baseline);
+            and the peer methods, for comparison (``docs/methods.md``): ``"asvd"`` (ASVD: SVD of the
+            weight with input channels scaled by ``mean|x|^asvd_alpha``, one extra forward pass),
+            ``"fwsvd"`` (Fisher-weighted SVD: rows weighted by summed squared gradients of the loss,
+            one extra forward+backward pass; needs a model with logits), ``"svdllm"`` (SVD-LLM:
+            Cholesky whitening, DRONE's optimum when the Gram is positive definite; a layer whose
+            Gram is not fails with an error naming it).
+        asvd_alpha (`float`, defaults to 0.5): ASVD's exponent on the mean absolute activations
+            (the paper's value); ``0`` is plain SVD. Used only with ``method="asvd"``.
         seed (`int`, defaults to 0): seed of the calibration subset.
         ranks (`dict[str, int]`, *optional*):
             Fixed ranks by layer name or regular expression (full match), taking precedence over
@@ -155,6 +164,7 @@ class DroneConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         damp: float = DEFAULT_DAMP,
         method: str = "drone",
+        asvd_alpha: float = 0.5,
         seed: int = 0,
         ranks: dict[str, int] | None = None,
         target_speedup: float | None = None,
@@ -183,6 +193,7 @@ class DroneConfig(QuantizationConfigMixin):
         )
         self.damp = damp
         self.method = method
+        self.asvd_alpha = asvd_alpha
         self.seed = seed
         self.ranks = dict(ranks) if ranks is not None else None
         self.target_speedup = target_speedup
@@ -282,6 +293,9 @@ class DroneConfig(QuantizationConfigMixin):
             raise ValueError(f"damp={d!r} must be a finite number >= 0 (0 is the exact DRONE optimum).")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not supported: use one of {list(METHODS)}.")
+        a = self.asvd_alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0:
+            raise ValueError(f"asvd_alpha={a!r} must be a finite number >= 0 (ASVD's exponent: 0.5 in the paper, 0 = plain SVD).")
         tm = self.target_modules
         if tm is not None:
             if isinstance(tm, str):

@@ -47,6 +47,16 @@ _TASKS = (
 )
 
 
+#: How the model card names each solver (``DroneConfig.method``).
+_METHOD_NAMES = {
+    "drone": "DRONE (data-aware)",
+    "svd": "plain truncated SVD (data-free baseline)",
+    "asvd": "ASVD (activation-aware SVD, peer method)",
+    "fwsvd": "Fisher-weighted SVD (peer method)",
+    "svdllm": "SVD-LLM (Cholesky whitening, peer method)",
+}
+
+
 def auto_class_and_task(architecture: str | None) -> tuple[str, str]:
     """(Auto class name, pipeline task) that fit a model class name such as ``"BertForMaskedLM"``."""
     for suffix, auto, task in _TASKS:
@@ -230,7 +240,7 @@ def card_context(
         "auto_class": auto_class,
         "pipeline_task": task,
         "quant_method": QUANT_METHOD,
-        "method_name": "DRONE (data-aware)" if qc.method == "drone" else "plain truncated SVD (data-free baseline)",
+        "method_name": _METHOD_NAMES.get(qc.method, qc.method),
         "settings": {k: v for k, v in settings.items() if v is not None},
         "format_version": qc.format_version,
         "layers": rep.rows,

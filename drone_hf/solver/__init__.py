@@ -1,5 +1,9 @@
 """Pure-torch solvers: ``(W, G) -> factors + every rank's error``. No transformers import here."""
 
 from .closed_form import METHODS, Decomposition, Factorization, decompose, decompose_output_gram, factorize
+from .peers import PEER_METHODS, CholeskyError, decompose_peer
 
-__all__ = ["METHODS", "Decomposition", "Factorization", "decompose", "decompose_output_gram", "factorize"]
+__all__ = [
+    "METHODS", "PEER_METHODS", "CholeskyError", "Decomposition", "Factorization", "decompose",
+    "decompose_output_gram", "decompose_peer", "factorize",
+]

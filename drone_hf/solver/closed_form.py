@@ -32,7 +32,9 @@ import torch
 
 from .numerics import EIGEN_TOL, SINGULAR_TOL, as_float64, check_finite
 
-METHODS = ("drone", "svd")
+#: Every solver ``DroneConfig(method=...)`` accepts: DRONE, plain SVD, and the peer methods of
+#: :mod:`drone_hf.solver.peers` (ASVD, Fisher-weighted SVD, SVD-LLM), for side-by-side comparison.
+METHODS = ("drone", "svd", "asvd", "fwsvd", "svdllm")
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,13 @@ class Decomposition:
         total_energy: ``||W X||_F²`` on the calibration inputs (``None`` without a Gram matrix).
         spectrum: [r] the squared singular values the method truncates (``σ_j(W X)²`` for ``drone``
             with ``damp=0``; ``σ_j(W)²`` for ``svd``).
-        method: ``"drone"`` or ``"svd"``.
+        method: one of :data:`METHODS`.
+        up_all, down_all: [m, r] and [r, n]: when set, the rank-k factors are ``up_all[:, :k]`` and
+            ``down_all[:k]`` (peer methods whose truncation is not an orthonormal output projection of
+            ``W``: Fisher-weighted SVD keeps input directions, SVD-LLM maps back through ``L⁻¹``).
+            ``None``: the output-projection form ``U_k (U_kᵀ W)`` from ``basis``.
+        explicit_squared_errors: [r + 1] ``||(W - W'_k) X||²`` for k = 0..r, precomputed for the
+            ``up_all``/``down_all`` form (``None``: derived from ``captured`` and ``residual``).
     """
 
     weight: torch.Tensor
@@ -83,6 +91,9 @@ class Decomposition:
     total_energy: float | None
     spectrum: torch.Tensor
     method: str
+    up_all: torch.Tensor | None = None
+    down_all: torch.Tensor | None = None
+    explicit_squared_errors: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -95,6 +106,8 @@ class Decomposition:
 
     def squared_errors(self) -> torch.Tensor | None:
         """[max_rank + 1] float64: ``||(W - W'_k) X||²`` for k = 0..max_rank (``None`` without data)."""
+        if self.explicit_squared_errors is not None:
+            return self.explicit_squared_errors
         if self.captured is None or self.residual is None:
             return None
         # tail sums, summed from the small end: no cancellation against the total
@@ -122,6 +135,8 @@ class Decomposition:
                 f"rank={rank!r} is not valid for a {m}x{n} weight: use an integer in [1, {min(m, n)}]."
             )
         k = min(rank, self.max_rank)
+        if self.up_all is not None and self.down_all is not None:
+            return self._pair_factors(k)
         # W X = 0 (max_rank 0): nothing to keep, but a layer needs rank >= 1, so one zero direction.
         u = self.basis[:, :k] if k else self.weight.new_zeros(m, 1)
         down = u.T @ self.weight
@@ -135,6 +150,20 @@ class Decomposition:
         err = None if errors is None else float(errors[k])
         return Factorization(up=up, down=down, rank=max(k, 1), relative_error=err)
 
+    def _pair_factors(self, k: int) -> Factorization:
+        """Factors of the ``up_all``/``down_all`` form, balanced like the projection form."""
+        m, n = self.shape
+        if k == 0:
+            up, down = self.weight.new_zeros(m, 1), self.weight.new_zeros(1, n)
+        else:
+            up, down = self.up_all[:, :k], self.down_all[:k]
+            tiny = torch.finfo(torch.float64).tiny
+            scale = (up.norm(dim=0).clamp_min(tiny) / down.norm(dim=1).clamp_min(tiny)).sqrt()
+            up, down = up / scale, down * scale[:, None]
+        errors = self.relative_errors()
+        err = None if errors is None else float(errors[k])
+        return Factorization(up=up, down=down, rank=max(k, 1), relative_error=err)
+
 
 def decompose(
     weight: torch.Tensor,
@@ -142,6 +171,7 @@ def decompose(
     *,
     method: str = "drone",
     damp: float = 0.0,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Decomposition:
     """Decompose ``weight`` once so any rank can be cut from it.
 
@@ -153,6 +183,8 @@ def decompose(
         method: ``"drone"`` (data-aware optimum) or ``"svd"`` (plain truncated SVD of ``W``, the
             data-free baseline).
         damp: relative ridge ``δ`` (see the module docstring); ``0`` is the exact DRONE optimum.
+        eig: ``torch.linalg.eigh`` of the (symmetrised) ``gram`` when the caller already has it, so a
+            comparison of several methods on one Gram decomposes it once.
 
     Cost: one ``n x n`` eigendecomposition and one ``m x t`` SVD in float64.
     """
@@ -165,6 +197,11 @@ def decompose(
     w = as_float64(weight)
     check_finite(w, "weight")
     m, n = w.shape
+    if method in ("asvd", "fwsvd", "svdllm"):
+        raise ValueError(
+            f"method={method!r} needs its own statistics: call drone_hf.solver.peers.decompose_peer "
+            "(the compression engine does this for you)."
+        )
     if gram is None and method == "drone":
         raise ValueError("method='drone' needs the input Gram matrix; pass gram= or use method='svd'.")
 
@@ -176,7 +213,7 @@ def decompose(
             raise ValueError(f"gram has shape {tuple(g.shape)} but the weight takes {n} inputs: expected ({n}, {n}).")
         check_finite(g, "gram")
         g = 0.5 * (g + g.T)
-        lam, vec = torch.linalg.eigh(g)
+        lam, vec = (as_float64(eig[0]), as_float64(eig[1])) if eig is not None else torch.linalg.eigh(g)
         lam_max = float(lam[-1]) if lam.numel() else 0.0
         keep = lam > EIGEN_TOL * max(lam_max, 0.0)
         if lam_max <= 0.0:

@@ -441,7 +441,7 @@ def test_drone_needs_a_gram() -> None:
 def test_unknown_method_raises(method: str) -> None:
     with pytest.raises(ValueError, match="method="):
         decompose(rand(3, 3, seed=0), torch.eye(3, dtype=f64), method=method)
-    assert METHODS == ("drone", "svd")
+    assert METHODS[:2] == ("drone", "svd")  # peers follow: tests/solver/test_peer_methods.py
 
 
 @pytest.mark.parametrize("damp", [-1.0, -1e-12, float("nan"), float("inf"), "0.1", None])
@@ -514,7 +514,7 @@ def test_property_drone_is_optimal_for_every_rank(params) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(shapes, st.sampled_from([0.0, 0.01, 1.0]), st.sampled_from(METHODS))
+@given(shapes, st.sampled_from([0.0, 0.01, 1.0]), st.sampled_from(("drone", "svd")))
 def test_property_errors_are_monotone_and_match_direct_computation(params, damp, method) -> None:
     m, n, tokens, seed, dead = params
     w, x = problem(m, n, tokens, seed=seed)

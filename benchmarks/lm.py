@@ -1,0 +1,321 @@
+"""LM benchmark: perplexity of SmolLM2-135M on held-out Wikipedia at 10/20/30/40% parameter cuts,
+for every solver (``drone`` and the peers ``svd``, ``asvd``, ``fwsvd``, ``svdllm``), in one run.
+
+    python benchmarks/lm.py [--quick] [--out DIR] [--calib-texts N] [--fisher-texts N]
+
+What is compared, and how:
+
+* **Parameter cut** ``c``: every targeted weight (all q/k/v/o/gate/up/down projections of the 30
+  decoder layers; embeddings, norms and the tied ``lm_head`` stay dense and are not counted) is
+  factored at the uniform rank that keeps at most ``1 - c`` of its parameters
+  (``param_ratio = 0.9/0.8/0.7/0.6``, ``rank = floor(ratio · in·out/(in+out))``, the same rule as
+  ``DroneConfig(param_ratio=...)``). The ``kept`` column is the exact targeted fraction.
+* **Texts** (``benchmarks.allocation._wiki_split``): the Wikipedia articles are split by article,
+  even ones for calibration (90-word passages), odd ones held out. Calibration: the first
+  ``--calib-texts`` passages (default 64, at most 256 tokens each). Evaluation: the first 256 tokens
+  of each of the 24 held-out articles (one window per article, next-token loss on 255 positions),
+  the same tokens for every method; chosen for run time before any result was seen.
+* **Statistics once, every method from them**: one calibration pass collects the input Gram of every
+  layer (the library's :func:`~drone_hf.calibration.collect_grams`), one more the per-channel mean
+  |x| (ASVD), one forward+backward pass the row Fisher (FWSVD, on the first ``--fisher-texts``
+  passages, LM loss). Each Gram is eigendecomposed once and shared by the methods; each method's
+  :class:`~drone_hf.solver.Decomposition` then gives the factors at all four cuts, swapped into the
+  model as ``DroneLinear`` layers (what ``drone_hf.compress`` installs). DRONE here uses the input
+  Gram for every layer; ``compress`` uses the output Gram for narrowing layers, the same optimum.
+* No fine-tuning. Perplexity does not depend on load; the run time does (the machine is shared; the
+  load average is recorded). Torch runs on one thread: on an oversubscribed 2-core machine two
+  threads measured 5x slower per forward pass than one.
+
+``--quick`` runs a tiny Llama built in code (random weights, the packaged MiniLM tokenizer) on a
+few texts: every code path in well under a minute, for the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # `python benchmarks/lm.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR, command_line, fmt, load_average, machine_info, markdown_table, pyplot, results_header, write_markdown,
+)
+from drone_hf.allocation import uniform_rank  # noqa: E402
+from drone_hf.calibration import collect_grams, tokenize_batches  # noqa: E402
+from drone_hf.calibration.activation_stats import collect_abs_means  # noqa: E402
+from drone_hf.calibration.fisher import collect_row_fisher  # noqa: E402
+from drone_hf.modules.low_rank_linear import DroneLinear, dense_weight_of  # noqa: E402
+from drone_hf.modules.targets import replace_modules, resolve_targets  # noqa: E402
+from drone_hf.solver import METHODS, CholeskyError, decompose, decompose_peer  # noqa: E402
+
+RATIOS = (0.9, 0.8, 0.7, 0.6)
+#: The issue's target: at a 20% cut, DRONE within 1.25x dense perplexity and below every peer.
+TARGET_CUT, TARGET_FACTOR = 0.2, 1.25
+
+
+def _load(quick: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.allocation import _wiki_split
+
+    if quick:
+        from transformers import LlamaForCausalLM
+
+        from tests.tiny_models import llama_config, tokenizer
+
+        torch.manual_seed(0)
+        model, tok, name = LlamaForCausalLM(llama_config()).eval(), tokenizer(), "tiny Llama (random, built in code)"
+        try:
+            calib, held = _wiki_split(True)
+        except Exception:  # noqa: BLE001 - quick mode must run without the Wikipedia asset
+            from drone_hf.calibration import load_builtin_corpus
+
+            texts = load_builtin_corpus("sotu")
+            calib, held = texts[:40], texts[-4:]
+        return model, tok, name, calib, held
+    from benchmarks.assets import smollm2
+
+    path = smollm2()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    calib, held = _wiki_split(False)
+    return model, AutoTokenizer.from_pretrained(path), "SmolLM2-135M-Instruct", calib, held
+
+
+@torch.inference_mode()
+def perplexity(model, windows: torch.Tensor, batch: int = 8) -> float:
+    """exp(mean next-token loss) over [N, L] token windows (no padding: all windows have length L)."""
+    nll = count = 0.0
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i : i + batch]
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        nll += float(model(input_ids=ids, labels=ids).loss) * n
+        count += n
+    return math.exp(nll / count)
+
+
+def eval_windows(tok, held: list[str], length: int) -> torch.Tensor:
+    """The first ``length`` tokens of each held-out article that has that many."""
+    rows = [ids[:length] for ids in (tok(t)["input_ids"] for t in held) if len(ids) >= length]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[str, dict]:
+    """Run every method; ``save(body, record)`` is called after each method (partial results survive
+    an interrupted run, marked ``partial`` in the record)."""
+    torch.set_num_threads(1)
+    model, tok, model_name, calib, held = _load(quick)
+    max_length, eval_length = (32, 32) if quick else (256, 256)
+    calib = calib[: (16 if quick else calib_texts)]
+    windows = eval_windows(tok, held, eval_length)
+    targets = resolve_targets(model, None, None)
+    layers = {c: layer for c, (_, layer) in targets.items()}
+    weights = {c: dense_weight_of(layer).detach() for c, layer in layers.items()}
+    shapes = {c: tuple(w.shape) for c, w in weights.items()}
+    data = tokenize_batches(calib, tok, max_length, 8)
+    fisher_data = tokenize_batches(calib[: (8 if quick else fisher_texts)], tok, max_length, 4)
+    timings: dict[str, float] = {}
+
+    def timed(label: str, fn):
+        t = time.perf_counter()
+        value = fn()
+        timings[label] = time.perf_counter() - t
+        return value
+
+    dense_ppl = timed("dense perplexity", lambda: perplexity(model, windows))
+    print(f"dense ppl {dense_ppl:.3f}", flush=True)
+    widths = {c: s[1] for c, s in shapes.items()}
+    grams = timed("Gram pass", lambda: {c: o.gram for c, o in collect_grams(model, layers, data, widths, False).items()})
+
+    def eigendecompose() -> dict:
+        eigs: dict = {}
+        for c, g in grams.items():
+            same = [d for d in eigs if grams[d] is g]  # q/k/v and gate/up share one Gram object
+            eigs[c] = eigs[same[0]] if same else torch.linalg.eigh(0.5 * (g + g.T))
+        return eigs
+
+    eigs = timed("Gram eigendecompositions (shared)", eigendecompose)
+    stats: dict[str, dict] = {}  # the peers' extra statistics, collected when first needed
+
+    def needs(method: str) -> None:
+        if method == "asvd" and "abs_mean" not in stats:
+            stats["abs_mean"] = timed("mean abs(x) pass (asvd)", lambda: {
+                c: o.mean for c, o in collect_abs_means(model, layers, data).items()})
+        if method == "fwsvd" and "row_fisher" not in stats:
+            stats["row_fisher"] = timed("Fisher forward+backward pass (fwsvd)",
+                                        lambda: collect_row_fisher(model, layers, fisher_data))
+
+    originals = {full: layer for full, layer in targets.values()}
+    results: dict[str, dict] = {}
+    record = {
+        "model": model_name, "dense_ppl": dense_ppl, "ratios": list(RATIOS), "methods": results,
+        "calibration_texts": data.num_texts, "calibration_tokens": data.num_tokens,
+        "fisher_texts": fisher_data.num_texts, "eval_windows": int(windows.shape[0]), "eval_length": eval_length,
+        "targeted_layers": len(targets), "timings_s": timings, "partial": True,
+    }
+    # DRONE first, then the peers; the 20% cut (the issue's target) first within each method
+    for method in ("drone", "asvd", "svd", "fwsvd", "svdllm"):
+        needs(method)
+        t = time.perf_counter()
+        entry: dict = {"ppl": {}, "kept": {}}
+        results[method] = entry
+        try:
+            decs = {}
+            for c in targets:
+                if method in ("drone", "svd"):
+                    decs[c] = decompose(weights[c], grams[c], method=method, eig=eigs[c])
+                else:
+                    decs[c] = decompose_peer(method, weights[c], grams[c], name=c, eig=eigs[c],
+                                             **{k: v[c] for k, v in stats.items()})
+        except CholeskyError as e:
+            entry["failed"] = str(e)
+            print(f"{method}: failed: {e}", flush=True)
+            continue
+        entry["solve_s"] = time.perf_counter() - t
+        for ratio in sorted(RATIOS, key=lambda r: abs(r - (1 - TARGET_CUT))):
+            repl, kept = {}, 0
+            for c, (full, layer) in targets.items():
+                f = decs[c].factors(uniform_rank(*shapes[c], ratio))
+                repl[full] = DroneLinear.from_factors(layer, f.up, f.down, f.relative_error)
+                kept += repl[full].factored_parameters
+            replace_modules(model, repl)
+            try:
+                ppl = perplexity(model, windows)
+            finally:
+                replace_modules(model, originals)
+            entry["ppl"][str(ratio)] = ppl
+            entry["kept"][str(ratio)] = kept / sum(m * n for m, n in shapes.values())
+            print(f"{method} ratio {ratio}: ppl {ppl:.3f} (dense {dense_ppl:.3f})", flush=True)
+        del decs
+        if save is not None:
+            record["load_average"], record["target"] = load_average(), _target(record)
+            save(_body(record), record)
+    record["partial"] = False
+    record["load_average"], record["target"] = load_average(), _target(record)
+    return _body(record), record
+
+
+def _target(rec: dict) -> dict:
+    """The issue's LM target at a 20% cut. SVD-LLM reaches DRONE's optimum whenever it runs (same
+    objective, Cholesky instead of eigh), so DRONE can only tie it: a perplexity within 0.1% of
+    DRONE's counts as a tie, is reported as one, and does not fail "lower than every peer"."""
+    key = str(round(1 - TARGET_CUT, 10))
+    ppl = {m: e["ppl"].get(key) for m, e in rec["methods"].items() if e["ppl"].get(key) is not None}
+    drone = ppl.get("drone")
+    if drone is None:
+        return {"met": False, "reason": "no DRONE result"}
+    peers = {m: p for m, p in ppl.items() if m != "drone"}
+    ties = sorted(m for m, p in peers.items() if m == "svdllm" and abs(p - drone) <= 1e-3 * drone)
+    beaten = all(drone < p for m, p in peers.items() if m not in ties)
+    ratio = drone / rec["dense_ppl"]
+    ran = [m for m, e in rec["methods"].items() if m != "drone"]
+    return {
+        "cut": TARGET_CUT, "drone_ppl": drone, "x_dense": ratio, "within_factor": ratio <= TARGET_FACTOR,
+        "beats_every_peer": beaten, "ties": ties, "peers_compared": sorted(peers),
+        "best_peer": min(peers, key=peers.get) if peers else None,
+        "met": ratio <= TARGET_FACTOR and beaten and len(ran) == 4,
+    }
+
+
+def _body(rec: dict) -> str:
+    dense = rec["dense_ppl"]
+    headers = ["method"] + [f"{round((1 - r) * 100)}% cut (kept {r})" for r in RATIOS]
+    rows = [["dense", *[fmt(dense, 2)] * len(RATIOS)]]
+    for method, e in rec["methods"].items():
+        if "failed" in e:
+            rows.append([method, *["failed"] * len(RATIOS)])
+            continue
+        rows.append([method, *[f"{fmt(e['ppl'][str(r)], 2)} ({fmt(e['ppl'][str(r)] / dense, 2)}x)"
+                               if str(r) in e["ppl"] else "not run" for r in RATIOS]])
+    tg = rec["target"]
+    if "x_dense" in tg:
+        verdict = (
+            f"DRONE at a {round(TARGET_CUT * 100)}% cut: perplexity {fmt(tg['drone_ppl'], 2)} = {fmt(tg['x_dense'], 3)}x dense "
+            f"(target <= {TARGET_FACTOR}x: {'met' if tg['within_factor'] else 'missed by ' + fmt(tg['x_dense'] - TARGET_FACTOR, 3) + 'x'}); "
+            f"{'lower than every peer' if tg['beats_every_peer'] else 'NOT lower than every peer'} "
+            f"(peers compared: {', '.join(tg['peers_compared']) or 'none'}; best: {tg['best_peer']}"
+            + (f"; ties, as the same optimum: {', '.join(tg['ties'])}" if tg.get("ties") else "") + "). "
+            f"Target {'met' if tg['met'] else 'not met' + (' (not every peer ran)' if len(tg['peers_compared']) < 4 else '')}."
+        )
+    else:
+        verdict = "No DRONE result."
+    failures = "".join(f"\n- `{m}` failed: {e['failed']}" for m, e in rec["methods"].items() if "failed" in e)
+    kept = next((e["kept"] for e in rec["methods"].values() if e.get("kept")), {})
+    timing = markdown_table(["step", "seconds"], [[k, fmt(v, 1)] for k, v in rec["timings_s"].items()]
+                            + [[f"solve all layers: {m}", fmt(e["solve_s"], 1)] for m, e in rec["methods"].items()
+                               if "solve_s" in e])
+    partial = ("**Partial run**: interrupted before every method finished; missing methods were not run.\n\n"
+               if rec.get("partial") else "")
+    return (
+        partial + f"## Perplexity vs parameter cut ({rec['model']})\n\n"
+        f"Held-out Wikipedia (articles never used for calibration): {rec['eval_windows']} windows of "
+        f"{rec['eval_length']} tokens. Calibration: {rec['calibration_texts']} passages of other articles "
+        f"({rec['calibration_tokens']} tokens); FWSVD's Fisher on the first {rec['fisher_texts']} of them. "
+        f"{rec['targeted_layers']} targeted layers (every q/k/v/o/gate/up/down projection), uniform ranks; a "
+        "cut of c keeps `param_ratio = 1 - c` of the targeted weights (exact fractions kept: "
+        + ", ".join(f"{k}: {fmt(v, 4)}" for k, v in sorted(kept.items(), reverse=True))
+        + "). Embeddings, norms and the tied lm_head are dense and not counted. No fine-tuning. "
+        "Cells: perplexity (x dense).\n\n"
+        + markdown_table(headers, rows)
+        + f"\n\n**Target** (issue #8): {verdict}{failures}\n\n"
+        f"### Cost on this machine (load average at the end: {rec['load_average']})\n\n" + timing
+    )
+
+
+def _plot(rec: dict, out: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    cuts = [round((1 - r) * 100) for r in RATIOS]
+    for method, e in rec["methods"].items():
+        if "failed" in e:
+            continue
+        pts = [(c, e["ppl"][str(r)]) for c, r in zip(cuts, RATIOS) if str(r) in e["ppl"]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=method)
+    ax.axhline(rec["dense_ppl"], color="gray", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameter cut of the targeted weights (%)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title(f"{rec['model']}: perplexity vs cut, no fine-tuning", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lm.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny Llama built in code, a few texts, temp folder")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, or a temp dir with --quick)")
+    parser.add_argument("--calib-texts", type=int, default=64, help="calibration passages (default 64)")
+    parser.add_argument("--fisher-texts", type=int, default=32, help="passages for FWSVD's backward pass (default 32)")
+    args = parser.parse_args(argv)
+    assert set(METHODS) == {"drone", "svd", "asvd", "fwsvd", "svdllm"}, "update the method list of this benchmark"
+    out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    torch.set_num_threads(1)  # before machine_info, so the header records the threads actually used
+    info = machine_info()
+
+    def save(body: str, record: dict) -> None:
+        header = results_header("LM perplexity vs parameter cut, DRONE and peer methods",
+                                command_line(__file__, argv if argv is not None else sys.argv[1:]), info,
+                                time.perf_counter() - start)
+        write_markdown(out / "lm.md", header, body)
+        (out / "lm.json").write_text(json.dumps(record, indent=1))
+        _plot(record, out)
+
+    save(*run(args.quick, args.calib_texts, args.fisher_texts, save))
+    print(f"wrote {out / 'lm.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

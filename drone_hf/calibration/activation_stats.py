@@ -1,0 +1,95 @@
+"""Per-channel mean absolute input activations, the statistic ASVD scales by.
+
+ASVD (``method="asvd"``) weights input channel ``j`` of a layer by ``mean(|x_j|)^α`` over the real
+calibration tokens. This module streams ``Σ |x_j|`` and the token count, masking padding exactly as
+the Gram pipeline does (:mod:`drone_hf.calibration.pipeline`), in its own forward pass: it only runs
+when the method needs it, and leaves the Gram pipeline untouched. ``O(n)`` memory per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import CalibrationBatches
+from .pipeline import _eval_mode, _input_device
+
+
+class AbsMeanObserver:
+    """Accumulates ``Σ |x|`` (float64) and the token count for one layer input of width ``features``."""
+
+    def __init__(self, features: int, name: str = "") -> None:
+        self.features = features
+        self.name = name
+        self.abs_sum = torch.zeros(features, dtype=torch.float64)
+        self.num_tokens = 0
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """Add [N, features] real tokens."""
+        if tokens.shape[-1] != self.features:
+            raise RuntimeError(f"Layer {self.name!r} got inputs of width {tokens.shape[-1]}, expected {self.features}.")
+        total = tokens.detach().abs().to(torch.float64).sum(dim=0).cpu()
+        if not bool(torch.isfinite(total).all()):
+            raise ValueError(
+                f"Non-finite activations (NaN/inf) reached layer {self.name!r}. Load the model in float32 "
+                "(dtype=torch.float32) or check the calibration texts."
+            )
+        self.abs_sum += total
+        self.num_tokens += int(tokens.shape[0])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """[features] mean absolute value per channel (zeros before any token)."""
+        return self.abs_sum / max(self.num_tokens, 1)
+
+
+def _real_tokens(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] == mask.shape[0]:  # one row per sequence (a pooler): every row is real
+        return flat
+    if mask.numel() != flat.shape[0]:
+        raise RuntimeError(
+            f"Layer {name!r} received {flat.shape[0]} token rows but the batch has {mask.numel()} positions; "
+            "drone-hf cannot tell real tokens from padding there. Exclude it with modules_to_not_convert."
+        )
+    return flat[mask.reshape(-1).to(flat.device)]
+
+
+def collect_abs_means(
+    model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches
+) -> dict[str, AbsMeanObserver]:
+    """One forward pass over ``data``; name -> observer of the layer's input channel magnitudes.
+
+    Under ``torch.distributed`` the sums and counts are all-reduced, so every process gets the
+    statistics of the whole calibration set.
+    """
+    observers = {name: AbsMeanObserver(layer.weight.shape[1] if isinstance(layer, nn.Linear)
+                                       else layer.weight.shape[0], name) for name, layer in layers.items()}
+    state: dict = {"mask": None}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            x = args[0] if args else None
+            if not torch.is_tensor(x):
+                raise RuntimeError(f"Layer {name!r} was called without a tensor input; it cannot be calibrated.")
+            observers[name].add(_real_tokens(x, state["mask"], name))
+
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    device = _input_device(model)
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            for batch in data.batches:
+                state["mask"] = batch["attention_mask"].bool()
+                model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for obs in observers.values():
+            packed = torch.cat([obs.abs_sum, torch.tensor([float(obs.num_tokens)], dtype=torch.float64)])
+            packed = packed.to(device)
+            torch.distributed.all_reduce(packed)
+            obs.abs_sum, obs.num_tokens = packed[:-1].cpu(), int(packed[-1])
+    return observers

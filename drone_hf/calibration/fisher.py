@@ -1,0 +1,105 @@
+"""Row Fisher information of each target layer, the weights of Fisher-weighted SVD (``method="fwsvd"``).
+
+FWSVD (Hsu et al., 2022) weights row ``i`` of a weight ``W`` [out, in] by
+``I_i = Σ_j Σ_batches (∂L/∂W_ij)²``: the empirical Fisher information of the weights, summed over
+the row. Here the sum runs over the calibration batches (the squared gradient of each batch's mean
+loss, a mini-batch estimate; per-token gradients would cost one backward pass per token).
+
+The loss, decided by what the model outputs:
+
+* causal language models (class name ending in ``ForCausalLM`` or ``LMHeadModel``): next-token
+  cross-entropy on the real tokens (padding masked out);
+* models with other logits (sequence or token classification, masked LM): the calibration texts
+  carry no labels, so the model's own predictions (argmax of the logits, detached) serve as
+  pseudo-labels: the Fisher of the model's predictive distribution at its mode, which needs no
+  labelled data; token-level logits use only the real tokens;
+* a model without logits (a bare encoder, ``AutoModel``): refused, there is no loss to take
+  gradients of. Load the model with its head (``AutoModelForSequenceClassification``, ...).
+
+It needs one backward pass per batch: gradients are enabled only for the target weights, every
+other parameter's ``requires_grad`` is restored afterwards, and no ``.grad`` is left behind.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .data import CalibrationBatches
+from .pipeline import _eval_mode, _input_device
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def _loss(model: nn.Module, out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise ValueError(
+            f"method='fwsvd' needs a loss to take gradients of, but {type(model).__name__} returns no logits (a bare "
+            "encoder). Load the model with its head (e.g. AutoModelForSequenceClassification or AutoModelForCausalLM), "
+            "or use method='drone' / 'asvd', which need no gradients."
+        )
+    mask = batch["attention_mask"].to(logits.device).bool()
+    logits = logits.float()
+    if _is_causal_lm(model):
+        ids = batch["input_ids"].to(logits.device)
+        pred, target = logits[:, :-1], ids[:, 1:]
+        keep = mask[:, 1:] & mask[:, :-1]
+        return F.cross_entropy(pred[keep], target[keep])
+    if logits.dim() == 2:  # one prediction per text: pseudo-labels from the model itself
+        return F.cross_entropy(logits, logits.detach().argmax(-1))
+    if logits.dim() == 3:  # one per token
+        real = logits[mask]
+        return F.cross_entropy(real, real.detach().argmax(-1))
+    raise ValueError(f"method='fwsvd' cannot form a loss from logits of shape {tuple(logits.shape)}.")
+
+
+def collect_row_fisher(
+    model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches
+) -> dict[str, torch.Tensor]:
+    """name -> [out] float64 row Fisher ``I_i`` of each layer's weight (rows = outputs, as ``[out, in]``).
+
+    ``nn.Linear`` stores ``[out, in]`` and ``Conv1D`` ``[in, out]``; both give one value per output.
+    Under ``torch.distributed`` the sums are all-reduced.
+    """
+    from ..modules.low_rank_linear import source_kind
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    weights = {name: layer.weight for name, layer in layers.items()}
+    out_dim = {name: (0 if source_kind(layer) == "linear" else 1) for name, layer in layers.items()}
+    fisher = {name: torch.zeros(w.shape[out_dim[name]], dtype=torch.float64) for name, w in weights.items()}
+    device = _input_device(model)
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for w in weights.values():
+            w.requires_grad_(True)
+        with _eval_mode(model), torch.enable_grad():
+            for batch in data.batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = _loss(model, model(**batch), batch)
+                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+                for (name, w), g in zip(weights.items(), grads):
+                    if g is None:
+                        continue
+                    sq = g.detach().to(torch.float64).pow(2)
+                    fisher[name] += sq.sum(dim=1 - out_dim[name]).cpu()
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+            p.grad = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for name, f in fisher.items():
+            f = f.to(device)
+            torch.distributed.all_reduce(f)
+            fisher[name] = f.cpu()
+    for name, f in fisher.items():
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError(f"The Fisher information of layer {name!r} is not finite: load the model in float32.")
+    return fisher

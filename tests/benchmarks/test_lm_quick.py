@@ -1,0 +1,36 @@
+"""The LM benchmark runs end to end on a tiny Llama built in code, so the harness cannot rot (about 6 s on an
+idle 2-core machine, so not marked slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.lm import RATIOS, main  # noqa: E402
+
+
+def test_lm_benchmark_quick(tmp_path):
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "lm.md").read_text()
+    assert "git commit" in text and "| drone |" in text and "**Target**" in text
+    rec = json.loads((tmp_path / "lm.json").read_text())
+    assert set(rec["methods"]) == {"drone", "svd", "asvd", "fwsvd", "svdllm"}
+    assert math.isfinite(rec["dense_ppl"]) and rec["dense_ppl"] > 1
+    for method, entry in rec["methods"].items():
+        assert "failed" not in entry, method
+        for r in RATIOS:
+            assert math.isfinite(entry["ppl"][str(r)]) and entry["ppl"][str(r)] > 1
+            # uniform ranks keep at most the asked fraction, and not much less
+            assert r - 0.1 < entry["kept"][str(r)] <= r + 1e-9
+    # SVD-LLM and DRONE reach the same optimum on positive-definite statistics
+    for r in RATIOS:
+        assert rec["methods"]["svdllm"]["ppl"][str(r)] == pytest.approx(rec["methods"]["drone"]["ppl"][str(r)], rel=1e-4)
+    assert (tmp_path / "lm.png").exists()
