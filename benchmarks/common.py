@@ -375,3 +375,22 @@ def parse_markdown_tables(text: str) -> list[list[list[str]]]:
             tables.append(current)
             current = []
     return tables
+
+
+def keeps_torch_threads(fn):
+    """Decorator: give torch back its thread count when ``fn`` returns or raises.
+
+    Benchmarks pin threads for their timings; called in-process (the ``--quick`` smoke tests), a
+    leaked setting would change every later computation's reduction order in that process.
+    """
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        previous = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
+
+    return wrapper

@@ -51,6 +51,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     command_line,
     fmt,
+    keeps_torch_threads,
     load_average,
     machine_info,
     markdown_table,
@@ -449,6 +450,7 @@ def write_results(r: dict, out: Path, command: str, runtime: float) -> None:
     plt.close(fig)
 
 
+@keeps_torch_threads
 def main(argv: list[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -44,6 +44,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     command_line,
     fmt,
+    keeps_torch_threads,
     load_average,
     machine_info,
     markdown_table,
@@ -251,6 +252,7 @@ def render(r: dict, command: str, runtime: float, out: Path) -> None:
     plt.close(fig)
 
 
+@keeps_torch_threads
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings, every code path, temp folder")

@@ -46,7 +46,16 @@ if __package__ in (None, ""):  # `python benchmarks/lm.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    RESULTS_DIR, command_line, fmt, load_average, machine_info, markdown_table, pyplot, results_header, write_markdown,
+    RESULTS_DIR,
+    command_line,
+    fmt,
+    keeps_torch_threads,
+    load_average,
+    machine_info,
+    markdown_table,
+    pyplot,
+    results_header,
+    write_markdown,
 )
 from drone_hf.allocation import uniform_rank  # noqa: E402
 from drone_hf.calibration import collect_grams, tokenize_batches  # noqa: E402
@@ -290,6 +299,7 @@ def _plot(rec: dict, out: Path) -> None:
     plt.close(fig)
 
 
+@keeps_torch_threads
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny Llama built in code, a few texts, temp folder")
