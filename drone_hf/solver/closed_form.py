@@ -165,6 +165,22 @@ class Decomposition:
         return Factorization(up=up, down=down, rank=max(k, 1), relative_error=err)
 
 
+def output_energy(
+    w: torch.Tensor, basis: torch.Tensor, root: torch.Tensor | None
+) -> tuple[torch.Tensor | None, float | None, float | None]:
+    """Error bookkeeping of an output-projection form ``W'_k = U_k U_kᵀ W``: with ``Y = W R``
+    (``G = R Rᵀ``), the energy each basis vector captures, what no basis vector reaches, and the
+    total ``‖Y‖²``. Every rank's error then follows from sums, with no further product."""
+    if root is None:
+        return None, None, None
+    y = w @ root
+    total = float((y * y).sum())
+    coeff = basis.T @ y
+    captured = (coeff**2).sum(dim=1)
+    rest = y - basis @ coeff
+    return captured, float((rest * rest).sum()), total
+
+
 def decompose(
     weight: torch.Tensor,
     gram: torch.Tensor | None = None,
@@ -239,14 +255,7 @@ def decompose(
         nonzero = sing > SINGULAR_TOL * float(sing[0]) if sing.numel() and float(sing[0]) > 0 else sing > 0
         basis, sing = basis[:, nonzero], sing[nonzero]
 
-    captured = residual = total = None
-    if root is not None:
-        y = w @ root
-        total = float((y * y).sum())
-        coeff = basis.T @ y
-        captured = (coeff**2).sum(dim=1)
-        rest = y - basis @ coeff
-        residual = float((rest * rest).sum())
+    captured, residual, total = output_energy(w, basis, root)
     return Decomposition(
         weight=w,
         basis=basis,

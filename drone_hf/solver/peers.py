@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from .closed_form import Decomposition
+from .closed_form import Decomposition, output_energy
 from .numerics import EIGEN_TOL, SINGULAR_TOL, as_float64, check_finite
 
 #: Methods of this module, and what each needs besides the weight and the Gram.
@@ -96,14 +96,7 @@ def _projection(w: torch.Tensor, z: torch.Tensor, root: torch.Tensor | None, met
     basis, sing, _ = torch.linalg.svd(z, full_matrices=False)
     mask = _nonzero(sing)
     basis, sing = basis[:, mask], sing[mask]
-    captured = residual = total = None
-    if root is not None:
-        y = w @ root
-        total = float((y * y).sum())
-        coeff = basis.T @ y
-        captured = (coeff**2).sum(dim=1)
-        rest = y - basis @ coeff
-        residual = float((rest * rest).sum())
+    captured, residual, total = output_energy(w, basis, root)
     return Decomposition(w, basis, None, captured, residual, total, sing**2, method)
 
 
