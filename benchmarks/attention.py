@@ -47,6 +47,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     command_line,
     fmt,
+    keeps_torch_threads,
     load_average,
     load_minilm,
     machine_info,
@@ -329,17 +330,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@keeps_torch_threads
 def main(argv: list[str] | None = None) -> Path:
     """Run both studies and write ``<stem>.md`` and ``<stem>.json`` (``attention`` for MiniLM,
     ``attention_mpnet`` for MPNet); returns the output folder."""
     argv = list(sys.argv[1:] if argv is None else map(str, argv))
     args = parse_args(argv)
-    previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    try:
-        return _run(args, argv)
-    finally:
-        torch.set_num_threads(previous)
+    return _run(args, argv)
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> Path:

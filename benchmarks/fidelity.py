@@ -43,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     fidelity,
     fmt,
     heldout_eval_set,
+    keeps_torch_threads,
     license_eval_set,
     load_average,
     load_minilm,
@@ -370,18 +371,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@keeps_torch_threads
 def main(argv: list[str] | None = None) -> Path:
     """Run both studies and write the results; returns the output folder."""
     argv = list(sys.argv[1:] if argv is None else map(str, argv))
     args = parse_args(argv)
     threads = args.threads or (1 if args.quick else None)
-    previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    try:
-        return _run(args, argv)
-    finally:
-        torch.set_num_threads(previous)
+    return _run(args, argv)
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> Path:

@@ -342,44 +342,20 @@ def write_results(r: dict, out: Path, command: str, runtime: float) -> None:
     s = r["settings"]
     acc, speed = r["accuracy"], r["speedup"]
     dense_acc = acc["dense"]
-    pts = lambda a: f"{100 * (a - dense_acc):+.2f}"  # noqa: E731
     speed_cells = " / ".join(f"{v:.2f}x" for v in speed.values())
+    epochs = f"{s['student_epochs']:g} ep."
+
+    def row(label: str, key: str, compressed: bool) -> tuple[str, ...]:
+        params = r["model_params"] if compressed else r["dense_model_params"]
+        gap = f"{100 * (acc[key] - dense_acc):+.2f}" if key != "dense" else "0.00"
+        return (label, f"{params / 1e6:.1f}M", speed_cells if compressed else "1.00x", fmt(100 * acc[key], 2), gap)
+
     rows = [
-        (
-            "dense MiniLM (fine-tuned, the teacher)",
-            f"{r['dense_model_params'] / 1e6:.1f}M",
-            "1.00x",
-            fmt(100 * dense_acc, 2),
-            "0.00",
-        ),
-        (
-            "DRONE, before fine-tuning",
-            f"{r['model_params'] / 1e6:.1f}M",
-            speed_cells,
-            fmt(100 * acc["before"], 2),
-            pts(acc["before"]),
-        ),
-        (
-            f"DRONE + fine-tuning, no teacher ({s['student_epochs']:g} ep.)",
-            f"{r['model_params'] / 1e6:.1f}M",
-            speed_cells,
-            fmt(100 * acc["finetune"], 2),
-            pts(acc["finetune"]),
-        ),
-        (
-            f"DRONE + distillation from dense ({s['student_epochs']:g} ep.)",
-            f"{r['model_params'] / 1e6:.1f}M",
-            speed_cells,
-            fmt(100 * acc["distill"], 2),
-            pts(acc["distill"]),
-        ),
-        (
-            f"control: dense + the same {s['student_epochs']:g} ep., no compression",
-            f"{r['dense_model_params'] / 1e6:.1f}M",
-            "1.00x",
-            fmt(100 * acc["dense_control"], 2),
-            pts(acc["dense_control"]),
-        ),
+        row("dense MiniLM (fine-tuned, the teacher)", "dense", False),
+        row("DRONE, before fine-tuning", "before", True),
+        row(f"DRONE + fine-tuning, no teacher ({epochs})", "finetune", True),
+        row(f"DRONE + distillation from dense ({epochs})", "distill", True),
+        row(f"control: dense + the same {epochs}, no compression", "dense_control", False),
     ]
     gap = 100 * (dense_acc - acc["distill"])
     verdict = "met" if gap <= 0.5 else "missed"
