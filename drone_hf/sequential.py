@@ -155,7 +155,8 @@ def _resume(
     the start). Several processes agree on the smallest resume point; a process whose stored outputs
     are not at that point makes everyone start over (all processes must replay the same blocks).
     """
-    from .calibration.cache import agree_min, restore_observer
+    from .calibration.cache import restore_observer
+    from .calibration.distributed import agree_min
     from .calibration.observer import GramObserver
 
     outputs = cache.load("outputs")

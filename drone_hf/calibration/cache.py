@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..utils.logging import get_logger
+from .distributed import world
 
 logger = get_logger(__name__)
 
@@ -132,12 +133,6 @@ def value_fingerprint(value: Any) -> str:
     return _sha([json.dumps(value, sort_keys=True, default=str).encode()])
 
 
-def _world() -> tuple[int, int]:
-    from .distributed import world
-
-    return world()
-
-
 class CalibrationCache:
     """One calibration run's folder of finished statistics (see the module docstring).
 
@@ -153,7 +148,7 @@ class CalibrationCache:
     def __init__(self, folder: str | os.PathLike, fingerprints: dict[str, str]) -> None:
         self.root = Path(folder)
         self.root.mkdir(parents=True, exist_ok=True)
-        rank, size = _world()
+        rank, size = world()
         fingerprints = {"format": str(CACHE_FORMAT), "process": f"{rank}/{size}", **fingerprints}
         # each process keeps its own entries: its shard of the texts differs
         self.folder = self.root if size == 1 else self.root / f"rank{rank}-of-{size}"
@@ -249,18 +244,6 @@ class CalibrationCache:
             self._path(name).unlink()
         except FileNotFoundError:
             pass
-
-
-def agree_min(value: int) -> int:
-    """The smallest ``value`` over all processes (the resume point every process can reach)."""
-    rank, size = _world()
-    if size == 1:
-        return value
-    from .distributed import _device
-
-    t = torch.tensor([value], dtype=torch.float64, device=_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return int(t)
 
 
 def open_cache(

@@ -69,14 +69,23 @@ def all_reduce_observers(observers: dict[str, GramObserver], shared: dict[str, s
         dst.gram, dst.num_tokens, dst.token_sum, dst.summed_tokens = src.gram, src.num_tokens, src.token_sum, src.summed_tokens
 
 
-def all_reduce_count(value: int) -> int:
-    """The sum of an integer over all processes."""
+def _all_reduce_int(value: int, op: str) -> int:
     _, size = world()
     if size == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
     return int(t)
+
+
+def all_reduce_count(value: int) -> int:
+    """The sum of an integer over all processes."""
+    return _all_reduce_int(value, "SUM")
+
+
+def agree_min(value: int) -> int:
+    """The smallest ``value`` over all processes (e.g. the resume point every process can reach)."""
+    return _all_reduce_int(value, "MIN")
 
 
 def _device() -> torch.device:
