@@ -12,7 +12,7 @@ cached dense model, the same fixed-seed 80/20 split) is compressed without any f
 
 each calibrated on the same training sentences as ``finetune.py`` (512). Every row reports the test
 accuracy and the end-to-end speedup over the dense model at batch 32 x 128 random tokens and at 1 x 128 (2 threads;
-``drone_hf.evaluation.measure_latency``: dense and compressed interleaved, median of repeats).
+``drone_hf.hub.measure_speed``: seeded random ids, dense and compressed interleaved, median of repeats).
 A method that fails on this model (e.g. a Cholesky factorisation of a singular statistic) is a row
 that says so, not a missing row. Fine-tuning and distillation results are in ``finetune.md``.
 
@@ -54,7 +54,7 @@ from benchmarks.common import (  # noqa: E402
     write_markdown,
 )
 from benchmarks.finetune import FULL, QUICK, Settings, dense_model, splits  # noqa: E402
-from drone_hf.evaluation import measure_latency  # noqa: E402
+from drone_hf.hub.measure import measure_speed  # noqa: E402
 from drone_hf.solver import METHODS  # noqa: E402
 from drone_hf.training.recipe import evaluate_classifier, tokenize_classification  # noqa: E402
 
@@ -111,19 +111,13 @@ def variants(plan: Plan) -> list[Variant]:
     return rows
 
 
-def speedups(dense: torch.nn.Module, model: torch.nn.Module, vocab: int, plan: Plan, seed: int) -> dict[str, float]:
-    """Dense / compressed end-to-end forward time at each shape (interleaved medians)."""
+def speedups(dense: torch.nn.Module, model: torch.nn.Module, plan: Plan, seed: int) -> dict[str, float]:
+    """Dense / compressed end-to-end forward time at each shape (the library's interleaved medians on
+    seeded random ids, ``drone_hf.hub.measure_speed``)."""
     out = {}
-    g = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():
-        for (batch, seq), repeats in zip(plan.shapes, plan.repeats, strict=True):
-            ids = torch.randint(1000, vocab, (batch, seq), generator=g)
-            t = measure_latency(
-                {"dense": dense, "compressed": model},
-                {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                repeats=repeats,
-            )
-            out[f"{batch}x{seq}"] = t["dense"] / t["compressed"]
+    for (batch, seq), repeats in zip(plan.shapes, plan.repeats, strict=True):
+        m = measure_speed(dense, model, batch_size=batch, seq_len=seq, repeats=repeats, seed=seed)
+        out[f"{batch}x{seq}"] = m.dense_latency_ms / m.compressed_latency_ms
     return out
 
 
@@ -157,7 +151,7 @@ def run(s: Settings, plan: Plan, log=print) -> dict:
         rec["params"] = sum(p.numel() for p in model.parameters())
         rec["param_ratio_model"] = rec["params"] / dense_params
         rec["accuracy"] = evaluate_classifier(model, test_ds, tokenizer)
-        rec["speedup"] = speedups(dense, model, tokenizer.vocab_size, plan, s.seed)
+        rec["speedup"] = speedups(dense, model, plan, s.seed)
         result = model.config.quantization_config.allocation_result or {}
         rec["measured_at_compression"] = result.get("measured_speedup")
         log(f"{v.label}: accuracy {rec['accuracy']:.4f}, speedup {rec['speedup']} ({rec['compress_seconds']:.0f} s)")
