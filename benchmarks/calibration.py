@@ -76,7 +76,8 @@ def drone_statistics(model, data, targets, shapes) -> None:
     """drone-hf's statistics pass as the engine runs it (output Grams where a layer narrows)."""
     out = {c for c, (o, i) in shapes.items() if o < i}
     widths = {c: o if c in out else i for c, (o, i) in shapes.items()}
-    collect_grams(model, {c: m for c, (_, m) in targets.items()}, data, widths, False, observe_output=out)
+    collect_grams(model, {c: m for c, (_, m) in targets.items()}, data, widths, False, observe_output=out,
+                  token_sums=False)  # as compress runs it without attention compression
 
 
 def naive_statistics(model, data, targets, shapes) -> None:

@@ -178,7 +178,8 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
             attention_layers, attention_widths = attention.observed_layers()
             layers, in_features = layers | attention_layers, in_features | attention_widths
         grams = collect_grams(
-            model, layers, data, in_features, show_progress, observe_output=observe_output, cache=cache
+            model, layers, data, in_features, show_progress, observe_output=observe_output, cache=cache,
+            token_sums=attention is not None,  # only the query-key solver needs Σx
         )
         if attention is not None:
             attention.take_statistics(grams)

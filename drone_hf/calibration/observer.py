@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import torch
 
+#: Column-block width of the symmetric Gram product (see :meth:`GramObserver.batch_product`).
+SYMMETRIC_BLOCK = 192
+#: Batches with fewer real tokens than this use one GEMM: their blocks are too thin to gain.
+SYMMETRIC_MIN_TOKENS = 1536
+
 
 class GramObserver:
     """Accumulates ``Σ x xᵀ`` and the token count for one layer input of width ``features``."""
@@ -30,10 +35,30 @@ class GramObserver:
 
     @staticmethod
     def batch_product(tokens: torch.Tensor) -> torch.Tensor:
-        """``tokensᵀ tokens`` for [N, n] real tokens, in float32 (float64 for float64 inputs)."""
+        """``tokensᵀ tokens`` for [N, n] real tokens, in float32 (float64 for float64 inputs).
+
+        The product is symmetric, so for wide inputs only the blocks on and above the diagonal are
+        multiplied (``b`` column blocks: ``(b+1)/2b`` of the FLOPs of one full GEMM) and the rest is
+        mirrored. BLAS has a symmetric rank-k update for this, but torch does not expose it; blocks
+        of about ``SYMMETRIC_BLOCK`` columns keep each GEMM large enough to run at full speed. Small
+        products (narrow inputs or few tokens) stay one GEMM, where blocking measured no faster.
+        Entries equal the one-GEMM product up to float rounding (the summation order may differ)."""
         wide = torch.float64 if tokens.dtype == torch.float64 else torch.float32
         t = tokens.to(wide)
-        return t.T @ t
+        n = t.shape[1]
+        if n < 2 * SYMMETRIC_BLOCK or t.shape[0] < SYMMETRIC_MIN_TOKENS:
+            return t.T @ t
+        step = -(-n // -(-n // SYMMETRIC_BLOCK))  # equal blocks of at most SYMMETRIC_BLOCK columns
+        bounds = [(i, min(i + step, n)) for i in range(0, n, step)]
+        out = t.new_empty(n, n)
+        rows = t.T
+        for a, (i0, i1) in enumerate(bounds):
+            for j0, j1 in bounds[a:]:
+                block = rows[i0:i1] @ t[:, j0:j1]
+                out[i0:i1, j0:j1] = block
+                if j0 != i0:
+                    out[j0:j1, i0:i1] = block.T
+        return out
 
     @staticmethod
     def batch_sum(tokens: torch.Tensor) -> torch.Tensor:

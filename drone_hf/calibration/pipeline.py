@@ -87,6 +87,20 @@ def _eval_mode(model: nn.Module):
             cfg.use_cache = use_cache
 
 
+
+def _real_rows(flat: torch.Tensor, state: dict) -> torch.Tensor:
+    """The rows of ``flat`` [positions, n] that are real tokens of the current batch.
+
+    The mask is resolved once per batch and device (not once per layer): ``None`` when the batch
+    has no padding, so its activations are used in place without a copy; otherwise the index of
+    the real positions, gathered with one ``index_select``."""
+    rows = state["rows"]
+    if flat.device not in rows:
+        mask = state["mask"].reshape(-1)
+        rows[flat.device] = None if bool(mask.all()) else mask.nonzero().squeeze(1).to(flat.device)
+    index = rows[flat.device]
+    return flat if index is None else flat.index_select(0, index)
+
 def collect_grams(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -97,6 +111,7 @@ def collect_grams(
     observe_output: set[str] | frozenset[str] = frozenset(),
     cache: CalibrationCache | None = None,
     cache_entry: str = "oneshot",
+    token_sums: bool = True,
 ) -> dict[str, GramObserver]:
     """Run ``model`` over ``data`` and return the input Gram of every layer in ``layers``.
 
@@ -114,9 +129,12 @@ def collect_grams(
         cache: resumable calibration (:mod:`~drone_hf.calibration.cache`): the running statistics
             are written to entry ``cache_entry`` every ``SNAPSHOT_SECONDS`` and after the last
             batch, and a run that finds such an entry feeds only the batches it does not cover.
+        token_sums: also keep each layer's token sum ``Σ x`` (``GramObserver.token_sum``). Only
+            attention compression needs it (the Gram of ``[x; 1]``); skipping it saves a reduction
+            and an accumulation per layer and batch.
     """
     observers = {name: GramObserver(in_features[name], name) for name in layers}
-    state: dict = {"mask": None, "batch": -1, "last": None}
+    state: dict = {"mask": None, "batch": -1, "last": None, "rows": {}}
     # Layers reading the very same tensor (query/key/value, gate/up) share one accumulator: the
     # first batch links each to the layer that computed the product, later batches skip them.
     leader_of: dict[str, str] = {}
@@ -158,9 +176,10 @@ def collect_grams(
                         "modules_to_not_convert."
                     )
                 else:
-                    tokens = flat[mask.reshape(-1).to(flat.device)]
+                    tokens = _real_rows(flat, state)
                 product, count = GramObserver.batch_product(tokens), tokens.shape[0]
-                total = GramObserver.batch_sum(tokens)  # Σx: attention compression needs the Gram of [x; 1]
+                # Σx: attention compression needs the Gram of [x; 1]
+                total = GramObserver.batch_sum(tokens) if token_sums else None
                 state["last"] = (x, product, count, total, name)
             obs.add(product, count, state["batch"], token_sum=total)
 
@@ -179,6 +198,7 @@ def collect_grams(
             for i in range(start, len(data.batches)):
                 batch = data.batches[i]
                 state["batch"], state["mask"], state["last"] = i, batch["attention_mask"].bool(), None
+                state["rows"] = {}
                 if forward is not None:
                     forward(i, batch)
                 else:

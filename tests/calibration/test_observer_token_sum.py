@@ -54,3 +54,21 @@ def test_pipeline_token_sums_equal_unpadded_references() -> None:
         assert obs.has_token_sum and obs.num_tokens == x.shape[0]
         torch.testing.assert_close(obs.token_sum, x.sum(0), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(obs.gram, x.T @ x, rtol=1e-10, atol=1e-10)
+
+
+def test_pipeline_skips_token_sums_when_not_asked_and_grams_are_unchanged() -> None:
+    """``token_sums=False`` (what compress passes without attention compression): no sums kept,
+    the same Grams bit for bit."""
+    torch.manual_seed(0)
+    model = BertModel(bert_config()).double().eval()
+    tok = tokenizer()
+    attention = model.encoder.layer[1].attention.self
+    layers = {"query": attention.query, "value": attention.value}
+    data = tokenize_batches(CALIBRATION_TEXTS, tok, 64, 3)
+    widths = {"query": 32, "value": 32}
+    with_sums = collect_grams(model, layers, data, widths, show_progress=False)
+    without = collect_grams(model, layers, data, widths, show_progress=False, token_sums=False)
+    for name, obs in without.items():
+        assert obs.token_sum is None and not obs.has_token_sum
+        assert obs.num_tokens == with_sums[name].num_tokens
+        assert torch.equal(obs.gram, with_sums[name].gram)

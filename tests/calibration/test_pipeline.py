@@ -90,13 +90,15 @@ def has_padding(data: CalibrationBatches) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Grams equal the independent computation; padding never counts
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_grams_equal_unpadded_single_text_reference(arch: str, minilm_tokenizer) -> None:
+def test_grams_equal_unpadded_single_text_reference(arch: str, batch_size: int, minilm_tokenizer) -> None:
+    """Batches of 3 contain padding (gathered out); batches of 1 have none (used in place, no copy)."""
     model = tiny_bert_cls() if arch == "bert" else tiny_gpt2()
     extra = ["pooler.dense"] if arch == "bert" else None  # a pooled-input layer: one row per sequence
     layers, widths = targets_of(model, extra)
-    data = tokenize_batches(TEXTS, minilm_tokenizer, max_length=32, batch_size=3)
-    assert has_padding(data)  # the batched run really contains padding
+    data = tokenize_batches(TEXTS, minilm_tokenizer, max_length=32, batch_size=batch_size)
+    assert has_padding(data) == (batch_size > 1)  # both routes of the pipeline are exercised
 
     observers = collect_grams(model, layers, data, widths, show_progress=False)
     ref, counts = reference_grams(model, layers, minilm_tokenizer, TEXTS, 32)
@@ -306,6 +308,33 @@ def test_batch_product_precision(dtype, wide) -> None:
     assert p.dtype == wide and p.shape == (3, 3)
     exact = t.to(f64).T @ t.to(f64)
     torch.testing.assert_close(p.to(f64), exact, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [384, 400, 577, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+def test_blocked_symmetric_product_matches_one_gemm(n: int, dtype) -> None:
+    """Wide inputs take the blocked upper-triangle route; it must give the symmetric Gram of the
+    one-GEMM product up to float rounding, including ragged last blocks (400, 577, 1000 columns)."""
+    from drone_hf.calibration.observer import SYMMETRIC_BLOCK, SYMMETRIC_MIN_TOKENS
+
+    assert n >= 2 * SYMMETRIC_BLOCK  # the blocked route is the one under test
+    t = torch.randn(SYMMETRIC_MIN_TOKENS + 3, n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    p = GramObserver.batch_product(t)
+    assert p.dtype == dtype and p.shape == (n, n)
+    assert torch.equal(p, p.T)  # mirrored blocks: exactly symmetric, not just to rounding
+    exact = t.to(f64).T @ t.to(f64)
+    tol = 1e-12 if dtype == f64 else 1e-5
+    assert float((p.to(f64) - exact).abs().max() / exact.abs().max()) < tol
+
+
+def test_small_products_stay_one_gemm() -> None:
+    """Narrow inputs or few tokens: one GEMM (bit-identical to ``t.T @ t``)."""
+    from drone_hf.calibration.observer import SYMMETRIC_BLOCK, SYMMETRIC_MIN_TOKENS
+
+    g = torch.Generator().manual_seed(3)
+    for rows, cols in [(SYMMETRIC_MIN_TOKENS + 10, 2 * SYMMETRIC_BLOCK - 1), (SYMMETRIC_MIN_TOKENS - 1, 4 * SYMMETRIC_BLOCK)]:
+        t = torch.randn(rows, cols, generator=g)
+        assert torch.equal(GramObserver.batch_product(t), t.T @ t)
 
 
 def test_observer_accumulates_in_float64() -> None:
