@@ -166,7 +166,7 @@ def compress_variant(dense, tokenizer, settings: Settings, batches, label: str, 
         kw |= {"compress_attention": True, "attention_rank": rank}
     config = drone_hf.DroneConfig(
         dataset=None, tokenizer=tokenizer, num_samples=settings.num_samples, max_length=settings.max_length,
-        seed=settings.seed, method=method, **kw,
+        seed=settings.seed, method=method, allocation="uniform", **kw,  # the tables compare at equal uniform ranks
     )
     model = copy.deepcopy(dense)
     start = time.perf_counter()

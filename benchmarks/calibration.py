@@ -151,7 +151,8 @@ def study_sequential(name: str, quick: bool) -> tuple[str, dict]:
     rows, records = [], {}
     for ratio in ((0.5,) if quick else (0.3, 0.5)):
         for sequential in (False, True):
-            cfg = drone_hf.DroneConfig(param_ratio=ratio, sequential=sequential, num_samples=16 if quick else 128)
+            cfg = drone_hf.DroneConfig(param_ratio=ratio, sequential=sequential, num_samples=16 if quick else 128,
+                                       allocation="uniform")  # the same ranks in both modes
             start = time.perf_counter()
             comp = drone_hf.compress(copy.deepcopy(model), cfg, show_progress=False)
             seconds = time.perf_counter() - start

@@ -117,6 +117,7 @@ class Runner:
         s = self.settings
         config = drone_hf.DroneConfig(
             param_ratio=param_ratio,
+            allocation="uniform",  # DRONE vs SVD at the same per-layer ranks
             method=method,
             damp=damp,
             dataset=None,  # the packaged calibration corpus "sotu"

@@ -264,6 +264,7 @@ def run(s: Settings, log=print) -> dict:
 
     cfg = drone_hf.DroneConfig(
         param_ratio=s.param_ratio,
+        allocation="uniform",  # as measured and described in finetune.md
         dataset=list(train_raw["text"]),
         tokenizer=tokenizer,
         num_samples=s.calibration_samples,

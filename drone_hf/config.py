@@ -77,10 +77,37 @@ class DroneConfig(QuantizationConfigMixin):
 
     Args:
         param_ratio (`float`, *optional*, defaults to 0.5):
-            Fraction of the targeted layers' weight parameters kept, in (0, 1]. A layer of shape
-            ``out x in`` gets rank ``floor(param_ratio · in·out / (in + out))`` (at least 1), so
-            every layer keeps the same fraction. Biases, embeddings and untargeted layers are not
-            counted. Ignored for layers whose rank is fixed by ``ranks``.
+            Fraction of the targeted layers' weight parameters kept, in (0, 1]: the size budget.
+            How it is spread over layers is ``allocation``'s choice (greedy by default; with
+            ``"uniform"`` a layer of shape ``out x in`` gets rank ``floor(param_ratio · in·out /
+            (in + out))``, at least 1). Biases, embeddings and untargeted layers are not counted.
+            Ignored for layers whose rank is fixed by ``ranks``. Exactly one budget per run; with
+            none, ``param_ratio=0.5``.
+        target_speedup (`float`, *optional*):
+            The speed budget: end-to-end forward time dense / compressed (> 1) on this device at
+            ``latency_shape``, measured after compression; an unreachable one is refused with the
+            best reachable value.
+        max_loss (`float`, *optional*):
+            The quality budget: allowed increase of the evaluation loss on ``eval_samples`` held-out
+            texts (LM: next-token cross-entropy; encoders: relative squared output error; or ``loss_fn``).
+        loss_fn (`Callable[[model], float]`, *optional*):
+            Your own evaluation loss for ``max_loss`` (e.g. ``1 - accuracy``); never serialised.
+        allocation (`str`, defaults to ``"greedy"``):
+            How the budget is spread over layers. ``"greedy"``: a global choice of ranks by predicted
+            loss per parameter (or per measured second) saved, keeping layers dense where factoring
+            does not pay; it holds out ``eval_samples`` texts to measure layer sensitivities. It won
+            on held-out quality at every budget measured (``docs/allocation.md``: MiniLM fidelity,
+            SmolLM2 perplexity 39 vs 119 at ``param_ratio=0.8``). ``"uniform"``: the same fraction in
+            every layer (no held-out texts, faster to compress). ``"drone"``: the paper's Algorithm 2,
+            for ``max_loss`` only.
+        rank_grid (`list[int]`, *optional*):
+            Candidate ranks for greedy/drone allocation and speed budgets (default: multiples of 8
+            below each layer's break-even rank).
+        latency_shape (`tuple[int, int]`, defaults to ``(8, 128)``):
+            Batch x sequence length at which speed is measured (latency model and ``target_speedup``).
+        eval_samples (`int`, defaults to 32):
+            Texts held out of ``dataset`` (never used for statistics) for loss budgets and greedy
+            sensitivities; at most a quarter of the drawn texts.
         dataset (*optional*):
             Calibration text: ``None`` (the packaged public-domain corpus ``"sotu"``), a built-in
             corpus name, a path to a ``.txt`` (one sample per line, or per paragraph when the file
@@ -170,7 +197,7 @@ class DroneConfig(QuantizationConfigMixin):
         target_speedup: float | None = None,
         max_loss: float | None = None,
         loss_fn: Any = None,
-        allocation: str = "uniform",
+        allocation: str = "greedy",
         rank_grid: list[int] | None = None,
         latency_shape: tuple[int, int] | list[int] = (8, 128),
         eval_samples: int = 32,

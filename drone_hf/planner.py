@@ -76,6 +76,10 @@ class RankPlanner:
     def grid(self, c: str) -> list[int]:
         out_f, in_f = self.shapes[c]
         raw = self.config.rank_grid or rank_grid(out_f, in_f)
+        if self.config.rank_grid is None and self.config.param_ratio is not None:
+            # The default grid (multiples of 8) is coarse on narrow layers; each layer's uniform rank
+            # is a candidate too, so greedy can always reach at least what uniform ranks reach.
+            raw = [*raw, uniform_rank(out_f, in_f, self.config.param_ratio)]
         ranks = sorted({self.effective_rank(c, k) for k in raw if 1 <= k <= min(out_f, in_f)})
         if not ranks:
             raise ValueError(

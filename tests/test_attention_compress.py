@@ -30,6 +30,7 @@ def config(**kw) -> DroneConfig:
     base = {
         "dataset": CALIBRATION_TEXTS, "num_samples": len(CALIBRATION_TEXTS), "batch_size": 3,
         "compress_attention": True, "tokenizer": TOKENIZER,
+        "allocation": "uniform",  # every text calibrates and every layer gets its known rank
     }
     return DroneConfig(**(base | kw))
 

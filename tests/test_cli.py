@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -74,7 +75,8 @@ def test_help_explains_every_option():
 def test_builtin_demo_runs_end_to_end(capsys):
     assert main(["compress", "--eval-batches", "1", "--num-samples", "32"]) == 0
     text = capsys.readouterr().out
-    assert "36 layers factored" in text and "speedup" in text and "embedding cosine" in text
+    factored = int(re.search(r"(\d+) layers factored", text).group(1))  # greedy (the default) may keep some dense
+    assert 0 < factored <= 36 and "speedup" in text and "embedding cosine" in text and "(greedy)" in text
 
 
 # --- compress --push-to-hub / --model-card, inspect, eval, bench, merge ----------------------------

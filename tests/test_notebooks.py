@@ -74,15 +74,16 @@ def test_quickstart_runs_on_a_tiny_model(tmp_path, monkeypatch):
 def test_quickstart_runs_on_the_real_minilm(tmp_path, monkeypatch):
     nb = run_notebook("quickstart.ipynb", tmp_path, monkeypatch, DRONE_NB_SAMPLES="16", DRONE_NB_REPEATS="3")
     text = outputs_text(nb)
-    assert "36 layers factored" in text and images(nb) == 2
-    # The committed example card (model_cards/examples) shows what the code produces today: the
-    # notebook's fresh compression of the same model at the same param_ratio has the same layers,
-    # shapes and ranks (uniform ranks do not depend on the number of calibration texts).
+    factored = int(re.search(r"(\d+) layers factored", text).group(1))
+    assert 0 < factored <= 36 and images(nb) == 2
+    # The committed example card (model_cards/examples) was made with allocation="uniform" (its
+    # table says so); the notebook runs the default, greedy, on 16 texts, so ranks differ and some
+    # layers stay dense. What must agree: every layer the notebook factors is in the card, same shape.
     card = (NOTEBOOKS.parent / "model_cards" / "examples" / "all-MiniLM-L6-v2-drone" / "README.md").read_text()
     rows = re.findall(r"^(encoder\.\S+)\s+(\d+)x(\d+)\s+(\d+)\s", text, flags=re.M)
-    assert len(rows) == 36
-    for name, out_f, in_f, rank in rows:
-        assert f"| `{name}` | {out_f}x{in_f} | {rank} |" in card
+    assert len(rows) == factored
+    for name, out_f, in_f, _rank in rows:
+        assert f"| `{name}` | {out_f}x{in_f} | " in card
 
 
 def write_reviews(path: Path, n: int = 96) -> Path:
@@ -138,7 +139,7 @@ def test_llm_compression_runs_on_a_tiny_llama(tmp_path, monkeypatch):
     assert set(ppl) == {"dense", "DRONE 0.3", "DRONE 0.5", "DRONE 0.9"}
     assert all(math.isfinite(v) and v > 1 for v in ppl.values())
     kept = json_line(text, "kept: ")
-    assert kept["0.3"] < kept["0.5"] < kept["0.9"] <= 0.9  # uniform ranks round down
+    assert kept["0.3"] < kept["0.5"] < kept["0.9"] <= 0.9 + 1e-9  # greedy allocation stays within each budget
     assert "reloaded logits are bit for bit the saved model's" in text
     assert text.count("  DRONE  ... ") == 2 and "layers factored" in text
     assert images(nb) == 3  # error vs rank, rank per layer, perplexity vs weights kept

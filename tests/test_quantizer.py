@@ -271,10 +271,12 @@ def test_registration_is_idempotent():
 @pytest.mark.slow
 def test_real_minilm_round_trip_in_fresh_process(tmp_path):
     model = AutoModel.from_pretrained(minilm_path(), drone_config=DroneConfig(param_ratio=0.5, num_samples=32))
-    assert len(drone_layers(model)) == 36  # 6 blocks x (q, k, v, o, ffn in, ffn out); pooler-free model
+    factored = len(drone_layers(model))  # of 36 targets (6 blocks x q, k, v, o, ffn in, ffn out); greedy
+    record = model.config.quantization_config.allocation_result  # allocation may keep some dense
+    assert 0 < factored <= 36 and record["dense_layers"] == 36 - factored
     inputs = sample_inputs()
     expected = outputs(model, inputs)
     model.save_pretrained(tmp_path / "drone")
     got = reload_in_fresh_process(tmp_path / "drone", "AutoModel", inputs, tmp_path)
-    assert got["kinds"] == ["DroneLinear"] and got["n_drone"] == 36
+    assert got["kinds"] == ["DroneLinear"] and got["n_drone"] == factored
     torch.testing.assert_close(got["out"], expected, rtol=0, atol=0)

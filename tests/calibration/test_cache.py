@@ -35,7 +35,7 @@ def build(layers: int = 3, seed: int = 0) -> BertModel:
 
 def config(**kw) -> DroneConfig:
     base = {"dataset": CALIBRATION_TEXTS, "num_samples": len(CALIBRATION_TEXTS), "batch_size": 2, "tokenizer": TOK,
-            "param_ratio": 0.4}
+            "param_ratio": 0.4, "allocation": "uniform"}  # uniform: every text calibrates (greedy holds some out)
     return DroneConfig(**(base | kw))
 
 

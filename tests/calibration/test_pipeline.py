@@ -332,7 +332,8 @@ def test_small_products_stay_one_gemm() -> None:
     from drone_hf.calibration.observer import SYMMETRIC_BLOCK, SYMMETRIC_MIN_TOKENS
 
     g = torch.Generator().manual_seed(3)
-    for rows, cols in [(SYMMETRIC_MIN_TOKENS + 10, 2 * SYMMETRIC_BLOCK - 1), (SYMMETRIC_MIN_TOKENS - 1, 4 * SYMMETRIC_BLOCK)]:
+    narrow, few_tokens = (SYMMETRIC_MIN_TOKENS + 10, 2 * SYMMETRIC_BLOCK - 1), (SYMMETRIC_MIN_TOKENS - 1, 4 * SYMMETRIC_BLOCK)
+    for rows, cols in (narrow, few_tokens):
         t = torch.randn(rows, cols, generator=g)
         assert torch.equal(GramObserver.batch_product(t), t.T @ t)
 

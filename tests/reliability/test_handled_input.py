@@ -30,7 +30,8 @@ def test_max_length_above_the_model_positions_is_capped_with_a_warning(monkeypat
     logger.addHandler(handler)
     try:
         texts = [" ".join(["word"] * 400) + f" {i}" for i in range(4)]  # ~400 tokens each
-        cfg = drone_hf.DroneConfig(dataset=texts, num_samples=4, max_length=1000, tokenizer=tokenizer())
+        cfg = drone_hf.DroneConfig(dataset=texts, num_samples=4, max_length=1000, tokenizer=tokenizer(),
+                                   allocation="uniform")  # all 4 texts calibrate (greedy would hold one out)
         model = drone_hf.compress(fresh_bert(), cfg, show_progress=False)
     finally:
         logger.removeHandler(handler)

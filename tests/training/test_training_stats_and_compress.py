@@ -97,7 +97,8 @@ def test_every_log_repeats_the_stats(tok, tmp_path, pair):
 def test_compress_on_train_begin_then_fine_tune_and_reload(tok, tmp_path):
     model = dense_classifier()
     train_ds = classification_dataset(tok, n=12)
-    config = drone_hf.DroneConfig(param_ratio=0.5, num_samples=10)
+    # uniform: all 10 rows calibrate and all 12 layers are factored (greedy would hold rows out)
+    config = drone_hf.DroneConfig(param_ratio=0.5, num_samples=10, allocation="uniform")
     compress_cb = CompressOnTrainBeginCallback(config)
 
     class Snap(TrainerCallback):  # runs right after compression: the factors as compression left them
