@@ -22,14 +22,19 @@ def test_lm_benchmark_quick(tmp_path):
     text = (tmp_path / "lm.md").read_text()
     assert "git commit" in text and "| drone |" in text and "**Target**" in text
     rec = json.loads((tmp_path / "lm.json").read_text())
-    assert set(rec["methods"]) == {"drone", "svd", "asvd", "fwsvd", "svdllm"}
+    assert set(rec["methods"]) == {"drone", "svd", "asvd", "fwsvd", "svdllm", "drone greedy"}
     assert math.isfinite(rec["dense_ppl"]) and rec["dense_ppl"] > 1
     for method, entry in rec["methods"].items():
         assert "failed" not in entry, method
         for r in RATIOS:
             assert math.isfinite(entry["ppl"][str(r)]) and entry["ppl"][str(r)] > 1
-            # uniform ranks keep at most the asked fraction, and not much less
-            assert r - 0.1 < entry["kept"][str(r)] <= r + 1e-9
+            # uniform and greedy ranks keep at most the asked fraction, and not much less
+            assert r - 0.1 < entry["kept"][str(r)] <= r + 1e-9, (method, r)
+    greedy = rec["methods"]["drone greedy"]
+    assert all(isinstance(greedy["dense_layers"][str(r)], int) for r in RATIOS)
+    assert rec["target"]["variant"] in ("drone", "drone greedy")  # judged on DRONE's best row
+    assert rec["target"]["drone_ppl"] == min(rec["methods"][m]["ppl"]["0.8"] for m in ("drone", "drone greedy"))
+    assert "| drone greedy |" in text
     # SVD-LLM and DRONE reach the same optimum on positive-definite statistics
     for r in RATIOS:
         assert rec["methods"]["svdllm"]["ppl"][str(r)] == pytest.approx(rec["methods"]["drone"]["ppl"][str(r)], rel=1e-4)
