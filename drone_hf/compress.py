@@ -193,7 +193,8 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         ranks, plan.result = broadcast_object((ranks, plan.result))
     else:  # uniform ranks are known from the shapes alone
         ranks = dict(fixed) | {c: uniform_rank(*shapes[c], config.param_ratio) for c in targets if c not in fixed}
-        plan.result = {"strategy": "uniform", "budget": {"param_ratio": config.param_ratio}}
+        plan.result = {"strategy": "uniform", "budget": {"param_ratio": config.param_ratio},
+                       "factored_layers": len(ranks), "dense_layers": len(targets) - len(ranks)}
 
     if config.sequential:
         originals = {full: layer for full, layer in targets.values()}

@@ -21,7 +21,11 @@ TOK = tokenizer()
 def test_each_block_is_optimal_on_what_the_compressed_blocks_feed_it():
     dense = build("bert")
     comp = drone_hf.compress(copy.deepcopy(dense), config(param_ratio=0.4, sequential=True), show_progress=False)
-    assert comp.config.quantization_config.allocation_result["sequential"] is True
+    result = comp.config.quantization_config.allocation_result
+    assert result["sequential"] is True
+    # the record has the same counts as a one-shot run's (the uniform-sequential route lacked them)
+    n_targets = len(resolve_targets(dense, None, None))
+    assert result["factored_layers"] == n_targets and result["dense_layers"] == 0
     # Independently: feed block 1 of the DENSE model the outputs of the COMPRESSED block 0 and record
     # what each of its layers sees; the factors in block 1 must be optimal for exactly that data.
     hybrid = copy.deepcopy(dense)
