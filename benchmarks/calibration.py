@@ -8,10 +8,13 @@ Studies:
   ``x.double().T @ x`` for every layer. Target: at most 1.3x. Also the peak resident memory of
   each (separate processes, ``ru_maxrss``).
 * ``sequential``: held-out fidelity of one-shot vs layer-sequential calibration at the same ranks.
+* ``processes``: two ``torch.distributed`` processes (gloo, CPU) against one: the same factors to float
+  round-off, and bit-identical factors in both processes.
 
 Usage::
 
-    python benchmarks/calibration.py [--study overhead|sequential|all] [--model minilm|mpnet] [--quick] [--out DIR]
+    python benchmarks/calibration.py [--study overhead|sequential|processes|all] [--model minilm|mpnet] [--quick]
+                                     [--out DIR]
 """
 
 from __future__ import annotations
@@ -168,7 +171,87 @@ def study_sequential(name: str, quick: bool) -> tuple[str, dict]:
     return body, records
 
 
-STUDIES = {"overhead": study_overhead, "sequential": study_sequential}
+def _process_worker(rank: int, world: int, init_file: str, out_dir: str, name: str, quick: bool) -> None:
+    """One of ``world`` calibration processes (gloo): compress the real model, save its state."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the processes share the machine's cores
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = drone_hf.compress(_fresh(name), _process_config(quick), show_progress=False)
+        torch.save({"state": model.state_dict(), "calibration": model.config.quantization_config.calibration},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _fresh(name: str):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(_model_path(name), dtype=torch.float32).eval()
+
+
+def _process_config(quick: bool) -> drone_hf.DroneConfig:
+    return drone_hf.DroneConfig(param_ratio=0.5, allocation="uniform", num_samples=16 if quick else 128)
+
+
+def study_processes(name: str, quick: bool) -> tuple[str, dict]:
+    """1 process vs 2 (``torch.distributed``, gloo on CPU): each of the two calibrates on half of the
+    texts, the statistics are all-reduced, and both must end with the 1-process factors (to float
+    round-off: the same sums in another order) and with bit-identical factors to each other."""
+    import torch.multiprocessing as mp
+
+    world = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        mp.spawn(_process_worker, args=(world, str(Path(tmp) / "init"), tmp, name, quick), nprocs=world, join=True)
+        multi_seconds = time.perf_counter() - start
+        results = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same per-process threads as the workers: a like-for-like time
+    try:
+        start = time.perf_counter()
+        single = drone_hf.compress(_fresh(name), _process_config(quick), show_progress=False)
+        single_seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    ref = single.state_dict()
+    factors = [k for k in ref if k.endswith((".up.weight", ".down.weight"))]
+    worst = max(float((results[0]["state"][k] - ref[k]).abs().max() / ref[k].abs().max()) for k in factors)
+
+    def product(state: dict, up_key: str) -> torch.Tensor:  # up @ down: the layer's low-rank weight
+        return state[up_key].double() @ state[up_key.replace(".up.weight", ".down.weight")].double()
+
+    ups = [k for k in factors if k.endswith(".up.weight")]
+    worst_weight = max(float(torch.linalg.norm(product(results[0]["state"], k) - product(ref, k))
+                             / torch.linalg.norm(product(ref, k))) for k in ups)
+    agree = all(torch.equal(results[0]["state"][k], results[1]["state"][k]) for k in ref)
+    same_data = all(r["calibration"]["num_tokens"] == single.config.quantization_config.calibration["num_tokens"]
+                    for r in results)
+    rows = [
+        ["factored layers (up/down pairs)", len(factors) // 2],
+        ["calibration tokens, every process (all-reduced) = 1 process", "yes" if same_data else "NO"],
+        ["largest factor entry difference, 2 vs 1 (relative to the factor's max; sign/rotation-sensitive)",
+         f"{worst:.1e}"],
+        ["largest low-rank weight (up @ down) difference, 2 vs 1 (relative Frobenius)", f"{worst_weight:.1e}"],
+        ["the 2 processes' factors bit-identical to each other", "yes" if agree else "NO"],
+        ["wall time, 1 process (1 thread) / 2 processes (1 thread each), s",
+         f"{single_seconds:.0f} / {multi_seconds:.0f}"],
+    ]
+    body = (
+        f"## One process vs two ({name}, `torch.distributed` gloo, uniform `param_ratio=0.5`)\n\n"
+        "Each process calibrates on its shard of the texts; the Gram sums are all-reduced, so every process "
+        "solves the same statistics. Differences from the 1-process run are float round-off of the same sums "
+        "added in another order. The factors themselves are only defined up to sign (and up to a rotation where "
+        "singular values coincide), so the low-rank weight `up @ down` is the quantity that must agree. Wall "
+        "times include model loading and process start-up.\n\n"
+        + markdown_table(["check", "result"], rows)
+    )
+    return body, {"max_rel_diff": worst, "max_weight_rel_diff": worst_weight, "processes_agree": agree, "same_tokens": same_data,
+                  "seconds_single": single_seconds, "seconds_two_processes": multi_seconds}
+
+
+STUDIES = {"overhead": study_overhead, "sequential": study_sequential, "processes": study_processes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,18 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     start = time.perf_counter()
     studies = list(STUDIES) if args.study == "all" else [args.study]
-    bodies, records = [], {}
-    for s in studies:
-        body, rec = STUDIES[s](args.model, args.quick)
-        bodies.append(body)
-        records[s] = rec
-    stem = f"calibration_{args.model}"
     command = command_line(__file__, argv or sys.argv[1:])
-    header = results_header("Calibration cost and quality", command, machine_info([args.model]),
-                            time.perf_counter() - start)
-    write_markdown(out / f"{stem}.md", header, "\n\n".join(bodies))
-    (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
-    print(f"wrote {out / f'{stem}.md'}")
+    for study in studies:  # one file per study, so running one study never overwrites another's table
+        body, rec = STUDIES[study](args.model, args.quick)
+        stem = f"calibration_{args.model}" + ("" if study == "overhead" else f"_{study}")
+        header = results_header("Calibration cost and quality", command, machine_info([args.model]),
+                                time.perf_counter() - start)
+        write_markdown(out / f"{stem}.md", header, body)
+        (out / f"{stem}.json").write_text(json.dumps({study: rec}, indent=1))
+        print(f"wrote {out / f'{stem}.md'}")
     return 0
 
 

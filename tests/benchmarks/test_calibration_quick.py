@@ -1,4 +1,4 @@
-"""Smoke test of the calibration-cost benchmark: `--quick` runs both studies on the real MiniLM."""
+"""Smoke test of the calibration-cost benchmark: `--quick` runs every study on the real MiniLM."""
 
 from __future__ import annotations
 
@@ -33,3 +33,13 @@ def test_quick_run_measures_overhead_memory_and_sequential_quality(tmp_path):
     overhead = next(t for t in tables if t[0][0] == "pass")
     assert [row[0] for row in overhead[1:]] == ["forward", "drone-hf", "naive float64"]
     assert float(overhead[1][2]) == 1.0  # the forward pass is the unit
+
+    # one file per study: the sequential and the processes tables do not overwrite the overhead one
+    seq = json.loads((tmp_path / "calibration_minilm_sequential.json").read_text())["sequential"]
+    assert {"0.5-one-shot", "0.5-sequential"} <= set(seq) and all(0 < r["cos"] <= 1 for r in seq.values())
+    proc = json.loads((tmp_path / "calibration_minilm_processes.json").read_text())["processes"]
+    assert proc["processes_agree"] and proc["same_tokens"]
+    # factors themselves may differ by sign or by a rotation inside a degenerate subspace (few texts);
+    # the low-rank weight up @ down may not: the same statistics summed in another order
+    assert proc["max_weight_rel_diff"] < 1e-4
+    assert "One process vs two" in (tmp_path / "calibration_minilm_processes.md").read_text()
