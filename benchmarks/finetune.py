@@ -89,6 +89,22 @@ class Settings:
     latency_rounds: int = 3
     threads: int = 2
     seed: int = 0
+    model: str = "minilm"  # the base encoder: a key of TASK_MODELS
+
+
+#: Base encoders of the task model: name in tables, and the folder loader.
+TASK_MODELS = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}
+
+
+def base_model_path(s: Settings) -> str:
+    """Folder of the base encoder ``s.model`` (MiniLM is packaged; MPNet comes from ``assets.mpnet``)."""
+    if s.model == "mpnet":
+        from benchmarks.assets import mpnet
+
+        return str(mpnet())
+    if s.model != "minilm":
+        raise ValueError(f"unknown task model {s.model!r}: use one of {sorted(TASK_MODELS)}")
+    return minilm_path()
 
 
 FULL = Settings()
@@ -191,22 +207,29 @@ def train(model, train_ds, tokenizer, args, loss=None, callbacks=()) -> float:
     return time.perf_counter() - start
 
 
-def dense_model(s: Settings, train_ds, tokenizer, log) -> tuple[torch.nn.Module, bool]:
-    """The MiniLM classifier fine-tuned on the training split, from the cache when it is there."""
-    from transformers import AutoModelForSequenceClassification
-
+def teacher_folder(s: Settings) -> tuple[Path, dict]:
+    """Cache folder of the fine-tuned dense model and the settings that key it."""
     key = {
         k: v
         for k, v in asdict(s).items()
         if k in ("dense_epochs", "dense_lr", "batch_size", "max_length", "seed", "train_limit")
     }
+    if s.model != "minilm":  # MiniLM's key predates the field: its cached teacher keeps its digest
+        key["model"] = s.model
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    folder = default_cache_dir() / "finetune" / f"minilm-movie-reviews-{digest}"
+    return default_cache_dir() / "finetune" / f"{s.model}-movie-reviews-{digest}", key
+
+
+def dense_model(s: Settings, train_ds, tokenizer, log) -> tuple[torch.nn.Module, bool]:
+    """The ``s.model`` classifier fine-tuned on the training split, from the cache when it is there."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder, key = teacher_folder(s)
     if (folder / "config.json").exists():
         log(f"dense model from cache: {folder}")
         return AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval(), True
     torch.manual_seed(s.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(base_model_path(s), num_labels=2, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         seconds = train(model, train_ds, tokenizer, training_args(Path(tmp), s, s.dense_epochs, s.dense_lr))
     log(f"dense fine-tuning: {seconds:.0f} s")
@@ -253,7 +276,7 @@ def run(s: Settings, log=print) -> dict:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(s.threads)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path(s))
     train_raw, test_raw = splits(s)
     train_ds = tokenize_classification(train_raw, tokenizer, s.max_length)
     test_ds = tokenize_classification(test_raw, tokenizer, s.max_length)

@@ -46,3 +46,22 @@ def test_quick_run_writes_every_variant(tmp_path):
     head, *rows = parse_markdown_tables((tmp_path / "frontier.md").read_text())[1]
     assert head[0] == "variant" and len(rows) == len(expected) + 1  # + the dense row
     assert rows[0][0] == "dense (fine-tuned)"
+
+
+def test_task_models_have_their_own_cached_teachers_and_result_files(tmp_path, monkeypatch):
+    """--model mpnet: a separate cache folder and result files; MiniLM's cached teacher keeps its
+    folder (its key predates the model field), so existing caches stay valid."""
+    import hashlib
+    from dataclasses import replace
+
+    monkeypatch.setenv("DRONE_HF_CACHE", str(tmp_path))
+    minilm, key = finetune.teacher_folder(finetune.FULL)
+    old_digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    assert "model" not in key and minilm.name == f"minilm-movie-reviews-{old_digest}"
+    mpnet, mkey = finetune.teacher_folder(replace(finetune.FULL, model="mpnet"))
+    assert mkey["model"] == "mpnet" and mpnet.name.startswith("mpnet-movie-reviews-") and mpnet != minilm
+    one_epoch, _ = finetune.teacher_folder(replace(finetune.FULL, model="mpnet", dense_epochs=1.0))
+    assert one_epoch not in (mpnet, minilm)
+    assert frontier.results_stem("minilm") == "frontier" and frontier.results_stem("mpnet") == "frontier_mpnet"
+    with pytest.raises(ValueError, match="unknown task model 'bert'"):
+        finetune.base_model_path(replace(finetune.FULL, model="bert"))
