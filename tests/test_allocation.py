@@ -213,3 +213,19 @@ def test_a_failing_loss_callable_leaves_the_model_dense(strategy) -> None:
 @pytest.mark.parametrize("value", [float("nan"), "0.1", None, True])
 def test_a_loss_callable_returning_no_number_is_refused(value) -> None:
     refuse(dict(max_loss=0.1, allocation="greedy", loss_fn=lambda model: value), r"loss_fn returned .* finite float")
+
+
+def test_greedy_default_is_the_allocation_and_reaches_what_uniform_reaches() -> None:
+    """``allocation`` defaults to greedy. Its default grid (multiples of 8 below break-even) alone
+    cannot reach a small budget on narrow layers (64x64: break-even 32, so 8 is 25% of the layer);
+    each layer's uniform rank is a candidate too, so any budget uniform meets, greedy meets."""
+    assert DroneConfig().allocation == "greedy"
+    ratio = 0.2  # uniform rank 6 on the 64x64 layers: below every multiple of 8
+    model = drone_hf.compress(tiny_bert(), budget_config(param_ratio=ratio), show_progress=False)
+    result = model.config.quantization_config.allocation_result
+    assert result["strategy"] == "greedy"
+    assert result["targeted_param_ratio"] <= ratio + 1e-9
+    ranks = model.config.quantization_config.ranks
+    assert ranks and min(ranks.values()) < 8  # the uniform candidate was used where 8 was too coarse
+    with pytest.raises(ValueError, match=r"param_ratio=0.2 cannot be met"):  # the same grid without it
+        drone_hf.compress(tiny_bert(), budget_config(param_ratio=ratio, rank_grid=[8, 16, 24]), show_progress=False)
