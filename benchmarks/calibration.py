@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -132,14 +131,15 @@ def study_overhead(name: str, quick: bool) -> tuple[str, dict]:
 
 
 def _peak_rss(name: str, key: str, quick: bool) -> float:
+    root = str(Path(__file__).resolve().parent.parent)
     code = (
-        "import sys, resource; sys.path.insert(0, %r)\n"
+        f"import sys, resource; sys.path.insert(0, {root!r})\n"
         "from benchmarks.calibration import _setup, plain_forward, drone_statistics, naive_statistics\n"
-        "m, d, t, s = _setup(%r, %r)\n"
-        "fn = {'forward': plain_forward, 'drone-hf': drone_statistics, 'naive float64': naive_statistics}[%r]\n"
-        "fn(m, d) if %r == 'forward' else fn(m, d, t, s)\n"
+        f"m, d, t, s = _setup({name!r}, {quick!r})\n"
+        f"fn = {{'forward': plain_forward, 'drone-hf': drone_statistics, 'naive float64': naive_statistics}}[{key!r}]\n"
+        f"fn(m, d) if {key!r} == 'forward' else fn(m, d, t, s)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-    ) % (str(Path(__file__).resolve().parent.parent), name, quick, key, key)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024.0
 
@@ -166,7 +166,8 @@ def study_sequential(name: str, quick: bool) -> tuple[str, dict]:
     body = (
         f"## One-shot vs layer-sequential calibration ({name}, uniform ranks)\n\n"
         "Fidelity on sotu-heldout against the dense model: relative error of the last hidden state and mean "
-        "embedding cosine.\n\n" + markdown_table(["param_ratio", "calibration", "rel. error", "cosine", "seconds"], rows)
+        "embedding cosine.\n\n"
+        + markdown_table(["param_ratio", "calibration", "rel. error", "cosine", "seconds"], rows)
     )
     return body, records
 
@@ -247,7 +248,8 @@ def study_processes(name: str, quick: bool) -> tuple[str, dict]:
         "times include model loading and process start-up.\n\n"
         + markdown_table(["check", "result"], rows)
     )
-    return body, {"max_rel_diff": worst, "max_weight_rel_diff": worst_weight, "processes_agree": agree, "same_tokens": same_data,
+    return body, {"max_rel_diff": worst, "max_weight_rel_diff": worst_weight, "processes_agree": agree,
+                  "same_tokens": same_data,
                   "seconds_single": single_seconds, "seconds_two_processes": multi_seconds}
 
 

@@ -140,7 +140,8 @@ class RankPlanner:
             by_full = fisher_sensitivities(self.model, self.evaluation_batches, probes)
             self.result["sensitivity"] = "fisher"
         else:
-            bar = hf_logging.tqdm(list(probes), desc="Probing sensitivity", unit="layer", disable=not self.show_progress or None)
+            bar = hf_logging.tqdm(list(probes), desc="Probing sensitivity", unit="layer",
+                                  disable=not self.show_progress or None)
             by_full = probe_sensitivities(self._swapper, self.evaluator(), probes, bar)
             self.result["sensitivity"] = "measured"
         return {c: by_full[self.targets[c][0]] for c in self.free}
@@ -183,20 +184,24 @@ class RankPlanner:
         )
         alloc = greedy_allocate(self.options("params", self.sensitivities()), max_cost=max_cost)
         if not alloc.reachable:
+            fixed_cost = sum(self.params(c, k) for c, k in self.fixed.items())
+            dense_cost = sum(self.params(c, None) for c in self.targets)
             raise ValueError(
                 f"param_ratio={ratio} cannot be met with the candidate ranks (smallest reachable: "
-                f"{(alloc.cost + sum(self.params(c, k) for c, k in self.fixed.items())) / sum(self.params(c, None) for c in self.targets):.3f}); "
+                f"{(alloc.cost + fixed_cost) / dense_cost:.3f}); "
                 "raise param_ratio or give a rank_grid with smaller ranks."
             )
         ranks = dict(self.fixed) | alloc.ranks
-        self.result.update(predicted_loss_increase=alloc.predicted_loss, measured_loss_increase=self.measure_loss(ranks))
+        self.result.update(predicted_loss_increase=alloc.predicted_loss,
+                           measured_loss_increase=self.measure_loss(ranks))
         return ranks
 
     def _speed_budget(self, target: float) -> dict[str, int]:
         self.result["budget"] = {"target_speedup": target, "latency_shape": list(self.config.latency_shape)}
         inputs = self.latency_inputs()
         dense_total = end_to_end_times(self._swapper, {"dense": {}}, inputs)["dense"]
-        fixed_time = sum(self.layer_times(c, [self.effective_rank(c, k)])[1][self.effective_rank(c, k)] for c, k in self.fixed.items())
+        fixed_time = sum(self.layer_times(c, [self.effective_rank(c, k)])[1][self.effective_rank(c, k)]
+                         for c, k in self.fixed.items())
         fixed_dense = sum(self.layer_times(c, [])[0] for c in self.fixed)
         weights = self.sensitivities() if self.config.allocation == "greedy" else {}
         options = self.options("time", weights)
@@ -213,7 +218,10 @@ class RankPlanner:
         measured = predicted = 0.0
         ranks: dict[str, int] = {}
         for _ in range(VERIFY_ROUNDS):
-            free = self._uniform_for_time(options, budget) if self.config.allocation == "uniform" else greedy_allocate(options, max_cost=budget).ranks
+            if self.config.allocation == "uniform":
+                free = self._uniform_for_time(options, budget)
+            else:
+                free = greedy_allocate(options, max_cost=budget).ranks
             ranks = dict(self.fixed) | free
             predicted_time = overhead + fixed_time + sum(
                 o.costs[o.ranks.index(free[o.name])] if o.name in free else o.dense_cost for o in options
@@ -255,7 +263,8 @@ class RankPlanner:
         return best
 
     def _loss_budget(self, max_loss: float) -> dict[str, int]:
-        self.result["budget"] = {"max_loss": max_loss, "loss": self.evaluator().kind, "dense_loss": self.evaluator().dense_loss}
+        evaluator = self.evaluator()
+        self.result["budget"] = {"max_loss": max_loss, "loss": evaluator.kind, "dense_loss": evaluator.dense_loss}
         strategy = self.config.allocation
         if strategy == "uniform":
             ranks = self._uniform_for_loss(max_loss)
@@ -307,7 +316,8 @@ class RankPlanner:
         total = sum(dense_time[c] for c in self.free) or 1.0
         shares = {self.targets[c][0]: max_loss * dense_time[c] / total for c in self.free}
         base = {self.targets[c][0]: self.factored(c, k) for c, k in self.fixed.items()}
-        bar = hf_logging.tqdm(list(candidates), desc="DRONE rank search", unit="layer", disable=not self.show_progress or None)
+        bar = hf_logging.tqdm(list(candidates), desc="DRONE rank search", unit="layer",
+                              disable=not self.show_progress or None)
         by_full = drone_search(self._swapper, self.evaluator(), candidates, shares, bar, base=base)
         full_to_c = {full: c for c, (full, _) in self.targets.items()}
         return dict(self.fixed) | {full_to_c[f]: k for f, k in by_full.items()}
