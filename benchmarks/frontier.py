@@ -102,8 +102,8 @@ FULL_PLAN = Plan()
 QUICK_PLAN = Plan(ratios=(0.5,), speedups=(1.2,), shapes=((4, 32), (1, 32)), repeats=(3, 3))
 
 
-def variants(plan: Plan) -> list[Variant]:
-    rows = [Variant(m, {"param_ratio": r}) for m in METHODS for r in plan.ratios]
+def variants(plan: Plan, methods: tuple[str, ...] = METHODS) -> list[Variant]:
+    rows = [Variant(m, {"param_ratio": r}) for m in methods for r in plan.ratios]
     rows += [Variant("drone", {"param_ratio": r}, "greedy") for r in plan.ratios]
     rows += [Variant("drone", {"target_speedup": x}, "greedy") for x in plan.speedups]
     rows.append(Variant("drone", {"param_ratio": 0.5}, attention_rank=plan.attention_rank))
@@ -120,7 +120,7 @@ def speedups(dense: torch.nn.Module, model: torch.nn.Module, plan: Plan, seed: i
     return out
 
 
-def run(s: Settings, plan: Plan, log=print) -> dict:
+def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS) -> dict:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(s.threads)
@@ -134,7 +134,7 @@ def run(s: Settings, plan: Plan, log=print) -> dict:
     log(f"dense accuracy {dense_acc:.4f} on {len(test_ds)} test sentences")
     texts = list(train_raw["text"])
     rows = []
-    for v in variants(plan):
+    for v in variants(plan, methods):
         rec: dict[str, Any] = {"label": v.label, **asdict(v)}
         start = time.perf_counter()
         try:
@@ -159,6 +159,7 @@ def run(s: Settings, plan: Plan, log=print) -> dict:
     return {
         "settings": asdict(s),
         "plan": asdict(plan),
+        "methods": list(methods),
         "dense_accuracy": dense_acc,
         "dense_params": dense_params,
         "test_sentences": len(test_ds),
@@ -210,6 +211,10 @@ def render(r: dict, command: str, runtime: float, out: Path) -> None:
         "",
         f"- Dense model: {TASK_MODELS[s['model']]} + classification head fine-tuned {s['dense_epochs']:g} epoch(s) "
         "on the movie-review training split (the cached teacher of `benchmarks/finetune.py`).",
+        f"- Rows run: uniform ranks for {', '.join(r.get('methods', list(METHODS)))} at `param_ratio` "
+        f"{', '.join(f'{x:g}' for x in r['plan']['ratios'])}; DRONE greedy at the same ratios and at "
+        f"`target_speedup` {', '.join(f'{x:g}' for x in r['plan']['speedups'])}; DRONE + attention "
+        f"(k={r['plan']['attention_rank']}) at `param_ratio=0.5`.",
         f"- Calibration: {s['calibration_samples']} training sentences (seed {s['seed']}), max length "
         f"{s['max_length']}; `target_speedup` rows allocate greedily against latencies measured at {shapes[0]}.",
         f"- Speed: end-to-end forward of random token ids at {', '.join(shapes)}, {s['threads']} threads, dense "
@@ -255,6 +260,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model", choices=sorted(TASK_MODELS), default="minilm",
                         help="base encoder of the task model (mpnet: BERT-base size; results in frontier_mpnet.*)")
     parser.add_argument("--dense-epochs", type=float, help="override the dense fine-tuning epochs (a new cached model)")
+    parser.add_argument("--ratios", type=float, nargs="+", help="param_ratio budgets (default 0.7 0.5 0.3)")
+    parser.add_argument("--speedups", type=float, nargs="+", help="target_speedup budgets (default 1.5 2.0 2.5)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="solvers with uniform-rank rows (default: all); DRONE's greedy rows always run")
     parser.add_argument("--prepare", action="store_true",
                         help="only fine-tune (or load from the cache) the dense task model, print its accuracy, stop")
     args = parser.parse_args(argv)
@@ -266,10 +275,15 @@ def main(argv: list[str] | None = None) -> Path:
         s = replace(s, dense_epochs=args.dense_epochs)
     if args.prepare:
         return prepare(s, log=lambda m: print(f"[frontier] {m}", flush=True))
+    if args.ratios:
+        plan = replace(plan, ratios=tuple(args.ratios))
+    if args.speedups:
+        plan = replace(plan, speedups=tuple(args.speedups))
+    methods = tuple(args.methods) if args.methods else METHODS
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True))
+    result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True), methods=methods)
     render(result, command_line(__file__, argv if argv is not None else sys.argv[1:]), time.perf_counter() - start, out)
     print(f"wrote {out / (results_stem(s.model) + '.md')}")
     return out
