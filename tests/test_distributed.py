@@ -63,3 +63,54 @@ def test_fewer_texts_than_processes_is_refused(tmp_path):
     mp.spawn(_too_few, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         assert "1 calibration texts cannot be shared by 2 processes" in (tmp_path / f"err{r}.txt").read_text()
+
+
+def _peer_model():
+    from transformers import BertForSequenceClassification
+    from tiny_models import bert_config
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(bert_config(num_labels=2)).double().eval()
+
+
+def _peer_stats(texts: list[str]) -> tuple[dict, dict]:
+    """ASVD's mean |x| and FWSVD's row Fisher of a tiny classifier on ``texts`` (this process's share)."""
+    from drone_hf.calibration import tokenize_batches
+    from drone_hf.calibration.activation_stats import collect_abs_means
+    from drone_hf.calibration.fisher import collect_row_fisher
+    from drone_hf.modules import resolve_targets
+
+    model = _peer_model()
+    layers = {c: layer for c, (_, layer) in resolve_targets(model, None, None).items()}
+    data = tokenize_batches(texts, tokenizer(), 32, 3)
+    means = {c: (o.abs_sum, o.num_tokens) for c, o in collect_abs_means(model, layers, data).items()}
+    return means, collect_row_fisher(model, layers, data)
+
+
+def _peer_worker(rank: int, size: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        torch.save(_peer_stats(shard_texts(CALIBRATION_TEXTS[:8])), os.path.join(out_dir, f"peer{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_sum_the_peer_statistics(tmp_path):
+    """ASVD's |x| sums and token counts and FWSVD's row Fisher are all-reduced. The |x| sums equal one
+    process over all texts. The Fisher sums squared gradients of each *batch's* mean loss, so it
+    depends on how texts are batched: each process must end with the sum of the two shards' Fishers
+    (computed here one shard at a time), the same in both processes."""
+    texts = CALIBRATION_TEXTS[:8]
+    mp.spawn(_peer_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    means, _ = _peer_stats(texts)
+    shard_fishers = [_peer_stats(texts[r::2])[1] for r in range(2)]
+    results = [torch.load(tmp_path / f"peer{r}.pt") for r in range(2)]
+    for got_means, got_fisher in results:
+        assert set(got_means) == set(means) and set(got_fisher) == set(shard_fishers[0])
+        for name, (total, count) in means.items():
+            assert got_means[name][1] == count
+            torch.testing.assert_close(got_means[name][0], total, rtol=1e-10, atol=1e-12)
+        for name, f in got_fisher.items():
+            torch.testing.assert_close(f, shard_fishers[0][name] + shard_fishers[1][name], rtol=1e-10, atol=1e-20)
+    for name in results[0][1]:
+        assert torch.equal(results[0][1][name], results[1][1][name])

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .data import CalibrationBatches
-from .pipeline import _eval_mode, _input_device
+from .distributed import all_reduce_sum
+from .pipeline import _eval_mode, _input_device, real_tokens
 
 
 class AbsMeanObserver:
@@ -43,18 +44,6 @@ class AbsMeanObserver:
         return self.abs_sum / max(self.num_tokens, 1)
 
 
-def _real_tokens(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] == mask.shape[0]:  # one row per sequence (a pooler): every row is real
-        return flat
-    if mask.numel() != flat.shape[0]:
-        raise RuntimeError(
-            f"Layer {name!r} received {flat.shape[0]} token rows but the batch has {mask.numel()} positions; "
-            "drone-hf cannot tell real tokens from padding there. Exclude it with modules_to_not_convert."
-        )
-    return flat[mask.reshape(-1).to(flat.device)]
-
-
 def collect_abs_means(
     model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches
 ) -> dict[str, AbsMeanObserver]:
@@ -65,14 +54,14 @@ def collect_abs_means(
     """
     observers = {name: AbsMeanObserver(layer.weight.shape[1] if isinstance(layer, nn.Linear)
                                        else layer.weight.shape[0], name) for name, layer in layers.items()}
-    state: dict = {"mask": None}
+    state: dict = {"mask": None, "rows": {}}
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple, output) -> None:
             x = args[0] if args else None
             if not torch.is_tensor(x):
                 raise RuntimeError(f"Layer {name!r} was called without a tensor input; it cannot be calibrated.")
-            observers[name].add(_real_tokens(x, state["mask"], name))
+            observers[name].add(real_tokens(x, state, name))
 
         return hook
 
@@ -81,15 +70,13 @@ def collect_abs_means(
     try:
         with _eval_mode(model), torch.inference_mode():
             for batch in data.batches:
-                state["mask"] = batch["attention_mask"].bool()
+                state["mask"], state["rows"] = batch["attention_mask"].bool(), {}
                 model(**{k: v.to(device) for k, v in batch.items()})
     finally:
         for h in handles:
             h.remove()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for obs in observers.values():
-            packed = torch.cat([obs.abs_sum, torch.tensor([float(obs.num_tokens)], dtype=torch.float64)])
-            packed = packed.to(device)
-            torch.distributed.all_reduce(packed)
-            obs.abs_sum, obs.num_tokens = packed[:-1].cpu(), int(packed[-1])
+    for name in sorted(observers):  # the same order in every process
+        obs = observers[name]
+        packed = all_reduce_sum(torch.cat([obs.abs_sum, torch.tensor([float(obs.num_tokens)], dtype=torch.float64)]))
+        obs.abs_sum, obs.num_tokens = packed[:-1], int(packed[-1])
     return observers

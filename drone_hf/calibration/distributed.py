@@ -69,6 +69,17 @@ def all_reduce_observers(observers: dict[str, GramObserver], shared: dict[str, s
         dst.gram, dst.num_tokens, dst.token_sum, dst.summed_tokens = src.gram, src.num_tokens, src.token_sum, src.summed_tokens
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over all processes, on ``t``'s device (``t`` itself in one process). The sum runs
+    on the process group's device (CUDA for NCCL, CPU for gloo)."""
+    _, size = world()
+    if size == 1:
+        return t
+    total = t.to(_device(), copy=True)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+    return total.to(t.device)
+
+
 def _all_reduce_int(value: int, op: str) -> int:
     _, size = world()
     if size == 1:

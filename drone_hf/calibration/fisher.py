@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import CalibrationBatches
+from .distributed import all_reduce_sum
 from .pipeline import _eval_mode, _input_device
 
 
@@ -85,7 +86,7 @@ def collect_row_fisher(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = _loss(model, model(**batch), batch)
                 grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
-                for (name, w), g in zip(weights.items(), grads):
+                for name, g in zip(weights, grads, strict=True):
                     if g is None:
                         continue
                     sq = g.detach().to(torch.float64).pow(2)
@@ -94,11 +95,8 @@ def collect_row_fisher(
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
             p.grad = None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for name, f in fisher.items():
-            f = f.to(device)
-            torch.distributed.all_reduce(f)
-            fisher[name] = f.cpu()
+    for name in sorted(fisher):  # the same order in every process
+        fisher[name] = all_reduce_sum(fisher[name])
     for name, f in fisher.items():
         if not bool(torch.isfinite(f).all()):
             raise ValueError(f"The Fisher information of layer {name!r} is not finite: load the model in float32.")

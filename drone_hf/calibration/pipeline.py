@@ -88,18 +88,32 @@ def _eval_mode(model: nn.Module):
 
 
 
-def _real_rows(flat: torch.Tensor, state: dict) -> torch.Tensor:
-    """The rows of ``flat`` [positions, n] that are real tokens of the current batch.
+def real_tokens(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    """The rows of layer input ``x`` that are real tokens of the current batch, as [N, n].
 
-    The mask is resolved once per batch and device (not once per layer): ``None`` when the batch
-    has no padding, so its activations are used in place without a copy; otherwise the index of
-    the real positions, gathered with one ``index_select``."""
+    ``state["mask"]`` is the batch's attention mask; ``state["rows"]`` (emptied for each batch)
+    keeps, per device, the resolved index of the real positions, so the mask is resolved once per
+    batch and device rather than once per layer: ``None`` when the batch has no padding (the
+    activations are used in place, no copy), else one ``index_select``. Layers that see one row per
+    sequence (a pooler, a classifier on pooled features) get every row.
+    """
+    mask = state["mask"]
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] == mask.shape[0] and mask.dim() == 2:
+        return flat
+    if mask.numel() != flat.shape[0]:
+        raise RuntimeError(
+            f"Layer {name!r} received {flat.shape[0]} token rows but the batch has {mask.numel()} "
+            "positions; drone-hf cannot tell real tokens from padding there. Exclude it with "
+            "modules_to_not_convert."
+        )
     rows = state["rows"]
     if flat.device not in rows:
-        mask = state["mask"].reshape(-1)
-        rows[flat.device] = None if bool(mask.all()) else mask.nonzero().squeeze(1).to(flat.device)
+        positions = mask.reshape(-1)
+        rows[flat.device] = None if bool(positions.all()) else positions.nonzero().squeeze(1).to(flat.device)
     index = rows[flat.device]
     return flat if index is None else flat.index_select(0, index)
+
 
 def collect_grams(
     model: nn.Module,
@@ -164,19 +178,7 @@ def collect_grams(
                     "not later; drone-hf cannot share their statistics. Calibrate them in separate runs."
                 )
             else:
-                mask = state["mask"]
-                flat = x.reshape(-1, x.shape[-1])
-                if flat.shape[0] == mask.shape[0] and mask.dim() == 2:
-                    # one row per sequence (a pooler, a classifier on pooled features): all real
-                    tokens = flat
-                elif mask.numel() != flat.shape[0]:
-                    raise RuntimeError(
-                        f"Layer {name!r} received {flat.shape[0]} token rows but the batch has {mask.numel()} "
-                        "positions; drone-hf cannot tell real tokens from padding there. Exclude it with "
-                        "modules_to_not_convert."
-                    )
-                else:
-                    tokens = _real_rows(flat, state)
+                tokens = real_tokens(x, state, name)
                 product, count = GramObserver.batch_product(tokens), tokens.shape[0]
                 # Σx: attention compression needs the Gram of [x; 1]
                 total = GramObserver.batch_sum(tokens) if token_sums else None
