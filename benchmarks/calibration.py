@@ -62,11 +62,9 @@ def _model_path(name: str) -> str:
 
 
 def _setup(name: str, quick: bool):
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = _model_path(name)
-    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    model, tok = _fresh(name), AutoTokenizer.from_pretrained(_model_path(name))
     texts = load_texts(None, 16 if quick else 128, seed=0)
     data = tokenize_batches(texts, tok, 128, 8)
     targets = resolve_targets(model, None, None)
@@ -145,11 +143,9 @@ def _peak_rss(name: str, key: str, quick: bool) -> float:
 
 
 def study_sequential(name: str, quick: bool) -> tuple[str, dict]:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = _model_path(name)
-    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    model, tok = _fresh(name), AutoTokenizer.from_pretrained(_model_path(name))
     ref = dense_reference(model, heldout_eval_set(tok, 16 if quick else 256))
     rows, records = [], {}
     for ratio in ((0.5,) if quick else (0.3, 0.5)):
@@ -187,6 +183,7 @@ def _process_worker(rank: int, world: int, init_file: str, out_dir: str, name: s
 
 
 def _fresh(name: str):
+    """The real model ``name``, freshly loaded in float32 and in eval mode."""
     from transformers import AutoModel
 
     return AutoModel.from_pretrained(_model_path(name), dtype=torch.float32).eval()

@@ -86,6 +86,15 @@ def test_quickstart_runs_on_the_real_minilm(tmp_path, monkeypatch):
         assert f"| `{name}` | {out_f}x{in_f} | " in card
 
 
+def json_line(text: str, prefix: str) -> dict:
+    line = next(line for line in text.splitlines() if line.startswith(prefix))
+    return json.loads(line.removeprefix(prefix))
+
+
+def accuracies(text: str) -> dict[str, float]:
+    return json_line(text, "accuracy: ")
+
+
 def write_reviews(path: Path, n: int = 96) -> Path:
     """A small ``text<TAB>label`` file in the movie-review format (label 1 = positive), made in code."""
     good = ["a moving, beautifully acted film", "funny and warm from start to finish", "a gripping story, well told"]
@@ -95,9 +104,6 @@ def write_reviews(path: Path, n: int = 96) -> Path:
     return path
 
 
-def accuracies(text: str) -> dict[str, float]:
-    line = next(line for line in text.splitlines() if line.startswith("accuracy: "))
-    return json.loads(line.removeprefix("accuracy: "))
 
 
 def test_finetuning_runs_on_a_tiny_model(tmp_path, monkeypatch):
@@ -121,11 +127,6 @@ def write_articles(path: Path, n: int = 12) -> Path:
     articles = [" ".join(CALIBRATION_TEXTS[(i + j) % len(CALIBRATION_TEXTS)] for j in range(6)) for i in range(n)]
     path.write_text("\n\n".join(articles) + "\n", encoding="utf-8")
     return path
-
-
-def json_line(text: str, prefix: str) -> dict:
-    line = next(line for line in text.splitlines() if line.startswith(prefix))
-    return json.loads(line.removeprefix(prefix))
 
 
 def test_llm_compression_runs_on_a_tiny_llama(tmp_path, monkeypatch):
