@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tiny_models import CALIBRATION_TEXTS, tokenizer
 from test_compress import build
+from tiny_models import CALIBRATION_TEXTS, tokenizer
 
 import drone_hf
 from drone_hf.calibration.distributed import shard_texts
@@ -66,8 +66,8 @@ def test_fewer_texts_than_processes_is_refused(tmp_path):
 
 
 def _peer_model():
-    from transformers import BertForSequenceClassification
     from tiny_models import bert_config
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
     return BertForSequenceClassification(bert_config(num_labels=2)).double().eval()
