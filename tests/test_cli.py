@@ -64,10 +64,23 @@ def test_output_must_be_new_and_not_the_source(tmp_path, capsys):
     assert (busy / "keep.txt").read_text() == "user data"
 
 
+def test_allocation_option_reaches_the_config_and_bad_choices_are_refused(tmp_path, capsys):
+    src = save_tiny("bert", tmp_path / "dense")
+    assert main(["compress", str(src), "--allocation", "uniform", "--num-samples", "16", "--no-eval"]) == 0
+    text = capsys.readouterr().out
+    # uniform ranks factor every one of the tiny BERT's 12 targets (greedy may keep some dense)
+    assert "param_ratio=0.5 (uniform)" in text and "12 layers factored" in text and "allocation greedy" not in text
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage error, exit status 2
+        main(["compress", str(src), "--allocation", "drone", "--no-eval"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'drone' (choose from" in capsys.readouterr().err
+
+
 def test_help_explains_every_option():
     out = subprocess.run([sys.executable, "-m", "drone_hf", "compress", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for option in ("--param-ratio", "--dataset", "--method", "--damp", "--output", "--target-modules", "--no-eval"):
+    for option in ("--param-ratio", "--allocation", "--dataset", "--method", "--damp", "--output", "--target-modules",
+                   "--no-eval"):
         assert option in out.stdout
 
 
