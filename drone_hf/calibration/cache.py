@@ -274,18 +274,13 @@ def open_cache(
 
 
 def observer_state(obs) -> dict[str, Any]:
-    """A :class:`~drone_hf.calibration.observer.GramObserver`'s accumulators, for an entry."""
-    return {
-        "gram": obs.gram,
-        "num_tokens": obs.num_tokens,
-        "token_sum": obs.token_sum,
-        "summed_tokens": obs.summed_tokens,
-    }
+    """A :class:`~drone_hf.calibration.observer.GramObserver`'s accumulators, for an entry.
+
+    The float32 partial sum is stored as it is, not flushed: a resumed run then adds the remaining
+    batches in exactly the order an uninterrupted run would, and ends bit-identical to it."""
+    return obs.state()
 
 
 def restore_observer(obs, state: dict[str, Any], device: torch.device | None = None) -> None:
-    """Put an entry's accumulators back into ``obs`` (exactly: float64 as written)."""
-    gram, total = state["gram"], state["token_sum"]
-    obs.gram = gram.to(device) if gram is not None and device is not None else gram
-    obs.token_sum = total.to(device) if total is not None and device is not None else total
-    obs.num_tokens, obs.summed_tokens = int(state["num_tokens"]), int(state["summed_tokens"])
+    """Put an entry's accumulators back into ``obs`` (exactly, in the precision written)."""
+    obs.load_state(state, device)

@@ -66,7 +66,7 @@ def all_reduce_observers(observers: dict[str, GramObserver], shared: dict[str, s
             obs.token_sum, obs.summed_tokens = None, 0
     for name, leader in shared.items():
         src, dst = observers[leader], observers[name]
-        dst.gram, dst.num_tokens, dst.token_sum, dst.summed_tokens = src.gram, src.num_tokens, src.token_sum, src.summed_tokens
+        dst.share_from(src)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -165,25 +165,20 @@ def collect_grams(
                 raise RuntimeError(f"Layer {name!r} was called without a tensor input; it cannot be calibrated.")
             last = state["last"]
             if last is not None and last[0] is x:
-                if state["batch"] == 0 and name not in leader_of and last[4] != name:
-                    leader_of[name] = last[4]  # last[4] computed the product, so it is a leader itself
+                if state["batch"] == 0 and name not in leader_of and last[1] != name:
+                    leader_of[name] = last[1]  # last[1] accumulated this tensor, so it is a leader itself
                 if name in leader_of:
-                    if leader_of[name] != last[4]:
+                    if leader_of[name] != last[1]:
                         raise RuntimeError(f"Layer {name!r} shares its input inconsistently across batches.")
-                    return
-                product, count, total = last[1], last[2], last[3]
+                    return  # a follower: it takes its leader's statistics at the end
             elif name in leader_of:
                 raise RuntimeError(
                     f"Layer {name!r} read the same tensor as {leader_of[name]!r} in the first calibration batch but "
                     "not later; drone-hf cannot share their statistics. Calibrate them in separate runs."
                 )
-            else:
-                tokens = real_tokens(x, state, name)
-                product, count = GramObserver.batch_product(tokens), tokens.shape[0]
-                # Σx: attention compression needs the Gram of [x; 1]
-                total = GramObserver.batch_sum(tokens) if token_sums else None
-                state["last"] = (x, product, count, total, name)
-            obs.add(product, count, state["batch"], token_sum=total)
+            # Σx too when asked: attention compression needs the Gram of [x; 1]
+            obs.accumulate(real_tokens(x, state, name), state["batch"], token_sums=token_sums)
+            state["last"] = (x, name)
 
         return hook
 
@@ -217,7 +212,7 @@ def collect_grams(
         state["last"] = None
     for name, leader in leader_of.items():  # shared inputs: the same statistics, one accumulator
         src, dst = observers[leader], observers[name]
-        dst.gram, dst.num_tokens, dst.token_sum, dst.summed_tokens = src.gram, src.num_tokens, src.token_sum, src.summed_tokens
+        dst.share_from(src)
     all_reduce_observers(observers, shared=leader_of)  # multi-process: every process gets the whole set's statistics
     for name, obs in observers.items():
         if name not in leader_of and obs.gram is not None and not bool(torch.isfinite(obs.gram.sum())):

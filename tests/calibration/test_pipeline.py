@@ -310,32 +310,59 @@ def test_batch_product_precision(dtype, wide) -> None:
     torch.testing.assert_close(p.to(f64), exact, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [384, 400, 577, 1000])
-@pytest.mark.parametrize("dtype", [torch.float32, f64])
-def test_blocked_symmetric_product_matches_one_gemm(n: int, dtype) -> None:
-    """Wide inputs take the blocked upper-triangle route; it must give the symmetric Gram of the
-    one-GEMM product up to float rounding, including ragged last blocks (400, 577, 1000 columns)."""
-    from drone_hf.calibration.observer import SYMMETRIC_BLOCK, SYMMETRIC_MIN_TOKENS
+@pytest.mark.parametrize("n", [1, 95, 96, 97, 384, 577])
+@pytest.mark.parametrize("dtype", [torch.float32, f64, torch.bfloat16])
+def test_accumulate_reaches_the_float64_gram(n: int, dtype) -> None:
+    """The hot path (one-triangle strips into a partial sum, flushed every FLUSH_TOKENS tokens and
+    mirrored) must give the symmetric Gram of every token, for widths below, at and above one strip
+    and ragged last strips, across several flushes and a partial sum still pending at the read."""
+    from drone_hf.calibration.observer import FLUSH_TOKENS
 
-    assert n >= 2 * SYMMETRIC_BLOCK  # the blocked route is the one under test
-    t = torch.randn(SYMMETRIC_MIN_TOKENS + 3, n, generator=torch.Generator().manual_seed(n)).to(dtype)
-    p = GramObserver.batch_product(t)
-    assert p.dtype == dtype and p.shape == (n, n)
-    assert torch.equal(p, p.T)  # mirrored blocks: exactly symmetric, not just to rounding
-    exact = t.to(f64).T @ t.to(f64)
+    g = torch.Generator().manual_seed(n)
+    batches = [torch.randn(rows, n, generator=g).to(dtype) for rows in (1000, 3700, 2300, 1900, 3)]
+    assert sum(b.shape[0] for b in batches) > 2 * FLUSH_TOKENS  # flushes happen, the tail stays partial
+    obs = GramObserver(n, "layer")
+    for i, b in enumerate(batches):
+        obs.accumulate(b, batch_index=i, token_sums=(i % 2 == 0))
+    exact = sum(b.to(f64).T @ b.to(f64) for b in batches)
+    gram = obs.gram
+    assert gram.dtype == f64 and gram.shape == (n, n) and torch.equal(gram, gram.T)  # mirrored: exactly symmetric
     tol = 1e-12 if dtype == f64 else 1e-5
-    assert float((p.to(f64) - exact).abs().max() / exact.abs().max()) < tol
+    assert float((gram - exact).abs().max() / exact.abs().max()) < tol
+    assert obs.num_tokens == sum(b.shape[0] for b in batches)
+    assert obs.summed_tokens == sum(b.shape[0] for b in batches[::2]) and not obs.has_token_sum
+    torch.testing.assert_close(obs.token_sum, sum(b.to(f64).sum(0) for b in batches[::2]), rtol=1e-6, atol=1e-4)
 
 
-def test_small_products_stay_one_gemm() -> None:
-    """Narrow inputs or few tokens: one GEMM (bit-identical to ``t.T @ t``)."""
-    from drone_hf.calibration.observer import SYMMETRIC_BLOCK, SYMMETRIC_MIN_TOKENS
+def test_accumulate_refuses_non_finite_tokens_and_keeps_flushed_batches() -> None:
+    """With or without token sums, a NaN batch raises naming layer and batch before anything of it
+    is added: the accepted batches' Gram (flushed or still partial) and token count stay exact."""
+    from drone_hf.calibration.observer import FLUSH_TOKENS
 
-    g = torch.Generator().manual_seed(3)
-    narrow, few_tokens = (SYMMETRIC_MIN_TOKENS + 10, 2 * SYMMETRIC_BLOCK - 1), (SYMMETRIC_MIN_TOKENS - 1, 4 * SYMMETRIC_BLOCK)
-    for rows, cols in (narrow, few_tokens):
-        t = torch.randn(rows, cols, generator=g)
-        assert torch.equal(GramObserver.batch_product(t), t.T @ t)
+    obs = GramObserver(4, "enc.q")
+    good = torch.randn(FLUSH_TOKENS, 4, generator=torch.Generator().manual_seed(0))
+    obs.accumulate(good, batch_index=0)
+    obs.accumulate(good[:10], batch_index=1)  # still in the partial sum when the bad batch comes
+    before = (good.T @ good + good[:10].T @ good[:10]).to(f64)
+    bad = torch.randn(7, 4)
+    bad[3, 2] = float("nan")
+    for sums in (False, True):
+        with pytest.raises(ValueError, match=r"layer 'enc.q' in calibration batch 5"):
+            obs.accumulate(bad, batch_index=5, token_sums=sums)
+        assert obs.num_tokens == FLUSH_TOKENS + 10
+    torch.testing.assert_close(obs.gram, before, rtol=1e-5, atol=1e-3)
+
+
+def test_gram_read_outside_inference_mode() -> None:
+    """Statistics gathered under inference_mode are read (and flushed) after it ends."""
+    obs = GramObserver(3, "x")
+    t = torch.randn(10, 3)
+    with torch.inference_mode():
+        obs.accumulate(t)
+    first = obs.gram.clone()
+    with torch.inference_mode():
+        obs.accumulate(t)
+    torch.testing.assert_close(obs.gram, 2 * first)
 
 
 def test_observer_accumulates_in_float64() -> None:
