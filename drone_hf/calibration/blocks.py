@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 #: Keyword arguments holding a KV cache: stored as ``None`` so replaying a block never grows a cache.
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache_params")
 
@@ -80,7 +79,9 @@ def capture_first_block_inputs(
             rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             stored.append(BlockInputs(hidden=kwargs["hidden_states"], kwargs=rest, uses_keyword=True))
         else:
-            raise ValueError(f"{type(module).__name__} was called without hidden states; sequential mode cannot follow it.")
+            raise ValueError(
+                f"{type(module).__name__} was called without hidden states; sequential mode cannot follow it."
+            )
         raise _Captured
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)

@@ -134,7 +134,7 @@ def load_texts(dataset: Any, num_samples: int, seed: int = 0, column: str = "tex
     elif hasattr(dataset, "column_names"):
         texts = _texts_from_dataset(dataset, column)
     elif isinstance(dataset, Iterable):
-        texts = [t for _, t in zip(range(num_samples), dataset)]
+        texts = [t for _, t in zip(range(num_samples), dataset, strict=False)]  # the first num_samples
         if any(not isinstance(t, str) for t in texts):
             raise ValueError("An iterable dataset must yield strings.")
     else:
@@ -186,8 +186,8 @@ def tokenize_batches(texts: list[str], tokenizer: Any, max_length: int, batch_si
     # only the ones the tokenizer adds), so they are compared by id too: a row of padding is no data.
     special_ids = set(getattr(tokenizer, "all_special_ids", None) or [])
     rows = []
-    for ids, special in zip(enc["input_ids"], enc["special_tokens_mask"]):
-        if ids and not all(s or i in special_ids for i, s in zip(ids, special)):
+    for ids, special in zip(enc["input_ids"], enc["special_tokens_mask"], strict=True):
+        if ids and not all(s or i in special_ids for i, s in zip(ids, special, strict=True)):
             rows.append(ids)
     if not rows:
         raise ValueError(

@@ -92,7 +92,7 @@ def collect_row_fisher(
                     sq = g.detach().to(torch.float64).pow(2)
                     fisher[name] += sq.sum(dim=1 - out_dim[name]).cpu()
     finally:
-        for p, flag in zip(params, flags):
+        for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
             p.grad = None
     for name in sorted(fisher):  # the same order in every process
