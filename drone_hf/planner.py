@@ -27,8 +27,12 @@ logger = get_logger(__name__)
 #: Uniform budgets searched for speed/loss budgets: the kept fraction r, finest near the top.
 UNIFORM_STEPS = [round(1 - 0.05 * i, 2) for i in range(20)]
 
-#: Re-allocations allowed when the measured result misses the predicted one.
-VERIFY_ROUNDS = 3
+#: Allocations measured end to end for a speed budget (the first plus re-allocations).
+VERIFY_ROUNDS = 4
+#: A measured speedup above ``target * (1 + SPEED_SLACK)`` is re-allocated with more time: the
+#: per-layer latency model can be pessimistic (MPNet at 32x128: predicted 2.0x, ran 2.7x), and every
+#: bit of speed beyond the target was paid for in accuracy.
+SPEED_SLACK = 0.05
 
 
 class RankPlanner:
@@ -215,29 +219,68 @@ class RankPlanner:
                 f"{tuple(self.config.latency_shape)}: the best reachable is about {best:.2f}x (non-matmul work takes "
                 f"{overhead / dense_total:.0%} of the time). Ask for at most {best:.2f}, or use param_ratio."
             )
-        measured = predicted = 0.0
-        ranks: dict[str, int] = {}
-        for _ in range(VERIFY_ROUNDS):
+        # Closed loop: allocate against the latency model, run the model end to end, and correct the
+        # time budget until the measured speedup lands in [target, target·(1 + SPEED_SLACK)]: by
+        # measured / target while every measurement fell on one side of the target, by bisection
+        # between the largest budget that met it and the smallest that missed once both are known.
+        # Kept: the slowest allocation that met the target (most accuracy), else the fastest measured.
+        rounds: list[dict] = []
+        chosen: tuple[float, float, dict[str, int]] | None = None  # (measured, predicted, ranks)
+        met_at: float | None = None  # largest budget whose allocation met the target
+        missed_at: float | None = None  # smallest budget whose allocation missed it
+
+        def allocate(time_budget: float) -> dict[str, int]:
             if self.config.allocation == "uniform":
-                free = self._uniform_for_time(options, budget)
+                return self._uniform_for_time(options, time_budget)
+            return greedy_allocate(options, max_cost=time_budget).ranks
+
+        def next_budget(at: float, measured: float) -> float:
+            nonlocal met_at, missed_at
+            if measured >= target:
+                met_at = at if met_at is None else max(met_at, at)
             else:
-                free = greedy_allocate(options, max_cost=budget).ranks
-            ranks = dict(self.fixed) | free
+                missed_at = at if missed_at is None else min(missed_at, at)
+            if met_at is not None and missed_at is not None:
+                return (met_at + missed_at) / 2
+            return at * measured / target  # slower than asked: less time; faster: give accuracy back
+
+        for _ in range(VERIFY_ROUNDS):
+            ranks = dict(self.fixed) | allocate(budget)
+            for _ in range(64):  # an allocation measured already: move the budget on from its result
+                seen = next((r for r in rounds if r["ranks"] == ranks), None)
+                if seen is None:
+                    break
+                budget = next_budget(budget, seen["measured_speedup"])
+                ranks = dict(self.fixed) | allocate(budget)
+            else:
+                break  # the budget no longer reaches a new allocation
+            free = {c: k for c, k in ranks.items() if c not in self.fixed}
             predicted_time = overhead + fixed_time + sum(
                 o.costs[o.ranks.index(free[o.name])] if o.name in free else o.dense_cost for o in options
             )
             predicted = dense_total / predicted_time
             t = end_to_end_times(self._swapper, {"dense": {}, "compressed": self.full(ranks)}, inputs)
             measured = t["dense"] / t["compressed"]
-            if measured >= target:
+            rounds.append({"predicted_speedup": predicted, "measured_speedup": measured, "ranks": ranks})
+            meets = measured >= target
+            if chosen is None or (meets and (chosen[0] < target or measured < chosen[0])) or (
+                not meets and chosen[0] < target and measured > chosen[0]
+            ):
+                chosen = (measured, predicted, ranks)
+            if meets and measured <= target * (1 + SPEED_SLACK):
                 break
-            budget *= measured / target  # the model ran slower than predicted: ask for less time
+            budget = next_budget(budget, measured)
+        assert chosen is not None
+        measured, predicted, ranks = chosen
         if measured < target:
             logger.warning(
-                f"target_speedup={target}: measured {measured:.2f}x after {VERIFY_ROUNDS} allocation rounds "
+                f"target_speedup={target}: measured {measured:.2f}x at best after {len(rounds)} allocation rounds "
                 f"(predicted {predicted:.2f}x); machine noise or non-matmul overhead. The result is kept."
             )
-        self.result.update(predicted_speedup=predicted, measured_speedup=measured, best_reachable_speedup=best)
+        self.result.update(
+            predicted_speedup=predicted, measured_speedup=measured, best_reachable_speedup=best,
+            speed_rounds=[{k: r[k] for k in ("predicted_speedup", "measured_speedup")} for r in rounds],
+        )
         if self.evaluation_batches:
             self.result["measured_loss_increase"] = self.measure_loss(ranks)
         return ranks

@@ -161,7 +161,9 @@ class FlopLatency:
         return self.tokens * out_f * in_f * 1e-9, {k: self.tokens * k * (out_f + in_f) * 1e-9 + call for k in ranks}
 
 
-def fake_end_to_end(overhead: float):
+def fake_end_to_end(overhead: float, factored_scale: float = 1.0):
+    """End-to-end times under the FLOP model; factored layers run ``factored_scale`` x their model time."""
+
     def run(swapper, variants, inputs, repeats=9, warmup=2):
         out = {}
         for name, layers in variants.items():
@@ -171,7 +173,7 @@ def fake_end_to_end(overhead: float):
             for full in swapper.dense:
                 m = swapper.model.get_submodule(full)
                 if isinstance(m, DroneLinear):
-                    total += tokens * m.rank * (m.in_features + m.out_features) * 1e-9 + 2e-7
+                    total += factored_scale * (tokens * m.rank * (m.in_features + m.out_features) * 1e-9 + 2e-7)
                 else:
                     total += tokens * m.in_features * m.out_features * 1e-9
             out[name] = total
@@ -192,6 +194,29 @@ def test_speed_budget_is_met_under_the_cost_model(strategy, monkeypatch):
     assert result["predicted_speedup"] == pytest.approx(result["measured_speedup"], rel=1e-6)
     assert result["best_reachable_speedup"] >= result["measured_speedup"]
     assert "measured" in str(drone_hf.report(model))
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.6])
+def test_speed_budget_closes_the_loop_both_ways(scale, monkeypatch):
+    """Factored layers run faster (0.5) or slower (1.6) than the latency model predicts. Faster: the
+    first allocation overshoots the target and the planner gives the unneeded speed back as rank
+    (more time, less error); slower: it asks for less time. Either way the result meets the target,
+    and it is the slowest measured allocation that does."""
+    from drone_hf.planner import SPEED_SLACK
+
+    monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
+    monkeypatch.setattr(planner_mod, "end_to_end_times", fake_end_to_end(overhead=1e-4, factored_scale=scale))
+    model = drone_hf.compress(build(), config(target_speedup=1.5, allocation="greedy"), show_progress=False)
+    result = model.config.quantization_config.allocation_result
+    rounds = [r["measured_speedup"] for r in result["speed_rounds"]]
+    assert len(rounds) >= 2
+    if scale < 1:
+        assert rounds[0] > 1.5 * (1 + SPEED_SLACK)  # the pessimistic model overshot
+        assert result["measured_speedup"] < rounds[0]
+    else:
+        assert rounds[0] < 1.5  # the optimistic model fell short
+    assert result["measured_speedup"] >= 1.5
+    assert result["measured_speedup"] == min(r for r in rounds if r >= 1.5)
 
 
 def test_unreachable_speedup_names_the_best_reachable(monkeypatch):
