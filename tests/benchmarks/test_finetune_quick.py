@@ -68,3 +68,36 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
     assert raw["reloaded"]["accuracy"] == pytest.approx(raw["accuracy"]["distill"])  # the checkpoint is the model
     assert all(v > 0 for v in raw["speedup"].values())
     assert raw["targeted_param_ratio"] < quick.param_ratio + 0.01
+
+
+@pytest.mark.slow
+def test_quick_speed_budget_with_distillation_only(tmp_path):
+    """The MPNet distillation study's options on MiniLM: a greedy speed budget measured at the given
+    shape, only the distillation run, the table without the rows it did not train."""
+    try:
+        finetune.movie_reviews()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
+    argv = ["--quick", "--out", str(tmp_path), "--target-speedup", "1.2", "--latency-shape", "4", "32",
+            "--runs", "distill"]
+    finetune.main(argv)
+    raw = json.loads((tmp_path / "finetune.json").read_text())
+    assert raw["settings"]["target_speedup"] == 1.2 and raw["settings"]["runs"] == ["distill"]
+    assert set(raw["accuracy"]) == {"dense", "before", "distill"} and set(raw["train_seconds"]) == {"distill"}
+    assert set(raw["speedup"]) == {"4x32", "64 test sentences"}
+    assert raw["reloaded"]["accuracy"] == pytest.approx(raw["accuracy"]["distill"])
+    text = (tmp_path / "finetune.md").read_text()
+    rows = parse_markdown_tables(text)[1][1:]
+    labels = [r[0].split(" (")[0] for r in rows]
+    assert labels == ["dense MiniLM", "DRONE, before fine-tuning", "DRONE + distillation from dense"]
+    assert "target_speedup=1.2, greedy (latencies at 4x32)" in text
+
+
+def test_budgets_are_alternatives(capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--quick", "--param-ratio", "0.5", "--target-speedup", "2"])
+    assert exc.value.code == 2 and "alternative budgets" in capsys.readouterr().err
+
+
+def test_results_stem_per_model():
+    assert finetune.results_stem("minilm") == "finetune" and finetune.results_stem("mpnet") == "finetune_mpnet"
