@@ -290,6 +290,48 @@ def machine_info(models: Sequence[str] = ("minilm",)) -> dict[str, str]:
     }
 
 
+class PeakMemory:
+    """Peak resident memory (MiB) of this process over a ``with`` block, and what it added.
+
+    Linux resets the process's high-water mark (``VmHWM``) when ``5`` is written to
+    ``/proc/self/clear_refs``, so each block gets its own peak in one process. ``peak_mib`` and
+    ``added_mib`` (peak minus the resident size at entry) stay ``None`` where that is unavailable."""
+
+    def __init__(self) -> None:
+        self.start_mib: float | None = None
+        self.peak_mib: float | None = None
+
+    @staticmethod
+    def _status(field: str) -> float | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+        except OSError:
+            pass
+        return None
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.start_mib = self._status("VmRSS")
+        except OSError:
+            self.start_mib = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.start_mib is None:
+            return
+        # The kernel syncs its per-thread RSS counters lazily: the mark can trail the last reading by
+        # a few pages, so the peak is at least the resident size at either end.
+        readings = [self._status("VmHWM"), self._status("VmRSS"), self.start_mib]
+        self.peak_mib = max(r for r in readings if r is not None)
+
+    @property
+    def added_mib(self) -> float | None:
+        return None if self.peak_mib is None or self.start_mib is None else self.peak_mib - self.start_mib
+
+
 def load_average() -> str:
     """The 1-minute load average (how busy the machine was: timings on a shared machine inflate)."""
     try:

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import drone_hf  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
+    PeakMemory,
     command_line,
     fmt,
     keeps_torch_threads,
@@ -137,16 +138,18 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS) 
     for v in variants(plan, methods):
         rec: dict[str, Any] = {"label": v.label, **asdict(v)}
         start = time.perf_counter()
+        work = copy.deepcopy(dense)
         try:
-            model = drone_hf.compress(
-                copy.deepcopy(dense), v.config(texts, tokenizer, s, plan.shapes[0]), show_progress=False
-            ).eval()
+            with PeakMemory() as memory:
+                config = v.config(texts, tokenizer, s, plan.shapes[0])
+                model = drone_hf.compress(work, config, show_progress=False).eval()
         except (ValueError, RuntimeError, torch.linalg.LinAlgError) as e:
             rec["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             log(f"{v.label}: failed ({rec['failed']})")
             rows.append(rec)
             continue
         rec["compress_seconds"] = time.perf_counter() - start
+        rec["compress_peak_mib"], rec["compress_added_mib"] = memory.peak_mib, memory.added_mib
         rec["params"] = sum(p.numel() for p in model.parameters())
         rec["param_ratio_model"] = rec["params"] / dense_params
         rec["accuracy"] = evaluate_classifier(model, test_ds, tokenizer)
@@ -155,7 +158,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS) 
         rec["measured_at_compression"] = result.get("measured_speedup")
         log(f"{v.label}: accuracy {rec['accuracy']:.4f}, speedup {rec['speedup']} ({rec['compress_seconds']:.0f} s)")
         rows.append(rec)
-        del model
+        del model, work
     return {
         "settings": asdict(s),
         "plan": asdict(plan),
@@ -199,6 +202,12 @@ def render(r: dict, command: str, runtime: float, out: Path) -> None:
             + (f"{best['label']}, {best['speedup'][shapes[0]]:.2f}x, {100 * best['accuracy']:.2f}%." if best
                else "none of the rows.")
         )
+    cost = [
+        [row["label"], fmt(row["compress_seconds"], 0),
+         *(("-" if row.get(k) is None else f"{row[k]:.0f}") for k in ("compress_peak_mib", "compress_added_mib")),
+         "-" if row.get("measured_at_compression") is None else f"{row['measured_at_compression']:.2f}x"]
+        for row in r["rows"] if "compress_seconds" in row
+    ]
     s = r["settings"]
     body = "\n".join([
         f"## Accuracy vs measured speedup, no fine-tuning ({r['test_sentences']:,} test sentences)",
@@ -206,6 +215,15 @@ def render(r: dict, command: str, runtime: float, out: Path) -> None:
         markdown_table(table[0], table[1:]),
         "",
         *lines,
+        "",
+        "## Compression cost",
+        "",
+        "Wall time of `drone_hf.compress` (calibration, solves, allocation and its measurements) and the "
+        "process's peak resident memory during it (high-water mark reset before each row; the process also "
+        "holds the dense teacher and the test set), with what the compression added over the memory at its "
+        "start. The last column is the speedup the planner measured at compression time for speed budgets.",
+        "",
+        markdown_table(["variant", "seconds", "peak RSS MiB", "added MiB", "planner measured"], cost),
         "",
         "## Setup",
         "",

@@ -40,12 +40,21 @@ def test_quick_run_writes_every_variant(tmp_path):
         assert 0.0 <= row["accuracy"] <= 1.0
         assert set(row["speedup"]) == {"4x32", "1x32"} and all(x > 0 for x in row["speedup"].values())
         assert row["params"] < raw["dense_params"]  # every variant compressed something
+        if sys.platform == "linux":  # the per-row high-water mark needs /proc/self/clear_refs
+            assert row["compress_peak_mib"] > 0 and row["compress_added_mib"] >= 0
     attention = [r for r in raw["rows"] if r["attention_rank"]]
     assert attention and all("failed" not in r for r in attention)
 
-    head, *rows = parse_markdown_tables((tmp_path / "frontier.md").read_text())[1]
+    tables = parse_markdown_tables((tmp_path / "frontier.md").read_text())
+    head, *rows = tables[1]
     assert head[0] == "variant" and len(rows) == len(expected) + 1  # + the dense row
     assert rows[0][0] == "dense (fine-tuned)"
+    cost_head, *cost_rows = tables[2]
+    assert cost_head == ["variant", "seconds", "peak RSS MiB", "added MiB", "planner measured"]
+    assert [r[0] for r in cost_rows] == [r["label"] for r in raw["rows"] if "compress_seconds" in r]
+    speed_rows = [r for r in cost_rows if "target_speedup" in r[0]]
+    assert all(r[4].endswith("x") for r in speed_rows)  # the planner's own measurement
+    assert all(r[4] == "-" for r in cost_rows if "target_speedup" not in r[0])
 
 
 def test_task_models_have_their_own_cached_teachers_and_result_files(tmp_path, monkeypatch):
