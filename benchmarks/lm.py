@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # `python benchmarks/lm.py`
 
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
+    PeakMemory,
     command_line,
     fmt,
     keeps_torch_threads,
@@ -143,11 +144,13 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
     data = tokenize_batches(calib, tok, max_length, 8)
     fisher_data = tokenize_batches(calib[: (8 if quick else fisher_texts)], tok, max_length, 4)
     timings: dict[str, float] = {}
+    memory: dict[str, float | None] = {}  # step -> MiB its peak added over the memory at its start
 
     def timed(label: str, fn):
         t = time.perf_counter()
-        value = fn()
-        timings[label] = time.perf_counter() - t
+        with PeakMemory() as peak:
+            value = fn()
+        timings[label], memory[label] = time.perf_counter() - t, peak.added_mib
         return value
 
     dense_ppl = timed("dense perplexity", lambda: perplexity(model, windows))
@@ -180,7 +183,7 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
         "model": model_name, "dense_ppl": dense_ppl, "ratios": list(RATIOS), "methods": results,
         "calibration_texts": data.num_texts, "calibration_tokens": data.num_tokens,
         "fisher_texts": fisher_data.num_texts, "eval_windows": int(windows.shape[0]), "eval_length": eval_length,
-        "targeted_layers": len(targets), "timings_s": timings, "partial": True,
+        "targeted_layers": len(targets), "timings_s": timings, "added_mib": memory, "partial": True,
     }
     # DRONE first, then the peers; the 20% cut (the issue's target) first within each method
     for method in ("drone", "asvd", "svd", "fwsvd", "svdllm"):
@@ -189,18 +192,20 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
         entry: dict = {"ppl": {}, "kept": {}}
         results[method] = entry
         try:
-            decs = {}
-            for c in targets:
-                if method in ("drone", "svd"):
-                    decs[c] = decompose(weights[c], grams[c], method=method, eig=eigs[c])
-                else:
-                    decs[c] = decompose_peer(method, weights[c], grams[c], name=c, eig=eigs[c],
-                                             **{k: v[c] for k, v in stats.items()})
+            with PeakMemory() as peak:
+                decs = {}
+                for c in targets:
+                    if method in ("drone", "svd"):
+                        decs[c] = decompose(weights[c], grams[c], method=method, eig=eigs[c])
+                    else:
+                        decs[c] = decompose_peer(method, weights[c], grams[c], name=c, eig=eigs[c],
+                                                 **{k: v[c] for k, v in stats.items()})
         except CholeskyError as e:
             entry["failed"] = str(e)
             print(f"{method}: failed: {e}", flush=True)
             continue
         entry["solve_s"] = time.perf_counter() - t
+        memory[f"solve all layers: {method}"] = peak.added_mib
         for ratio in sorted(RATIOS, key=lambda r: abs(r - (1 - TARGET_CUT))):
             repl, kept = {}, 0
             for c, (full, layer) in targets.items():
@@ -225,11 +230,15 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
     entry = {"ppl": {}, "kept": {}, "dense_layers": {}}
     results["drone greedy"] = entry
     t = time.perf_counter()
-    for ratio in sorted(RATIOS, key=lambda r: abs(r - (1 - TARGET_CUT))):
-        ppl, kept, dense_layers = _greedy(model, tok, calib_pool, calib_texts, eval_texts, ratio, windows, max_length)
-        entry["ppl"][str(ratio)], entry["kept"][str(ratio)], entry["dense_layers"][str(ratio)] = ppl, kept, dense_layers
-        print(f"drone greedy ratio {ratio}: ppl {ppl:.3f} kept {kept:.4f} dense layers {dense_layers}", flush=True)
+    with PeakMemory() as peak:
+        for ratio in sorted(RATIOS, key=lambda r: abs(r - (1 - TARGET_CUT))):
+            ppl, kept, dense_layers = _greedy(model, tok, calib_pool, calib_texts, eval_texts, ratio, windows,
+                                              max_length)
+            entry["ppl"][str(ratio)], entry["kept"][str(ratio)] = ppl, kept
+            entry["dense_layers"][str(ratio)] = dense_layers
+            print(f"drone greedy ratio {ratio}: ppl {ppl:.3f} kept {kept:.4f} dense layers {dense_layers}", flush=True)
     entry["solve_s"] = time.perf_counter() - t
+    memory["solve all layers: drone greedy"] = peak.added_mib  # calibration included: compress does both
     record["partial"] = False
     record["load_average"], record["target"] = load_average(), _target(record)
     return _body(record), record
@@ -306,9 +315,16 @@ def _body(rec: dict) -> str:
         verdict = "No DRONE result."
     failures = "".join(f"\n- `{m}` failed: {e['failed']}" for m, e in rec["methods"].items() if "failed" in e)
     kept = next((e["kept"] for e in rec["methods"].values() if e.get("kept")), {})
-    timing = markdown_table(["step", "seconds"], [[k, fmt(v, 1)] for k, v in rec["timings_s"].items()]
-                            + [[f"solve all layers: {m}", fmt(e["solve_s"], 1)] for m, e in rec["methods"].items()
-                               if "solve_s" in e])
+    added = rec.get("added_mib", {})
+
+    def mib(step: str) -> str:
+        return "-" if added.get(step) is None else f"{added[step]:.0f}"
+
+    timing = markdown_table(
+        ["step", "seconds", "added peak MiB"],
+        [[k, fmt(v, 1), mib(k)] for k, v in rec["timings_s"].items()]
+        + [[f"solve all layers: {m}", fmt(e["solve_s"], 1), mib(f"solve all layers: {m}")]
+           for m, e in rec["methods"].items() if "solve_s" in e])
     greedy = rec["methods"].get("drone greedy", {})
     greedy_note = (
         "`drone greedy`: the same DRONE solver with ranks allocated by `drone_hf.compress(..., "
@@ -330,7 +346,9 @@ def _body(rec: dict) -> str:
         + greedy_note + "Cells: perplexity (x dense).\n\n"
         + markdown_table(headers, rows)
         + f"\n\n**Target** (issue #8): {verdict}{failures}\n\n"
-        f"### Cost on this machine (load average at the end: {rec['load_average']})\n\n" + timing
+        f"### Cost on this machine (load average at the end: {rec['load_average']})\n\n"
+        "Added peak MiB: the process's peak resident memory during the step minus its memory at the "
+        "step's start (the model and the statistics already held are not counted again).\n\n" + timing
     )
 
 

@@ -39,3 +39,9 @@ def test_lm_benchmark_quick(tmp_path):
     for r in RATIOS:
         assert rec["methods"]["svdllm"]["ppl"][str(r)] == pytest.approx(rec["methods"]["drone"]["ppl"][str(r)], rel=1e-4)
     assert (tmp_path / "lm.png").exists()
+    # the cost table: seconds and added peak memory for every step and every method's solve
+    steps = set(rec["timings_s"]) | {f"solve all layers: {m}" for m in rec["methods"]}
+    assert set(rec["added_mib"]) == steps
+    if sys.platform == "linux":
+        assert all(v is not None and v >= 0 for v in rec["added_mib"].values())
+    assert "| step | seconds | added peak MiB |" in text
