@@ -13,11 +13,11 @@ alone (``benchmarks/calibration.py``). Two things keep them cheap:
   rightwards: ``(b+1)/2b`` of the FLOPs for ``b`` strips, in ``b`` GEMMs big enough to run at full
   speed. The other triangle is mirrored once per flush, not per batch.
 * **Fused accumulation.** Strips go straight into a float32 partial sum (``addmm_``: no product
-  tensor, no separate add), which is flushed into the float64 running sum every
-  ``FLUSH_TOKENS`` tokens and whenever :attr:`GramObserver.gram` is read. Each float64 term is
-  therefore exactly as precise as one float32 GEMM over at most ``FLUSH_TOKENS`` tokens (a batch
-  of 32 x 128 tokens is one such GEMM), and a long calibration still does not lose the small
-  eigenvalues to round-off. Float64 models accumulate in float64 throughout.
+  tensor, no separate add), which is flushed into the float64 running sum after the batch that
+  brings it to ``FLUSH_TOKENS`` tokens and whenever :attr:`GramObserver.gram` is read. Each
+  float64 term is therefore as precise as one float32 GEMM over fewer than ``FLUSH_TOKENS`` plus
+  one batch of tokens (a batch of 32 x 128 tokens alone is such a GEMM), and a long calibration
+  still does not lose the small eigenvalues to round-off. Float64 models accumulate in float64.
 
 It also keeps the token sum ``Σ x`` (optional per batch): the query-key form of attention
 compression (:mod:`drone_hf.solver.attention`) needs the Gram of ``[x; 1]``, whose extra row is
