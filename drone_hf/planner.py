@@ -241,7 +241,6 @@ class RankPlanner:
         # between the largest budget that met it and the smallest that missed once both are known.
         # Kept: the slowest allocation that met the target (most accuracy), else the fastest measured.
         rounds: list[dict] = []
-        chosen: tuple[float, float, dict[str, int]] | None = None  # (measured, predicted, ranks)
         met_at: float | None = None  # largest budget whose allocation met the target
         missed_at: float | None = None  # smallest budget whose allocation missed it
 
@@ -278,16 +277,17 @@ class RankPlanner:
             t = end_to_end_times(self._swapper, {"dense": {}, "compressed": self.full(ranks)}, inputs)
             measured = t["dense"] / t["compressed"]
             rounds.append({"predicted_speedup": predicted, "measured_speedup": measured, "ranks": ranks})
-            meets = measured >= target
-            if chosen is None or (meets and (chosen[0] < target or measured < chosen[0])) or (
-                not meets and chosen[0] < target and measured > chosen[0]
-            ):
-                chosen = (measured, predicted, ranks)
-            if meets and measured <= target * (1 + SPEED_SLACK):
+            if target <= measured <= target * (1 + SPEED_SLACK):
                 break
             budget = next_budget(budget, measured)
-        assert chosen is not None
-        measured, predicted, ranks = chosen
+
+        def preference(r: dict) -> tuple[bool, float]:
+            """Rounds that met the target first, the slowest of them; else the fastest round."""
+            m = r["measured_speedup"]
+            return (m >= target, -m if m >= target else m)
+
+        kept = max(rounds, key=preference)
+        measured, predicted, ranks = kept["measured_speedup"], kept["predicted_speedup"], kept["ranks"]
         if measured < target:
             logger.warning(
                 f"target_speedup={target}: measured {measured:.2f}x at best after {len(rounds)} allocation rounds "

@@ -41,6 +41,11 @@ def _strips(n: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _wide(tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` in the products' precision: float32, or float64 for float64 inputs."""
+    return tokens.to(torch.float64 if tokens.dtype == torch.float64 else torch.float32)
+
+
 def _mirror(upper: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose upper triangle (diagonal included) is that of ``upper``."""
     tri = torch.triu(upper)
@@ -55,6 +60,7 @@ class GramObserver:
     def __init__(self, features: int, name: str = "") -> None:
         self.features = features
         self.name = name
+        self._strips = _strips(features)  # row ranges of the one-triangle product
         self._gram: torch.Tensor | None = None
         #: float32 (float64 for float64 inputs) upper strips of the products since the last flush.
         self._partial: torch.Tensor | None = None
@@ -114,15 +120,13 @@ class GramObserver:
     def batch_product(tokens: torch.Tensor) -> torch.Tensor:
         """``tokensᵀ tokens`` for [N, n] real tokens, in float32 (float64 for float64 inputs): one
         batch's full Gram, for :meth:`add`. The calibration pipeline uses :meth:`accumulate`."""
-        wide = torch.float64 if tokens.dtype == torch.float64 else torch.float32
-        t = tokens.to(wide)
+        t = _wide(tokens)
         return t.T @ t
 
     @staticmethod
     def batch_sum(tokens: torch.Tensor) -> torch.Tensor:
         """``Σ x`` [n] of [N, n] real tokens, in the same precision as :meth:`batch_product`."""
-        wide = torch.float64 if tokens.dtype == torch.float64 else torch.float32
-        return tokens.to(wide).sum(dim=0)
+        return _wide(tokens).sum(dim=0)
 
     @property
     def has_token_sum(self) -> bool:
@@ -138,7 +142,7 @@ class GramObserver:
                 "Load the model in float32 (dtype=torch.float32) or check the calibration texts."
             )
 
-    def _add_token_sum(self, token_sum: torch.Tensor | None, num_tokens: int) -> None:
+    def _count(self, num_tokens: int, token_sum: torch.Tensor | None) -> None:
         self.num_tokens += num_tokens
         if token_sum is not None:
             if self.token_sum is None:
@@ -149,18 +153,17 @@ class GramObserver:
     def accumulate(self, tokens: torch.Tensor, batch_index: int = -1, token_sums: bool = False) -> None:
         """Add [N, n] real tokens: their Gram (one triangle, into the float32 partial sum) and,
         with ``token_sums``, their sum. Raises on NaN/inf before anything of this batch is counted."""
-        wide = torch.float64 if tokens.dtype == torch.float64 else torch.float32
-        t = tokens.to(wide)
+        t = _wide(tokens)
         total = t.sum(dim=0) if token_sums else None
         # Checked before anything is added, so a bad batch leaves the sums as they were.
         self._check_finite(total if total is not None else t.sum(), batch_index)
         if self._partial is None:
-            self._partial = torch.zeros(self.features, self.features, dtype=wide, device=t.device)
+            self._partial = torch.zeros(self.features, self.features, dtype=t.dtype, device=t.device)
         rows = t.T
-        for i0, i1 in _strips(self.features):
+        for i0, i1 in self._strips:
             self._partial[i0:i1, i0:].addmm_(rows[i0:i1], t[:, i0:])
         self._partial_tokens += t.shape[0]
-        self._add_token_sum(total, t.shape[0])
+        self._count(t.shape[0], total)
         if self._partial_tokens >= FLUSH_TOKENS:
             self._flush()
 
@@ -173,4 +176,4 @@ class GramObserver:
         self._flush()
         wide = product.to(torch.float64)
         self._gram = wide if self._gram is None else self._gram + wide  # out of place, as in _flush
-        self._add_token_sum(token_sum, num_tokens)
+        self._count(num_tokens, token_sum)
