@@ -7,6 +7,8 @@
   :func:`distillation_trainer`.
 * PEFT (:mod:`.peft_utils`): LoRA on the factors (:func:`lora_target_modules`,
   :func:`prepare_lora_model`, :func:`load_lora_adapter`, :func:`merge_lora`).
+* A shallower student (:mod:`.shallow`): :func:`shallow_student` keeps a subset of the teacher's
+  layers (distillation's depth cut, on top of which DRONE factors what remains).
 * :func:`set_trainable` (the rule behind the trainable-set callback, for any training loop),
   :func:`compression_stats`, :func:`lower_ranks` (one progressive cut, by hand).
 * The recipe (:mod:`.recipe`): compress -> distil -> evaluate -> save, behind
@@ -33,6 +35,7 @@ from .callbacks import (
 from .distill import DistillationLoss, distillation_trainer
 from .peft_utils import load_lora_adapter, lora_target_modules, merge_lora, prepare_lora_model
 from .progressive import lower_ranks
+from .shallow import shallow_student, spread_layers
 from .stats import compression_stats
 from .trainable import TRAIN_MODES, TrainableSummary, set_trainable
 
@@ -53,4 +56,6 @@ __all__ = [
     "merge_lora",
     "prepare_lora_model",
     "set_trainable",
+    "shallow_student",
+    "spread_layers",
 ]

@@ -2,7 +2,9 @@
 
 The compressed student learns from the dense teacher's soft predictions (Hinton et al.): the KL
 divergence between temperature-softened distributions, weighted against the task loss, optionally
-plus a hidden-state MSE (the student has the teacher's architecture, so layers match one to one).
+plus a hidden-state MSE. A compressed student has the teacher's architecture, so layers match one
+to one; a shallower student (:func:`~drone_hf.training.shallow_student`) records which teacher
+layer each of its layers came from, and its hidden states are matched through that map.
 
 ``Trainer`` calls ``compute_loss_func(outputs, labels, num_items_in_batch=...)`` with the student's
 outputs only. The teacher needs the same inputs, so :meth:`DistillationLoss.attach` registers a
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._model import unwrap
+from .shallow import hidden_state_map
 
 #: Tasks the loss knows how to pair logits and labels for.
 TASKS = ("auto", "sequence_classification", "regression", "token_classification", "causal_lm")
@@ -77,8 +80,10 @@ class DistillationLoss:
         hidden_weight: weight ``β`` of the hidden-state MSE (0: off, no hidden states requested).
             Applied in training steps only: in evaluation the student's hidden states are not
             requested (Trainer would collect them as predictions), so eval loss is KL + task.
-        hidden_layers: ``"all"`` (every hidden state the models return, embeddings included),
-            ``"last"``, or indices into ``hidden_states``.
+        hidden_layers: ``"all"`` (every hidden state the models return, embeddings included; for a
+            :func:`~drone_hf.training.shallow_student`, every student hidden state against the
+            teacher hidden state its layer came from), ``"last"``, indices into ``hidden_states``
+            (the same in both models), or a dict ``{student index: teacher index}``.
         task: ``"auto"`` (from the student's class at :meth:`attach`), ``"sequence_classification"``,
             ``"regression"`` (KD = squared difference of outputs, no temperature),
             ``"token_classification"`` or ``"causal_lm"`` (next-token: logits and labels shifted).
@@ -97,7 +102,7 @@ class DistillationLoss:
         temperature: float = 2.0,
         alpha: float = 0.5,
         hidden_weight: float = 0.0,
-        hidden_layers: str | Sequence[int] = "all",
+        hidden_layers: str | Sequence[int] | dict[int, int] = "all",
         task: str = "auto",
         teacher_device: str | torch.device | None = None,
     ) -> None:
@@ -113,16 +118,18 @@ class DistillationLoss:
                 raise ValueError(f"{name}={value!r} must be a number {rule}.")
         if task not in TASKS:
             raise ValueError(f"task={task!r} is not supported: use one of {list(TASKS)}.")
+
+        def indices(values: Any) -> bool:
+            return bool(values) and all(isinstance(i, int) and not isinstance(i, bool) for i in values)
+
         if not (
-            hidden_layers in ("all", "last")
-            or (
-                isinstance(hidden_layers, (list, tuple))
-                and hidden_layers
-                and all(isinstance(i, int) for i in hidden_layers)
-            )
+            (isinstance(hidden_layers, str) and hidden_layers in ("all", "last"))
+            or (isinstance(hidden_layers, (list, tuple)) and indices(hidden_layers))
+            or (isinstance(hidden_layers, dict) and indices(hidden_layers) and indices(hidden_layers.values()))
         ):
             raise ValueError(
-                f"hidden_layers={hidden_layers!r} must be 'all', 'last' or a list of hidden-state indices."
+                f"hidden_layers={hidden_layers!r} must be 'all', 'last', a list of hidden-state indices or a dict "
+                "{student index: teacher index}."
             )
         self.teacher = teacher.eval()  # frozen in attach(), once it is known to share nothing with the student
         self.temperature, self.alpha, self.hidden_weight = float(temperature), float(alpha), float(hidden_weight)
@@ -136,6 +143,7 @@ class DistillationLoss:
         self._with_hidden = False
         self._handle: Any = None
         self._teacher_flags: dict[nn.Parameter, bool] = {}
+        self._layer_map: dict[int, int] | None = None  # a shallow student's hidden-state map, from attach()
 
     # --- wiring to the student ---------------------------------------------------------------------
     def attach(self, student: nn.Module) -> DistillationLoss:
@@ -157,6 +165,7 @@ class DistillationLoss:
             )
         if self.task == "auto":
             self.task = infer_task(student)
+        self._layer_map = hidden_state_map(student)
         self.detach()
         self._teacher_flags = {p: p.requires_grad for p in self.teacher.parameters()}
         self.teacher.requires_grad_(False)
@@ -295,20 +304,36 @@ class DistillationLoss:
                 "hidden_weight > 0 needs hidden states from both models; call the student with "
                 "output_hidden_states=True (attach() does this for Trainer runs)."
             )
-        if self.hidden_layers == "all":
+        if isinstance(self.hidden_layers, dict):
+            pairs = list(self.hidden_layers.items())
+        elif self.hidden_layers == "all" and self._layer_map is not None:
+            pairs = list(self._layer_map.items())
+            if len(hs) != len(pairs) or max(t for _, t in pairs) >= len(ht):
+                raise ValueError(
+                    f"The student was cut from a teacher with layers {sorted(t - 1 for _, t in pairs[1:])} kept, but "
+                    f"returns {len(hs)} hidden states against the teacher's {len(ht)}: distil it from the model "
+                    "shallow_student() was called on, or give hidden_layers={student index: teacher index}."
+                )
+        elif self.hidden_layers == "all":
             if len(hs) != len(ht):
                 raise ValueError(
                     f"Student returns {len(hs)} hidden states, teacher {len(ht)}; give hidden_layers=[...] indices "
-                    "valid for both."
+                    "valid for both, or a dict {student index: teacher index}."
                 )
-            idx = list(range(len(hs)))
+            pairs = [(i, i) for i in range(len(hs))]
         elif self.hidden_layers == "last":
-            idx = [-1]
+            pairs = [(-1, -1)]
         else:
-            idx = list(self.hidden_layers)
+            pairs = [(i, i) for i in self.hidden_layers]
+        for i, j in pairs:
+            if not (-len(hs) <= i < len(hs) and -len(ht) <= j < len(ht)):
+                raise ValueError(
+                    f"hidden_layers pairs student hidden state {i} with teacher hidden state {j}, but the student "
+                    f"returns {len(hs)} and the teacher {len(ht)}."
+                )
         terms = []
-        for i in idx:
-            a, b = hs[i].float(), ht[i].to(device=hs[i].device, dtype=torch.float32)
+        for i, j in pairs:
+            a, b = hs[i].float(), ht[j].to(device=hs[i].device, dtype=torch.float32)
             m = _mask_like(attention_mask, a).to(a.device)
             terms.append(((a - b) ** 2).mean(-1)[m].sum() / m.sum().clamp_min(1))
         return torch.stack(terms).mean()
@@ -329,7 +354,7 @@ def distillation_trainer(
     temperature: float = 2.0,
     alpha: float = 0.5,
     hidden_weight: float = 0.0,
-    hidden_layers: str | Sequence[int] = "all",
+    hidden_layers: str | Sequence[int] | dict[int, int] = "all",
     task: str = "auto",
     teacher_device: str | torch.device | None = None,
     **trainer_kwargs: Any,

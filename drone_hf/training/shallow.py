@@ -1,0 +1,145 @@
+"""A shallower student for distillation: keep a subset of the teacher's transformer layers.
+
+DRONE's largest reported speedups (over 12x) come from combining it with distillation into a
+model with fewer layers: factoring removes work *inside* each layer, but attention scores, softmax,
+norms and residual adds stay, so factoring alone saturates (on the MPNet classifier at 32x128 the
+fastest factoring measures 2.84x; ``benchmarks/results/frontier_mpnet.md``). Dropping layers removes
+all of a layer's work. :func:`shallow_student` builds such a student the way DistilBERT was
+initialised: a copy of the teacher that keeps every ``L/n``-th layer (the last one included, so the
+student's final hidden state corresponds to the teacher's), then
+:class:`~drone_hf.training.DistillationLoss` trains it against the teacher, matching each kept
+layer's output to the teacher layer it came from (the map is stored in the student's config), and
+``drone_hf.compress`` factors it.
+
+The kept layers are recorded as ``config.drone_teacher_layers`` (teacher indices, in order), so a
+saved student says where it came from and the distillation loss can align hidden states without
+being told. Layer counters the model uses at run time (``config.num_hidden_layers``,
+``config.layer_types``, each attention module's ``layer_idx`` that indexes the KV cache) are
+renumbered for the new depth.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+from torch import nn
+
+from ._model import unwrap
+
+#: Config attribute that records which teacher layers a student kept (teacher indices, in order).
+TEACHER_LAYERS_KEY = "drone_teacher_layers"
+
+
+def spread_layers(total: int, keep: int) -> list[int]:
+    """``keep`` of ``total`` layer indices, evenly spread and ending with the last layer.
+
+    12 -> 6 keeps ``[1, 3, 5, 7, 9, 11]``; 12 -> 4 keeps ``[2, 5, 8, 11]``.
+    """
+    if not 1 <= keep <= total:
+        raise ValueError(f"Cannot keep {keep} of {total} layers: choose between 1 and {total}.")
+    return [(i + 1) * total // keep - 1 for i in range(keep)]
+
+
+def layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The module holding the model's chain of transformer layers, its attribute name, and the list.
+
+    The chain is the one ``nn.ModuleList`` whose length is ``config.num_hidden_layers`` and whose
+    entries share one type (``encoder.layer`` in BERT/MPNet, ``transformer.h`` in GPT-2,
+    ``model.layers`` in Llama). Encoder-decoder models have two chains and are refused.
+    """
+    base = unwrap(model)
+    cfg = getattr(base, "config", None)
+    depth = getattr(cfg, "num_hidden_layers", None)
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(base).__name__} is an encoder-decoder model with two layer chains; shallow_student supports "
+            "encoder-only and decoder-only models."
+        )
+    if not isinstance(depth, int):
+        raise ValueError(
+            f"{type(base).__name__}'s config has no integer num_hidden_layers, so its layer chain cannot be found; "
+            "shallow_student needs a transformers model with a single stack of layers."
+        )
+    found = []
+    for parent_name, parent in base.named_modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == depth and len({type(c) for c in child}) == 1:
+                found.append((parent_name, parent, attr, child))
+    if len(found) != 1:
+        where = ", ".join(f"{p + '.' if p else ''}{a}" for p, _, a, _ in found) or "none"
+        raise ValueError(
+            f"shallow_student needs exactly one list of {depth} identical layers in {type(base).__name__} "
+            f"(found: {where}); this architecture is not supported."
+        )
+    _, parent, attr, layers = found[0]
+    return parent, attr, layers
+
+
+def shallow_student(
+    teacher: nn.Module,
+    num_layers: int | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+) -> nn.Module:
+    """A copy of ``teacher`` with fewer transformer layers, initialised from the teacher's.
+
+    Args:
+        teacher: a transformers model (dense or DRONE-compressed); it is not modified.
+        num_layers: how many layers the student keeps, spread evenly (:func:`spread_layers`).
+        layers: or exactly which teacher layers to keep (strictly increasing indices).
+
+    Returns:
+        The student: same class, embeddings and head as the teacher, ``config.num_hidden_layers``
+        equal to the kept count and ``config.drone_teacher_layers`` naming the kept layers.
+
+    Raises:
+        ValueError: neither or both of ``num_layers`` and ``layers`` given, indices out of range or
+            not increasing, or an architecture without a single layer chain.
+    """
+    if (num_layers is None) == (layers is None):
+        raise ValueError("Pass exactly one of num_layers (how many layers to keep) or layers (which ones).")
+    base = unwrap(teacher)
+    _, _, chain = layer_stack(base)
+    total = len(chain)
+    if layers is None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int):
+            raise ValueError(f"num_layers={num_layers!r} must be an integer between 1 and {total}.")
+        keep = spread_layers(total, num_layers)
+    else:
+        keep = [int(i) for i in layers]
+        if not keep or any(isinstance(i, bool) for i in layers):
+            raise ValueError(f"layers={list(layers)!r} must be a non-empty list of layer indices.")
+        if any(not 0 <= i < total for i in keep) or keep != sorted(set(keep)):
+            raise ValueError(
+                f"layers={keep} must be strictly increasing indices in [0, {total - 1}] (the teacher has {total} "
+                "layers)."
+            )
+    student = copy.deepcopy(base)
+    parent, attr, chain = layer_stack(student)
+    setattr(parent, attr, nn.ModuleList([chain[i] for i in keep]))
+    for new_index, layer in enumerate(getattr(parent, attr)):
+        for module in layer.modules():  # KV-cache slots and per-layer schedules are indexed by depth
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    cfg = student.config
+    cfg.num_hidden_layers = len(keep)
+    layer_types = getattr(cfg, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == total:
+        cfg.layer_types = [layer_types[i] for i in keep]
+    # indices into the model it was cut from (the teacher its distillation runs against)
+    setattr(cfg, TEACHER_LAYERS_KEY, keep)
+    return student
+
+
+def hidden_state_map(student: nn.Module) -> dict[int, int] | None:
+    """Student ``hidden_states`` index -> teacher index for a :func:`shallow_student` (``None`` otherwise).
+
+    ``hidden_states[0]`` is the embedding output in both models; the student's ``i + 1`` is the
+    output of its layer ``i``, which started as teacher layer ``kept[i]``.
+    """
+    cfg = getattr(unwrap(student), "config", None)
+    kept = getattr(cfg, TEACHER_LAYERS_KEY, None)
+    if not isinstance(kept, list):
+        return None
+    return {0: 0} | {i + 1: int(t) + 1 for i, t in enumerate(kept)}
