@@ -78,8 +78,18 @@ def test_quick_speed_budget_with_distillation_only(tmp_path):
         finetune.movie_reviews()
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
-    argv = ["--quick", "--out", str(tmp_path), "--target-speedup", "1.2", "--latency-shape", "4", "32",
-            "--runs", "distill"]
+    argv = [
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--target-speedup",
+        "1.2",
+        "--latency-shape",
+        "4",
+        "32",
+        "--runs",
+        "distill",
+    ]
     finetune.main(argv)
     raw = json.loads((tmp_path / "finetune.json").read_text())
     assert raw["settings"]["target_speedup"] == 1.2 and raw["settings"]["runs"] == ["distill"]
@@ -101,3 +111,37 @@ def test_budgets_are_alternatives(capsys):
 
 def test_results_stem_per_model():
     assert finetune.results_stem("minilm") == "finetune" and finetune.results_stem("mpnet") == "finetune_mpnet"
+
+
+@pytest.mark.slow
+def test_quick_shallow_student_then_drone(tmp_path):
+    """The depth cut before DRONE: a 3-of-6-layer MiniLM student distilled, then compressed and
+    distilled again; speedups are measured against the dense teacher, the DRONE stage on its own."""
+    try:
+        finetune.movie_reviews()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
+    finetune.main(["--quick", "--out", str(tmp_path), "--student-layers", "3", "--runs", "distill"])
+    raw = json.loads((tmp_path / "finetune_3layers.json").read_text())
+    shallow = raw["shallow"]
+    assert shallow["layers"] == [1, 3, 5] and raw["teacher_layers"] == 6
+    assert set(raw["accuracy"]) == {"dense", "shallow", "before", "distill"}
+    assert set(raw["train_seconds"]) == {"shallow", "distill"}
+    assert raw["factored_layers"] == 18 and raw["reloaded"]["factored_layers"] == 18  # 6 per kept layer
+    assert raw["reloaded"]["accuracy"] == pytest.approx(raw["accuracy"]["distill"])
+    assert raw["model_params"] < shallow["params"] == raw["dense_model_params"] < raw["teacher_params"]
+    assert all(v > 0 for v in shallow["speedup"].values()) and all(v > 0 for v in shallow["drone_speedup"].values())
+    text = (tmp_path / "finetune_3layers.md").read_text()
+    labels = [r[0].split(" (")[0] for r in parse_markdown_tables(text)[1][1:]]
+    assert labels == [
+        "dense MiniLM",
+        "3-layer student",
+        "3-layer student + DRONE, before fine-tuning",
+        "3-layer student + DRONE + distillation from dense",
+    ]
+    assert "`shallow_student(dense, 3)` keeps teacher layers [1, 3, 5]" in text
+
+
+def test_results_stem_names_the_student_depth():
+    assert finetune.results_stem("mpnet", 6) == "finetune_mpnet_6layers"
+    assert finetune.results_stem("minilm", 3) == "finetune_3layers"
