@@ -550,7 +550,10 @@ def write_results(r: dict, out: Path, command: str, runtime: float) -> None:
         "load).",
     ]
     header = results_header(
-        f"Fine-tuning after compression: {short} on movie-review sentiment", command, machine_info(), runtime
+        f"Fine-tuning after compression: {short} on movie-review sentiment",
+        command,
+        machine_info((s["model"],)),
+        runtime,
     )
     stem = results_stem(s["model"], s.get("student_layers"))
     write_markdown(out / f"{stem}.md", header, "\n".join(body))
