@@ -107,9 +107,13 @@ def shallow_student(
             raise ValueError(f"num_layers={num_layers!r} must be an integer between 1 and {total}.")
         keep = spread_layers(total, num_layers)
     else:
-        keep = [int(i) for i in layers]
-        if not keep or any(isinstance(i, bool) for i in layers):
-            raise ValueError(f"layers={list(layers)!r} must be a non-empty list of layer indices.")
+        if (
+            isinstance(layers, (str, bytes))
+            or not layers
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+        ):
+            raise ValueError(f"layers={layers!r} must be a non-empty list of integer layer indices.")
+        keep = list(layers)
         if any(not 0 <= i < total for i in keep) or keep != sorted(set(keep)):
             raise ValueError(
                 f"layers={keep} must be strictly increasing indices in [0, {total - 1}] (the teacher has {total} "

@@ -133,8 +133,10 @@ def test_bad_input_names_the_fix():
         shallow_student(teacher, layers=[2, 1])
     with pytest.raises(ValueError, match=r"strictly increasing indices in \[0, 3\]"):
         shallow_student(teacher, layers=[0, 4])
-    with pytest.raises(ValueError, match="non-empty list"):
+    with pytest.raises(ValueError, match="non-empty list of integer layer indices"):
         shallow_student(teacher, layers=[])
+    with pytest.raises(ValueError, match="non-empty list of integer layer indices"):
+        shallow_student(teacher, layers=[0, 1.5])
     with pytest.raises(ValueError, match="no integer num_hidden_layers"):
         shallow_student(torch.nn.Linear(2, 2), 1)
 
