@@ -2,9 +2,9 @@
 
 DRONE's largest reported speedups (over 12x) come from combining it with distillation into a
 model with fewer layers: factoring removes work *inside* each layer, but attention scores, softmax,
-norms and residual adds stay, so factoring alone saturates (on the MPNet classifier at 32x128 the
-fastest factoring measures 2.84x; ``benchmarks/results/frontier_mpnet.md``). Dropping layers removes
-all of a layer's work. :func:`shallow_student` builds such a student the way DistilBERT was
+norms and residual adds stay, so factoring alone saturates (on the MPNet classifier at 32x128 every
+layer at its fastest rank measured 2.84-2.99x end to end; ``benchmarks/results/frontier_mpnet.md``).
+Dropping layers removes all of a layer's work. :func:`shallow_student` builds such a student the way DistilBERT was
 initialised: a copy of the teacher that keeps every ``L/n``-th layer (the last one included, so the
 student's final hidden state corresponds to the teacher's), then
 :class:`~drone_hf.training.DistillationLoss` trains it against the teacher, matching each kept
