@@ -543,7 +543,8 @@ def write_results(r: dict, out: Path, command: str, runtime: float) -> None:
         f"{walls or 'none (no training run)'}.",
         f"- Distillation: `DistillationLoss(temperature={s['temperature']:g}, alpha={s['alpha']:g}, "
         f"hidden_weight={s['hidden_weight']:g})`: alpha·T²·KL(teacher || student) + (1 - alpha)·cross-entropy + "
-        "hidden-state MSE over all layers.",
+        "hidden-state MSE over all layers"
+        + (" (each student layer against the teacher layer it came from)." if shallow else "."),
         f"- Saved and reloaded: {r['reloaded']['factored_layers']} factored layers after `from_pretrained`, accuracy "
         f"{100 * r['reloaded']['accuracy']:.2f}%.",
         f"- 1-minute load average at the end: {r['load_average']} (a shared 2-core machine: timings inflate under "
