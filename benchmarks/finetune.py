@@ -36,7 +36,7 @@ and the paper's combination, a shallower student distilled first (``drone_hf.tra
 the speed budget applies to the DRONE stage, the table's speedups are against the dense teacher)::
 
     python benchmarks/finetune.py --model mpnet --dense-epochs 1 --student-layers 6 --target-speedup 1.6 \
-        --latency-shape 32 128 --student-epochs 1 --runs distill
+        --latency-shape 32 128 --student-epochs 2 --runs distill
 """
 
 from __future__ import annotations
@@ -236,6 +236,17 @@ def train(model, train_ds, tokenizer, args, loss=None, callbacks=()) -> float:
     return time.perf_counter() - start
 
 
+def distil(student, teacher, train_ds, tokenizer, args, s: Settings, callbacks=()) -> float:
+    """Train ``student`` against ``teacher`` with the study's ``DistillationLoss``; returns seconds."""
+    loss = DistillationLoss(teacher, temperature=s.temperature, alpha=s.alpha, hidden_weight=s.hidden_weight).attach(
+        student
+    )
+    try:
+        return train(student, train_ds, tokenizer, args, loss, callbacks)
+    finally:
+        loss.detach()
+
+
 def teacher_folder(s: Settings) -> tuple[Path, dict]:
     """Cache folder of the fine-tuned dense model and the settings that key it."""
     key = {
@@ -314,20 +325,17 @@ def run(s: Settings, log=print) -> dict:
     dense, cached = dense_model(s, train_ds, tokenizer, log)
     acc = {"dense": evaluate_classifier(dense, test_ds, tokenizer)}
     log(f"dense accuracy {acc['dense']:.4f}")
+    test_texts = list(test_raw["text"])
     seconds = {}
     base, shallow = dense, None  # what DRONE compresses: the teacher, or a distilled shallow student
     if s.student_layers:
         base = shallow_student(dense, s.student_layers)
         with tempfile.TemporaryDirectory() as tmp:
             args = training_args(Path(tmp), s, s.student_epochs, s.student_lr)
-            loss = DistillationLoss(
-                dense, temperature=s.temperature, alpha=s.alpha, hidden_weight=s.hidden_weight
-            ).attach(base)
-            seconds["shallow"] = train(base, train_ds, tokenizer, args, loss)
-            loss.detach()
+            seconds["shallow"] = distil(base, dense, train_ds, tokenizer, args, s)
         base.eval()
         acc["shallow"] = evaluate_classifier(base, test_ds, tokenizer)
-        shallow_speed, shallow_rounds = latency(dense, base, tokenizer, list(test_raw["text"]), s)
+        shallow_speed, shallow_rounds = latency(dense, base, tokenizer, test_texts, s)
         shallow = {
             "layers": base.config.drone_teacher_layers,
             "params": sum(p.numel() for p in base.parameters()),
@@ -354,12 +362,10 @@ def run(s: Settings, log=print) -> dict:
     compressed = drone_hf.compress(copy.deepcopy(base), cfg, show_progress=False).eval()
     compress_seconds = time.perf_counter() - start
     report = drone_hf.report(compressed)
-    speed, speed_rounds = latency(dense, compressed, tokenizer, list(test_raw["text"]), s)
+    speed, speed_rounds = latency(dense, compressed, tokenizer, test_texts, s)
     log(f"compressed in {compress_seconds:.0f} s; speedup {speed}")
     if shallow is not None:  # the DRONE stage alone, against the student it compressed
-        shallow["drone_speedup"], shallow["drone_speedup_rounds"] = latency(
-            base, compressed, tokenizer, list(test_raw["text"]), s
-        )
+        shallow["drone_speedup"], shallow["drone_speedup_rounds"] = latency(base, compressed, tokenizer, test_texts, s)
     acc["before"] = evaluate_classifier(compressed, test_ds, tokenizer)
     log(f"before fine-tuning {acc['before']:.4f}")
 
@@ -375,11 +381,7 @@ def run(s: Settings, log=print) -> dict:
 
         if "distill" in s.runs:
             student = copy.deepcopy(compressed)
-            loss = DistillationLoss(
-                dense, temperature=s.temperature, alpha=s.alpha, hidden_weight=s.hidden_weight
-            ).attach(student)
-            seconds["distill"] = train(student, train_ds, tokenizer, args, loss, callbacks)
-            loss.detach()
+            seconds["distill"] = distil(student, dense, train_ds, tokenizer, args, s, callbacks)
             acc["distill"] = evaluate_classifier(student, test_ds, tokenizer)
             log(f"distilled {acc['distill']:.4f} ({seconds['distill']:.0f} s)")
 
@@ -446,8 +448,7 @@ def write_results(r: dict, out: Path, command: str, runtime: float) -> None:
 
     def row(label: str, key: str, compressed: bool) -> tuple[str, ...]:
         # the teacher's own count: with a shallow student the report's dense count is the student's
-        teacher = r.get("teacher_params", r["dense_model_params"])
-        params, speeds = (r["model_params"], speed_cells) if compressed else (teacher, "1.00x")
+        params, speeds = (r["model_params"], speed_cells) if compressed else (r["teacher_params"], "1.00x")
         if key == "shallow":
             params, speeds = shallow["params"], cells(shallow["speedup"])
         gap = f"{100 * (acc[key] - dense_acc):+.2f}" if key != "dense" else "0.00"
@@ -556,7 +557,7 @@ def write_results(r: dict, out: Path, command: str, runtime: float) -> None:
         machine_info((s["model"],)),
         runtime,
     )
-    stem = results_stem(s["model"], s.get("student_layers"))
+    stem = results_stem(s["model"], s["student_layers"])
     write_markdown(out / f"{stem}.md", header, "\n".join(body))
     (out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
     plt = pyplot()

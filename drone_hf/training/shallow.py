@@ -41,8 +41,9 @@ def spread_layers(total: int, keep: int) -> list[int]:
     return [(i + 1) * total // keep - 1 for i in range(keep)]
 
 
-def layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """The module holding the model's chain of transformer layers, its attribute name, and the list.
+def layer_stack(model: nn.Module) -> tuple[str, str, nn.ModuleList]:
+    """Where the model's chain of transformer layers is: the holding module's name, the attribute
+    name, and the list (so a copy of the model finds its own chain by name).
 
     The chain is the one ``nn.ModuleList`` whose length is ``config.num_hidden_layers`` and whose
     entries share one type (``encoder.layer`` in BERT/MPNet, ``transformer.h`` in GPT-2,
@@ -65,15 +66,14 @@ def layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     for parent_name, parent in base.named_modules():
         for attr, child in parent.named_children():
             if isinstance(child, nn.ModuleList) and len(child) == depth and len({type(c) for c in child}) == 1:
-                found.append((parent_name, parent, attr, child))
+                found.append((parent_name, attr, child))
     if len(found) != 1:
-        where = ", ".join(f"{p + '.' if p else ''}{a}" for p, _, a, _ in found) or "none"
+        where = ", ".join(f"{p + '.' if p else ''}{a}" for p, a, _ in found) or "none"
         raise ValueError(
             f"shallow_student needs exactly one list of {depth} identical layers in {type(base).__name__} "
             f"(found: {where}); this architecture is not supported."
         )
-    _, parent, attr, layers = found[0]
-    return parent, attr, layers
+    return found[0]
 
 
 def shallow_student(
@@ -100,7 +100,7 @@ def shallow_student(
     if (num_layers is None) == (layers is None):
         raise ValueError("Pass exactly one of num_layers (how many layers to keep) or layers (which ones).")
     base = unwrap(teacher)
-    _, _, chain = layer_stack(base)
+    holder, attr, chain = layer_stack(base)
     total = len(chain)
     if layers is None:
         if isinstance(num_layers, bool) or not isinstance(num_layers, int):
@@ -120,8 +120,8 @@ def shallow_student(
                 "layers)."
             )
     student = copy.deepcopy(base)
-    parent, attr, chain = layer_stack(student)
-    setattr(parent, attr, nn.ModuleList([chain[i] for i in keep]))
+    parent = student.get_submodule(holder)
+    setattr(parent, attr, nn.ModuleList([getattr(parent, attr)[i] for i in keep]))
     for new_index, layer in enumerate(getattr(parent, attr)):
         for module in layer.modules():  # KV-cache slots and per-layer schedules are indexed by depth
             if isinstance(getattr(module, "layer_idx", None), int):
