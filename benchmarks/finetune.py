@@ -634,6 +634,8 @@ def main(argv: list[str] | None = None) -> Path:
     s = replace(QUICK if opts.quick else FULL, model=opts.model)
     if opts.param_ratio is not None and opts.target_speedup is not None:
         parser.error("--param-ratio and --target-speedup are alternative budgets: give one")
+    if opts.student_layers is not None and opts.student_layers < 1:
+        parser.error(f"--student-layers {opts.student_layers}: give the number of layers the student keeps (>= 1)")
     overrides = {
         "dense_epochs": opts.dense_epochs,
         "target_speedup": opts.target_speedup,

@@ -109,6 +109,12 @@ def test_budgets_are_alternatives(capsys):
     assert exc.value.code == 2 and "alternative budgets" in capsys.readouterr().err
 
 
+def test_student_layers_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--quick", "--student-layers", "0"])
+    assert exc.value.code == 2 and "--student-layers 0: give the number of layers" in capsys.readouterr().err
+
+
 def test_results_stem_per_model():
     assert finetune.results_stem("minilm") == "finetune" and finetune.results_stem("mpnet") == "finetune_mpnet"
 
