@@ -21,6 +21,7 @@ from .modules.low_rank_linear import DroneLinear
 from .search import LossEvaluator, Swapper, drone_search, end_to_end_times, fisher_sensitivities, probe_sensitivities
 from .solver import Decomposition
 from .utils.logging import get_logger
+from .utils.page_faults import GLIBC_REUSE_TUNABLES, minor_page_faults
 
 logger = get_logger(__name__)
 
@@ -33,6 +34,12 @@ VERIFY_ROUNDS = 4
 #: per-layer latency model can be pessimistic (MPNet at 32x128: predicted 2.0x, ran 2.7x), and every
 #: bit of speed beyond the target was paid for in accuracy.
 SPEED_SLACK = 0.05
+#: Timed and warm-up forward passes per variant in one end-to-end measurement.
+END_TO_END_REPEATS, END_TO_END_WARMUP = 9, 2
+#: Minor page faults per forward pass above which the speed result carries a note: the allocator is
+#: handing activation memory back to the OS between passes (1,000 faults: 4 MiB re-faulted a pass).
+PAGE_FAULT_NOTICE = 1000
+_page_fault_noted = False
 
 
 class RankPlanner:
@@ -59,6 +66,7 @@ class RankPlanner:
         self._swapper = Swapper(model, {full: layer for full, layer in targets.values()})
         self._evaluator: LossEvaluator | None = None
         self._latency: LatencyModel | None = None
+        self._faults_per_pass: list[float] = []
 
     # --- building blocks -------------------------------------------------------------------------
     def effective_rank(self, c: str, k: int) -> int:
@@ -118,6 +126,18 @@ class RankPlanner:
         g = torch.Generator().manual_seed(self.config.seed)
         ids = torch.randint(0, int(vocab), (batch, seq), generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def end_to_end(
+        self, variants: dict[str, dict[str, nn.Module]], inputs: dict[str, torch.Tensor]
+    ) -> dict[str, float]:
+        """:func:`~drone_hf.search.end_to_end_times`, counting the minor page faults per forward pass."""
+        before = minor_page_faults()
+        times = end_to_end_times(self._swapper, variants, inputs, repeats=END_TO_END_REPEATS, warmup=END_TO_END_WARMUP)
+        after = minor_page_faults()
+        if before is not None and after is not None:
+            passes = (END_TO_END_REPEATS + END_TO_END_WARMUP) * len(variants)
+            self._faults_per_pass.append((after - before) / passes)
+        return times
 
     def full(self, ranks: dict[str, int]) -> dict[str, nn.Module]:
         return {self.targets[c][0]: self.factored(c, k) for c, k in ranks.items()}
@@ -203,7 +223,7 @@ class RankPlanner:
     def _speed_budget(self, target: float) -> dict[str, int]:
         self.result["budget"] = {"target_speedup": target, "latency_shape": list(self.config.latency_shape)}
         inputs = self.latency_inputs()
-        dense_total = end_to_end_times(self._swapper, {"dense": {}}, inputs)["dense"]
+        dense_total = self.end_to_end({"dense": {}}, inputs)["dense"]
         fixed_time = sum(self.layer_times(c, [self.effective_rank(c, k)])[1][self.effective_rank(c, k)]
                          for c, k in self.fixed.items())
         fixed_dense = sum(self.layer_times(c, [])[0] for c in self.fixed)
@@ -220,7 +240,7 @@ class RankPlanner:
             fastest = dict(self.fixed) | {
                 o.name: o.ranks[o.costs.index(min(o.costs))] for o in options if o.costs and min(o.costs) < o.dense_cost
             }
-            t = end_to_end_times(self._swapper, {"dense": {}, "compressed": self.full(fastest)}, inputs)
+            t = self.end_to_end({"dense": {}, "compressed": self.full(fastest)}, inputs)
             measured_best = t["dense"] / t["compressed"]
             self.result["fastest_measured_speedup"] = measured_best
             if measured_best < target:
@@ -274,7 +294,7 @@ class RankPlanner:
                 o.costs[o.ranks.index(free[o.name])] if o.name in free else o.dense_cost for o in options
             )
             predicted = dense_total / predicted_time
-            t = end_to_end_times(self._swapper, {"dense": {}, "compressed": self.full(ranks)}, inputs)
+            t = self.end_to_end({"dense": {}, "compressed": self.full(ranks)}, inputs)
             measured = t["dense"] / t["compressed"]
             rounds.append({"predicted_speedup": predicted, "measured_speedup": measured, "ranks": ranks})
             if target <= measured <= target * (1 + SPEED_SLACK):
@@ -297,9 +317,28 @@ class RankPlanner:
             predicted_speedup=predicted, measured_speedup=measured, best_reachable_speedup=best,
             speed_rounds=[{k: r[k] for k in ("predicted_speedup", "measured_speedup")} for r in rounds],
         )
+        self._note_page_faults()
         if self.evaluation_batches:
             self.result["measured_loss_increase"] = self.measure_loss(ranks)
         return ranks
+
+    def _note_page_faults(self) -> None:
+        """Record page faults per forward pass; say once per process when they distort the speedup."""
+        global _page_fault_noted
+        if not self._faults_per_pass:
+            return
+        faults = sorted(self._faults_per_pass)[len(self._faults_per_pass) // 2]
+        self.result["page_faults_per_pass"] = faults
+        if faults > PAGE_FAULT_NOTICE and not _page_fault_noted:
+            _page_fault_noted = True
+            logger.warning(
+                f"target_speedup: every forward pass measured here page-faulted about {faults:,.0f} times: the C "
+                "allocator hands activation memory back to the OS between passes. That cost is the same for the "
+                "dense and the compressed model, so the speedup measured (and the allocation chosen) is "
+                "conservative for a process that reuses freed memory, which runs both faster. On Linux/glibc, "
+                f"start Python with GLIBC_TUNABLES={GLIBC_REUSE_TUNABLES} (or use tcmalloc) for that; "
+                "docs/speed.md has the measured difference."
+            )
 
     def _uniform_for_time(self, options: list[LayerOptions], budget: float) -> dict[str, int]:
         """Largest uniform kept-fraction whose grid-rounded ranks fit the time budget."""

@@ -8,6 +8,7 @@ benchmarks/.
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -348,3 +349,59 @@ def test_greedy_on_an_lm_under_inference_mode_falls_back_to_measured_sensitiviti
         lm = drone_hf.compress(LlamaForCausalLM(llama_config()).eval(), config(param_ratio=0.5, allocation="greedy"),
                                show_progress=False)
     assert lm.config.quantization_config.allocation_result["sensitivity"] == "measured"
+
+
+# --- page faults per forward pass: the allocator state behind a measured speedup ----------------
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def counting_faults(per_call: int):
+    """A stand-in for ``minor_page_faults`` that advances by ``per_call`` at every reading."""
+    state = {"n": 0}
+
+    def read() -> int:
+        state["n"] += per_call
+        return state["n"]
+
+    return read
+
+
+@pytest.mark.parametrize("per_call, noted", [(10, False), (5_000_000, True)])
+def test_speed_budget_records_page_faults_per_pass_and_notes_many_once(per_call, noted, monkeypatch):
+    """Each measurement reads the counter twice, so it sees ``per_call`` faults over its passes:
+    (2 + 9) per variant, dense alone first, then dense + compressed. The median is recorded; a
+    number above PAGE_FAULT_NOTICE gets one warning per process naming the setting that avoids it."""
+    monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
+    monkeypatch.setattr(planner_mod, "end_to_end_times", fake_end_to_end(overhead=1e-4))
+    monkeypatch.setattr(planner_mod, "minor_page_faults", counting_faults(per_call))
+    monkeypatch.setattr(planner_mod, "_page_fault_noted", False)
+    handler = Collect()
+    log = logging.getLogger("transformers.drone_hf.planner")
+    log.addHandler(handler)
+    try:
+        for _ in range(2):
+            model = drone_hf.compress(build(), config(target_speedup=1.5), show_progress=False)
+    finally:
+        log.removeHandler(handler)
+    result = model.config.quantization_config.allocation_result
+    passes = planner_mod.END_TO_END_REPEATS + planner_mod.END_TO_END_WARMUP
+    measured = [per_call / passes] + [per_call / (2 * passes)] * len(result["speed_rounds"])
+    assert result["page_faults_per_pass"] == pytest.approx(sorted(measured)[len(measured) // 2])
+    notes = [m for m in handler.messages if "page-faulted" in m]
+    assert len(notes) == (1 if noted else 0)  # once per process, not once per compression
+    if noted:
+        assert "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=" in notes[0] and "docs/speed.md" in notes[0]
+
+
+def test_page_faults_without_a_counter_are_not_recorded(monkeypatch):
+    monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
+    monkeypatch.setattr(planner_mod, "end_to_end_times", fake_end_to_end(overhead=1e-4))
+    monkeypatch.setattr(planner_mod, "minor_page_faults", lambda: None)  # e.g. Windows
+    model = drone_hf.compress(build(), config(target_speedup=1.5), show_progress=False)
+    assert "page_faults_per_pass" not in model.config.quantization_config.allocation_result

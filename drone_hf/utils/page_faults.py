@@ -1,0 +1,25 @@
+"""Page faults per forward pass: why a CPU speedup measured in one process can differ in another.
+
+A forward pass allocates its activations anew (BERT-base at 32x128 tokens: about 3 GB of tensors,
+the largest 50 MB). glibc's ``malloc`` serves large blocks with fresh ``mmap`` pages and trims the
+freed top of its heap, so depending on the process's history each pass may page-fault its
+activations back in (measured on MPNet at 32x128, 2 threads: about 528,000 minor faults and 3.0 s
+per pass in a fresh process, none and 2.6 s once freed memory is reused). That cost is about the
+same for the dense and the factored model, so it lowers the measured speedup. Counting faults
+tells the two states apart; ``docs/speed.md`` has the numbers and the settings that avoid it.
+"""
+
+from __future__ import annotations
+
+#: Environment setting under which glibc reuses freed activation memory (set before Python starts):
+#: no ``mmap`` for blocks under 2 GiB, no heap trimming under 4 GiB.
+GLIBC_REUSE_TUNABLES = "glibc.malloc.mmap_threshold=2147483648:glibc.malloc.trim_threshold=4294967296"
+
+
+def minor_page_faults() -> int | None:
+    """Minor page faults of this process so far (``getrusage``); ``None`` where unavailable (Windows)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
