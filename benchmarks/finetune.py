@@ -83,6 +83,7 @@ from drone_hf.training import (  # noqa: E402
     shallow_student,
 )
 from drone_hf.training.recipe import evaluate_classifier, tokenize_classification  # noqa: E402
+from drone_hf.utils.page_faults import minor_page_faults  # noqa: E402
 
 VADER = "vaderSentiment==3.3.2"
 REVIEWS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
@@ -284,11 +285,13 @@ def dense_model(s: Settings, train_ds, tokenizer, log) -> tuple[torch.nn.Module,
 # --- the study -----------------------------------------------------------------------------------
 
 
-def latency(dense, student, tokenizer, test_texts: list[str], s: Settings) -> tuple[dict[str, float], dict]:
+def latency(dense, student, tokenizer, test_texts: list[str], s: Settings) -> tuple[dict[str, float], dict, dict]:
     """Dense / compressed forward time at ``latency_shape`` (random ids) and on 64 real test sentences.
 
     ``latency_rounds`` rounds of ``measure_latency`` (interleaved medians) per shape: the median
-    ratio is the result, all rounds' ratios are kept to show the spread a shared machine causes.
+    ratio is the result, all rounds' ratios are kept to show the spread a shared machine causes,
+    and the minor page faults per forward pass say which allocator state the process was in
+    (``benchmarks/allocator.py``: at 32x128 a fresh default-glibc process faults and measures lower).
     """
     torch.set_num_threads(s.threads)
     g = torch.Generator().manual_seed(s.seed)
@@ -300,17 +303,21 @@ def latency(dense, student, tokenizer, test_texts: list[str], s: Settings) -> tu
             tokenizer(test_texts[:64], padding=True, truncation=True, max_length=s.max_length, return_tensors="pt")
         ),
     }
-    out, rounds = {}, {}
+    out, rounds, faults = {}, {}, {}
     for name, inputs in shapes.items():
         ratios = []
+        before = minor_page_faults()
         for _ in range(s.latency_rounds):
             t = measure_latency(
                 {"dense": dense.eval(), "compressed": student.eval()}, inputs, repeats=s.latency_repeats
             )
             ratios.append(t["dense"] / t["compressed"])
+        after = minor_page_faults()
+        if before is not None and after is not None:  # measure_latency's default 3 warm-up passes included
+            faults[name] = (after - before) / (2 * s.latency_rounds * (s.latency_repeats + 3))
         rounds[name] = ratios
         out[name] = statistics.median(ratios)
-    return out, rounds
+    return out, rounds, faults
 
 
 def run(s: Settings, log=print) -> dict:
@@ -335,7 +342,7 @@ def run(s: Settings, log=print) -> dict:
             seconds["shallow"] = distil(base, dense, train_ds, tokenizer, args, s)
         base.eval()
         acc["shallow"] = evaluate_classifier(base, test_ds, tokenizer)
-        shallow_speed, shallow_rounds = latency(dense, base, tokenizer, test_texts, s)
+        shallow_speed, shallow_rounds, _ = latency(dense, base, tokenizer, test_texts, s)
         shallow = {
             "layers": base.config.drone_teacher_layers,
             "params": sum(p.numel() for p in base.parameters()),
@@ -362,10 +369,11 @@ def run(s: Settings, log=print) -> dict:
     compressed = drone_hf.compress(copy.deepcopy(base), cfg, show_progress=False).eval()
     compress_seconds = time.perf_counter() - start
     report = drone_hf.report(compressed)
-    speed, speed_rounds = latency(dense, compressed, tokenizer, test_texts, s)
+    speed, speed_rounds, speed_faults = latency(dense, compressed, tokenizer, test_texts, s)
     log(f"compressed in {compress_seconds:.0f} s; speedup {speed}")
     if shallow is not None:  # the DRONE stage alone, against the student it compressed
-        shallow["drone_speedup"], shallow["drone_speedup_rounds"] = latency(base, compressed, tokenizer, test_texts, s)
+        drone_stage = latency(base, compressed, tokenizer, test_texts, s)
+        shallow["drone_speedup"], shallow["drone_speedup_rounds"] = drone_stage[:2]
     acc["before"] = evaluate_classifier(compressed, test_ds, tokenizer)
     log(f"before fine-tuning {acc['before']:.4f}")
 
@@ -409,6 +417,7 @@ def run(s: Settings, log=print) -> dict:
         "accuracy": acc,
         "speedup": speed,
         "speedup_rounds": speed_rounds,
+        "page_faults_per_pass": speed_faults,
         "shallow": shallow,
         "teacher_layers": dense.config.num_hidden_layers,
         "teacher_params": sum(p.numel() for p in dense.parameters()),
@@ -434,7 +443,7 @@ def results_stem(model: str, student_layers: int | None = None) -> str:
     return f"{stem}_{student_layers}layers" if student_layers else stem
 
 
-def write_results(r: dict, out: Path, command: str, runtime: float) -> None:
+def write_results(r: dict, out: Path, command: str, runtime: float, stem: str | None = None) -> None:
     s = r["settings"]
     acc, speed = r["accuracy"], r["speedup"]
     dense_acc = acc["dense"]
@@ -537,7 +546,14 @@ def write_results(r: dict, out: Path, command: str, runtime: float) -> None:
         f"runs, {s['threads']} threads, at {shape} random tokens and on 64 padded test sentences; median of "
         f"{s['latency_rounds']} rounds (all rounds: "
         + "; ".join(f"{k} " + ", ".join(f"{v:.2f}x" for v in vs) for k, vs in r["speedup_rounds"].items())
-        + ").",
+        + ")"
+        + (
+            "; minor page faults per forward pass: "
+            + ", ".join(f"{v:,.0f} ({k})" for k, v in r["page_faults_per_pass"].items())
+            + " (0: freed memory reused; see `allocator.md`)."
+            if r.get("page_faults_per_pass")
+            else "."
+        ),
         f"- Fine-tuning (every trained row): stock `Trainer`, {s['student_epochs']:g} epoch(s), "
         f"lr {s['student_lr']:g}, "
         f"batch {s['batch_size']}, linear decay, trainable set `{s['train']}` (`SelectTrainableCallback`); wall time "
@@ -557,7 +573,7 @@ def write_results(r: dict, out: Path, command: str, runtime: float) -> None:
         machine_info((s["model"],)),
         runtime,
     )
-    stem = results_stem(s["model"], s["student_layers"])
+    stem = stem or results_stem(s["model"], s["student_layers"])
     write_markdown(out / f"{stem}.md", header, "\n".join(body))
     (out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
     plt = pyplot()
@@ -630,7 +646,16 @@ def main(argv: list[str] | None = None) -> Path:
         type=int,
         help="distil a student with this many of the teacher's layers first, then compress it",
     )
+    parser.add_argument(
+        "--name",
+        help="results file name without extension (default: finetune[_<model>][_<N>layers]); "
+        "a variant of a documented run gets its own files instead of overwriting them",
+    )
     opts = parser.parse_args(argv)
+    if opts.name is not None and (not opts.name or Path(opts.name).name != opts.name or opts.name.startswith(".")):
+        parser.error(
+            f"--name {opts.name!r}: give a plain file name without folders (e.g. finetune_mpnet_6layers_4epochs)"
+        )
     s = replace(QUICK if opts.quick else FULL, model=opts.model)
     if opts.param_ratio is not None and opts.target_speedup is not None:
         parser.error("--param-ratio and --target-speedup are alternative budgets: give one")
@@ -653,8 +678,9 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = run(s, log=lambda msg: print(f"[finetune] {msg}", flush=True))
-    write_results(results, out, command_line(__file__, argv), time.perf_counter() - start)
-    print(f"[finetune] wrote {out / (results_stem(s.model, s.student_layers) + '.md')}")
+    stem = opts.name or results_stem(s.model, s.student_layers)
+    write_results(results, out, command_line(__file__, argv), time.perf_counter() - start, stem)
+    print(f"[finetune] wrote {out / (stem + '.md')}")
     return out
 
 

@@ -115,6 +115,13 @@ def test_student_layers_must_be_positive(capsys):
     assert exc.value.code == 2 and "--student-layers 0: give the number of layers" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["", "../elsewhere", "sub/run", ".hidden"])
+def test_name_must_be_a_plain_file_name(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--quick", "--name", name])
+    assert exc.value.code == 2 and "give a plain file name without folders" in capsys.readouterr().err
+
+
 def test_results_stem_per_model():
     assert finetune.results_stem("minilm") == "finetune" and finetune.results_stem("mpnet") == "finetune_mpnet"
 
@@ -127,8 +134,12 @@ def test_quick_shallow_student_then_drone(tmp_path):
         finetune.movie_reviews()
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
-    finetune.main(["--quick", "--out", str(tmp_path), "--student-layers", "3", "--runs", "distill"])
-    raw = json.loads((tmp_path / "finetune_3layers.json").read_text())
+    finetune.main(["--quick", "--out", str(tmp_path), "--student-layers", "3", "--runs", "distill",
+                   "--name", "students"])  # --name: a variant's own files
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"students.json", "students.md", "students.png"} <= written
+    assert not any(n.startswith("finetune") for n in written)
+    raw = json.loads((tmp_path / "students.json").read_text())
     shallow = raw["shallow"]
     assert shallow["layers"] == [1, 3, 5] and raw["teacher_layers"] == 6
     assert set(raw["accuracy"]) == {"dense", "shallow", "before", "distill"}
@@ -137,7 +148,7 @@ def test_quick_shallow_student_then_drone(tmp_path):
     assert raw["reloaded"]["accuracy"] == pytest.approx(raw["accuracy"]["distill"])
     assert raw["model_params"] < shallow["params"] == raw["dense_model_params"] < raw["teacher_params"]
     assert all(v > 0 for v in shallow["speedup"].values()) and all(v > 0 for v in shallow["drone_speedup"].values())
-    text = (tmp_path / "finetune_3layers.md").read_text()
+    text = (tmp_path / "students.md").read_text()
     labels = [r[0].split(" (")[0] for r in parse_markdown_tables(text)[1][1:]]
     assert labels == [
         "dense MiniLM",
