@@ -21,7 +21,7 @@ from .modules.low_rank_linear import DroneLinear
 from .search import LossEvaluator, Swapper, drone_search, end_to_end_times, fisher_sensitivities, probe_sensitivities
 from .solver import Decomposition
 from .utils.logging import get_logger
-from .utils.page_faults import GLIBC_REUSE_TUNABLES, minor_page_faults
+from .utils.page_faults import GLIBC_REUSE_TUNABLES, PAGE_FAULT_NOTICE, minor_page_faults
 
 logger = get_logger(__name__)
 
@@ -36,9 +36,6 @@ VERIFY_ROUNDS = 4
 SPEED_SLACK = 0.05
 #: Timed and warm-up forward passes per variant in one end-to-end measurement.
 END_TO_END_REPEATS, END_TO_END_WARMUP = 9, 2
-#: Minor page faults per forward pass above which the speed result carries a note: the allocator is
-#: handing activation memory back to the OS between passes (1,000 faults: 4 MiB re-faulted a pass).
-PAGE_FAULT_NOTICE = 1000
 _page_fault_noted = False
 
 

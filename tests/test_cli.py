@@ -275,8 +275,28 @@ def test_bench_reports_interleaved_latency_with_the_device(ckpts, capsys):
     m = json.loads(capsys.readouterr().out)
     assert m["dense_latency_ms"] > 0 and m["compressed_latency_ms"] > 0
     assert m["latency_inputs"] == "batch 2 x 16 tokens" and m["latency_device"].startswith("CPU")
+    if sys.platform != "win32":
+        assert m["latency_page_faults"] >= 0  # per forward pass, both models
     assert main(["bench", str(folder), "--dense", str(dense), "--seq-len", "16", "--repeats", "2"]) == 0
-    assert "speedup" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "speedup" in out and "page faults per forward pass" not in out  # tiny activations: no note
+
+
+def test_bench_notes_page_faults_per_pass(ckpts, capsys, monkeypatch):
+    """An allocator that re-faults activations every pass lowers the speedup: bench says so, with the
+    setting that avoids it. The counter advances 10**6 per reading: (2 + 3 passes) x 2 models."""
+    import drone_hf.hub.measure as measure_mod
+
+    readings = iter(range(0, 10**8, 10**6))
+    monkeypatch.setattr(measure_mod, "minor_page_faults", lambda: next(readings))
+    dense, folder = ckpts["bert"]
+    assert main(["bench", str(folder), "--dense", str(dense), "--seq-len", "16", "--repeats", "3", "--warmup", "2",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["latency_page_faults"] == 10**6 / 10
+    args = ["bench", str(folder), "--dense", str(dense), "--seq-len", "16", "--repeats", "3", "--warmup", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "100,000 page faults per forward pass" in out and "GLIBC_TUNABLES=glibc.malloc" in out
 
 
 @pytest.mark.parametrize(

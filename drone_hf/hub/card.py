@@ -84,6 +84,9 @@ class Measurements:
         latency_device: where they were measured (:func:`describe_device`); a speedup means
             nothing without it.
         latency_inputs: the input shape, e.g. ``"batch 8 x 128 tokens"``.
+        latency_page_faults: minor page faults per forward pass during the latency runs (both
+            models); many mean the allocator re-faulted activations each pass, a cost that lowers
+            the speedup and that a process reusing freed memory does not pay (``docs/speed.md``).
         fidelity_cosine, fidelity_relative_error: :func:`drone_hf.evaluation.output_fidelity`
             against the dense model; ``fidelity_data`` names the held-out text, ``fidelity_tokens``
             how many real tokens were compared.
@@ -95,6 +98,7 @@ class Measurements:
     compressed_latency_ms: float | None = None
     latency_device: str | None = None
     latency_inputs: str | None = None
+    latency_page_faults: float | None = None
     fidelity_cosine: float | None = None
     fidelity_relative_error: float | None = None
     fidelity_tokens: int | None = None
