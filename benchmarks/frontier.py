@@ -111,14 +111,18 @@ def variants(plan: Plan, methods: tuple[str, ...] = METHODS) -> list[Variant]:
     return rows
 
 
-def speedups(dense: torch.nn.Module, model: torch.nn.Module, plan: Plan, seed: int) -> dict[str, float]:
+def speedups(
+    dense: torch.nn.Module, model: torch.nn.Module, plan: Plan, seed: int
+) -> tuple[dict[str, float], dict[str, float | None]]:
     """Dense / compressed end-to-end forward time at each shape (the library's interleaved medians on
-    seeded random ids, ``drone_hf.hub.measure_speed``)."""
-    out = {}
+    seeded random ids, ``drone_hf.hub.measure_speed``), and the minor page faults per forward pass
+    that say which allocator state the process measured in (``docs/speed.md``)."""
+    out, faults = {}, {}
     for (batch, seq), repeats in zip(plan.shapes, plan.repeats, strict=True):
         m = measure_speed(dense, model, batch_size=batch, seq_len=seq, repeats=repeats, seed=seed)
         out[f"{batch}x{seq}"] = m.dense_latency_ms / m.compressed_latency_ms
-    return out
+        faults[f"{batch}x{seq}"] = m.latency_page_faults
+    return out, faults
 
 
 def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS) -> dict:
@@ -153,7 +157,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS) 
         rec["params"] = sum(p.numel() for p in model.parameters())
         rec["param_ratio_model"] = rec["params"] / dense_params
         rec["accuracy"] = evaluate_classifier(model, test_ds, tokenizer)
-        rec["speedup"] = speedups(dense, model, plan, s.seed)
+        rec["speedup"], rec["page_faults_per_pass"] = speedups(dense, model, plan, s.seed)
         result = model.config.quantization_config.allocation_result or {}
         rec["measured_at_compression"] = result.get("measured_speedup")
         log(f"{v.label}: accuracy {rec['accuracy']:.4f}, speedup {rec['speedup']} ({rec['compress_seconds']:.0f} s)")
@@ -169,6 +173,17 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS) 
         "rows": rows,
         "load_average": load_average(),
     }
+
+
+def fault_note(rows: list[dict], shapes: list[str]) -> str:
+    """The largest minor-page-fault count per forward pass seen at each shape (0: the process reused
+    freed memory, the state the speedups describe; many: a fresh default-glibc process, lower)."""
+    worst = {x: max((r["page_faults_per_pass"][x] for r in rows
+                     if (r.get("page_faults_per_pass") or {}).get(x) is not None), default=None) for x in shapes}
+    if all(v is None for v in worst.values()):
+        return "."
+    cells = ", ".join(f"{v:,.0f} at {x}" for x, v in worst.items() if v is not None)
+    return f"; at most {cells} minor page faults per forward pass (see `allocator.md`)."
 
 
 def best_within(rows: list[dict], dense_acc: float, points: float, shape: str) -> dict | None:
@@ -236,7 +251,8 @@ def render(r: dict, command: str, runtime: float, out: Path) -> None:
         f"- Calibration: {s['calibration_samples']} training sentences (seed {s['seed']}), max length "
         f"{s['max_length']}; `target_speedup` rows allocate greedily against latencies measured at {shapes[0]}.",
         f"- Speed: end-to-end forward of random token ids at {', '.join(shapes)}, {s['threads']} threads, dense "
-        f"and compressed interleaved, medians of {', '.join(map(str, r['plan']['repeats']))} runs.",
+        f"and compressed interleaved, medians of {', '.join(map(str, r['plan']['repeats']))} runs"
+        + fault_note(r["rows"], shapes),
         f"- 1-minute load average at the end: {r['load_average']} (a shared 2-core machine: speed ratios move by "
         "several percent between runs).",
         "- The targets the project sets for this picture are stated on the BERT-base-sized MPNet task model "

@@ -39,12 +39,16 @@ def test_quick_run_writes_every_variant(tmp_path):
             continue
         assert 0.0 <= row["accuracy"] <= 1.0
         assert set(row["speedup"]) == {"4x32", "1x32"} and all(x > 0 for x in row["speedup"].values())
+        assert set(row["page_faults_per_pass"]) == {"4x32", "1x32"}
+        if sys.platform == "linux":
+            assert all(x >= 0 for x in row["page_faults_per_pass"].values())
         assert row["params"] < raw["dense_params"]  # every variant compressed something
         if sys.platform == "linux":  # the per-row high-water mark needs /proc/self/clear_refs
             assert row["compress_peak_mib"] > 0 and row["compress_added_mib"] >= 0
     attention = [r for r in raw["rows"] if r["attention_rank"]]
     assert attention and all("failed" not in r for r in attention)
 
+    assert "minor page faults per forward pass" in (tmp_path / "frontier.md").read_text() or sys.platform == "win32"
     tables = parse_markdown_tables((tmp_path / "frontier.md").read_text())
     head, *rows = tables[1]
     assert head[0] == "variant" and len(rows) == len(expected) + 1  # + the dense row
