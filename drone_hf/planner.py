@@ -333,7 +333,7 @@ class RankPlanner:
                 "allocator hands activation memory back to the OS between passes. That cost is the same for the "
                 "dense and the compressed model, so the speedup measured (and the allocation chosen) is "
                 "conservative for a process that reuses freed memory, which runs both faster. On Linux/glibc, "
-                f"start Python with GLIBC_TUNABLES={GLIBC_REUSE_TUNABLES} (or use tcmalloc) for that; "
+                f"start Python with GLIBC_TUNABLES={GLIBC_REUSE_TUNABLES} for that; "
                 "docs/speed.md has the measured difference."
             )
 
