@@ -83,10 +83,11 @@ from drone_hf.training import (  # noqa: E402
     shallow_student,
 )
 from drone_hf.training.recipe import evaluate_classifier, tokenize_classification  # noqa: E402
-from drone_hf.utils.page_faults import minor_page_faults  # noqa: E402
+from drone_hf.utils.page_faults import PageFaults  # noqa: E402
 
 VADER = "vaderSentiment==3.3.2"
 REVIEWS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+LATENCY_WARMUP = 3  # untimed passes per model before each measure_latency round
 
 
 @dataclass(frozen=True)
@@ -306,15 +307,16 @@ def latency(dense, student, tokenizer, test_texts: list[str], s: Settings) -> tu
     out, rounds, faults = {}, {}, {}
     for name, inputs in shapes.items():
         ratios = []
-        before = minor_page_faults()
-        for _ in range(s.latency_rounds):
-            t = measure_latency(
-                {"dense": dense.eval(), "compressed": student.eval()}, inputs, repeats=s.latency_repeats
-            )
-            ratios.append(t["dense"] / t["compressed"])
-        after = minor_page_faults()
-        if before is not None and after is not None:  # measure_latency's default 3 warm-up passes included
-            faults[name] = (after - before) / (2 * s.latency_rounds * (s.latency_repeats + 3))
+        with PageFaults() as counted:
+            for _ in range(s.latency_rounds):
+                t = measure_latency(
+                    {"dense": dense.eval(), "compressed": student.eval()}, inputs, repeats=s.latency_repeats,
+                    warmup=LATENCY_WARMUP,
+                )
+                ratios.append(t["dense"] / t["compressed"])
+        per_pass = counted.per_pass(2 * s.latency_rounds * (s.latency_repeats + LATENCY_WARMUP))
+        if per_pass is not None:
+            faults[name] = per_pass
         rounds[name] = ratios
         out[name] = statistics.median(ratios)
     return out, rounds, faults

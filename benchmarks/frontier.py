@@ -178,12 +178,10 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS) 
 def fault_note(rows: list[dict], shapes: list[str]) -> str:
     """The largest minor-page-fault count per forward pass seen at each shape (0: the process reused
     freed memory, the state the speedups describe; many: a fresh default-glibc process, lower)."""
-    worst = {x: max((r["page_faults_per_pass"][x] for r in rows
-                     if (r.get("page_faults_per_pass") or {}).get(x) is not None), default=None) for x in shapes}
-    if all(v is None for v in worst.values()):
-        return "."
-    cells = ", ".join(f"{v:,.0f} at {x}" for x, v in worst.items() if v is not None)
-    return f"; at most {cells} minor page faults per forward pass (see `allocator.md`)."
+    seen = {x: [f[x] for f in (r.get("page_faults_per_pass") or {} for r in rows) if f.get(x) is not None]
+            for x in shapes}
+    cells = ", ".join(f"{max(v):,.0f} at {x}" for x, v in seen.items() if v)
+    return f"; at most {cells} minor page faults per forward pass (see `allocator.md`)." if cells else "."
 
 
 def best_within(rows: list[dict], dense_acc: float, points: float, shape: str) -> dict | None:

@@ -21,7 +21,7 @@ from .modules.low_rank_linear import DroneLinear
 from .search import LossEvaluator, Swapper, drone_search, end_to_end_times, fisher_sensitivities, probe_sensitivities
 from .solver import Decomposition
 from .utils.logging import get_logger
-from .utils.page_faults import GLIBC_REUSE_TUNABLES, PAGE_FAULT_NOTICE, minor_page_faults
+from .utils.page_faults import GLIBC_REUSE_TUNABLES, PAGE_FAULT_NOTICE, PageFaults
 
 logger = get_logger(__name__)
 
@@ -128,12 +128,13 @@ class RankPlanner:
         self, variants: dict[str, dict[str, nn.Module]], inputs: dict[str, torch.Tensor]
     ) -> dict[str, float]:
         """:func:`~drone_hf.search.end_to_end_times`, counting the minor page faults per forward pass."""
-        before = minor_page_faults()
-        times = end_to_end_times(self._swapper, variants, inputs, repeats=END_TO_END_REPEATS, warmup=END_TO_END_WARMUP)
-        after = minor_page_faults()
-        if before is not None and after is not None:
-            passes = (END_TO_END_REPEATS + END_TO_END_WARMUP) * len(variants)
-            self._faults_per_pass.append((after - before) / passes)
+        with PageFaults() as faults:
+            times = end_to_end_times(
+                self._swapper, variants, inputs, repeats=END_TO_END_REPEATS, warmup=END_TO_END_WARMUP
+            )
+        per_pass = faults.per_pass((END_TO_END_REPEATS + END_TO_END_WARMUP) * len(variants))
+        if per_pass is not None:
+            self._faults_per_pass.append(per_pass)
         return times
 
     def full(self, ranks: dict[str, int]) -> dict[str, nn.Module]:

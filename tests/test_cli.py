@@ -285,10 +285,10 @@ def test_bench_reports_interleaved_latency_with_the_device(ckpts, capsys):
 def test_bench_notes_page_faults_per_pass(ckpts, capsys, monkeypatch):
     """An allocator that re-faults activations every pass lowers the speedup: bench says so, with the
     setting that avoids it. The counter advances 10**6 per reading: (2 + 3 passes) x 2 models."""
-    import drone_hf.hub.measure as measure_mod
+    import drone_hf.utils.page_faults as page_faults_mod
 
     readings = iter(range(0, 10**8, 10**6))
-    monkeypatch.setattr(measure_mod, "minor_page_faults", lambda: next(readings))
+    monkeypatch.setattr(page_faults_mod, "minor_page_faults", lambda: next(readings))
     dense, folder = ckpts["bert"]
     assert main(["bench", str(folder), "--dense", str(dense), "--seq-len", "16", "--repeats", "3", "--warmup", "2",
                  "--json"]) == 0

@@ -36,3 +36,22 @@ def test_touching_fresh_pages_counts_one_fault_per_page():
 def test_counter_is_none_where_getrusage_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` raises ImportError
     assert minor_page_faults() is None
+
+
+def test_page_faults_block_counts_and_spreads_over_passes(monkeypatch):
+    import drone_hf.utils.page_faults as page_faults_mod
+
+    readings = iter([100, 160])
+    monkeypatch.setattr(page_faults_mod, "minor_page_faults", lambda: next(readings))
+    with page_faults_mod.PageFaults() as faults:
+        pass
+    assert faults.count == 60 and faults.per_pass(4) == 15.0
+
+
+def test_page_faults_block_without_a_counter_measures_nothing(monkeypatch):
+    import drone_hf.utils.page_faults as page_faults_mod
+
+    monkeypatch.setattr(page_faults_mod, "minor_page_faults", lambda: None)
+    with page_faults_mod.PageFaults() as faults:
+        pass
+    assert faults.count is None and faults.per_pass(4) is None

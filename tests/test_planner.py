@@ -17,6 +17,7 @@ from transformers import BertModel
 
 import drone_hf
 import drone_hf.planner as planner_mod
+import drone_hf.utils.page_faults as page_faults_mod
 from drone_hf import DroneConfig, DroneLinear
 from drone_hf.allocation import LayerOptions, greedy_allocate
 from drone_hf.compress import _split_texts
@@ -379,7 +380,7 @@ def test_speed_budget_records_page_faults_per_pass_and_notes_many_once(per_call,
     number above PAGE_FAULT_NOTICE gets one warning per process naming the setting that avoids it."""
     monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
     monkeypatch.setattr(planner_mod, "end_to_end_times", fake_end_to_end(overhead=1e-4))
-    monkeypatch.setattr(planner_mod, "minor_page_faults", counting_faults(per_call))
+    monkeypatch.setattr(page_faults_mod, "minor_page_faults", counting_faults(per_call))
     monkeypatch.setattr(planner_mod, "_page_fault_noted", False)
     handler = Collect()
     log = logging.getLogger("transformers.drone_hf.planner")
@@ -402,6 +403,6 @@ def test_speed_budget_records_page_faults_per_pass_and_notes_many_once(per_call,
 def test_page_faults_without_a_counter_are_not_recorded(monkeypatch):
     monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
     monkeypatch.setattr(planner_mod, "end_to_end_times", fake_end_to_end(overhead=1e-4))
-    monkeypatch.setattr(planner_mod, "minor_page_faults", lambda: None)  # e.g. Windows
+    monkeypatch.setattr(page_faults_mod, "minor_page_faults", lambda: None)  # e.g. Windows
     model = drone_hf.compress(build(), config(target_speedup=1.5), show_progress=False)
     assert "page_faults_per_pass" not in model.config.quantization_config.allocation_result

@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from ..calibration import tokenize_batches
 from ..evaluation import measure_latency, output_fidelity
-from ..utils.page_faults import minor_page_faults
+from ..utils.page_faults import PageFaults
 from .card import Measurements, describe_device
 
 
@@ -218,15 +218,15 @@ def measure_speed(
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, compressed.config.vocab_size, (batch_size, seq_len), generator=gen).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    before = minor_page_faults()
-    times = measure_latency(
-        {"dense": _Synchronized(dense), "compressed": _Synchronized(compressed)}, inputs, repeats=repeats, warmup=warmup
-    )
-    after = minor_page_faults()
+    with PageFaults() as faults:
+        times = measure_latency(
+            {"dense": _Synchronized(dense), "compressed": _Synchronized(compressed)}, inputs, repeats=repeats,
+            warmup=warmup,
+        )
     return Measurements(
         dense_latency_ms=times["dense"] * 1e3,
         compressed_latency_ms=times["compressed"] * 1e3,
         latency_device=describe_device(device),
         latency_inputs=f"batch {batch_size} x {seq_len} tokens",
-        latency_page_faults=None if before is None or after is None else (after - before) / (2 * (repeats + warmup)),
+        latency_page_faults=faults.per_pass(2 * (repeats + warmup)),
     )

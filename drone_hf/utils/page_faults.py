@@ -27,3 +27,27 @@ def minor_page_faults() -> int | None:
     except ImportError:  # not a Unix
         return None
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
+class PageFaults:
+    """Minor page faults over a ``with`` block; :meth:`per_pass` spreads them over its forward passes.
+
+    ``count`` stays ``None`` where the counter is unavailable, so callers record "not measured"
+    instead of a made-up zero.
+    """
+
+    def __init__(self) -> None:
+        self._start: int | None = None
+        self.count: int | None = None
+
+    def __enter__(self) -> PageFaults:
+        self._start = minor_page_faults()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = minor_page_faults()
+        self.count = None if self._start is None or end is None else end - self._start
+
+    def per_pass(self, passes: int) -> float | None:
+        """Faults per forward pass when the block ran ``passes`` of them (``None``: not measured)."""
+        return None if self.count is None else self.count / passes
