@@ -52,3 +52,9 @@ def test_worker_environment_sets_or_removes_the_tunables(monkeypatch):
     for tunables in allocator.REGIMES.values():
         assert allocator.run_worker("d", "c", allocator.QUICK, tunables) == {"4x32": {}}
     assert seen == [None, allocator.GLIBC_REUSE_TUNABLES]  # default: the caller's setting is not inherited
+
+
+def test_refuses_without_glibc(monkeypatch):
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))  # e.g. musl
+    with pytest.raises(SystemExit, match="runs on Linux with glibc only"):
+        allocator.run(allocator.QUICK)
