@@ -20,6 +20,8 @@ Usage::
 
     python benchmarks/frontier.py            # full run, writes benchmarks/results/frontier.{md,json,png}
     python benchmarks/frontier.py --quick    # every code path on a few sentences, temp folder
+    python benchmarks/frontier.py --model mpnet --dense-epochs 1 --rows greedy --eval-loss distortion \
+        --name frontier_mpnet_distortion   # only the greedy rows, measuring another loss, own files
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.finetune import FULL, QUICK, TASK_MODELS, Settings, base_model_path, dense_model, splits  # noqa: E402
 from drone_hf.hub.measure import measure_speed  # noqa: E402
+from drone_hf.search import EVAL_LOSSES  # noqa: E402
 from drone_hf.solver import METHODS  # noqa: E402
 from drone_hf.training.recipe import evaluate_classifier, tokenize_classification  # noqa: E402
 
@@ -67,11 +70,13 @@ class Variant:
     budget: dict[str, float] = field(default_factory=dict)
     allocation: str = "uniform"
     attention_rank: int | None = None
+    eval_loss: str = "auto"  # what greedy measures on held-out texts; "auto" = logit KL for these classifiers
 
     @property
     def label(self) -> str:
         budget = ", ".join(f"{k}={v:g}" for k, v in self.budget.items())
         extra = f", attention k={self.attention_rank}" if self.attention_rank else ""
+        extra += f", eval loss {self.eval_loss}" if self.eval_loss != "auto" else ""
         return f"{self.method} ({self.allocation}, {budget}{extra})"
 
     def config(self, texts: list[str], tokenizer: Any, s: Settings, shape: tuple[int, int]) -> drone_hf.DroneConfig:
@@ -81,6 +86,7 @@ class Variant:
             allocation=self.allocation,
             compress_attention=self.attention_rank is not None,
             attention_rank=self.attention_rank,
+            eval_loss=self.eval_loss,
             latency_shape=shape,
             dataset=texts,
             tokenizer=tokenizer,
@@ -103,11 +109,21 @@ FULL_PLAN = Plan()
 QUICK_PLAN = Plan(ratios=(0.5,), speedups=(1.2,), shapes=((4, 32), (1, 32)), repeats=(3, 3))
 
 
-def variants(plan: Plan, methods: tuple[str, ...] = METHODS) -> list[Variant]:
-    rows = [Variant(m, {"param_ratio": r}) for m in methods for r in plan.ratios]
-    rows += [Variant("drone", {"param_ratio": r}, "greedy") for r in plan.ratios]
-    rows += [Variant("drone", {"target_speedup": x}, "greedy") for x in plan.speedups]
-    rows.append(Variant("drone", {"param_ratio": 0.5}, attention_rank=plan.attention_rank))
+#: Row groups a run can be limited to (``--rows``).
+ROW_GROUPS = ("uniform", "greedy", "attention")
+
+
+def variants(
+    plan: Plan, methods: tuple[str, ...] = METHODS, groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto"
+) -> list[Variant]:
+    """The rows of a run: uniform ranks per method, DRONE greedy (size and speed budgets, measuring
+    ``eval_loss``), DRONE + attention; ``groups`` keeps only some of them."""
+    rows = [Variant(m, {"param_ratio": r}) for m in methods for r in plan.ratios] if "uniform" in groups else []
+    if "greedy" in groups:
+        rows += [Variant("drone", {"param_ratio": r}, "greedy", eval_loss=eval_loss) for r in plan.ratios]
+        rows += [Variant("drone", {"target_speedup": x}, "greedy", eval_loss=eval_loss) for x in plan.speedups]
+    if "attention" in groups:
+        rows.append(Variant("drone", {"param_ratio": 0.5}, attention_rank=plan.attention_rank))
     return rows
 
 
@@ -125,7 +141,8 @@ def speedups(
     return out, faults
 
 
-def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS) -> dict:
+def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
+        groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto") -> dict:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(s.threads)
@@ -139,7 +156,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS) 
     log(f"dense accuracy {dense_acc:.4f} on {len(test_ds)} test sentences")
     texts = list(train_raw["text"])
     rows = []
-    for v in variants(plan, methods):
+    for v in variants(plan, methods, groups, eval_loss):
         rec: dict[str, Any] = {"label": v.label, **asdict(v)}
         start = time.perf_counter()
         work = copy.deepcopy(dense)
@@ -160,6 +177,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS) 
         rec["speedup"], rec["page_faults_per_pass"] = speedups(dense, model, plan, s.seed)
         result = model.config.quantization_config.allocation_result or {}
         rec["measured_at_compression"] = result.get("measured_speedup")
+        rec["eval_loss_used"] = result.get("eval_loss")  # what "auto" resolved to (greedy rows)
         log(f"{v.label}: accuracy {rec['accuracy']:.4f}, speedup {rec['speedup']} ({rec['compress_seconds']:.0f} s)")
         rows.append(rec)
         del model, work
@@ -167,12 +185,31 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS) 
         "settings": asdict(s),
         "plan": asdict(plan),
         "methods": list(methods),
+        "groups": list(groups),
         "dense_accuracy": dense_acc,
         "dense_params": dense_params,
         "test_sentences": len(test_ds),
         "rows": rows,
         "load_average": load_average(),
     }
+
+
+def rows_run(r: dict) -> str:
+    """The Setup line naming the row groups a run had, and what greedy rows measured."""
+    groups, ratios = r.get("groups", list(ROW_GROUPS)), ", ".join(f"{x:g}" for x in r["plan"]["ratios"])
+    parts = []
+    if "uniform" in groups:
+        parts.append(f"uniform ranks for {', '.join(r.get('methods', list(METHODS)))} at `param_ratio` {ratios}")
+    if "greedy" in groups:
+        used = sorted({row["eval_loss_used"] for row in r["rows"] if row.get("eval_loss_used")})
+        parts.append(
+            f"DRONE greedy at `param_ratio` {ratios} and `target_speedup` "
+            f"{', '.join(f'{x:g}' for x in r['plan']['speedups'])}"
+            + (f" (sensitivities measured with the {' / '.join(used)} evaluation loss)" if used else "")
+        )
+    if "attention" in groups:
+        parts.append(f"DRONE + attention (k={r['plan']['attention_rank']}) at `param_ratio=0.5`")
+    return "- Rows run: " + "; ".join(parts) + "."
 
 
 def fault_note(rows: list[dict], shapes: list[str]) -> str:
@@ -190,7 +227,7 @@ def best_within(rows: list[dict], dense_acc: float, points: float, shape: str) -
     return max(ok, key=lambda r: r["speedup"][shape], default=None)
 
 
-def render(r: dict, command: str, runtime: float, out: Path) -> None:
+def render(r: dict, command: str, runtime: float, out: Path, stem: str | None = None) -> None:
     shapes = [f"{b}x{q}" for b, q in r["plan"]["shapes"]]
     dense_acc = r["dense_accuracy"]
     table = [["variant", "model params", *(f"speedup {x}" for x in shapes), "accuracy %", "vs dense (points)"]]
@@ -242,10 +279,7 @@ def render(r: dict, command: str, runtime: float, out: Path) -> None:
         "",
         f"- Dense model: {TASK_MODELS[s['model']]} + classification head fine-tuned {s['dense_epochs']:g} epoch(s) "
         "on the movie-review training split (the cached teacher of `benchmarks/finetune.py`).",
-        f"- Rows run: uniform ranks for {', '.join(r.get('methods', list(METHODS)))} at `param_ratio` "
-        f"{', '.join(f'{x:g}' for x in r['plan']['ratios'])}; DRONE greedy at the same ratios and at "
-        f"`target_speedup` {', '.join(f'{x:g}' for x in r['plan']['speedups'])}; DRONE + attention "
-        f"(k={r['plan']['attention_rank']}) at `param_ratio=0.5`.",
+        rows_run(r),
         f"- Calibration: {s['calibration_samples']} training sentences (seed {s['seed']}), max length "
         f"{s['max_length']}; `target_speedup` rows allocate greedily against latencies measured at {shapes[0]}.",
         f"- Speed: end-to-end forward of random token ids at {', '.join(shapes)}, {s['threads']} threads, dense "
@@ -256,7 +290,7 @@ def render(r: dict, command: str, runtime: float, out: Path) -> None:
         "- The targets the project sets for this picture are stated on the BERT-base-sized MPNet task model "
         "(>= 2.0x at <= 1.0 point)" + ("; this table is the 6-layer MiniLM." if s["model"] == "minilm" else "."),
     ])
-    name, stem = TASK_MODELS[s["model"]], results_stem(s["model"])
+    name, stem = TASK_MODELS[s["model"]], stem or results_stem(s["model"])
     header = results_header(f"Encoder frontier: {name} on movie-review sentiment", command,
                             machine_info((s["model"],)), runtime)
     write_markdown(out / f"{stem}.md", header, body)
@@ -269,6 +303,7 @@ def render(r: dict, command: str, runtime: float, out: Path) -> None:
         if "accuracy" in row:
             key = f"{row['method']} {row['allocation']}" + (" + attention" if row["attention_rank"] else "")
             key += " (speed budget)" if "target_speedup" in row["budget"] else ""
+            key += f" [{row['eval_loss']}]" if row.get("eval_loss", "auto") != "auto" else ""
             groups.setdefault(key, []).append(row)
     for key, rows in groups.items():
         rows = sorted(rows, key=lambda x: x["speedup"][shapes[0]])
@@ -296,9 +331,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--speedups", type=float, nargs="+", help="target_speedup budgets (default 1.5 2.0 2.5)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS),
                         help="solvers with uniform-rank rows (default: all); DRONE's greedy rows always run")
+    parser.add_argument("--rows", nargs="+", choices=list(ROW_GROUPS), default=list(ROW_GROUPS),
+                        help="row groups to run (default: all): uniform (every method), greedy, attention")
+    parser.add_argument("--eval-loss", choices=list(EVAL_LOSSES), default="auto",
+                        help="the evaluation loss greedy rows measure (default auto: logit KL for these classifiers)")
+    parser.add_argument("--name", help="results file name without extension (default: frontier[_<model>]); a "
+                        "variant of a documented run gets its own files instead of overwriting them")
     parser.add_argument("--prepare", action="store_true",
                         help="only fine-tune (or load from the cache) the dense task model, print its accuracy, stop")
     args = parser.parse_args(argv)
+    if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name.startswith(".")):
+        parser.error(f"--name {args.name!r}: give a plain file name without folders (e.g. frontier_mpnet_greedy)")
     s, plan = (QUICK, QUICK_PLAN) if args.quick else (FULL, FULL_PLAN)
     if args.quick:
         s = replace(s, calibration_samples=32, threads=1)  # a code-path check: one thread never oversubscribes
@@ -315,9 +358,12 @@ def main(argv: list[str] | None = None) -> Path:
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True), methods=methods)
-    render(result, command_line(__file__, argv if argv is not None else sys.argv[1:]), time.perf_counter() - start, out)
-    print(f"wrote {out / (results_stem(s.model) + '.md')}")
+    result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True), methods=methods,
+                 groups=tuple(args.rows), eval_loss=args.eval_loss)
+    stem = args.name or results_stem(s.model)
+    render(result, command_line(__file__, argv if argv is not None else sys.argv[1:]), time.perf_counter() - start, out,
+           stem)
+    print(f"wrote {out / (stem + '.md')}")
     return out
 
 

@@ -94,6 +94,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--param-ratio", type=float, default=0.5, help="fraction of targeted weights kept, in (0, 1]")
     c.add_argument("--allocation", choices=["greedy", "uniform"], default="greedy",
                    help="how the budget is spread over layers (default greedy; uniform: same fraction everywhere)")
+    c.add_argument("--eval-loss", choices=["auto", "lm", "logit_kl", "distortion"], default="auto",  # = EVAL_LOSSES
+                   help="what greedy allocation measures on held-out texts (default auto: next-token loss for causal "
+                        "LMs, output KL for classifiers, hidden-state distortion otherwise)")
     c.add_argument("--method", choices=["drone", "svd", "asvd", "fwsvd", "svdllm"], default="drone",  # = solver.METHODS
                    help="drone (data-aware), plain svd, or a peer method: asvd, fwsvd, svdllm (docs/methods.md)")
     c.add_argument("--damp", type=float, default=None, help="ridge regularisation (default: the library's)")
@@ -318,6 +321,7 @@ def _compress(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = dict(
         param_ratio=args.param_ratio,
         allocation=args.allocation,
+        eval_loss=args.eval_loss,
         dataset=args.dataset,
         num_samples=args.num_samples,
         max_length=args.max_length,

@@ -25,6 +25,7 @@ from .config import QUANT_METHOD, DroneConfig
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
 from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
 from .planner import RankPlanner
+from .search import resolve_eval_loss
 from .sequential import compress_sequentially
 from .solver import PEER_METHODS, Decomposition, decompose, decompose_output_gram, decompose_peer
 from .utils.logging import get_logger
@@ -127,6 +128,8 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     if attention is not None:
         targets = attention.linear_targets
     check_rank_keys(config.ranks, targets)
+    if _needs_evaluation(config) and config.loss_fn is None:
+        resolve_eval_loss(model, config.eval_loss)  # e.g. eval_loss="lm" on an encoder: refused before any work
     # accelerate offload (device_map with cpu/disk entries): weights are loaded when solved (calibration/offload.py)
     check_materialisable({c: layer for c, (_, layer) in targets.items()})
     shapes = {c: tuple(int(v) for v in dense_weight_of(layer).shape) for c, (_, layer) in targets.items()}
@@ -170,6 +173,9 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     peer_stats.update(_peer_statistics(model, config.method, targets, data))
     one_shot = not (config.sequential and config.allocation == "uniform" and config.param_ratio is not None)
     plan = RankPlanner(model, config, targets, shapes, {}, fixed, tokenizer, show_progress)
+    if evaluate and targets:
+        plan.evaluation_batches = tokenize_batches(eval_texts, tokenizer, max_length, config.batch_size).batches
+        plan.evaluator()  # the dense model's reference outputs, now: a loss it cannot give fails before calibration
     if one_shot:  # statistics of the dense model for every layer at once
         materialise(layer for _, layer in targets.values())  # offloaded targets: their dense weights, all at once
         layers = {c: layer for c, (_, layer) in targets.items()}
@@ -186,8 +192,6 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         bar = hf_logging.tqdm(targets, desc="Solving", unit="layer", disable=not show_progress or None)
         for c in bar:
             plan.decompositions[c] = solve(c, grams.pop(c).gram)
-        if evaluate:
-            plan.evaluation_batches = tokenize_batches(eval_texts, tokenizer, max_length, config.batch_size).batches
         ranks = plan.choose() if targets else {}  # no linear target left: attention-only compression
         # timings differ between processes: every process takes process 0's decision
         ranks, plan.result = broadcast_object((ranks, plan.result))

@@ -49,6 +49,7 @@ _SETTINGS = (
     "target_speedup",
     "max_loss",
     "loss_fn",
+    "eval_loss",
     "allocation",
     "rank_grid",
     "latency_shape",
@@ -91,7 +92,19 @@ class DroneConfig(QuantizationConfigMixin):
             The quality budget: allowed increase of the evaluation loss on ``eval_samples`` held-out
             texts (LM: next-token cross-entropy; encoders: relative squared output error; or ``loss_fn``).
         loss_fn (`Callable[[model], float]`, *optional*):
-            Your own evaluation loss for ``max_loss`` (e.g. ``1 - accuracy``); never serialised.
+            Your own evaluation loss for ``max_loss`` and greedy sensitivities (e.g. ``1 - accuracy``
+            on your own validation set); never serialised. Replaces ``eval_loss``.
+        eval_loss (`str`, defaults to ``"auto"``):
+            The built-in evaluation loss on the ``eval_samples`` held-out texts, which ``max_loss``
+            budgets and greedy sensitivities measure, as an increase over the dense model.
+            ``"lm"``: next-token cross-entropy in nats (causal LMs only). ``"logit_kl"``: KL divergence
+            of the output distribution from the dense model's, in nats per sequence (per real token
+            for per-token logits; Bernoulli per label for multi-label heads; squared difference for
+            a one-output regression head). ``"distortion"``: relative squared error of the last hidden
+            states. ``"auto"``: ``"lm"`` for causal LMs, ``"logit_kl"`` for sequence and token
+            classifiers, ``"distortion"`` otherwise. On the MPNet sentiment classifier, greedy
+            allocation with the logit KL kept more accuracy than with distortion
+            (``docs/allocation.md``).
         allocation (`str`, defaults to ``"greedy"``):
             How the budget is spread over layers. ``"greedy"``: a global choice of ranks by predicted
             loss per parameter (or per measured second) saved, keeping layers dense where factoring
@@ -197,6 +210,7 @@ class DroneConfig(QuantizationConfigMixin):
         target_speedup: float | None = None,
         max_loss: float | None = None,
         loss_fn: Any = None,
+        eval_loss: str = "auto",
         allocation: str = "greedy",
         rank_grid: list[int] | None = None,
         latency_shape: tuple[int, int] | list[int] = (8, 128),
@@ -226,6 +240,7 @@ class DroneConfig(QuantizationConfigMixin):
         self.target_speedup = target_speedup
         self.max_loss = max_loss
         self.loss_fn = loss_fn
+        self.eval_loss = eval_loss
         self.allocation = allocation
         self.rank_grid = list(rank_grid) if isinstance(rank_grid, (list, tuple)) else rank_grid
         self.latency_shape = list(latency_shape) if isinstance(latency_shape, (list, tuple)) else latency_shape
@@ -294,6 +309,15 @@ class DroneConfig(QuantizationConfigMixin):
             )
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError(f"loss_fn must be a callable model -> float, got {type(self.loss_fn).__name__}.")
+        from .search import EVAL_LOSSES
+
+        if self.eval_loss not in EVAL_LOSSES:
+            raise ValueError(f"eval_loss={self.eval_loss!r} is not supported: use one of {list(EVAL_LOSSES)}.")
+        if self.loss_fn is not None and self.eval_loss != "auto":
+            raise ValueError(
+                f"loss_fn and eval_loss={self.eval_loss!r} both name the evaluation loss; give one (loss_fn "
+                "replaces the built-in losses)."
+            )
         from .allocation import ALLOCATIONS
 
         if self.allocation not in ALLOCATIONS:

@@ -103,7 +103,10 @@ class RankPlanner:
 
     def evaluator(self) -> LossEvaluator:
         if self._evaluator is None:
-            self._evaluator = LossEvaluator(self.model, self.evaluation_batches, self.config.loss_fn)
+            self._evaluator = LossEvaluator(
+                self.model, self.evaluation_batches, self.config.loss_fn, self.config.eval_loss
+            )
+            self.result["eval_loss"] = self._evaluator.kind
         return self._evaluator
 
     def latency(self) -> LatencyModel:

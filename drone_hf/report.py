@@ -210,6 +210,8 @@ class CompressionReport:
         a = self.allocation or {}
         if a and (a.get("strategy") != "uniform" or "param_ratio" not in (a.get("budget") or {})):
             parts = [f"allocation {a.get('strategy')}", f"budget {a.get('budget')}"]
+            if a.get("eval_loss"):
+                parts.append(f"evaluation loss {a['eval_loss']}")
             if a.get("dense_layers"):
                 parts.append(f"{a['dense_layers']} targeted layers kept dense")
             if "measured_speedup" in a:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .modules.low_rank_linear import DroneLinear
@@ -46,33 +47,113 @@ def _is_causal_lm(model: nn.Module) -> bool:
     return type(model).__name__.endswith("ForCausalLM") or getattr(getattr(model, "config", None), "is_decoder", False)
 
 
+#: Evaluation losses :class:`LossEvaluator` knows (``DroneConfig.eval_loss``).
+EVAL_LOSSES = ("auto", "lm", "logit_kl", "distortion")
+
+#: Model classes whose output distribution is the task, so ``"auto"`` measures harm on it.
+_TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification")
+
+
+def resolve_eval_loss(model: nn.Module, requested: str = "auto") -> str:
+    """The evaluation loss a model gets: ``requested``, or for ``"auto"`` the one that matches its head.
+
+    ``"auto"``: next-token cross-entropy for causal LMs; the KL divergence of the output distribution
+    for sequence/token classifiers (what their users measure is the head's answer, and the last
+    hidden states weigh every token while a sequence classifier reads one); output distortion for
+    everything else (bare encoders, embedding models).
+    """
+    if requested not in EVAL_LOSSES:
+        raise ValueError(f"eval_loss={requested!r} is not supported: use one of {list(EVAL_LOSSES)}.")
+    name = type(model).__name__
+    if requested == "auto":
+        if _is_causal_lm(model):
+            return "lm"
+        return "logit_kl" if name.endswith(_TASK_HEADS) else "distortion"
+    if requested == "lm" and not _is_causal_lm(model):
+        raise ValueError(
+            f"eval_loss='lm' is next-token cross-entropy and needs a causal LM (…ForCausalLM); {name} is not one. "
+            "Use eval_loss='auto', 'logit_kl' (models with logits) or 'distortion'."
+        )
+    return requested
+
+
+def logit_divergence(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor,
+                     problem_type: str | None = None) -> tuple[float, int]:
+    """Summed divergence of ``logits`` from the dense model's ``reference``, and how many items it covers.
+
+    An item is a sequence (logits ``batch x labels``) or a real token (``batch x seq x labels``, ``mask``
+    selects the real ones). Per item: ``KL(softmax(reference) || softmax(logits))`` in nats; for
+    ``problem_type="multi_label_classification"`` the summed KL of each label's Bernoulli (sigmoid)
+    distribution; for one output (regression) the squared difference, in the target's units squared.
+    """
+    # float64: a layer probe moves the logits by ~1e-3, and the KL (~1e-6) would drown in float32 rounding
+    logits, reference = logits.double(), reference.double()
+    if logits.dim() == 3:
+        keep = mask.bool()
+        logits, reference = logits[keep], reference[keep]
+    if logits.shape[-1] == 1 or problem_type == "regression":
+        per_item = ((logits - reference) ** 2).sum(-1)
+    elif problem_type == "multi_label_classification":
+        lp, lq = F.logsigmoid(reference), F.logsigmoid(logits)
+        lp0, lq0 = F.logsigmoid(-reference), F.logsigmoid(-logits)
+        per_item = (lp.exp() * (lp - lq) + lp0.exp() * (lp0 - lq0)).sum(-1)
+    else:
+        lp, lq = F.log_softmax(reference, -1), F.log_softmax(logits, -1)
+        per_item = (lp.exp() * (lp - lq)).sum(-1)
+    return float(per_item.sum()), int(per_item.numel())
+
+
 class LossEvaluator:
     """The evaluation loss on held-out calibration batches, as allocation budgets measure it.
 
-    * causal LMs: mean next-token cross-entropy (nats/token) over real tokens;
-    * other models: relative squared error of the last hidden states against the dense model's,
-      ``Σ‖H − H_dense‖² / Σ‖H_dense‖²`` over real tokens (0 for the dense model);
-    * a user ``loss_fn(model) -> float`` replaces both (e.g. ``1 - accuracy`` from ``evaluate``).
+    * ``"lm"`` (causal LMs): mean next-token cross-entropy (nats/token) over real tokens;
+    * ``"logit_kl"`` (sequence/token classifiers; any model with ``logits``): mean divergence of the
+      output distribution from the dense model's (:func:`logit_divergence`: KL in nats per sequence,
+      or per real token for per-token logits; 0 for the dense model);
+    * ``"distortion"`` (other models): relative squared error of the last hidden states against the
+      dense model's, ``Σ‖H − H_dense‖² / Σ‖H_dense‖²`` over real tokens (0 for the dense model);
+    * a user ``loss_fn(model) -> float`` replaces them all (e.g. ``1 - accuracy`` from ``evaluate``).
 
-    Budgets are on the *increase* over the dense model's value (:attr:`dense_loss`). The first two
-    add up across layers to first order, which is what greedy allocation assumes.
+    ``kind`` picks one of the first three (:func:`resolve_eval_loss`; ``"auto"`` by the model's head).
+    Budgets are on the *increase* over the dense model's value (:attr:`dense_loss`). The built-in
+    losses add up across layers to first (non-zero) order, which is what greedy allocation assumes.
     """
 
     def __init__(
-        self, model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_fn: Callable[[nn.Module], float] | None
+        self,
+        model: nn.Module,
+        batches: list[dict[str, torch.Tensor]],
+        loss_fn: Callable[[nn.Module], float] | None,
+        kind: str = "auto",
     ) -> None:
         self.batches = batches
         self.loss_fn = loss_fn
-        self.kind = "callable" if loss_fn is not None else ("lm" if _is_causal_lm(model) else "distortion")
+        self.kind = "callable" if loss_fn is not None else resolve_eval_loss(model, kind)
+        self.problem_type = getattr(getattr(model, "config", None), "problem_type", None)
         self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
         self.reference: list[torch.Tensor] = []
-        if self.kind == "distortion":
-            self.reference = [self._hidden(model, b) for b in batches]
+        if self.kind in ("distortion", "logit_kl"):
+            with torch.no_grad():
+                was_training = model.training
+                model.eval()
+                try:
+                    self.reference = [self._output(model, b) for b in batches]
+                finally:
+                    model.train(was_training)
         self.dense_loss = self.evaluate(model)
 
-    def _hidden(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = model(**{k: v.to(self.device) for k, v in batch.items()}, output_hidden_states=True)
-        return out.hidden_states[-1].float()
+    def _output(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the loss compares: the last hidden states, or the logits."""
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        if self.kind == "distortion":
+            return model(**inputs, output_hidden_states=True).hidden_states[-1].float()
+        logits = getattr(model(**inputs), "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(
+                f"eval_loss='logit_kl' compares output logits, and {type(model).__name__} returns none. Use "
+                "eval_loss='distortion' (last hidden states) or pass loss_fn=."
+            )
+        return logits.detach()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> float:
@@ -102,10 +183,17 @@ class LossEvaluator:
                         total += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * n
                         count += n
                 return total / max(count, 1)
+            if self.kind == "logit_kl":
+                total, items = 0.0, 0
+                for b, ref in zip(self.batches, self.reference, strict=True):
+                    mask = b["attention_mask"].to(self.device)
+                    value, n = logit_divergence(self._output(model, b), ref, mask, self.problem_type)
+                    total, items = total + value, items + n
+                return total / max(items, 1)
             err = ref = 0.0
-            for b, href in zip(self.batches, self.reference):
+            for b, href in zip(self.batches, self.reference, strict=True):
                 mask = b["attention_mask"].to(self.device).bool()
-                h = self._hidden(model, b)
+                h = self._output(model, b)
                 err += float(((h - href)[mask] ** 2).sum())
                 ref += float((href[mask] ** 2).sum())
             return err / ref if ref else 0.0

@@ -76,11 +76,20 @@ def test_allocation_option_reaches_the_config_and_bad_choices_are_refused(tmp_pa
     assert "invalid choice: 'drone' (choose from" in capsys.readouterr().err
 
 
+def test_eval_loss_option_reaches_the_allocation(tmp_path, capsys):
+    src = save_tiny("bert-seq-cls", tmp_path / "dense")
+    args = ["compress", str(src), "--model-class", "sequence-classification", "--num-samples", "24", "--no-eval"]
+    assert main([*args, "--eval-loss", "distortion"]) == 0
+    assert "evaluation loss distortion" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "evaluation loss logit_kl" in capsys.readouterr().out  # auto: the classifier's output distribution
+
+
 def test_help_explains_every_option():
     out = subprocess.run([sys.executable, "-m", "drone_hf", "compress", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for option in ("--param-ratio", "--allocation", "--dataset", "--method", "--damp", "--output", "--target-modules",
-                   "--no-eval"):
+    for option in ("--param-ratio", "--allocation", "--eval-loss", "--dataset", "--method", "--damp", "--output",
+                   "--target-modules", "--no-eval"):
         assert option in out.stdout
 
 

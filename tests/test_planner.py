@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 from tiny_models import CALIBRATION_TEXTS, bert_config, tokenizer
-from transformers import BertModel
+from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel
 
 import drone_hf
 import drone_hf.planner as planner_mod
@@ -23,6 +23,7 @@ from drone_hf.allocation import LayerOptions, greedy_allocate
 from drone_hf.compress import _split_texts
 from drone_hf.evaluation import output_fidelity
 from drone_hf.calibration import tokenize_batches
+from drone_hf.search import logit_divergence, resolve_eval_loss
 
 TOKENIZER = tokenizer()
 TEXTS = CALIBRATION_TEXTS * 3  # 24 texts: 6 held out for evaluation, 18 calibrate
@@ -263,11 +264,100 @@ def test_rank_grid_without_a_fitting_rank_is_refused():
         (dict(rank_grid=[0, 8]), "rank_grid"),
         (dict(latency_shape=(8,)), "latency_shape"),
         (dict(max_loss=0.1, loss_fn=3), "loss_fn must be a callable"),
+        (dict(eval_loss="ce"), "eval_loss='ce' is not supported"),
+        (dict(max_loss=0.1, loss_fn=len, eval_loss="lm"), "give one"),
     ],
 )
 def test_budget_configuration_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         DroneConfig(**bad)
+
+
+# --- evaluation losses: what budgets and greedy sensitivities measure ---------------------------
+def classifier(cls=BertForSequenceClassification, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    return cls(bert_config(hidden_size=64, intermediate_size=128, **kw)).eval()
+
+
+def kl_by_hand(ref: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    p = torch.softmax(ref.double(), -1)
+    return (p * (torch.log(p) - torch.log_softmax(cur.double(), -1))).sum(-1)
+
+
+def test_logit_divergence_is_the_kl_per_sequence_or_per_real_token():
+    torch.manual_seed(0)
+    ref, cur = torch.randn(4, 3), torch.randn(4, 3)
+    total, n = logit_divergence(cur, ref, torch.ones(4, 7))
+    assert n == 4 and total == pytest.approx(float(kl_by_hand(ref, cur).sum()), rel=1e-5)
+    assert logit_divergence(ref, ref, torch.ones(4, 7))[0] == pytest.approx(0.0, abs=1e-6)
+    # per-token logits: padding positions do not count
+    ref3, cur3 = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    total, n = logit_divergence(cur3, ref3, mask)
+    keep = mask.bool()
+    assert n == 8 and total == pytest.approx(float(kl_by_hand(ref3[keep], cur3[keep]).sum()), rel=1e-5)
+    # multi-label heads: each label is its own Bernoulli distribution
+    p, q = torch.sigmoid(ref.double()), torch.sigmoid(cur.double())
+    bernoulli = (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum()
+    total, n = logit_divergence(cur, ref, torch.ones(4, 7), "multi_label_classification")
+    assert n == 4 and total == pytest.approx(float(bernoulli), rel=1e-5)
+    # one output (regression): the squared difference, since a softmax over one value is constant
+    total, n = logit_divergence(cur[:, :1], ref[:, :1], torch.ones(4, 7))
+    assert n == 4 and total == pytest.approx(float(((cur[:, 0] - ref[:, 0]) ** 2).sum()), rel=1e-6)
+
+
+def test_auto_eval_loss_follows_the_models_head():
+    from tiny_models import llama_config
+    from transformers import LlamaForCausalLM
+
+    assert resolve_eval_loss(classifier()) == "logit_kl"
+    assert resolve_eval_loss(classifier(BertForTokenClassification)) == "logit_kl"
+    assert resolve_eval_loss(build()) == "distortion"
+    assert resolve_eval_loss(LlamaForCausalLM(llama_config())) == "lm"
+    assert resolve_eval_loss(classifier(), "distortion") == "distortion"
+    assert resolve_eval_loss(LlamaForCausalLM(llama_config()), "logit_kl") == "logit_kl"
+    with pytest.raises(ValueError, match="needs a causal LM"):
+        resolve_eval_loss(classifier(), "lm")
+
+
+def held_out_kl(dense, compressed, cfg) -> float:
+    texts = TEXTS[: cfg.num_samples + cfg.eval_samples]
+    _, held = _split_texts(texts, cfg.eval_samples, cfg.seed)
+    total = items = 0.0
+    with torch.no_grad():
+        for b in tokenize_batches(held, TOKENIZER, cfg.max_length, cfg.batch_size).batches:
+            ref, cur = dense(**b).logits, compressed(**b).logits
+            if ref.dim() == 3:  # per real token
+                keep = b["attention_mask"].bool()
+                ref, cur = ref[keep], cur[keep]
+            kl = kl_by_hand(ref, cur)
+            total, items = total + float(kl.sum()), items + kl.numel()
+    return total / items
+
+
+# budgets below what factoring every layer at the smallest grid rank costs (1.7e-5 and 7e-4 nats)
+@pytest.mark.parametrize("cls, max_loss", [(BertForSequenceClassification, 5e-6), (BertForTokenClassification, 2e-4)])
+def test_classifier_loss_budget_is_the_output_kl_on_held_out_texts(cls, max_loss):
+    dense = classifier(cls).double()
+    with torch.no_grad():  # a random head barely reacts to its input; a sharper one makes the KL measurable
+        dense.classifier.weight.mul_(100)
+    cfg = config(max_loss=max_loss)
+    model = drone_hf.compress(copy.deepcopy(dense), cfg, show_progress=False)
+    result = model.config.quantization_config.allocation_result
+    assert result["budget"]["loss"] == "logit_kl" and result["eval_loss"] == "logit_kl"
+    assert result["budget"]["dense_loss"] == pytest.approx(0.0, abs=1e-12)
+    assert 0 < result["measured_loss_increase"] <= max_loss
+    assert held_out_kl(dense, model, cfg) == pytest.approx(result["measured_loss_increase"], rel=1e-6)
+    assert result["factored_layers"] > 0 and result["dense_layers"] > 0  # the budget decided something
+
+
+def test_eval_loss_can_be_chosen_and_is_recorded():
+    distortion = drone_hf.compress(classifier(), config(param_ratio=0.5, eval_loss="distortion"), show_progress=False)
+    kl = drone_hf.compress(classifier(), config(param_ratio=0.5), show_progress=False)
+    qc = distortion.config.quantization_config
+    assert qc.allocation_result["eval_loss"] == "distortion" and qc.eval_loss == "distortion"
+    assert kl.config.quantization_config.allocation_result["eval_loss"] == "logit_kl"
+    assert DroneConfig(**qc.to_dict()).eval_loss == "distortion"  # written to config.json, read back
 
 
 # --- LM sensitivities from one backward pass ----------------------------------------------------

@@ -78,3 +78,27 @@ def test_task_models_have_their_own_cached_teachers_and_result_files(tmp_path, m
     assert frontier.results_stem("minilm") == "frontier" and frontier.results_stem("mpnet") == "frontier_mpnet"
     with pytest.raises(ValueError, match="unknown task model 'bert'"):
         finetune.base_model_path(replace(finetune.FULL, model="bert"))
+
+
+def test_rows_can_be_limited_to_groups_and_greedy_rows_take_the_eval_loss():
+    plan = frontier.QUICK_PLAN
+    greedy = frontier.variants(plan, groups=("greedy",), eval_loss="distortion")
+    assert [v.allocation for v in greedy] == ["greedy"] * (len(plan.ratios) + len(plan.speedups))
+    assert all(v.eval_loss == "distortion" and v.label.endswith(", eval loss distortion)") for v in greedy)
+    assert greedy[0].config(["a text"], None, finetune.QUICK, (4, 32)).eval_loss == "distortion"
+    everything = frontier.variants(plan)
+    assert {v.allocation for v in everything} == {"uniform", "greedy"} and any(v.attention_rank for v in everything)
+    assert all(v.eval_loss == "auto" and "eval loss" not in v.label for v in everything)
+    only_attention = frontier.variants(plan, groups=("attention",))
+    assert len(only_attention) == 1 and only_attention[0].attention_rank
+    line = frontier.rows_run({"groups": ["greedy"], "plan": {"ratios": [0.5], "speedups": [1.2]},
+                              "rows": [{"eval_loss_used": "logit_kl"}, {"failed": "x"}]})
+    assert line == ("- Rows run: DRONE greedy at `param_ratio` 0.5 and `target_speedup` 1.2 "
+                    "(sensitivities measured with the logit_kl evaluation loss).")
+
+
+@pytest.mark.parametrize("name", ["", "../frontier", "sub/frontier", ".hidden"])
+def test_name_must_be_a_plain_file_name(name, capsys):
+    with pytest.raises(SystemExit):
+        frontier.main(["--quick", "--name", name])
+    assert "give a plain file name" in capsys.readouterr().err
