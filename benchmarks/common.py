@@ -227,7 +227,16 @@ def mean_calibration_error(model: nn.Module) -> float:
 
 
 def git_commit() -> str:
-    """``git rev-parse --short HEAD``, noting uncommitted changes to the library (``drone_hf/``)."""
+    """The commit whose code this process runs: ``git rev-parse --short HEAD`` when the benchmark started
+    (a run can take an hour, and commits made meanwhile are not in the modules it imported), noting
+    uncommitted changes to the library (``drone_hf/``) and a HEAD that moved since."""
+    now = _describe_head()
+    if _HEAD_AT_START is not None and now != _HEAD_AT_START:
+        return f"{_HEAD_AT_START} when the run started (HEAD is now {now})"
+    return now
+
+
+def _describe_head() -> str:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
@@ -238,6 +247,10 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"{commit} (+ uncommitted changes under drone_hf/)" if dirty else commit
+
+
+_HEAD_AT_START: str | None = None
+_HEAD_AT_START = _describe_head()  # at import, i.e. when a benchmark process loads its code
 
 
 def _cpu_model() -> str:
