@@ -70,13 +70,15 @@ class Variant:
     budget: dict[str, float] = field(default_factory=dict)
     allocation: str = "uniform"
     attention_rank: int | None = None
-    eval_loss: str = "auto"  # what greedy measures on held-out texts; "auto" = logit KL for these classifiers
+    eval_loss: str = "auto"  # what greedy measures on held-out texts (DroneConfig.eval_loss)
+    eval_samples: int = 32  # how many held-out texts it measures on (DroneConfig's default)
 
     @property
     def label(self) -> str:
         budget = ", ".join(f"{k}={v:g}" for k, v in self.budget.items())
         extra = f", attention k={self.attention_rank}" if self.attention_rank else ""
         extra += f", eval loss {self.eval_loss}" if self.eval_loss != "auto" else ""
+        extra += f", {self.eval_samples} held-out texts" if self.eval_samples != 32 else ""
         return f"{self.method} ({self.allocation}, {budget}{extra})"
 
     def config(self, texts: list[str], tokenizer: Any, s: Settings, shape: tuple[int, int]) -> drone_hf.DroneConfig:
@@ -87,6 +89,7 @@ class Variant:
             compress_attention=self.attention_rank is not None,
             attention_rank=self.attention_rank,
             eval_loss=self.eval_loss,
+            eval_samples=self.eval_samples,
             latency_shape=shape,
             dataset=texts,
             tokenizer=tokenizer,
@@ -114,14 +117,16 @@ ROW_GROUPS = ("uniform", "greedy", "attention")
 
 
 def variants(
-    plan: Plan, methods: tuple[str, ...] = METHODS, groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto"
+    plan: Plan, methods: tuple[str, ...] = METHODS, groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto",
+    eval_samples: int = 32,
 ) -> list[Variant]:
     """The rows of a run: uniform ranks per method, DRONE greedy (size and speed budgets, measuring
-    ``eval_loss``), DRONE + attention; ``groups`` keeps only some of them."""
+    ``eval_loss`` on ``eval_samples`` held-out texts), DRONE + attention; ``groups`` keeps only some of them."""
     rows = [Variant(m, {"param_ratio": r}) for m in methods for r in plan.ratios] if "uniform" in groups else []
     if "greedy" in groups:
-        rows += [Variant("drone", {"param_ratio": r}, "greedy", eval_loss=eval_loss) for r in plan.ratios]
-        rows += [Variant("drone", {"target_speedup": x}, "greedy", eval_loss=eval_loss) for x in plan.speedups]
+        greedy = dict(allocation="greedy", eval_loss=eval_loss, eval_samples=eval_samples)
+        rows += [Variant("drone", {"param_ratio": r}, **greedy) for r in plan.ratios]
+        rows += [Variant("drone", {"target_speedup": x}, **greedy) for x in plan.speedups]
     if "attention" in groups:
         rows.append(Variant("drone", {"param_ratio": 0.5}, attention_rank=plan.attention_rank))
     return rows
@@ -142,7 +147,7 @@ def speedups(
 
 
 def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
-        groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto") -> dict:
+        groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto", eval_samples: int = 32) -> dict:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(s.threads)
@@ -156,7 +161,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
     log(f"dense accuracy {dense_acc:.4f} on {len(test_ds)} test sentences")
     texts = list(train_raw["text"])
     rows = []
-    for v in variants(plan, methods, groups, eval_loss):
+    for v in variants(plan, methods, groups, eval_loss, eval_samples):
         rec: dict[str, Any] = {"label": v.label, **asdict(v)}
         start = time.perf_counter()
         work = copy.deepcopy(dense)
@@ -186,6 +191,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         "plan": asdict(plan),
         "methods": list(methods),
         "groups": list(groups),
+        "eval_samples": eval_samples,
         "dense_accuracy": dense_acc,
         "dense_params": dense_params,
         "test_sentences": len(test_ds),
@@ -206,6 +212,7 @@ def rows_run(r: dict) -> str:
             f"DRONE greedy at `param_ratio` {ratios} and `target_speedup` "
             f"{', '.join(f'{x:g}' for x in r['plan']['speedups'])}"
             + (f" (sensitivities measured with the {' / '.join(used)} evaluation loss)" if used else "")
+            + (f" on {r['eval_samples']} held-out calibration texts" if r.get("eval_samples", 32) != 32 else "")
         )
     if "attention" in groups:
         parts.append(f"DRONE + attention (k={r['plan']['attention_rank']}) at `param_ratio=0.5`")
@@ -304,6 +311,7 @@ def render(r: dict, command: str, runtime: float, out: Path, stem: str | None = 
             key = f"{row['method']} {row['allocation']}" + (" + attention" if row["attention_rank"] else "")
             key += " (speed budget)" if "target_speedup" in row["budget"] else ""
             key += f" [{row['eval_loss']}]" if row.get("eval_loss", "auto") != "auto" else ""
+            key += f" [{row['eval_samples']} held out]" if row.get("eval_samples", 32) != 32 else ""
             groups.setdefault(key, []).append(row)
     for key, rows in groups.items():
         rows = sorted(rows, key=lambda x: x["speedup"][shapes[0]])
@@ -335,6 +343,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="row groups to run (default: all): uniform (every method), greedy, attention")
     parser.add_argument("--eval-loss", choices=list(EVAL_LOSSES), default="auto",
                         help="the evaluation loss greedy rows measure (default auto: logit KL for these classifiers)")
+    parser.add_argument("--eval-samples", type=int, default=32,
+                        help="held-out calibration texts greedy rows measure the loss on (default 32)")
     parser.add_argument("--name", help="results file name without extension (default: frontier[_<model>]); a "
                         "variant of a documented run gets its own files instead of overwriting them")
     parser.add_argument("--prepare", action="store_true",
@@ -359,7 +369,7 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True), methods=methods,
-                 groups=tuple(args.rows), eval_loss=args.eval_loss)
+                 groups=tuple(args.rows), eval_loss=args.eval_loss, eval_samples=args.eval_samples)
     stem = args.name or results_stem(s.model)
     render(result, command_line(__file__, argv if argv is not None else sys.argv[1:]), time.perf_counter() - start, out,
            stem)
