@@ -19,7 +19,9 @@ from benchmarks.common import PeakMemory  # noqa: E402
 def test_each_block_gets_its_own_peak():
     with PeakMemory() as big:
         x = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched
-        del x
+    # freed after the block: the kernel updates the high-water mark lazily, and once (1 of ~1,100 suite
+    # runs) the mark missed a tensor freed inside the block; the resident size at exit cannot miss it
+    del x
     with PeakMemory() as small:
         y = torch.ones(1024)
         del y
