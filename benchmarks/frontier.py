@@ -71,14 +71,14 @@ class Variant:
     allocation: str = "uniform"
     attention_rank: int | None = None
     eval_loss: str = "auto"  # what greedy measures on held-out texts (DroneConfig.eval_loss)
-    eval_samples: int = 32  # how many held-out texts it measures on (DroneConfig's default)
+    eval_samples: int | None = None  # how many held-out texts it measures on (None: the library's default)
 
     @property
     def label(self) -> str:
         budget = ", ".join(f"{k}={v:g}" for k, v in self.budget.items())
         extra = f", attention k={self.attention_rank}" if self.attention_rank else ""
         extra += f", eval loss {self.eval_loss}" if self.eval_loss != "auto" else ""
-        extra += f", {self.eval_samples} held-out texts" if self.eval_samples != 32 else ""
+        extra += f", {self.eval_samples} held-out texts" if self.eval_samples is not None else ""
         return f"{self.method} ({self.allocation}, {budget}{extra})"
 
     def config(self, texts: list[str], tokenizer: Any, s: Settings, shape: tuple[int, int]) -> drone_hf.DroneConfig:
@@ -118,7 +118,7 @@ ROW_GROUPS = ("uniform", "greedy", "attention")
 
 def variants(
     plan: Plan, methods: tuple[str, ...] = METHODS, groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto",
-    eval_samples: int = 32,
+    eval_samples: int | None = None,
 ) -> list[Variant]:
     """The rows of a run: uniform ranks per method, DRONE greedy (size and speed budgets, measuring
     ``eval_loss`` on ``eval_samples`` held-out texts), DRONE + attention; ``groups`` keeps only some of them."""
@@ -147,7 +147,7 @@ def speedups(
 
 
 def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
-        groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto", eval_samples: int = 32) -> dict:
+        groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto", eval_samples: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(s.threads)
@@ -183,6 +183,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         result = model.config.quantization_config.allocation_result or {}
         rec["measured_at_compression"] = result.get("measured_speedup")
         rec["eval_loss_used"] = result.get("eval_loss")  # what "auto" resolved to (greedy rows)
+        rec["eval_samples_used"] = result.get("eval_samples")
         log(f"{v.label}: accuracy {rec['accuracy']:.4f}, speedup {rec['speedup']} ({rec['compress_seconds']:.0f} s)")
         rows.append(rec)
         del model, work
@@ -208,11 +209,13 @@ def rows_run(r: dict) -> str:
         parts.append(f"uniform ranks for {', '.join(r.get('methods', list(METHODS)))} at `param_ratio` {ratios}")
     if "greedy" in groups:
         used = sorted({row["eval_loss_used"] for row in r["rows"] if row.get("eval_loss_used")})
+        held = sorted({row["eval_samples_used"] for row in r["rows"] if row.get("eval_samples_used")})
+        speeds = ", ".join(f"{x:g}" for x in r["plan"]["speedups"])
         parts.append(
-            f"DRONE greedy at `param_ratio` {ratios} and `target_speedup` "
-            f"{', '.join(f'{x:g}' for x in r['plan']['speedups'])}"
-            + (f" (sensitivities measured with the {' / '.join(used)} evaluation loss)" if used else "")
-            + (f" on {r['eval_samples']} held-out calibration texts" if r.get("eval_samples", 32) != 32 else "")
+            f"DRONE greedy at `param_ratio` {ratios}" + (f" and `target_speedup` {speeds}" if speeds else "")
+            + (f" (sensitivities measured with the {' / '.join(used)} evaluation loss" if used else "")
+            + (f" on {' / '.join(map(str, held))} held-out calibration texts" if used and held else "")
+            + (")" if used else "")
         )
     if "attention" in groups:
         parts.append(f"DRONE + attention (k={r['plan']['attention_rank']}) at `param_ratio=0.5`")
@@ -311,7 +314,7 @@ def render(r: dict, command: str, runtime: float, out: Path, stem: str | None = 
             key = f"{row['method']} {row['allocation']}" + (" + attention" if row["attention_rank"] else "")
             key += " (speed budget)" if "target_speedup" in row["budget"] else ""
             key += f" [{row['eval_loss']}]" if row.get("eval_loss", "auto") != "auto" else ""
-            key += f" [{row['eval_samples']} held out]" if row.get("eval_samples", 32) != 32 else ""
+            key += f" [{row['eval_samples']} held out]" if row.get("eval_samples") is not None else ""
             groups.setdefault(key, []).append(row)
     for key, rows in groups.items():
         rows = sorted(rows, key=lambda x: x["speedup"][shapes[0]])
@@ -336,15 +339,16 @@ def main(argv: list[str] | None = None) -> Path:
                         help="base encoder of the task model (mpnet: BERT-base size; results in frontier_mpnet.*)")
     parser.add_argument("--dense-epochs", type=float, help="override the dense fine-tuning epochs (a new cached model)")
     parser.add_argument("--ratios", type=float, nargs="+", help="param_ratio budgets (default 0.7 0.5 0.3)")
-    parser.add_argument("--speedups", type=float, nargs="+", help="target_speedup budgets (default 1.5 2.0 2.5)")
+    parser.add_argument("--speedups", type=float, nargs="*",
+                        help="target_speedup budgets (default 1.5 2.0 2.5; none: no speed-budget rows)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS),
                         help="solvers with uniform-rank rows (default: all); DRONE's greedy rows always run")
     parser.add_argument("--rows", nargs="+", choices=list(ROW_GROUPS), default=list(ROW_GROUPS),
                         help="row groups to run (default: all): uniform (every method), greedy, attention")
     parser.add_argument("--eval-loss", choices=list(EVAL_LOSSES), default="auto",
                         help="the evaluation loss greedy rows measure (default auto: logit KL for these classifiers)")
-    parser.add_argument("--eval-samples", type=int, default=32,
-                        help="held-out calibration texts greedy rows measure the loss on (default 32)")
+    parser.add_argument("--eval-samples", type=int,
+                        help="held-out calibration texts greedy rows measure the loss on (default: the library's)")
     parser.add_argument("--name", help="results file name without extension (default: frontier[_<model>]); a "
                         "variant of a documented run gets its own files instead of overwriting them")
     parser.add_argument("--prepare", action="store_true",
@@ -362,7 +366,7 @@ def main(argv: list[str] | None = None) -> Path:
         return prepare(s, log=lambda m: print(f"[frontier] {m}", flush=True))
     if args.ratios:
         plan = replace(plan, ratios=tuple(args.ratios))
-    if args.speedups:
+    if args.speedups is not None:
         plan = replace(plan, speedups=tuple(args.speedups))
     methods = tuple(args.methods) if args.methods else METHODS
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)

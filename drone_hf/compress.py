@@ -25,7 +25,7 @@ from .config import QUANT_METHOD, DroneConfig
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
 from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
 from .planner import RankPlanner
-from .search import resolve_eval_loss
+from .search import default_eval_samples, resolve_eval_loss
 from .sequential import compress_sequentially
 from .solver import PEER_METHODS, Decomposition, decompose, decompose_output_gram, decompose_peer
 from .utils.logging import get_logger
@@ -90,6 +90,13 @@ def _split_texts(texts: list[str], eval_samples: int, seed: int) -> tuple[list[s
 
 def _needs_evaluation(config: DroneConfig) -> bool:
     return config.allocation != "uniform" or config.max_loss is not None
+
+
+def eval_samples_for(model: nn.Module, config: DroneConfig) -> int:
+    """``config.eval_samples``, or when unset the default for the model's evaluation loss."""
+    if config.eval_samples is not None:
+        return config.eval_samples
+    return default_eval_samples(model, config.eval_loss, config.loss_fn)
 
 
 def _peer_statistics(model: nn.Module, method: str, targets: dict, data) -> dict[str, dict[str, torch.Tensor]]:
@@ -159,8 +166,9 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         logger.warning(f"max_length={max_length} exceeds the model's {limit} positions; calibrating at {limit}.")
         max_length = limit
     evaluate = _needs_evaluation(config)
-    texts = load_texts(config.dataset, config.num_samples + (config.eval_samples if evaluate else 0), config.seed)
-    calib_texts, eval_texts = _split_texts(texts, config.eval_samples, config.seed) if evaluate else (texts, [])
+    held_out = eval_samples_for(model, config) if evaluate else 0
+    texts = load_texts(config.dataset, config.num_samples + held_out, config.seed)
+    calib_texts, eval_texts = _split_texts(texts, held_out, config.seed) if evaluate else (texts, [])
     # torchrun / accelerate launch: each process calibrates on its shard; statistics are all-reduced
     data = tokenize_batches(shard_texts(calib_texts), tokenizer, max_length, config.batch_size)
     cache = open_cache(config.calibration_cache, model, data.batches, {
@@ -176,6 +184,7 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     if evaluate and targets:
         plan.evaluation_batches = tokenize_batches(eval_texts, tokenizer, max_length, config.batch_size).batches
         plan.evaluator()  # the dense model's reference outputs, now: a loss it cannot give fails before calibration
+        plan.result["eval_samples"] = len(eval_texts)
     if one_shot:  # statistics of the dense model for every layer at once
         materialise(layer for _, layer in targets.values())  # offloaded targets: their dense weights, all at once
         layers = {c: layer for c, (_, layer) in targets.items()}

@@ -118,9 +118,10 @@ class DroneConfig(QuantizationConfigMixin):
             below each layer's break-even rank).
         latency_shape (`tuple[int, int]`, defaults to ``(8, 128)``):
             Batch x sequence length at which speed is measured (latency model and ``target_speedup``).
-        eval_samples (`int`, defaults to 32):
+        eval_samples (`int`, *optional*):
             Texts held out of ``dataset`` (never used for statistics) for loss budgets and greedy
-            sensitivities; at most a quarter of the drawn texts.
+            sensitivities; at most a quarter of the drawn texts. Default: 128 for a sequence
+            classifier measured by its logit KL (one value per text), 32 otherwise (one per token).
         dataset (*optional*):
             Calibration text: ``None`` (the packaged public-domain corpus ``"sotu"``), a built-in
             corpus name, a path to a ``.txt`` (one sample per line, or per paragraph when the file
@@ -214,7 +215,7 @@ class DroneConfig(QuantizationConfigMixin):
         allocation: str = "greedy",
         rank_grid: list[int] | None = None,
         latency_shape: tuple[int, int] | list[int] = (8, 128),
-        eval_samples: int = 32,
+        eval_samples: int | None = None,
         compress_attention: bool = False,
         attention_rank: int | float | None = None,
         sequential: bool = False,
@@ -335,6 +336,8 @@ class DroneConfig(QuantizationConfigMixin):
             raise ValueError(f"latency_shape={shape!r} must be (batch, sequence_length), two positive integers.")
         for name in ("num_samples", "max_length", "batch_size", "eval_samples"):
             v = getattr(self, name)
+            if name == "eval_samples" and v is None:
+                continue  # the default for the model's evaluation loss (compress.eval_samples_for)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer.")
         if not _is_int(self.seed):

@@ -23,7 +23,7 @@ from drone_hf.allocation import LayerOptions, greedy_allocate
 from drone_hf.compress import _split_texts
 from drone_hf.evaluation import output_fidelity
 from drone_hf.calibration import tokenize_batches
-from drone_hf.search import logit_divergence, resolve_eval_loss
+from drone_hf.search import default_eval_samples, logit_divergence, resolve_eval_loss
 
 TOKENIZER = tokenizer()
 TEXTS = CALIBRATION_TEXTS * 3  # 24 texts: 6 held out for evaluation, 18 calibrate
@@ -318,6 +318,24 @@ def test_auto_eval_loss_follows_the_models_head():
     assert resolve_eval_loss(LlamaForCausalLM(llama_config()), "logit_kl") == "logit_kl"
     with pytest.raises(ValueError, match="needs a causal LM"):
         resolve_eval_loss(classifier(), "lm")
+
+
+def test_sequence_classifiers_measure_their_kl_on_more_held_out_texts_by_default():
+    assert default_eval_samples(classifier()) == 128  # one KL value per text
+    assert default_eval_samples(classifier(BertForTokenClassification)) == 32  # one per token
+    assert default_eval_samples(build()) == 32
+    assert default_eval_samples(classifier(), "distortion") == 32
+    assert default_eval_samples(classifier(), loss_fn=len) == 32
+    texts = [f"Sentence {i}: the union, the budget and the year {1900 + i}." for i in range(600)]
+    for model, expected in ((classifier(), 128), (build(), 32)):
+        cfg = config(param_ratio=0.5, eval_samples=None, num_samples=400, dataset=texts, max_length=16)
+        out = drone_hf.compress(model, cfg, show_progress=False)
+        assert out.config.quantization_config.allocation_result["eval_samples"] == expected
+        assert out.config.quantization_config.eval_samples is None  # the setting stays as given
+    explicit = drone_hf.compress(classifier(), config(param_ratio=0.5, eval_samples=40, num_samples=400, dataset=texts,
+                                                      max_length=16),
+                                 show_progress=False)
+    assert explicit.config.quantization_config.allocation_result["eval_samples"] == 40
 
 
 def held_out_kl(dense, compressed, cfg) -> float:

@@ -36,7 +36,7 @@ from typing import Any
 
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..compress import compress
+from ..compress import compress, eval_samples_for
 from ..config import DroneConfig
 from ..utils.logging import get_logger
 from ._model import (
@@ -279,7 +279,7 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
         cfg = copy.deepcopy(self.config)
         needs_eval = cfg.allocation != "uniform" or cfg.max_loss is not None
         texts = self.calibration_texts(
-            train_dataloader, tokenizer, cfg.num_samples + (cfg.eval_samples if needs_eval else 0)
+            train_dataloader, tokenizer, cfg.num_samples + (eval_samples_for(unwrap(model), cfg) if needs_eval else 0)
         )
         if not texts:
             raise ValueError("The sampled training rows decode to no text; check the dataset's input_ids.")

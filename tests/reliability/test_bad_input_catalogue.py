@@ -124,8 +124,9 @@ def write_file(name: str, text: str) -> Callable[[SimpleNamespace], Any]:
     return run
 
 
-def nan_in_batch(batch: int) -> Callable[[SimpleNamespace], Any]:
-    """A forward pre-hook on the embeddings' LayerNorm that turns one calibration batch into NaN."""
+def nan_in_batch(batch: int, allocation: str = "uniform") -> Callable[[SimpleNamespace], Any]:
+    """A forward pre-hook on the embeddings' LayerNorm that turns one forward pass into NaN: calibration
+    batch ``batch`` with uniform ranks; with greedy the held-out reference passes come first."""
 
     def run(ctx: SimpleNamespace) -> Any:
         calls = {"n": 0}
@@ -138,7 +139,8 @@ def nan_in_batch(batch: int) -> Callable[[SimpleNamespace], Any]:
 
         handle = ctx.model.embeddings.LayerNorm.register_forward_pre_hook(hook)
         try:
-            fields = {"dataset": CALIBRATION_TEXTS, "num_samples": 8, "batch_size": 2, "tokenizer": ctx.tok}
+            fields = {"dataset": CALIBRATION_TEXTS, "num_samples": 8, "batch_size": 2, "tokenizer": ctx.tok,
+                      "allocation": allocation}
             return drone_hf.compress(ctx.model, DroneConfig(**fields), show_progress=False)
         finally:
             handle.remove()
@@ -301,6 +303,9 @@ CASES: list[Case] = [
     Case("data-nan-activations", "data", nan_in_batch(1), ValueError,
          r"Non-finite activations \(NaN/inf\) reached layer 'encoder\.layer\.0\.attention\.self\.query' in "
          r"calibration batch 1", r"Load the model in float32 .* or check the calibration texts"),
+    Case("data-nan-held-out-outputs", "data", nan_in_batch(0, "greedy"), ValueError,
+         r"dense model's outputs on the held-out calibration texts are not finite",
+         r"Load the model in float32 .* or check the calibration texts"),
     # --- models --------------------------------------------------------------------------------
     Case("model-no-linear-layer", "model", no_linear, ValueError, r"Sequential has no torch\.nn\.Linear",
          r"pass the transformer model itself"),
