@@ -121,7 +121,8 @@ class DroneConfig(QuantizationConfigMixin):
         eval_samples (`int`, *optional*):
             Texts held out of ``dataset`` (never used for statistics) for loss budgets and greedy
             sensitivities; at most a quarter of the drawn texts. Default: 128 for a sequence
-            classifier measured by its logit KL (one value per text), 32 otherwise (one per token).
+            classifier measured by its logit KL (one value per text), 32 otherwise (one per token);
+            the quarter cap makes that 64 with the default ``num_samples=128``.
         dataset (*optional*):
             Calibration text: ``None`` (the packaged public-domain corpus ``"sotu"``), a built-in
             corpus name, a path to a ``.txt`` (one sample per line, or per paragraph when the file
