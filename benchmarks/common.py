@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import math
 import os
@@ -231,7 +232,7 @@ def git_commit() -> str:
     (a run can take an hour, and commits made meanwhile are not in the modules it imported), noting
     uncommitted changes to the library (``drone_hf/``) and a HEAD that moved since."""
     now = _describe_head()
-    if _HEAD_AT_START is not None and now != _HEAD_AT_START:
+    if now != _HEAD_AT_START:
         return f"{_HEAD_AT_START} when the run started (HEAD is now {now})"
     return now
 
@@ -249,7 +250,6 @@ def _describe_head() -> str:
     return f"{commit} (+ uncommitted changes under drone_hf/)" if dirty else commit
 
 
-_HEAD_AT_START: str | None = None
 _HEAD_AT_START = _describe_head()  # at import, i.e. when a benchmark process loads its code
 
 
@@ -430,6 +430,12 @@ def parse_markdown_tables(text: str) -> list[list[list[str]]]:
             tables.append(current)
             current = []
     return tables
+
+
+def check_results_name(parser: argparse.ArgumentParser, name: str | None, example: str) -> None:
+    """``--name``: a plain file name (no folders, not hidden), so results land in the results folder."""
+    if name is not None and (not name or Path(name).name != name or name.startswith(".")):
+        parser.error(f"--name {name!r}: give a plain file name without folders (e.g. {example})")
 
 
 def keeps_torch_threads(fn):

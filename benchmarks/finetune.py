@@ -62,6 +62,7 @@ import torch  # noqa: E402
 import drone_hf  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
+    check_results_name,
     command_line,
     fmt,
     keeps_torch_threads,
@@ -654,10 +655,7 @@ def main(argv: list[str] | None = None) -> Path:
         "a variant of a documented run gets its own files instead of overwriting them",
     )
     opts = parser.parse_args(argv)
-    if opts.name is not None and (not opts.name or Path(opts.name).name != opts.name or opts.name.startswith(".")):
-        parser.error(
-            f"--name {opts.name!r}: give a plain file name without folders (e.g. finetune_mpnet_6layers_4epochs)"
-        )
+    check_results_name(parser, opts.name, "finetune_mpnet_6layers_4epochs")
     s = replace(QUICK if opts.quick else FULL, model=opts.model)
     if opts.param_ratio is not None and opts.target_speedup is not None:
         parser.error("--param-ratio and --target-speedup are alternative budgets: give one")

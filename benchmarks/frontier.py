@@ -45,6 +45,7 @@ import drone_hf  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     PeakMemory,
+    check_results_name,
     command_line,
     fmt,
     keeps_torch_threads,
@@ -211,12 +212,11 @@ def rows_run(r: dict) -> str:
         used = sorted({row["eval_loss_used"] for row in r["rows"] if row.get("eval_loss_used")})
         held = sorted({row["eval_samples_used"] for row in r["rows"] if row.get("eval_samples_used")})
         speeds = ", ".join(f"{x:g}" for x in r["plan"]["speedups"])
-        parts.append(
-            f"DRONE greedy at `param_ratio` {ratios}" + (f" and `target_speedup` {speeds}" if speeds else "")
-            + (f" (sensitivities measured with the {' / '.join(used)} evaluation loss" if used else "")
-            + (f" on {' / '.join(map(str, held))} held-out calibration texts" if used and held else "")
-            + (")" if used else "")
-        )
+        greedy = f"DRONE greedy at `param_ratio` {ratios}" + (f" and `target_speedup` {speeds}" if speeds else "")
+        if used:
+            on = f" on {' / '.join(map(str, held))} held-out calibration texts" if held else ""
+            greedy += f" (sensitivities measured with the {' / '.join(used)} evaluation loss{on})"
+        parts.append(greedy)
     if "attention" in groups:
         parts.append(f"DRONE + attention (k={r['plan']['attention_rank']}) at `param_ratio=0.5`")
     return "- Rows run: " + "; ".join(parts) + "."
@@ -354,8 +354,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--prepare", action="store_true",
                         help="only fine-tune (or load from the cache) the dense task model, print its accuracy, stop")
     args = parser.parse_args(argv)
-    if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name.startswith(".")):
-        parser.error(f"--name {args.name!r}: give a plain file name without folders (e.g. frontier_mpnet_greedy)")
+    check_results_name(parser, args.name, "frontier_mpnet_greedy")
     s, plan = (QUICK, QUICK_PLAN) if args.quick else (FULL, FULL_PLAN)
     if args.quick:
         s = replace(s, calibration_samples=32, threads=1)  # a code-path check: one thread never oversubscribes

@@ -26,6 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .search import EVAL_LOSSES
+from .solver import METHODS
+
 MODEL_CLASSES = {
     "auto": "AutoModel",
     "causal-lm": "AutoModelForCausalLM",
@@ -94,10 +97,10 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--param-ratio", type=float, default=0.5, help="fraction of targeted weights kept, in (0, 1]")
     c.add_argument("--allocation", choices=["greedy", "uniform"], default="greedy",
                    help="how the budget is spread over layers (default greedy; uniform: same fraction everywhere)")
-    c.add_argument("--eval-loss", choices=["auto", "lm", "logit_kl", "distortion"], default="auto",  # = EVAL_LOSSES
+    c.add_argument("--eval-loss", choices=list(EVAL_LOSSES), default="auto",
                    help="what greedy allocation measures on held-out texts (default auto: next-token loss for causal "
                         "LMs, output KL for classifiers, hidden-state distortion otherwise)")
-    c.add_argument("--method", choices=["drone", "svd", "asvd", "fwsvd", "svdllm"], default="drone",  # = solver.METHODS
+    c.add_argument("--method", choices=list(METHODS), default="drone",
                    help="drone (data-aware), plain svd, or a peer method: asvd, fwsvd, svdllm (docs/methods.md)")
     c.add_argument("--damp", type=float, default=None, help="ridge regularisation (default: the library's)")
     c.add_argument("--num-samples", type=int, default=128, help="calibration texts")
