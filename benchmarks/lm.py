@@ -135,7 +135,7 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
     calib_pool = calib
     calib_texts = 16 if quick else calib_texts
     eval_texts = 4 if quick else GREEDY_EVAL_TEXTS
-    calib = _split_texts(load_texts(calib_pool, calib_texts + eval_texts, seed=0), eval_texts, 0)[0]
+    calib = _split_texts(load_texts(calib_pool, calib_texts + eval_texts, seed=0), eval_texts, 0, calib_texts)[0]
     windows = eval_windows(tok, held, eval_length)
     targets = resolve_targets(model, None, None)
     layers = {c: layer for c, (_, layer) in targets.items()}

@@ -72,16 +72,31 @@ def _describe_dataset(dataset: Any) -> str:
     return f"<{type(dataset).__name__}>"
 
 
-def _split_texts(texts: list[str], eval_samples: int, seed: int) -> tuple[list[str], list[str]]:
-    """Hold out up to ``eval_samples`` texts (at most a quarter) for evaluation; the rest calibrate.
+def _split_texts(
+    texts: list[str], eval_samples: int, seed: int, num_samples: int | None = None
+) -> tuple[list[str], list[str]]:
+    """Hold out ``eval_samples`` texts for evaluation; the rest calibrate.
 
-    With fewer than 4 texts nothing can be held out and evaluation reuses the calibration texts
-    (logged), so tiny smoke runs still work.
+    ``texts`` was drawn as ``num_samples + eval_samples``: when the dataset had that many, exactly
+    ``eval_samples`` are held out and ``num_samples`` calibrate. A shorter dataset keeps its
+    calibration share first: the held-out count shrinks to what is left beyond ``num_samples``, but
+    never below a quarter of the texts (so a small dataset still gets a held-out set to measure on).
+    Without ``num_samples`` the quarter is the cap. When that leaves nothing to hold out (fewer than 4
+    texts, none beyond ``num_samples``) evaluation reuses the calibration texts (logged), so tiny
+    smoke runs still work.
     """
-    n_eval = min(eval_samples, len(texts) // 4)
+    quarter = len(texts) // 4
+    spare = len(texts) - num_samples if num_samples is not None else 0
+    n_eval = min(eval_samples, max(spare, quarter))
     if n_eval == 0:
         logger.warning("Too few calibration texts to hold any out; evaluating on the calibration texts.")
         return texts, texts
+    if n_eval < eval_samples:
+        logger.warning(
+            f"The dataset gave {len(texts)} texts, fewer than num_samples + eval_samples = "
+            f"{(num_samples or 0) + eval_samples}: holding out {n_eval} for evaluation, calibrating on "
+            f"{len(texts) - n_eval}."
+        )
     order = list(range(len(texts)))
     random.Random(seed + 1).shuffle(order)
     held = set(order[:n_eval])
@@ -168,7 +183,10 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     evaluate = _needs_evaluation(config)
     held_out = eval_samples_for(model, config) if evaluate else 0
     texts = load_texts(config.dataset, config.num_samples + held_out, config.seed)
-    calib_texts, eval_texts = _split_texts(texts, held_out, config.seed) if evaluate else (texts, [])
+    if evaluate:
+        calib_texts, eval_texts = _split_texts(texts, held_out, config.seed, config.num_samples)
+    else:
+        calib_texts, eval_texts = texts, []
     # torchrun / accelerate launch: each process calibrates on its shard; statistics are all-reduced
     data = tokenize_batches(shard_texts(calib_texts), tokenizer, max_length, config.batch_size)
     cache = open_cache(config.calibration_cache, model, data.batches, {

@@ -120,9 +120,10 @@ class DroneConfig(QuantizationConfigMixin):
             Batch x sequence length at which speed is measured (latency model and ``target_speedup``).
         eval_samples (`int`, *optional*):
             Texts held out of ``dataset`` (never used for statistics) for loss budgets and greedy
-            sensitivities; at most a quarter of the drawn texts. Default: 128 for a sequence
-            classifier measured by its logit KL (one value per text), 32 otherwise (one per token);
-            the quarter cap makes that 64 with the default ``num_samples=128``.
+            sensitivities. Default: 128 for a sequence classifier measured by its logit KL (one
+            value per text), 32 otherwise (one per token). ``num_samples + eval_samples`` texts are
+            drawn; a dataset with fewer keeps ``num_samples`` for calibration and holds out what is
+            left (at least a quarter of the texts, logged).
         dataset (*optional*):
             Calibration text: ``None`` (the packaged public-domain corpus ``"sotu"``), a built-in
             corpus name, a path to a ``.txt`` (one sample per line, or per paragraph when the file

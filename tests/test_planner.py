@@ -105,7 +105,7 @@ def test_unreachable_size_budget_is_refused():
 
 def held_out_distortion(dense, compressed, cfg) -> float:
     texts = TEXTS[: cfg.num_samples + cfg.eval_samples]
-    _, held = _split_texts(texts, cfg.eval_samples, cfg.seed)
+    _, held = _split_texts(texts, cfg.eval_samples, cfg.seed, cfg.num_samples)
     batches = tokenize_batches(held, TOKENIZER, cfg.max_length, cfg.batch_size).batches
     return output_fidelity(dense, compressed, batches).relative_error ** 2
 
@@ -338,9 +338,33 @@ def test_sequence_classifiers_measure_their_kl_on_more_held_out_texts_by_default
     assert explicit.config.quantization_config.allocation_result["eval_samples"] == 40
 
 
+def test_held_out_texts_come_beyond_the_calibration_share(caplog):
+    texts = [f"text {i}" for i in range(256)]
+    calib, held = _split_texts(texts, 128, 0, num_samples=128)  # a full draw: exactly as asked
+    assert (len(calib), len(held)) == (128, 128)
+    assert sorted(calib + held, key=texts.index) == texts and not set(calib) & set(held)
+    with caplog.at_level(logging.WARNING):
+        calib, held = _split_texts(texts[:200], 128, 0, num_samples=128)  # short: what is left beyond 128
+    assert (len(calib), len(held)) == (128, 72) and "holding out 72" in caplog.text
+    assert _split_texts(texts[:100], 128, 0, num_samples=128)[1].__len__() == 25  # never below a quarter
+    assert len(_split_texts(texts[:100], 128, 0)[1]) == 25  # without num_samples the quarter caps
+    assert _split_texts(texts[:3], 8, 0, num_samples=3) == (texts[:3], texts[:3])  # nothing to hold out
+    # the same seed keeps the same order: a larger held-out set contains the smaller one
+    assert set(_split_texts(texts, 32, 0, 128)[1]) <= set(_split_texts(texts, 128, 0, 128)[1])
+
+
+def test_a_classifier_gets_all_128_default_held_out_texts_at_the_default_num_samples():
+    texts = [f"Sentence {i}: the union, the budget and the year {1900 + i}." for i in range(300)]
+    cfg = config(param_ratio=0.5, eval_samples=None, num_samples=128, dataset=texts, max_length=16, batch_size=32)
+    out = drone_hf.compress(classifier(), cfg, show_progress=False)
+    result = out.config.quantization_config.allocation_result
+    assert result["eval_samples"] == 128
+    assert out.config.quantization_config.calibration["num_texts"] == 128  # the calibration share is kept
+
+
 def held_out_kl(dense, compressed, cfg) -> float:
     texts = TEXTS[: cfg.num_samples + cfg.eval_samples]
-    _, held = _split_texts(texts, cfg.eval_samples, cfg.seed)
+    _, held = _split_texts(texts, cfg.eval_samples, cfg.seed, cfg.num_samples)
     total = items = 0.0
     with torch.no_grad():
         for b in tokenize_batches(held, TOKENIZER, cfg.max_length, cfg.batch_size).batches:
