@@ -52,9 +52,7 @@ from benchmarks.common import (  # noqa: E402
     results_header,
     write_markdown,
 )
-from drone_hf.calibration import tokenize_batches  # noqa: E402
 from drone_hf.evaluation import measure_latency  # noqa: E402
-
 
 #: In --quick runs only the first two MiniLM blocks are compressed: every code path, a tenth of the time.
 QUICK_SKIP = ["encoder.layer.2", "encoder.layer.3", "encoder.layer.4", "encoder.layer.5"]

@@ -100,9 +100,9 @@ class LayerOptions:
         if self._hull:
             return self._hull
         # dense gets a loss just below zero so that no option ever dominates the starting point
-        points = [(self.dense_cost, -1e-300, None)] + [
-            (c, self.weight * e, k) for k, c, e in zip(self.ranks, self.costs, self.errors) if c < self.dense_cost
-        ]
+        options = zip(self.ranks, self.costs, self.errors, strict=True)
+        cheaper = [(c, self.weight * e, k) for k, c, e in options if c < self.dense_cost]
+        points = [(self.dense_cost, -1e-300, None)] + cheaper
         points.sort(key=lambda p: (p[0], p[1]))
         pareto, best = [], math.inf  # ascending cost, strictly descending loss
         for p in points:
@@ -118,7 +118,7 @@ class LayerOptions:
                 else:
                     break
             lower.append(p)
-        self._hull = [(c, max(l, 0.0), k) for c, l, k in reversed(lower)]
+        self._hull = [(c, max(loss, 0.0), k) for c, loss, k in reversed(lower)]
         return self._hull
 
 

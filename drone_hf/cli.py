@@ -338,8 +338,9 @@ def _compress(args: argparse.Namespace) -> int:
     config = drone_hf.DroneConfig(**settings)
     tokenizer = AutoTokenizer.from_pretrained(source)
 
+    calibration = config.dataset or "sotu (built-in)"
     print(f"Compressing {source}\n  with {MODEL_CLASSES[args.model_class]}, method={config.method}, "
-          f"param_ratio={config.param_ratio} ({config.allocation}), damp={config.damp}, calibration={config.dataset or 'sotu (built-in)'}")
+          f"param_ratio={config.param_ratio} ({config.allocation}), damp={config.damp}, calibration={calibration}")
     model = auto.from_pretrained(source, drone_config=config)
     if base_model is not None:
         set_base_model(model, base_model)

@@ -256,7 +256,9 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     config.allocation_result = plan.result if targets else None
     if targets:
         total = sum(o * i for o, i in shapes.values())
-        kept = sum(replacements[targets[c][0]].factored_parameters if c in ranks else o * i for c, (o, i) in shapes.items())
+        kept = sum(
+            replacements[targets[c][0]].factored_parameters if c in ranks else o * i for c, (o, i) in shapes.items()
+        )
         config.allocation_result["targeted_param_ratio"] = kept / total
     if attention is not None:
         attention.record(config)

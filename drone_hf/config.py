@@ -232,9 +232,8 @@ class DroneConfig(QuantizationConfigMixin):
         self.max_length = max_length
         self.batch_size = batch_size
         self.target_modules = list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
-        self.modules_to_not_convert = (
-            list(modules_to_not_convert) if isinstance(modules_to_not_convert, (list, tuple)) else modules_to_not_convert
-        )
+        mtnc = modules_to_not_convert
+        self.modules_to_not_convert = list(mtnc) if isinstance(mtnc, (list, tuple)) else mtnc
         self.damp = damp
         self.method = method
         self.asvd_alpha = asvd_alpha
@@ -263,7 +262,8 @@ class DroneConfig(QuantizationConfigMixin):
         if method_in != QUANT_METHOD:
             raise ValueError(
                 f"DroneConfig got quant_method={method_in!r}; it only describes {QUANT_METHOD!r} models. Use that "
-                f"method's own config class (transformers.AutoQuantizationConfig), or set quant_method={QUANT_METHOD!r}."
+                "method's own config class (transformers.AutoQuantizationConfig), "
+                f"or set quant_method={QUANT_METHOD!r}."
             )
         if kwargs:
             raise ValueError(
@@ -305,7 +305,8 @@ class DroneConfig(QuantizationConfigMixin):
                 f"target_speedup={t!r} must be a number > 1: end-to-end dense time / compressed time (e.g. 2.0)."
             )
         ml = self.max_loss
-        if ml is not None and (isinstance(ml, bool) or not isinstance(ml, (int, float)) or not math.isfinite(ml) or ml <= 0):
+        bad_number = isinstance(ml, bool) or not isinstance(ml, (int, float)) or not math.isfinite(ml)
+        if ml is not None and (bad_number or ml <= 0):
             raise ValueError(
                 f"max_loss={ml!r} must be a number > 0: the allowed increase of the evaluation loss on held-out "
                 "calibration texts."
@@ -351,7 +352,9 @@ class DroneConfig(QuantizationConfigMixin):
             raise ValueError(f"method={self.method!r} is not supported: use one of {list(METHODS)}.")
         a = self.asvd_alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0:
-            raise ValueError(f"asvd_alpha={a!r} must be a finite number >= 0 (ASVD's exponent: 0.5 in the paper, 0 = plain SVD).")
+            raise ValueError(
+                f"asvd_alpha={a!r} must be a finite number >= 0 (ASVD's exponent: 0.5 in the paper, 0 = plain SVD)."
+            )
         tm = self.target_modules
         if tm is not None:
             if isinstance(tm, str):
@@ -434,7 +437,7 @@ class DroneConfig(QuantizationConfigMixin):
             out[key] = copy.deepcopy(value)
         return out
 
-    def __deepcopy__(self, memo: dict) -> "DroneConfig":
+    def __deepcopy__(self, memo: dict) -> DroneConfig:
         # transformers deep-copies loading kwargs; a dataset or tokenizer is shared, not copied.
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new

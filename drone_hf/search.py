@@ -31,7 +31,8 @@ class Swapper:
     def set(self, layers: dict[str, nn.Module]) -> None:
         """Make exactly ``layers`` factored (full name -> module); every other target dense."""
         current = {n: m for n, m in ((n, self.model.get_submodule(n)) for n in self.dense)}
-        changes = {n: layers.get(n, self.dense[n]) for n in self.dense if current[n] is not layers.get(n, self.dense[n])}
+        wanted = {n: layers.get(n, self.dense[n]) for n in self.dense}
+        changes = {n: m for n, m in wanted.items() if current[n] is not m}
         replace_modules(self.model, changes)
 
     @contextmanager
@@ -375,7 +376,7 @@ def fisher_sensitivities(
                 names = list(outputs)
                 grads = torch.autograd.grad(per_seq[keep].sum(), [outputs[n] for n in names], allow_unused=True)
             with torch.no_grad():
-                for name, g in zip(names, grads):
+                for name, g in zip(names, grads, strict=True):
                     if g is None:
                         continue
                     layer = probes[name][0]

@@ -118,7 +118,7 @@ class DroneLinear(nn.Module):
         up: torch.Tensor,
         down: torch.Tensor,
         relative_error: float | None = None,
-    ) -> "DroneLinear":
+    ) -> DroneLinear:
         """Build the factored replacement of ``source_layer`` from ``up`` [out, k] and ``down`` [k, in].
 
         The factors are cast to the source layer's dtype and device; the bias is copied unchanged.

@@ -89,7 +89,8 @@ def resolve_targets(
     layers = supported_layers(model)
     if not layers:
         raise ValueError(
-            f"{type(model).__name__} has no torch.nn.Linear or transformers Conv1D layer; DRONE has nothing to compress. "
+            f"{type(model).__name__} has no torch.nn.Linear or transformers Conv1D layer; "
+            "DRONE has nothing to compress. "
             "If this is a part or a wrapper of a transformer, pass the transformer model itself."
         )
     if target_modules is None:
