@@ -118,7 +118,9 @@ def test_summary_errors_name_the_problem(compressed, tmp_path):
 def test_committed_example_card_is_complete():
     card = (EXAMPLES / "all-MiniLM-L6-v2-drone" / "README.md").read_text()
     meta = front_matter(card)
-    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["drone"]["layers_factored"] == 36
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    factored = meta["drone"]["layers_factored"]  # greedy keeps some of MiniLM's 36 linear layers dense
+    assert 0 < factored <= 36 and re.search(rf"drone-hf: {factored} linear\s+layers", card)  # metadata = body
     for heading in ("## How to load", "## Compression", "## Size", "## Measured results", "## Calibration data",
                     "## Rank per layer", "## Citation"):
         assert heading in card
