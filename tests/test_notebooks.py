@@ -76,14 +76,16 @@ def test_quickstart_runs_on_the_real_minilm(tmp_path, monkeypatch):
     text = outputs_text(nb)
     factored = int(re.search(r"(\d+) layers factored", text).group(1))
     assert 0 < factored <= 36 and images(nb) == 2
-    # The committed example card (model_cards/examples) was made with allocation="uniform" (its
-    # table says so); the notebook runs the default, greedy, on 16 texts, so ranks differ and some
-    # layers stay dense. What must agree: every layer the notebook factors is in the card, same shape.
+    # The committed example card (model_cards/examples) and the notebook both run greedy allocation,
+    # the card on 128 texts, the notebook on 16: ranks differ and each keeps its own few layers dense.
+    # What must agree: the layers both factor have the same shapes, and they are most of the layers.
     card = (NOTEBOOKS.parent / "model_cards" / "examples" / "all-MiniLM-L6-v2-drone" / "README.md").read_text()
+    card_shapes = dict(re.findall(r"^\| `(encoder\.\S+)` \| (\d+x\d+) \| ", card, flags=re.M))
     rows = re.findall(r"^(encoder\.\S+)\s+(\d+)x(\d+)\s+(\d+)\s", text, flags=re.M)
-    assert len(rows) == factored
-    for name, out_f, in_f, _rank in rows:
-        assert f"| `{name}` | {out_f}x{in_f} | " in card
+    assert len(rows) == factored and 0 < len(card_shapes) <= 36
+    both = [(name, f"{out_f}x{in_f}") for name, out_f, in_f, _rank in rows if name in card_shapes]
+    assert len(both) >= factored // 2
+    assert all(card_shapes[name] == shape for name, shape in both)
 
 
 def json_line(text: str, prefix: str) -> dict:

@@ -132,7 +132,8 @@ def test_compress_select_and_progressive_in_one_run(tok, tmp_path):
     model = dense_classifier()
     schedule = ProgressiveRankCallback(final_param_ratio=0.25, num_stages=1, start=0.0, end=0.5, method="svd")
     callbacks = [
-        CompressOnTrainBeginCallback(drone_hf.DroneConfig(param_ratio=0.5, num_samples=8)),
+        # uniform: every layer factored (greedy on 8 texts may keep some dense); this test is the composition
+        CompressOnTrainBeginCallback(drone_hf.DroneConfig(param_ratio=0.5, num_samples=8, allocation="uniform")),
         SelectTrainableCallback("factors"),
         schedule,
     ]
