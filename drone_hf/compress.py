@@ -107,8 +107,14 @@ def _needs_evaluation(config: DroneConfig) -> bool:
     return config.allocation != "uniform" or config.max_loss is not None
 
 
-def eval_samples_for(model: nn.Module, config: DroneConfig) -> int:
-    """``config.eval_samples``, or when unset the default for the model's evaluation loss."""
+def held_out_count(model: nn.Module, config: DroneConfig) -> int:
+    """Texts to draw beyond ``num_samples``: 0 when nothing is measured on held-out text, else
+    ``config.eval_samples`` or, when unset, the default for the model's evaluation loss.
+
+    The one place that decides it, for ``compress`` and for callers that gather the texts first
+    (``CompressOnTrainBeginCallback`` samples ``num_samples + held_out_count`` training rows)."""
+    if not _needs_evaluation(config):
+        return 0
     if config.eval_samples is not None:
         return config.eval_samples
     return default_eval_samples(model, config.eval_loss, config.loss_fn)
@@ -181,7 +187,7 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         logger.warning(f"max_length={max_length} exceeds the model's {limit} positions; calibrating at {limit}.")
         max_length = limit
     evaluate = _needs_evaluation(config)
-    held_out = eval_samples_for(model, config) if evaluate else 0
+    held_out = held_out_count(model, config)
     texts = load_texts(config.dataset, config.num_samples + held_out, config.seed)
     if evaluate:
         calib_texts, eval_texts = _split_texts(texts, held_out, config.seed, config.num_samples)

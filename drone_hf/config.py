@@ -340,7 +340,7 @@ class DroneConfig(QuantizationConfigMixin):
         for name in ("num_samples", "max_length", "batch_size", "eval_samples"):
             v = getattr(self, name)
             if name == "eval_samples" and v is None:
-                continue  # the default for the model's evaluation loss (compress.eval_samples_for)
+                continue  # the default for the model's evaluation loss (compress.held_out_count)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer.")
         if not _is_int(self.seed):

@@ -346,7 +346,7 @@ def test_held_out_texts_come_beyond_the_calibration_share(caplog):
     with caplog.at_level(logging.WARNING):
         calib, held = _split_texts(texts[:200], 128, 0, num_samples=128)  # short: what is left beyond 128
     assert (len(calib), len(held)) == (128, 72) and "holding out 72" in caplog.text
-    assert _split_texts(texts[:100], 128, 0, num_samples=128)[1].__len__() == 25  # never below a quarter
+    assert len(_split_texts(texts[:100], 128, 0, num_samples=128)[1]) == 25  # never below a quarter
     assert len(_split_texts(texts[:100], 128, 0)[1]) == 25  # without num_samples the quarter caps
     assert _split_texts(texts[:3], 8, 0, num_samples=3) == (texts[:3], texts[:3])  # nothing to hold out
     # the same seed keeps the same order: a larger held-out set contains the smaller one

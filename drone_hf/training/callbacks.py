@@ -36,7 +36,7 @@ from typing import Any
 
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..compress import compress, eval_samples_for
+from ..compress import compress, held_out_count
 from ..config import DroneConfig
 from ..utils.logging import get_logger
 from ._model import (
@@ -277,10 +277,8 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
         _check_plain_run(args, state, "CompressOnTrainBeginCallback")
         tokenizer = self._tokenizer(processing_class)
         cfg = copy.deepcopy(self.config)
-        needs_eval = cfg.allocation != "uniform" or cfg.max_loss is not None
-        texts = self.calibration_texts(
-            train_dataloader, tokenizer, cfg.num_samples + (eval_samples_for(unwrap(model), cfg) if needs_eval else 0)
-        )
+        draw = cfg.num_samples + held_out_count(unwrap(model), cfg)
+        texts = self.calibration_texts(train_dataloader, tokenizer, draw)
         if not texts:
             raise ValueError("The sampled training rows decode to no text; check the dataset's input_ids.")
         cfg.dataset, cfg.tokenizer = texts, tokenizer
