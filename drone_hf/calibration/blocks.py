@@ -35,7 +35,13 @@ class BlockInputs:
 
 
 def find_blocks(model: nn.Module, targets: set[str]) -> list[tuple[str, nn.Module]]:
-    """The chain of repeated blocks (full name, module) that contain at least one target layer.
+    """The chain of repeated blocks (full name, module) from the first to the last that holds a target.
+
+    Blocks between two target-holding ones stay in the chain even when they hold no target (all
+    their layers kept dense): the replay must run them, or the blocks after them would be
+    calibrated on the outputs of the wrong block. Blocks before the first are run by the model
+    itself (the first block's inputs are captured from a full forward pass), blocks after the last
+    are not needed.
 
     Raises:
         ValueError: no block structure is found, or the model is an encoder-decoder.
@@ -54,9 +60,10 @@ def find_blocks(model: nn.Module, targets: set[str]) -> list[tuple[str, nn.Modul
         if lists:
             name, best = max(lists, key=lambda x: len(x[1]))
             candidates = [(f"{name}.{i}", c) for i, c in enumerate(best)]
-    # outermost blocks only, and only those holding a target
+    # outermost blocks only, from the first to the last holding a target
     blocks = [(n, m) for n, m in candidates if not any(n.startswith(o + ".") for o, _ in candidates if o != n)]
-    blocks = [(n, m) for n, m in blocks if any(t == n or t.startswith(n + ".") for t in targets)]
+    holding = [i for i, (n, _) in enumerate(blocks) if any(t == n or t.startswith(n + ".") for t in targets)]
+    blocks = blocks[holding[0] : holding[-1] + 1] if holding else []
     if not blocks:
         raise ValueError(
             f"sequential=True found no repeated blocks holding the target layers in {type(model).__name__}; "
