@@ -116,7 +116,11 @@ class Settings:
     latency_repeats: int = 20
     latency_rounds: int = 3
     threads: int = 2
-    seed: int = 0
+    seed: int = 0  # the split, the teacher, the calibration draw and (unless train_seed) the trainings
+    # Seed of the trainings after the teacher (shallow student, post-compression runs) alone: a
+    # second value repeats a study on the same split, teacher and calibration texts, so the spread it
+    # shows is training noise only.
+    train_seed: int | None = None
     model: str = "minilm"  # the base encoder: a key of TASK_MODELS
     # A speed budget instead of param_ratio: greedy allocation against latencies measured at
     # latency_shape (the MPNet distillation target is stated as a speedup).
@@ -206,8 +210,11 @@ def splits(s: Settings):
 # --- training ------------------------------------------------------------------------------------
 
 
-def training_args(out: Path, s: Settings, epochs: float, lr: float):
+def training_args(out: Path, s: Settings, epochs: float, lr: float, seed: int | None = None):
+    """Stock arguments of every training here; ``seed`` defaults to ``s.seed`` (the teacher's)."""
     from transformers import TrainingArguments
+
+    seed = s.seed if seed is None else seed
 
     return TrainingArguments(
         output_dir=str(out),
@@ -216,8 +223,8 @@ def training_args(out: Path, s: Settings, epochs: float, lr: float):
         per_device_train_batch_size=s.batch_size,
         warmup_steps=0.06,
         weight_decay=0.01,
-        seed=s.seed,
-        data_seed=s.seed,
+        seed=seed,
+        data_seed=seed,
         logging_steps=50,
         save_strategy="no",
         report_to="none",
@@ -347,7 +354,7 @@ def run(s: Settings, log=print) -> dict:
     if s.student_layers:
         base = shallow_student(dense, s.student_layers)
         with tempfile.TemporaryDirectory() as tmp:
-            args = training_args(Path(tmp), s, s.student_epochs, s.student_lr)
+            args = training_args(Path(tmp), s, s.student_epochs, s.student_lr, s.train_seed)
             seconds["shallow"] = distil(base, dense, train_ds, tokenizer, args, s)
         base.eval()
         acc["shallow"] = evaluate_classifier(base, test_ds, tokenizer)
@@ -388,7 +395,7 @@ def run(s: Settings, log=print) -> dict:
 
     student = compressed  # saved and reloaded below: the distilled model when there is one
     with tempfile.TemporaryDirectory() as tmp:
-        args = training_args(Path(tmp), s, s.student_epochs, s.student_lr)
+        args = training_args(Path(tmp), s, s.student_epochs, s.student_lr, s.train_seed)
         callbacks = [SelectTrainableCallback(s.train), CompressionStatsCallback()]
         if "finetune" in s.runs:
             plain = copy.deepcopy(compressed)
@@ -510,6 +517,11 @@ def write_results(r: dict, out: Path, command: str, runtime: float, stem: str | 
                 f"Against the dense model given the same extra epochs (control row) the distilled model is at "
                 f"{control_gap:+.2f} points."
             )
+    if s.get("train_seed") is not None:
+        notes.append(
+            f"Training seed {s['train_seed']} (`--train-seed`); split, teacher and calibration texts from seed "
+            f"{s['seed']}, as in the run with the default seed."
+        )
     notes.append(
         "One run, one seed: differences of a few tenths of a point are within run-to-run noise on 2,114 sentences "
         "(one sentence is 0.05 points)."
@@ -656,6 +668,12 @@ def main(argv: list[str] | None = None) -> Path:
         help="distil a student with this many of the teacher's layers first, then compress it",
     )
     parser.add_argument(
+        "--train-seed",
+        type=int,
+        help="seed of the trainings after the teacher only (same split, teacher and calibration texts): "
+        "repeats a study to show its training noise",
+    )
+    parser.add_argument(
         "--name",
         help="results file name without extension (default: finetune[_<model>][_<N>layers]); "
         "a variant of a documented run gets its own files instead of overwriting them",
@@ -674,6 +692,7 @@ def main(argv: list[str] | None = None) -> Path:
         "latency_shape": tuple(opts.latency_shape) if opts.latency_shape else None,
         "runs": tuple(opts.runs) if opts.runs else None,
         "student_layers": opts.student_layers,
+        "train_seed": opts.train_seed,
     }
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
     if opts.param_ratio is not None:

@@ -89,10 +89,13 @@ def test_quick_speed_budget_with_distillation_only(tmp_path):
         "32",
         "--runs",
         "distill",
+        "--train-seed",
+        "7",
     ]
     finetune.main(argv)
     raw = json.loads((tmp_path / "finetune.json").read_text())
     assert raw["settings"]["target_speedup"] == 1.2 and raw["settings"]["runs"] == ["distill"]
+    assert raw["settings"]["train_seed"] == 7 and raw["settings"]["seed"] == 0
     assert set(raw["accuracy"]) == {"dense", "before", "distill"} and set(raw["train_seconds"]) == {"distill"}
     assert set(raw["speedup"]) == {"4x32", "64 test sentences"}
     assert raw["reloaded"]["accuracy"] == pytest.approx(raw["accuracy"]["distill"])
@@ -101,6 +104,15 @@ def test_quick_speed_budget_with_distillation_only(tmp_path):
     labels = [r[0].split(" (")[0] for r in rows]
     assert labels == ["dense MiniLM", "DRONE, before fine-tuning", "DRONE + distillation from dense"]
     assert "target_speedup=1.2, greedy (latencies at 4x32)" in text
+    assert "Training seed 7 (`--train-seed`); split, teacher and calibration texts from seed 0" in text
+
+
+def test_train_seed_seeds_the_trainings_after_the_teacher_only(tmp_path):
+    s = finetune.Settings(seed=3, train_seed=7)
+    assert finetune.training_args(tmp_path, s, 1.0, 1e-4).seed == 3  # the teacher's training
+    args = finetune.training_args(tmp_path, s, 1.0, 1e-4, s.train_seed)
+    assert (args.seed, args.data_seed) == (7, 7)
+    assert finetune.teacher_folder(s) == finetune.teacher_folder(finetune.Settings(seed=3))  # same cached teacher
 
 
 def test_budgets_are_alternatives(capsys):
