@@ -21,13 +21,21 @@ from .calibration import collect_grams, load_texts, tokenize_batches
 from .calibration.cache import open_cache
 from .calibration.distributed import all_reduce_count, broadcast_object, shard_texts
 from .calibration.offload import check_materialisable, materialise
+from .calibration.paired import PairedObserver
 from .config import QUANT_METHOD, DroneConfig
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
 from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
 from .planner import RankPlanner
 from .search import default_eval_samples, resolve_eval_loss
 from .sequential import compress_sequentially
-from .solver import PEER_METHODS, Decomposition, decompose, decompose_output_gram, decompose_peer
+from .solver import (
+    PEER_METHODS,
+    Decomposition,
+    decompose,
+    decompose_compensated,
+    decompose_output_gram,
+    decompose_peer,
+)
 from .utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -180,6 +188,11 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
                                   **peer_stats.get(c, {}))
         return decompose(weight, gram, method=config.method, damp=config.damp)
 
+    def solve_compensated(c: str, stats: PairedObserver) -> Decomposition:
+        weight = dense_weight_of(targets[c][1])
+        return decompose_compensated(weight, stats.gram, stats.cross, stats.dense_energy, damp=config.damp,
+                                     precision=weight.dtype)  # the activations' dtype: the model's
+
     tokenizer = _resolve_tokenizer(config.tokenizer, model)
     max_length = config.max_length
     limit = _max_positions(model)
@@ -196,7 +209,7 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     # torchrun / accelerate launch: each process calibrates on its shard; statistics are all-reduced
     data = tokenize_batches(shard_texts(calib_texts), tokenizer, max_length, config.batch_size)
     cache = open_cache(config.calibration_cache, model, data.batches, {
-        "mode": "sequential" if config.sequential else "one-shot",
+        "mode": {False: "one-shot", True: "sequential"}.get(config.sequential, f"sequential-{config.sequential}"),
         "widths": sorted(widths.items()), "observe_output": sorted(observe_output),
         "attention": config.compress_attention, "attention_rank": config.attention_rank,
         # later blocks see solved ones
@@ -237,12 +250,14 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         originals = {full: layer for full, layer in targets.values()}
         try:
             replacements = compress_sequentially(
-                model, targets, data, widths, observe_output, solve, ranks, show_progress, cache=cache
+                model, targets, data, widths, observe_output, solve, ranks, show_progress, cache=cache,
+                compensated=solve_compensated if config.sequential == "compensated" else None,
+                input_widths={c: shapes[c][1] for c in targets},
             )
         except BaseException:
             replace_modules(model, {f: m for f, m in originals.items() if model.get_submodule(f) is not m})
             raise
-        plan.result["sequential"] = True
+        plan.result["sequential"] = config.sequential
     else:
         replacements = {targets[c][0]: plan.factored(c, k) for c, k in ranks.items()}
         if attention is not None:

@@ -31,6 +31,8 @@ FORMAT_VERSION = 1
 #: of the weights, damp 0 had the best held-out hidden-state error and embedding cosine, 1e-4..1e-3
 #: were indistinguishable and 0.01 upwards drifted toward plain SVD.
 DEFAULT_DAMP = 0.0
+#: ``sequential`` values beside ``True``/``False`` (see the docstring).
+SEQUENTIAL_MODES = ("compensated",)
 
 _SETTINGS = (
     "param_ratio",
@@ -162,11 +164,14 @@ class DroneConfig(QuantizationConfigMixin):
             Fixed ranks by layer name or regular expression (full match), taking precedence over
             ``param_ratio``. After compression it holds the real rank of every factored layer, by
             name relative to the base model; that record is what a reload rebuilds.
-        sequential (`bool`, defaults to `False`):
+        sequential (`bool` or `str`, defaults to `False`):
             Layer-sequential calibration: factor one block at a time, each calibrated on the outputs of
             the blocks already compressed, so statistics match what the compressed model sees. Ranks
             that need a whole-model view (greedy, drone, speed and loss budgets) come from a one-shot
-            plan first. See ``drone_hf/sequential.py``.
+            plan first. ``True`` solves ``min ||(W - W') X̂||`` on those inputs ``X̂``;
+            ``"compensated"`` solves ``min ||W X - W' X̂||`` (the dense model's outputs, ``X`` its
+            inputs), so each layer also corrects the error of the layers before it (``method="drone"``
+            only; each block runs twice per batch). See ``drone_hf/sequential.py``.
         compress_attention (`bool`, defaults to `False`):
             Also compress each self-attention layer's query-key product (DRONE section 2): every head's
             query and key projections shrink to width ``attention_rank``, chosen data-aware on the
@@ -220,7 +225,7 @@ class DroneConfig(QuantizationConfigMixin):
         eval_samples: int | None = None,
         compress_attention: bool = False,
         attention_rank: int | float | None = None,
-        sequential: bool = False,
+        sequential: bool | str = False,
         calibration_cache: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
@@ -275,8 +280,16 @@ class DroneConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every field; each error names the field, the bad value and the fix."""
-        if not isinstance(self.sequential, bool):
-            raise ValueError(f"sequential={self.sequential!r} must be True or False.")
+        if not (isinstance(self.sequential, bool) or self.sequential in SEQUENTIAL_MODES):
+            raise ValueError(
+                f"sequential={self.sequential!r} must be False (one-shot), True (sequential) or "
+                f"{SEQUENTIAL_MODES[0]!r} (sequential, error-compensated)."
+            )
+        if self.sequential == "compensated" and self.method != "drone":
+            raise ValueError(
+                f"sequential='compensated' solves the DRONE objective; it does not combine with "
+                f"method={self.method!r}. Use method='drone', or sequential=True for the peer methods."
+            )
         if self.sequential and self.compress_attention:
             raise ValueError(
                 "sequential=True with compress_attention=True is not supported yet: use one-shot calibration "

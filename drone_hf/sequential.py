@@ -7,6 +7,12 @@ compressed blocks ``0..i-1`` produce, factored, and then run again to produce th
 ``i+1``; layers outside the blocks (a pooler) are calibrated last, through the whole compressed
 model. Only one block's statistics exist at a time.
 
+``sequential="compensated"`` also carries the dense model's activations block by block beside the
+compressed ones and solves ``min ||W X - W' X̂||`` (dense outputs from the compressed model's inputs,
+:mod:`drone_hf.solver.compensated`) instead of ``min ||(W - W') X̂||``: each layer then also corrects
+the error its predecessors left, instead of passing it on. Cost: each block runs twice per batch, and
+each distinct layer input keeps a second ``n x n`` matrix (the cross-Gram).
+
 Ranks are decided before the sequential pass: uniform and fixed ranks directly from the shapes;
 budgets that need spectra, latency or loss (greedy, drone, target_speedup, max_loss) from a
 one-shot plan, whose ranks the sequential pass then re-solves.
@@ -19,6 +25,7 @@ most one dense block is held in memory (see :mod:`drone_hf.calibration.offload`)
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +35,7 @@ from transformers.utils import logging as hf_logging
 from .calibration import CalibrationBatches, collect_grams
 from .calibration.blocks import BlockInputs, capture_first_block_inputs, find_blocks, run_block
 from .calibration.offload import materialise
+from .calibration.paired import PairedObserver, collect_paired, execution_groups
 from .calibration.pipeline import _eval_mode
 from .modules.low_rank_linear import DroneLinear
 from .modules.targets import replace_modules
@@ -50,6 +58,8 @@ def compress_sequentially(
     ranks: dict[str, int],
     show_progress: bool,
     cache: CalibrationCache | None = None,
+    compensated: Callable[[str, PairedObserver], Decomposition] | None = None,
+    input_widths: dict[str, int] | None = None,
 ) -> dict[str, DroneLinear]:
     """Factor ``targets`` at ``ranks`` block by block; returns full name -> installed ``DroneLinear``.
 
@@ -63,6 +73,11 @@ def compress_sequentially(
         cache: resumable calibration (:mod:`~drone_hf.calibration.cache`): each block's statistics
             and the latest block's outputs are written as blocks finish; finished blocks found there
             are re-solved from their statistics without running them.
+        compensated: ``(canonical name, paired statistics) -> Decomposition``: the error-compensated
+            solver; given, the blocks' layers are solved from paired dense/compressed statistics
+            (layers outside the blocks still by ``solve``).
+        input_widths: canonical name -> input width (needed with ``compensated``: paired statistics
+            are always input-side).
 
     The model is modified as it goes (block ``i`` is swapped before block ``i+1`` is calibrated); on
     an error the caller restores the dense layers from its own references.
@@ -78,7 +93,9 @@ def compress_sequentially(
         materialise(model.get_submodule(full) for full in names)  # offloaded: load the dense weights to factor
         for full in names:
             c = full_to_c[full]
-            fact = solve(c, grams.pop(c).gram).factors(ranks[c])
+            stats = grams.pop(c)
+            dec = compensated(c, stats) if isinstance(stats, PairedObserver) else solve(c, stats.gram)
+            fact = dec.factors(ranks[c])
             layer = targets[c][1]
             replacements[full] = DroneLinear.from_factors(layer, fact.up, fact.down, fact.relative_error)
         replace_modules(model, replacements)
@@ -86,12 +103,16 @@ def compress_sequentially(
 
     with _eval_mode(model):
         stored: list[BlockInputs] = capture_first_block_inputs(model, blocks[0][1], data.batches, device)
+        # the dense model's stream beside the compressed one (compensated mode): same batches, own hidden states
+        dense = [BlockInputs(s.hidden, s.args, s.kwargs, s.uses_keyword) for s in stored] if compensated else None
+        masks = [b["attention_mask"] for b in data.batches]
         start = 0
         if cache is not None:
             from .calibration.cache import value_fingerprint
 
             cache.bind({"ranks": value_fingerprint(sorted((c, int(k)) for c, k in ranks.items()))})
-            start = _resume(cache, blocks, chosen, full_to_c, widths, stored, device, factor)
+            start = _resume(cache, blocks, chosen, full_to_c, widths if dense is None else input_widths, stored,
+                            device, factor, dense)
         bar = hf_logging.tqdm(
             total=len(blocks), initial=start, unit="block", disable=not show_progress or None,
             desc="Sequential blocks" + (f" ({start} resumed from cache)" if start else ""),
@@ -99,10 +120,32 @@ def compress_sequentially(
         for index in range(start, len(blocks)):
             block_name, block = blocks[index]
             inside = [f for f in chosen if f.startswith(block_name + ".")]
-            grams = {}
-            if inside:
-                layers = {full_to_c[f]: model.get_submodule(f) for f in inside}
-                materialise(layers.values())  # offloaded: this block's dense targets, once, not per batch
+            grams: dict = {}
+            layers = {full_to_c[f]: model.get_submodule(f) for f in inside}
+            materialise(layers.values())  # offloaded: this block's dense targets, once, not per batch
+            if dense is not None:
+                # group by group (q/k/v, o, gate/up, down): each calibrated behind its own block's
+                # factored groups, then factored; the statistics are kept for the cache entry
+                states = {}
+                originals = {full: targets[full_to_c[full]][1] for full in inside}  # the dense layers
+
+                def dense_block(originals: dict = originals):
+                    return _swapped(model, originals)
+
+                for group in execution_groups(block, layers, stored[0]) if layers else []:
+                    paired = collect_paired(
+                        block, {c: layers[c] for c in group}, {c: input_widths[c] for c in group}, dense, stored,
+                        masks, dense_block,
+                    )
+                    states.update({c: o.state() for c, o in paired.items()})
+                    factor([targets[c][0] for c in group], paired)
+                with torch.inference_mode(), dense_block():
+                    for item in dense:  # the dense block's outputs feed the dense stream's next block
+                        item.hidden = run_block(block, item)
+                if cache is not None:
+                    cache.save(_block_entry(index), states)
+                inside = []  # factored already
+            elif inside:
 
                 def forward(i: int, batch: dict, block: nn.Module = block) -> None:
                     run_block(block, stored[i])
@@ -111,17 +154,18 @@ def compress_sequentially(
                     model, layers, data, {c: widths[c] for c in layers}, False,
                     forward=forward, observe_output=observe_output & set(layers),
                 )
-            if cache is not None:
-                from .calibration.cache import observer_state
-
-                cache.save(_block_entry(index), {c: observer_state(o) for c, o in grams.items()})
+            if cache is not None and dense is None:
+                cache.save(_block_entry(index), {c: o.state() for c, o in grams.items()})
             if inside:
                 factor(inside, grams)
             with torch.inference_mode():
                 for item in stored:  # the compressed block's outputs feed the next block
                     item.hidden = run_block(block, item)
             if cache is not None:  # only the latest outputs are kept: they are what a resume needs
-                cache.save("outputs", {"block": index, "hidden": [item.hidden for item in stored]})
+                latest = {"block": index, "hidden": [item.hidden for item in stored]}
+                if dense is not None:
+                    latest["dense_hidden"] = [item.hidden for item in dense]
+                cache.save("outputs", latest)
             bar.update(1)
         bar.close()
         rest = [f for f in chosen if f not in installed]
@@ -132,6 +176,17 @@ def compress_sequentially(
                                   observe_output=observe_output & set(layers), cache=cache, cache_entry="rest")
             factor(rest, grams)
     return installed
+
+
+@contextmanager
+def _swapped(model: nn.Module, modules: dict[str, nn.Module]):
+    """``model`` with ``modules`` (full name -> module) installed, and what was there put back after."""
+    previous = {full: model.get_submodule(full) for full in modules}
+    replace_modules(model, modules)
+    try:
+        yield
+    finally:
+        replace_modules(model, previous)
 
 
 def _block_entry(index: int) -> str:
@@ -147,6 +202,7 @@ def _resume(
     stored: list[BlockInputs],
     device: torch.device,
     factor: Callable[[list[str], dict], None],
+    dense: list[BlockInputs] | None = None,
 ) -> int:
     """Install the blocks the cache has finished and return the index of the first block to run.
 
@@ -155,13 +211,16 @@ def _resume(
     the start). Several processes agree on the smallest resume point; a process whose stored outputs
     are not at that point makes everyone start over (all processes must replay the same blocks).
     """
-    from .calibration.cache import restore_observer
     from .calibration.distributed import agree_min
     from .calibration.observer import GramObserver
 
     outputs = cache.load("outputs")
     start, states = 0, []
-    if outputs is not None and len(outputs["hidden"]) == len(stored) and outputs["block"] < len(blocks):
+    paired = dense is not None
+    if (
+        outputs is not None and len(outputs["hidden"]) == len(stored) and outputs["block"] < len(blocks)
+        and paired == ("dense_hidden" in outputs)
+    ):
         for index in range(int(outputs["block"]) + 1):
             st = cache.load(_block_entry(index))
             if st is None:
@@ -182,11 +241,13 @@ def _resume(
             c = full_to_c[f]
             if c not in states[index]:
                 raise ValueError(f"Calibration cache entry {_block_entry(index)} has no statistics for {c!r}.")
-            grams[c] = GramObserver(widths[c], c)
-            restore_observer(grams[c], states[index][c], device)
+            grams[c] = PairedObserver(widths[c], c) if paired else GramObserver(widths[c], c)
+            grams[c].load_state(states[index][c], device)
         if inside:
             factor(inside, grams)
     for item, hidden in zip(stored, outputs["hidden"], strict=True):
+        item.hidden = hidden.to(device)
+    for item, hidden in zip(dense or [], outputs.get("dense_hidden", []), strict=True):
         item.hidden = hidden.to(device)
     logger.info(f"Calibration cache: {agreed} of {len(blocks)} blocks finished earlier; resuming at block {agreed}.")
     return agreed

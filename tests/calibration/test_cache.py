@@ -69,7 +69,7 @@ class Calls:
             h.remove()
 
 
-@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("sequential", [False, True, "compensated"])
 def test_cached_runs_equal_uncached_and_a_finished_cache_skips_all_calibration(tmp_path, sequential):
     dense = build()
     reference = compress(dense, sequential=sequential)
@@ -103,10 +103,14 @@ KILL_SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
 
     cache_mod.CalibrationCache.save = save_then_die
-    t.compress(t.build(4), sequential=(mode == "sequential"), calibration_cache=sys.argv[3])
+    t.compress(t.build(4), sequential=t.MODES[mode], calibration_cache=sys.argv[3])
     print("not killed")
     """
 )
+
+
+#: kill-script mode -> DroneConfig.sequential
+MODES = {"one-shot": False, "sequential": True, "compensated": "compensated"}
 
 
 def run_killed(tmp_path: Path, mode: str, stop_at: int) -> Path:
@@ -120,18 +124,22 @@ def run_killed(tmp_path: Path, mode: str, stop_at: int) -> Path:
     return folder
 
 
-def test_sequential_run_killed_after_two_blocks_resumes_without_running_them(tmp_path):
-    folder = run_killed(tmp_path, "sequential", 2)
+@pytest.mark.parametrize("mode", ["sequential", "compensated"])
+def test_sequential_run_killed_after_two_blocks_resumes_without_running_them(tmp_path, mode):
+    folder = run_killed(tmp_path, mode, 2)
     assert sorted(p.name for p in folder.glob("block-*.pt")) == ["block-00000.pt", "block-00001.pt"]
     dense = build(4)
-    reference = compress(dense, sequential=True)
+    reference = compress(dense, sequential=MODES[mode])
     model = copy.deepcopy(dense)
     calls = Calls({f"block{i}": b for i, b in enumerate(model.encoder.layer)})
-    resumed = drone_hf.compress(model, config(sequential=True, calibration_cache=folder), show_progress=False)
+    resumed = drone_hf.compress(model, config(sequential=MODES[mode], calibration_cache=folder), show_progress=False)
     calls.remove()
     batches = -(-len(CALIBRATION_TEXTS) // 2)
-    # finished blocks never ran; each later block ran once per batch to calibrate and once to feed the next
-    assert calls.count == {"block0": 0, "block1": 0, "block2": 2 * batches, "block3": 2 * batches}
+    # finished blocks never ran; each later block ran whole once per batch to calibrate and once to feed
+    # the next. Compensated: its calibration passes stop after each group's last layer (not counted),
+    # then one whole pass orders the groups and one per batch advances the dense stream.
+    runs = 2 * batches + (1 if mode == "compensated" else 0)
+    assert calls.count == {"block0": 0, "block1": 0, "block2": runs, "block3": runs}
     assert_identical(resumed, reference)
 
 
@@ -182,6 +190,14 @@ def test_sequential_cache_with_other_ranks_is_refused(tmp_path):
     compress(dense, sequential=True, calibration_cache=tmp_path)
     with pytest.raises(ValueError, match="ranks of the sequential pass"):
         compress(dense, sequential=True, param_ratio=0.3, calibration_cache=tmp_path)
+
+
+def test_a_plain_sequential_cache_is_not_resumed_as_compensated(tmp_path):
+    """Plain sequential entries lack the dense stream and the cross-Gram: refused, not half-reused."""
+    dense = build()
+    compress(dense, sequential=True, calibration_cache=tmp_path)
+    with pytest.raises(ValueError, match="statistics-relevant settings"):
+        compress(dense, sequential="compensated", calibration_cache=tmp_path)
 
 
 def test_damaged_or_truncated_entries_are_recomputed(tmp_path, caplog):

@@ -1,0 +1,108 @@
+"""Error-compensated DRONE: the best rank-k weight for inputs that earlier compression has changed.
+
+In a compressed model, layer ``l`` no longer sees the dense model's inputs ``X`` but ``X̂``, the
+outputs of the (already factored) layers before it. Plain DRONE on ``X̂`` minimises
+``||(W - W') X̂||``: it reproduces what the *dense* layer would do to the *changed* inputs, so every
+earlier error passes through unchanged. The compensated problem asks instead for the dense model's
+outputs:
+
+    min over rank-k W'  ||W X - W' X̂||_F
+
+Closed form (derivation in ``docs/method.md``). Write ``Ĝ = X̂ X̂ᵀ`` and ``C = X X̂ᵀ`` (the cross-Gram
+of the paired tokens). The unconstrained least-squares weight is ``W̃ = W C Ĝ⁺``, and
+``W X - W' X̂ = (W X - W̃ X̂) + (W̃ - W') X̂`` where the first part is orthogonal to every
+``W' X̂`` (it is a least-squares residual on the row space of ``X̂``). So the rank-k optimum is DRONE
+applied to ``W̃`` with the Gram ``Ĝ``, and its error is the irreducible part plus DRONE's own:
+
+    ||W X - W'_k X̂||² = ||W X - W̃ X̂||² + Σ_{j>k} σ_j(W̃ X̂)²
+
+With ``X̂ = X`` (nothing changed upstream) ``W̃ = W V_t V_tᵀ`` and this is exactly DRONE. Only the
+three statistics ``Ĝ``, ``C`` and ``||W X||²`` are needed, never the activations.
+
+``damp = δ`` solves ``min ||W X - W' X̂||² + ρ ||W - W'||²`` with ``ρ = δ · mean(diag Ĝ)``, the same
+ridge as DRONE's ``damp`` (:mod:`~drone_hf.solver.closed_form`): it appends ``√ρ I`` to both ``X``
+and ``X̂``, so ``Ĝ -> Ĝ + ρI`` and ``C -> C + ρI``, and ``W̃ = W (C + ρI)(Ĝ + ρI)⁻¹``. Directions
+``X̂`` barely visits then keep the dense weight instead of a large one fitted to a handful of
+tokens (``δ -> ∞`` is plain SVD of ``W``, as for DRONE). Every rank's error is computed exactly from
+the statistics (the objective without the ridge term), not from the formula above, which holds
+for ``δ = 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .closed_form import Decomposition, decompose
+from .numerics import EIGEN_TOL, as_float64, check_finite
+
+
+def decompose_compensated(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    dense_energy: float,
+    *,
+    damp: float = 0.0,
+    precision: torch.dtype = torch.float64,
+) -> Decomposition:
+    """Decompose ``weight`` for the compensated objective ``||W X - W' X̂||``, every rank at once.
+
+    Args:
+        weight: [m, n] the dense layer weight ``W`` (out x in).
+        gram: [n, n] ``Ĝ = Σ x̂ x̂ᵀ``, the Gram of the inputs the compressed model gives the layer.
+        cross: [n, n] ``C = Σ x x̂ᵀ`` over the same tokens, ``x`` the dense model's input to the layer
+            for the token whose compressed-model input is ``x̂``.
+        dense_energy: ``||W X||_F² = Σ ||W x||²``, the reference of the relative errors.
+        damp: relative ridge on ``Ĝ`` (``0``: the exact optimum).
+        precision: dtype of the activations the statistics were accumulated from. ``Ĝ⁺`` divides by
+            the eigenvalues of ``Ĝ``, so directions at the level of that dtype's round-off (below
+            ``10 · eps · λ_max``) are dropped, not inverted: an exactly rank-deficient ``X̂`` (the
+            attention output lies in the span of the factored value layer) has such eigenvalues from
+            float32 round-off alone, and inverting them would fit noise with huge weights. Plain DRONE
+            never divides by them, so it keeps the tighter ``EIGEN_TOL``.
+
+    Returns:
+        A :class:`Decomposition` whose ``weight`` is the compensated ``W̃`` (its rank-k factors are the
+        optimum) and whose errors are ``||W X - W'_k X̂||²`` for every rank.
+    """
+    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
+        raise ValueError(f"damp={damp!r} must be a finite number >= 0 (0 = exact optimum).")
+    w = as_float64(weight)
+    check_finite(w, "weight")
+    n = w.shape[1]
+    g, c = as_float64(gram), as_float64(cross)
+    for name, t in (("gram", g), ("cross", c)):
+        if tuple(t.shape) != (n, n):
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but the weight takes {n} inputs: expected ({n}, {n}).")
+        check_finite(t, name)
+    g = 0.5 * (g + g.T)
+    lam, vec = torch.linalg.eigh(g)
+    lam_max = float(lam[-1]) if lam.numel() else 0.0
+    ridge = damp * float(torch.diagonal(g).mean()) if lam_max > 0 else 0.0
+    if ridge > 0:
+        inverse = 1.0 / (lam.clamp_min(0.0) + ridge)
+    else:
+        tol = max(EIGEN_TOL, 10 * torch.finfo(precision).eps)
+        keep = lam > tol * max(lam_max, 0.0)
+        inverse = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    wc = w @ c  # [m, n]: W C, reused by the error bookkeeping
+    target = wc + ridge * w if ridge > 0 else wc  # W (C + ρI)
+    compensated = ((target @ vec) * inverse) @ vec.T  # W̃ = W C Ĝ⁺, or W (C + ρI)(Ĝ + ρI)⁻¹
+    dec = decompose(compensated, g, damp=damp, eig=(lam, vec))
+
+    # ||W X - W'_k X̂||² for k = 0..r, W'_k = Σ_{j<=k} u_j d_jᵀ with d_j = P W̃ᵀ u_j (P the kept input
+    # subspace): = ||W X||² - 2 Σ u_jᵀ W C d_j + Σ d_jᵀ Ĝ d_j (the u_j are orthonormal).
+    u = dec.basis
+    d = u.T @ compensated
+    if dec.projector is not None:
+        d = (d @ dec.projector) @ dec.projector.T
+    cross_terms = ((u.T @ wc) * d).sum(dim=1)
+    self_terms = ((d @ g) * d).sum(dim=1)
+    steps = torch.cumsum(self_terms - 2 * cross_terms, 0)
+    errors = (float(dense_energy) + torch.cat([steps.new_zeros(1), steps])).clamp_min(0.0)
+    return dataclasses.replace(
+        dec, captured=None, residual=None, total_energy=float(dense_energy), explicit_squared_errors=errors
+    )
