@@ -292,8 +292,8 @@ class DroneConfig(QuantizationConfigMixin):
             )
         if self.sequential and self.compress_attention:
             raise ValueError(
-                "sequential=True with compress_attention=True is not supported yet: use one-shot calibration "
-                "(sequential=False) for attention compression."
+                f"sequential={self.sequential!r} with compress_attention=True is not supported yet: use one-shot "
+                "calibration (sequential=False) for attention compression."
             )
         self._check_cache()
         budgets = [b for b in ("param_ratio", "target_speedup", "max_loss") if getattr(self, b) is not None]

@@ -66,9 +66,11 @@ def test_block_one_differs_from_one_shot():
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.parametrize("mode", [True, "compensated"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_decoders_compress_sequentially_and_reload(arch, tmp_path):
-    model = drone_hf.compress(build(arch).float(), config(param_ratio=0.4, sequential=True), show_progress=False)
+def test_decoders_compress_sequentially_and_reload(arch, mode, tmp_path):
+    model = drone_hf.compress(build(arch).float(), config(param_ratio=0.4, sequential=mode), show_progress=False)
+    assert model.config.quantization_config.sequential == mode
     assert len(drone_hf.report(model)) == len(resolve_targets(build(arch), None, None))
     ids = TOK(CALIBRATION_TEXTS[:2], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -80,6 +82,7 @@ def test_decoders_compress_sequentially_and_reload(arch, tmp_path):
     with torch.no_grad():
         got = again(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert again.config.quantization_config.sequential == mode  # the record of how it was calibrated
 
 
 def test_budgets_that_need_spectra_reuse_the_one_shot_plan():
