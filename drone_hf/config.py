@@ -171,7 +171,8 @@ class DroneConfig(QuantizationConfigMixin):
             plan first. ``True`` solves ``min ||(W - W') X̂||`` on those inputs ``X̂``;
             ``"compensated"`` solves ``min ||W X - W' X̂||`` (the dense model's outputs, ``X`` its
             inputs), so each layer also corrects the error of the layers before it (``method="drone"``
-            only; each block runs twice per batch). See ``drone_hf/sequential.py``.
+            only; a block is calibrated one execution group at a time, each group's passes stopping at
+            it, which takes about 2-3x the time of ``True``). See ``drone_hf/sequential.py``.
         compress_attention (`bool`, defaults to `False`):
             Also compress each self-attention layer's query-key product (DRONE section 2): every head's
             query and key projections shrink to width ``attention_rank``, chosen data-aware on the

@@ -19,6 +19,21 @@ from drone_hf.solver.numerics import EIGEN_TOL
 TOK = tokenizer()
 
 
+def record_block_inputs(model, block, names) -> dict[str, torch.Tensor]:
+    """X [n, N] per layer of ``block`` (by name inside it): each calibration text's own unpadded pass."""
+    layers = {n: block.get_submodule(n) for n in names}
+    xs = {n: [] for n in layers}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n, m in layers.items()]
+    with torch.no_grad():
+        for t in CALIBRATION_TEXTS:
+            enc = TOK(t, return_tensors="pt")
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v).T.double() for n, v in xs.items()}
+
+
 def test_each_block_is_optimal_on_what_the_compressed_blocks_feed_it():
     dense = build("bert")
     comp = drone_hf.compress(copy.deepcopy(dense), config(param_ratio=0.4, sequential=True), show_progress=False)
@@ -32,18 +47,11 @@ def test_each_block_is_optimal_on_what_the_compressed_blocks_feed_it():
     hybrid = copy.deepcopy(dense)
     hybrid.encoder.layer[0] = comp.encoder.layer[0]
     layers = {n: m for n, m in hybrid.encoder.layer[1].named_modules() if isinstance(m, torch.nn.Linear)}
-    xs = {n: [] for n in layers}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1]))) for n, m in layers.items()]
-    with torch.no_grad():
-        for t in CALIBRATION_TEXTS:
-            enc = TOK(t, return_tensors="pt")
-            hybrid(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    for h in hooks:
-        h.remove()
+    xs = record_block_inputs(hybrid, hybrid.encoder.layer[1], layers)
     for name, dense_layer in layers.items():
         module = comp.encoder.layer[1].get_submodule(name)
         assert isinstance(module, DroneLinear)
-        x = torch.cat(xs[name]).T.double()
+        x = xs[name]
         w = dense_weight_of(dense_layer).detach().double()
         y = w @ x
         sigma = torch.linalg.svdvals(y)
@@ -131,21 +139,6 @@ def test_find_blocks_and_refusals():
         drone_hf.DroneConfig(sequential=True, compress_attention=True)
     with pytest.raises(ValueError, match=r"sequential='yes' must be False \(one-shot\), True \(sequential\) or 'compensated'"):
         drone_hf.DroneConfig(sequential="yes")
-
-
-def record_block_inputs(model, block, names) -> dict[str, torch.Tensor]:
-    """X [n, N] per layer of ``block`` (by name inside it): each calibration text's own unpadded pass."""
-    layers = {n: block.get_submodule(n) for n in names}
-    xs = {n: [] for n in layers}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
-             for n, m in layers.items()]
-    with torch.no_grad():
-        for t in CALIBRATION_TEXTS:
-            enc = TOK(t, return_tensors="pt")
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    for h in hooks:
-        h.remove()
-    return {n: torch.cat(v).T.double() for n, v in xs.items()}
 
 
 #: Execution groups of one block (layers reading the same tensor together), in the order they run.
