@@ -20,7 +20,7 @@ def config(**kw):
     return drone_hf.DroneConfig(**(base | kw))
 
 
-def _worker(rank: int, size: int, init_file: str, out_dir: str, sequential: bool) -> None:
+def _worker(rank: int, size: int, init_file: str, out_dir: str, sequential: bool | str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
     try:
         model = drone_hf.compress(build("bert"), config(sequential=sequential), show_progress=False)
@@ -32,7 +32,9 @@ def _worker(rank: int, size: int, init_file: str, out_dir: str, sequential: bool
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sequential", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "sequential", [False, pytest.param(True, marks=pytest.mark.slow), pytest.param("compensated", marks=pytest.mark.slow)]
+)
 def test_two_processes_give_the_single_process_factors(tmp_path, sequential):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), sequential), nprocs=2, join=True)
     single = drone_hf.compress(build("bert"), config(sequential=sequential), show_progress=False)
