@@ -103,6 +103,44 @@ def compress_sequentially(
         replace_modules(model, replacements)
         installed.update(replacements)
 
+    def calibrate_plain(block: nn.Module, inside: list[str], layers: dict[str, nn.Module]) -> dict:
+        """Statistics of the block's targets on the compressed stream, then the targets factored."""
+        if not inside:
+            return {}
+
+        def forward(i: int, batch: dict) -> None:
+            run_block(block, stored[i])
+
+        grams = collect_grams(
+            model, layers, data, {c: widths[c] for c in layers}, False,
+            forward=forward, observe_output=observe_output & set(layers),
+        )
+        states = {c: o.state() for c, o in grams.items()}
+        factor(inside, grams)
+        return states
+
+    def calibrate_compensated(block: nn.Module, inside: list[str], layers: dict[str, nn.Module]) -> dict:
+        """Group by group (q/k/v, o, gate/up, down): each calibrated behind its own block's factored
+        groups, then factored; then the dense block's outputs advance the dense stream."""
+        assert dense is not None and input_widths is not None
+        originals = {full: targets[full_to_c[full]][1] for full in inside}  # the dense layers
+
+        def dense_block():
+            return _swapped(model, originals)
+
+        states = {}
+        for group in execution_groups(block, layers, stored[0]) if layers else []:
+            paired = collect_paired(
+                block, {c: layers[c] for c in group}, {c: input_widths[c] for c in group}, dense, stored,
+                masks, dense_block,
+            )
+            states.update({c: o.state() for c, o in paired.items()})
+            factor([targets[c][0] for c in group], paired)
+        with torch.inference_mode(), dense_block():
+            for item in dense:  # the dense block's outputs feed the dense stream's next block
+                item.hidden = run_block(block, item)
+        return states
+
     with _eval_mode(model):
         stored: list[BlockInputs] = capture_first_block_inputs(model, blocks[0][1], data.batches, device)
         # the dense model's stream beside the compressed one (compensated mode): same batches, own hidden states
@@ -122,44 +160,12 @@ def compress_sequentially(
         for index in range(start, len(blocks)):
             block_name, block = blocks[index]
             inside = [f for f in chosen if f.startswith(block_name + ".")]
-            grams: dict = {}
             layers = {full_to_c[f]: model.get_submodule(f) for f in inside}
             materialise(layers.values())  # offloaded: this block's dense targets, once, not per batch
-            if dense is not None:
-                # group by group (q/k/v, o, gate/up, down): each calibrated behind its own block's
-                # factored groups, then factored; the statistics are kept for the cache entry
-                states = {}
-                originals = {full: targets[full_to_c[full]][1] for full in inside}  # the dense layers
-
-                def dense_block(originals: dict = originals):
-                    return _swapped(model, originals)
-
-                for group in execution_groups(block, layers, stored[0]) if layers else []:
-                    paired = collect_paired(
-                        block, {c: layers[c] for c in group}, {c: input_widths[c] for c in group}, dense, stored,
-                        masks, dense_block,
-                    )
-                    states.update({c: o.state() for c, o in paired.items()})
-                    factor([targets[c][0] for c in group], paired)
-                with torch.inference_mode(), dense_block():
-                    for item in dense:  # the dense block's outputs feed the dense stream's next block
-                        item.hidden = run_block(block, item)
-                if cache is not None:
-                    cache.save(_block_entry(index), states)
-                inside = []  # factored already
-            elif inside:
-
-                def forward(i: int, batch: dict, block: nn.Module = block) -> None:
-                    run_block(block, stored[i])
-
-                grams = collect_grams(
-                    model, layers, data, {c: widths[c] for c in layers}, False,
-                    forward=forward, observe_output=observe_output & set(layers),
-                )
-            if cache is not None and dense is None:
-                cache.save(_block_entry(index), {c: o.state() for c, o in grams.items()})
-            if inside:
-                factor(inside, grams)
+            calibrate = calibrate_plain if dense is None else calibrate_compensated
+            states = calibrate(block, inside, layers)  # statistics taken and the block's targets factored
+            if cache is not None:
+                cache.save(_block_entry(index), states)
             with torch.inference_mode():
                 for item in stored:  # the compressed block's outputs feed the next block
                     item.hidden = run_block(block, item)
