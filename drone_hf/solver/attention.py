@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from .closed_form import METHODS
-from .numerics import EIGEN_TOL, SINGULAR_TOL, as_float64, check_finite
+from .numerics import EIGEN_TOL, SINGULAR_TOL, as_float64, check_damp, check_finite
 
 
 def augmented_gram(gram: torch.Tensor, token_sum: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -242,8 +242,7 @@ def decompose_qk(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported: use one of {list(METHODS)}.")
-    if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and math.isfinite(damp) and damp >= 0):
-        raise ValueError(f"damp={damp!r} must be a finite number >= 0 (0 = exact DRONE optimum).")
+    check_damp(damp)
     wq = _augmented_weight(query_weight, query_bias, "query")
     wk = _augmented_weight(key_weight, key_bias, "key")
     if wq.shape != wk.shape:

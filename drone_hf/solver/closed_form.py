@@ -25,12 +25,11 @@ Every rank's calibration error comes for free: with ``Y = W V Λ^{1/2}`` (undamp
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from .numerics import EIGEN_TOL, SINGULAR_TOL, as_float64, check_finite
+from .numerics import EIGEN_TOL, SINGULAR_TOL, as_float64, check_damp, check_finite
 
 #: Every solver ``DroneConfig(method=...)`` accepts: DRONE, plain SVD, and the peer methods of
 #: :mod:`drone_hf.solver.peers` (ASVD, Fisher-weighted SVD, SVD-LLM), for side-by-side comparison.
@@ -206,8 +205,7 @@ def decompose(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported: use one of {list(METHODS)}.")
-    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
-        raise ValueError(f"damp={damp!r} must be a finite number >= 0 (0 = exact DRONE optimum).")
+    check_damp(damp)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}.")
     w = as_float64(weight)

@@ -31,12 +31,11 @@ for ``δ = 0``.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
 from .closed_form import Decomposition, decompose
-from .numerics import EIGEN_TOL, as_float64, check_finite
+from .numerics import EIGEN_TOL, as_float64, check_damp, check_finite
 
 
 def decompose_compensated(
@@ -68,8 +67,7 @@ def decompose_compensated(
         A :class:`Decomposition` whose ``weight`` is the compensated ``W̃`` (its rank-k factors are the
         optimum) and whose errors are ``||W X - W'_k X̂||²`` for every rank.
     """
-    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
-        raise ValueError(f"damp={damp!r} must be a finite number >= 0 (0 = exact optimum).")
+    check_damp(damp)
     w = as_float64(weight)
     check_finite(w, "weight")
     n = w.shape[1]

@@ -7,6 +7,8 @@ eigen/singular value, so scaling the inputs or the weight never changes which di
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 #: Eigenvalues of the Gram below ``EIGEN_TOL · λ_max`` count as directions calibration never saw.
@@ -33,6 +35,13 @@ def check_finite(t: torch.Tensor, what: str) -> None:
             "unusable. Check the model's dtype (fp16 activations can overflow: load with dtype=torch.float32) "
             "and the calibration texts."
         )
+
+
+def check_damp(damp: float) -> None:
+    """Refuse a ridge that is not a finite number >= 0 (every solver's ``damp``; bools too: ``True``
+    is a mistake, not a damping of 1)."""
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"damp={damp!r} must be a finite number >= 0 (0 = exact DRONE optimum).")
 
 
 def cast_factors(
