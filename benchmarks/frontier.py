@@ -73,6 +73,7 @@ class Variant:
     attention_rank: int | None = None
     eval_loss: str = "auto"  # what greedy measures on held-out texts (DroneConfig.eval_loss)
     eval_samples: int | None = None  # how many held-out texts it measures on (None: the library's default)
+    sequential: bool | str = False  # DroneConfig.sequential: one-shot, True (block by block) or "compensated"
 
     @property
     def label(self) -> str:
@@ -80,6 +81,7 @@ class Variant:
         extra = f", attention k={self.attention_rank}" if self.attention_rank else ""
         extra += f", eval loss {self.eval_loss}" if self.eval_loss != "auto" else ""
         extra += f", {self.eval_samples} held-out texts" if self.eval_samples is not None else ""
+        extra += f", {SEQUENTIAL_LABELS[self.sequential]}" if self.sequential else ""
         return f"{self.method} ({self.allocation}, {budget}{extra})"
 
     def config(self, texts: list[str], tokenizer: Any, s: Settings, shape: tuple[int, int]) -> drone_hf.DroneConfig:
@@ -91,6 +93,7 @@ class Variant:
             attention_rank=self.attention_rank,
             eval_loss=self.eval_loss,
             eval_samples=self.eval_samples,
+            sequential=self.sequential,
             latency_shape=shape,
             dataset=texts,
             tokenizer=tokenizer,
@@ -116,16 +119,36 @@ QUICK_PLAN = Plan(ratios=(0.5,), speedups=(1.2,), shapes=((4, 32), (1, 32)), rep
 #: Row groups a run can be limited to (``--rows``).
 ROW_GROUPS = ("uniform", "greedy", "attention")
 
+#: ``--calibration`` choices: the DroneConfig.sequential value each stands for, and the row label.
+CALIBRATIONS = {"one-shot": False, "sequential": True, "compensated": "compensated"}
+SEQUENTIAL_LABELS = {True: "sequential", "compensated": "compensated"}
+
+#: ``--split validation`` holds out this many sentences from the end of the training split (a fifth of
+#: it when that is less, as in ``--quick``): settings (budget, calibration mode, evaluation loss) are
+#: chosen on them, so the test split is measured once, for the report.
+VALIDATION_SIZE = 1000
+
+
+def validation_split(train_raw):
+    """(calibration pool, validation sentences): the training split minus its last rows, and those rows.
+
+    The dense teacher was fine-tuned on all of them, so dense accuracy on the validation rows is
+    higher than on test; only differences between compressed rows mean anything there."""
+    n = len(train_raw)
+    held = min(VALIDATION_SIZE, n // 5)
+    return train_raw.select(range(n - held)), train_raw.select(range(n - held, n))
+
 
 def variants(
     plan: Plan, methods: tuple[str, ...] = METHODS, groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto",
-    eval_samples: int | None = None,
+    eval_samples: int | None = None, sequential: bool | str = False,
 ) -> list[Variant]:
     """The rows of a run: uniform ranks per method, DRONE greedy (size and speed budgets, measuring
-    ``eval_loss`` on ``eval_samples`` held-out texts), DRONE + attention; ``groups`` keeps only some of them."""
+    ``eval_loss`` on ``eval_samples`` held-out texts, calibrated the ``sequential`` way), DRONE +
+    attention; ``groups`` keeps only some of them."""
     rows = [Variant(m, {"param_ratio": r}) for m in methods for r in plan.ratios] if "uniform" in groups else []
     if "greedy" in groups:
-        greedy = dict(allocation="greedy", eval_loss=eval_loss, eval_samples=eval_samples)
+        greedy = dict(allocation="greedy", eval_loss=eval_loss, eval_samples=eval_samples, sequential=sequential)
         rows += [Variant("drone", {"param_ratio": r}, **greedy) for r in plan.ratios]
         rows += [Variant("drone", {"target_speedup": x}, **greedy) for x in plan.speedups]
     if "attention" in groups:
@@ -148,21 +171,25 @@ def speedups(
 
 
 def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
-        groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto", eval_samples: int | None = None) -> dict:
+        groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto", eval_samples: int | None = None,
+        sequential: bool | str = False, split: str = "test") -> dict:
+    """Every row of the plan on split ``split``: ``test`` (the report) or ``validation`` (choosing
+    settings; see ``validation_split``)."""
     from transformers import AutoTokenizer
 
     torch.set_num_threads(s.threads)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path(s))
     train_raw, test_raw = splits(s)
-    train_ds = tokenize_classification(train_raw, tokenizer, s.max_length)
+    dense, _ = dense_model(s, tokenize_classification(train_raw, tokenizer, s.max_length), tokenizer, log)
+    if split == "validation":
+        train_raw, test_raw = validation_split(train_raw)
     test_ds = tokenize_classification(test_raw, tokenizer, s.max_length)
-    dense, _ = dense_model(s, train_ds, tokenizer, log)
     dense_acc = evaluate_classifier(dense, test_ds, tokenizer)
     dense_params = sum(p.numel() for p in dense.parameters())
-    log(f"dense accuracy {dense_acc:.4f} on {len(test_ds)} test sentences")
+    log(f"dense accuracy {dense_acc:.4f} on {len(test_ds)} {split} sentences")
     texts = list(train_raw["text"])
     rows = []
-    for v in variants(plan, methods, groups, eval_loss, eval_samples):
+    for v in variants(plan, methods, groups, eval_loss, eval_samples, sequential):
         rec: dict[str, Any] = {"label": v.label, **asdict(v)}
         start = time.perf_counter()
         work = copy.deepcopy(dense)
@@ -194,9 +221,11 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         "methods": list(methods),
         "groups": list(groups),
         "eval_samples": eval_samples,
+        "split": split,
+        "sequential": sequential,
         "dense_accuracy": dense_acc,
         "dense_params": dense_params,
-        "test_sentences": len(test_ds),
+        "test_sentences": len(test_ds),  # sentences of the evaluated split (test or validation)
         "rows": rows,
         "load_average": load_average(),
     }
@@ -216,6 +245,9 @@ def rows_run(r: dict) -> str:
         if used:
             on = f" on {' / '.join(map(str, held))} held-out calibration texts" if held else ""
             greedy += f" (sensitivities measured with the {' / '.join(used)} evaluation loss{on})"
+        mode = r.get("sequential", False)
+        if mode:
+            greedy += f", calibrated with `sequential={mode!r}`"
         parts.append(greedy)
     if "attention" in groups:
         parts.append(f"DRONE + attention (k={r['plan']['attention_rank']}) at `param_ratio=0.5`")
@@ -239,7 +271,7 @@ def best_within(rows: list[dict], dense_acc: float, points: float, shape: str) -
 
 def render(r: dict, command: str, runtime: float, out: Path, stem: str | None = None) -> None:
     shapes = [f"{b}x{q}" for b, q in r["plan"]["shapes"]]
-    dense_acc = r["dense_accuracy"]
+    dense_acc, split = r["dense_accuracy"], r.get("split", "test")
     table = [["variant", "model params", *(f"speedup {x}" for x in shapes), "accuracy %", "vs dense (points)"]]
     table.append(["dense (fine-tuned)", f"{r['dense_params'] / 1e6:.1f}M", *("1.00x" for _ in shapes),
                   fmt(100 * dense_acc, 2), "0.00"])
@@ -270,7 +302,7 @@ def render(r: dict, command: str, runtime: float, out: Path, stem: str | None = 
     ]
     s = r["settings"]
     body = "\n".join([
-        f"## Accuracy vs measured speedup, no fine-tuning ({r['test_sentences']:,} test sentences)",
+        f"## Accuracy vs measured speedup, no fine-tuning ({r['test_sentences']:,} {split} sentences)",
         "",
         markdown_table(table[0], table[1:]),
         "",
@@ -290,6 +322,10 @@ def render(r: dict, command: str, runtime: float, out: Path, stem: str | None = 
         f"- Dense model: {TASK_MODELS[s['model']]} + classification head fine-tuned {s['dense_epochs']:g} epoch(s) "
         "on the movie-review training split (the cached teacher of `benchmarks/finetune.py`).",
         rows_run(r),
+        *([f"- **Validation split**: accuracy on the last {r['test_sentences']:,} sentences of the training split "
+           "(calibration draws from the rest). The dense model was fine-tuned on them too, so its accuracy here is "
+           "higher than on test: this run chooses settings; the test split reports them."]
+          if split == "validation" else []),
         f"- Calibration: {s['calibration_samples']} training sentences (seed {s['seed']}), max length "
         f"{s['max_length']}; `target_speedup` rows allocate greedily against latencies measured at {shapes[0]}.",
         f"- Speed: end-to-end forward of random token ids at {', '.join(shapes)}, {s['threads']} threads, dense "
@@ -315,6 +351,7 @@ def render(r: dict, command: str, runtime: float, out: Path, stem: str | None = 
             key += " (speed budget)" if "target_speedup" in row["budget"] else ""
             key += f" [{row['eval_loss']}]" if row.get("eval_loss", "auto") != "auto" else ""
             key += f" [{row['eval_samples']} held out]" if row.get("eval_samples") is not None else ""
+            key += f" [{SEQUENTIAL_LABELS[row['sequential']]}]" if row.get("sequential") else ""
             groups.setdefault(key, []).append(row)
     for key, rows in groups.items():
         rows = sorted(rows, key=lambda x: x["speedup"][shapes[0]])
@@ -322,7 +359,7 @@ def render(r: dict, command: str, runtime: float, out: Path, stem: str | None = 
     ax.axhline(100 * dense_acc, color="k", ls="--", lw=1, label="dense")
     ax.axhline(100 * dense_acc - 1.0, color="gray", ls=":", lw=1, label="dense - 1 point")
     ax.set_xlabel(f"measured end-to-end speedup at {shapes[0]} (CPU, {s['threads']} threads)")
-    ax.set_ylabel("test accuracy %")
+    ax.set_ylabel(f"{split} accuracy %")
     ax.set_title(f"{name} movie-review sentiment, no fine-tuning")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -351,6 +388,12 @@ def main(argv: list[str] | None = None) -> Path:
                         help="held-out calibration texts greedy rows measure the loss on (default: the library's)")
     parser.add_argument("--name", help="results file name without extension (default: frontier[_<model>]); a "
                         "variant of a documented run gets its own files instead of overwriting them")
+    parser.add_argument("--calibration", choices=list(CALIBRATIONS), default="one-shot",
+                        help="how DRONE's greedy rows calibrate (DroneConfig.sequential): one-shot (default), "
+                        "sequential (block by block) or compensated (block by block, matching the dense outputs)")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help=f"where accuracy is measured: test (default, the report) or validation (the last "
+                        f"{VALIDATION_SIZE} training sentences, held out from calibration: for choosing settings)")
     parser.add_argument("--prepare", action="store_true",
                         help="only fine-tune (or load from the cache) the dense task model, print its accuracy, stop")
     args = parser.parse_args(argv)
@@ -372,7 +415,8 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True), methods=methods,
-                 groups=tuple(args.rows), eval_loss=args.eval_loss, eval_samples=args.eval_samples)
+                 groups=tuple(args.rows), eval_loss=args.eval_loss, eval_samples=args.eval_samples,
+                 sequential=CALIBRATIONS[args.calibration], split=args.split)
     stem = args.name or results_stem(s.model)
     render(result, command_line(__file__, argv if argv is not None else sys.argv[1:]), time.perf_counter() - start, out,
            stem)

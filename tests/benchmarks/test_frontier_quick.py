@@ -107,3 +107,45 @@ def test_name_must_be_a_plain_file_name(name, capsys):
     with pytest.raises(SystemExit):
         frontier.main(["--quick", "--name", name])
     assert "give a plain file name" in capsys.readouterr().err
+
+
+def test_validation_split_holds_out_the_end_of_the_training_split():
+    from datasets import Dataset
+
+    train = Dataset.from_dict({"text": [f"t{i}" for i in range(6000)], "label": [i % 2 for i in range(6000)]})
+    pool, held = frontier.validation_split(train)
+    assert len(held) == frontier.VALIDATION_SIZE and len(pool) == 6000 - frontier.VALIDATION_SIZE
+    assert held["text"][0] == "t5000" and held["text"][-1] == "t5999" and pool["text"][-1] == "t4999"
+    small_pool, small_held = frontier.validation_split(train.select(range(256)))
+    assert len(small_held) == 51 and set(small_pool["text"]).isdisjoint(small_held["text"])
+
+
+def test_greedy_rows_take_the_calibration_mode():
+    plan = frontier.QUICK_PLAN
+    rows = frontier.variants(plan, groups=("greedy",), sequential="compensated")
+    assert rows and all(v.sequential == "compensated" and v.label.endswith(", compensated)") for v in rows)
+    assert rows[0].config(["a text"], None, finetune.QUICK, (4, 32)).sequential == "compensated"
+    uniform = frontier.variants(plan, groups=("uniform",), sequential="compensated")
+    assert all(v.sequential is False for v in uniform)  # peer methods have no compensated mode
+    assert frontier.CALIBRATIONS == {"one-shot": False, "sequential": True, "compensated": "compensated"}
+    line = frontier.rows_run({"groups": ["greedy"], "plan": {"ratios": [0.5], "speedups": []},
+                              "sequential": "compensated", "rows": [{"eval_loss_used": "logit_kl"}]})
+    assert line.endswith("(sensitivities measured with the logit_kl evaluation loss), calibrated with "
+                         "`sequential='compensated'`.")
+
+
+@pytest.mark.slow
+def test_quick_validation_run_reports_the_split_and_the_calibration_mode(tmp_path):
+    try:
+        finetune.movie_reviews()
+    except Exception as e:  # noqa: BLE001 - no registry access and nothing cached
+        pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
+    frontier.main(["--quick", "--out", str(tmp_path), "--rows", "greedy", "--speedups", "--calibration",
+                   "compensated", "--split", "validation", "--name", "val"])
+    raw = json.loads((tmp_path / "val.json").read_text())
+    train, _ = finetune.splits(finetune.QUICK)
+    assert raw["split"] == "validation" and raw["test_sentences"] == len(train) // 5
+    assert raw["sequential"] == "compensated" and all(r["sequential"] == "compensated" for r in raw["rows"])
+    assert all(r["label"].endswith(", compensated)") and 0.0 <= r["accuracy"] <= 1.0 for r in raw["rows"])
+    text = (tmp_path / "val.md").read_text()
+    assert f"({len(train) // 5} validation sentences)" in text and "**Validation split**" in text
