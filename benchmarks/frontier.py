@@ -241,7 +241,8 @@ def rows_run(r: dict) -> str:
         used = sorted({row["eval_loss_used"] for row in r["rows"] if row.get("eval_loss_used")})
         held = sorted({row["eval_samples_used"] for row in r["rows"] if row.get("eval_samples_used")})
         speeds = ", ".join(f"{x:g}" for x in r["plan"]["speedups"])
-        greedy = f"DRONE greedy at `param_ratio` {ratios}" + (f" and `target_speedup` {speeds}" if speeds else "")
+        budgets = [f"`param_ratio` {ratios}"] * bool(ratios) + [f"`target_speedup` {speeds}"] * bool(speeds)
+        greedy = "DRONE greedy at " + " and ".join(budgets)
         if used:
             on = f" on {' / '.join(map(str, held))} held-out calibration texts" if held else ""
             greedy += f" (sensitivities measured with the {' / '.join(used)} evaluation loss{on})"
@@ -375,7 +376,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model", choices=sorted(TASK_MODELS), default="minilm",
                         help="base encoder of the task model (mpnet: BERT-base size; results in frontier_mpnet.*)")
     parser.add_argument("--dense-epochs", type=float, help="override the dense fine-tuning epochs (a new cached model)")
-    parser.add_argument("--ratios", type=float, nargs="+", help="param_ratio budgets (default 0.7 0.5 0.3)")
+    parser.add_argument("--ratios", type=float, nargs="*",
+                        help="param_ratio budgets (default 0.7 0.5 0.3; none: no param_ratio rows)")
     parser.add_argument("--speedups", type=float, nargs="*",
                         help="target_speedup budgets (default 1.5 2.0 2.5; none: no speed-budget rows)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS),
@@ -406,7 +408,7 @@ def main(argv: list[str] | None = None) -> Path:
         s = replace(s, dense_epochs=args.dense_epochs)
     if args.prepare:
         return prepare(s, log=lambda m: print(f"[frontier] {m}", flush=True))
-    if args.ratios:
+    if args.ratios is not None:
         plan = replace(plan, ratios=tuple(args.ratios))
     if args.speedups is not None:
         plan = replace(plan, speedups=tuple(args.speedups))

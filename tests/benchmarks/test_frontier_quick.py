@@ -132,6 +132,8 @@ def test_greedy_rows_take_the_calibration_mode():
                               "sequential": "compensated", "rows": [{"eval_loss_used": "logit_kl"}]})
     assert line.endswith("(sensitivities measured with the logit_kl evaluation loss), calibrated with "
                          "`sequential='compensated'`.")
+    line = frontier.rows_run({"groups": ["greedy"], "plan": {"ratios": [], "speedups": [2.0]}, "rows": []})
+    assert line == "- Rows run: DRONE greedy at `target_speedup` 2."
 
 
 @pytest.mark.slow
