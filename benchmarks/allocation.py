@@ -70,7 +70,8 @@ def study_size(quick: bool) -> tuple[str, list[dict]]:
     for ratio in ratios:
         for strategy in ("uniform", "greedy"):
             cfg = drone_hf.DroneConfig(
-                param_ratio=ratio, allocation=strategy, num_samples=8 if quick else 128, eval_samples=4 if quick else 32,
+                param_ratio=ratio, allocation=strategy, num_samples=8 if quick else 128,
+                eval_samples=4 if quick else 32,
                 modules_to_not_convert=QUICK_SKIP if quick else None, rank_grid=QUICK_GRID if quick else None,
             )
             start = time.perf_counter()
@@ -80,7 +81,7 @@ def study_size(quick: bool) -> tuple[str, list[dict]]:
             fids = [fidelity(comp, r) for r in refs]
             rec = {"ratio": ratio, "strategy": strategy, "seconds": seconds, "kept": result["targeted_param_ratio"],
                    "dense_layers": result["dense_layers"]}
-            for s, f in zip(sets, fids):
+            for s, f in zip(sets, fids, strict=True):
                 rec[f"{s.name}_relerr"], rec[f"{s.name}_cos"] = f.relative_error, f.cosine_mean
             records.append(rec)
             rows.append([ratio, strategy, fmt(rec["kept"], 3), rec["dense_layers"]]
@@ -119,7 +120,9 @@ def _wiki_split(quick: bool):
 
 
 @torch.inference_mode()
-def window_nll(model, tok, articles, window: int = LLM_WINDOW, per_article: int = LLM_TOKENS_PER_ARTICLE) -> list[tuple[float, int]]:
+def window_nll(
+    model, tok, articles, window: int = LLM_WINDOW, per_article: int = LLM_TOKENS_PER_ARTICLE
+) -> list[tuple[float, int]]:
     """(summed next-token NLL, predicted tokens) per window: windows are the unit of pairing."""
     out = []
     for text in articles:
@@ -139,11 +142,11 @@ def perplexity(windows: list[tuple[float, int]]) -> float:
 
 def paired_log_ratio(a: list[tuple[float, int]], b: list[tuple[float, int]]) -> tuple[float, float]:
     """log(ppl_a / ppl_b) and its standard error over windows (same texts, so paired)."""
-    diffs = [(sa - sb) / n for (sa, n), (sb, _) in zip(a, b)]
+    diffs = [(sa - sb) / n for (sa, n), (sb, _) in zip(a, b, strict=True)]
     weights = [n for _, n in a]
     total = sum(weights)
-    mean = sum(d * w for d, w in zip(diffs, weights)) / total
-    var = sum(w * (d - mean) ** 2 for d, w in zip(diffs, weights)) / total
+    mean = sum(d * w for d, w in zip(diffs, weights, strict=True)) / total
+    var = sum(w * (d - mean) ** 2 for d, w in zip(diffs, weights, strict=True)) / total
     return mean, math.sqrt(var / max(len(diffs) - 1, 1))
 
 
@@ -218,7 +221,8 @@ def study_loss(quick: bool) -> tuple[str, list[dict]]:
     for strategy in ("uniform", "greedy", "drone"):
         max_loss = 0.15
         cfg = drone_hf.DroneConfig(max_loss=max_loss, allocation=strategy, num_samples=8 if quick else 128,
-                                   eval_samples=4 if quick else 32, modules_to_not_convert=QUICK_SKIP if quick else None,
+                                   eval_samples=4 if quick else 32,
+                                   modules_to_not_convert=QUICK_SKIP if quick else None,
                                    rank_grid=QUICK_GRID if quick else None)
         start = time.perf_counter()
         comp = drone_hf.compress(copy.deepcopy(model), cfg, show_progress=False)
@@ -299,7 +303,7 @@ def _plot(records: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for strategy, marker in (("uniform", "o"), ("greedy", "s")):
         pts = [(r["ratio"], r["sotu-heldout_cos"]) for r in size if r["strategy"] == strategy]
-        ax.plot(*zip(*pts), marker=marker, label=strategy)
+        ax.plot(*zip(*pts, strict=True), marker=marker, label=strategy)
     ax.set_xlabel("param_ratio (targeted weights kept)")
     ax.set_ylabel("held-out embedding cosine")
     ax.set_title("MiniLM: greedy vs uniform ranks")
@@ -317,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="param_ratio budgets of the llm study (default: %(default)s)")
     parser.add_argument("--llm-articles", type=int, default=LLM_EVAL_ARTICLES,
                         help="held-out Wikipedia articles of the llm study (default: %(default)s)")
-    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, or a temp dir with --quick)")
+    parser.add_argument("--out", type=Path,
+                        help="results folder (default: benchmarks/results, or a temp dir with --quick)")
     args = parser.parse_args(argv)
     globals().update(LLM_RATIOS=tuple(args.llm_ratios), LLM_EVAL_ARTICLES=args.llm_articles)  # read by study_llm
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)

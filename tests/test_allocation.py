@@ -207,7 +207,10 @@ def test_a_failing_loss_callable_leaves_the_model_dense(strategy) -> None:
     def broken(model):
         raise KeyError("validation split")
 
-    refuse(dict(max_loss=0.1, allocation=strategy, loss_fn=broken), r"loss_fn raised KeyError: 'validation split'.*not changed")
+    refuse(
+        dict(max_loss=0.1, allocation=strategy, loss_fn=broken),
+        r"loss_fn raised KeyError: 'validation split'.*not changed",
+    )
 
 
 @pytest.mark.parametrize("value", [float("nan"), "0.1", None, True])

@@ -9,6 +9,7 @@ inputs.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -132,8 +133,8 @@ def test_error_is_monotone_in_rank():
     for k in (2, 4, 8, 16):
         model = drone_hf.compress(build("bert"), config(ranks={".*": k}), show_progress=False)
         errs.append([r.relative_error for r in drone_hf.report(model)])
-    for lower, higher in zip(errs, errs[1:]):
-        assert all(h <= lo + 1e-12 for lo, h in zip(lower, higher))
+    for lower, higher in itertools.pairwise(errs):
+        assert all(h <= lo + 1e-12 for lo, h in zip(lower, higher, strict=True))
 
 
 def test_compress_does_not_mutate_config_and_records_ranks():

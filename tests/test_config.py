@@ -129,7 +129,9 @@ def test_invalid_values_raise_naming_the_field(kwargs, field: str) -> None:
 def test_error_messages_show_the_bad_value() -> None:
     with pytest.raises(ValueError, match=r"param_ratio=1\.5 must be a number in \(0, 1\]"):
         DroneConfig(param_ratio=1.5)
-    with pytest.raises(ValueError, match=r"method='foo' is not supported: use one of \['drone', 'svd', 'asvd', 'fwsvd', 'svdllm'\]"):
+    with pytest.raises(
+        ValueError, match=r"method='foo' is not supported: use one of \['drone', 'svd', 'asvd', 'fwsvd', 'svdllm'\]"
+    ):
         DroneConfig(method="foo")
     with pytest.raises(ValueError, match=r"ranks\['q'\]=0 must be a positive integer"):
         DroneConfig(ranks={"q": 0})
@@ -300,7 +302,11 @@ def test_deepcopy_shares_runtime_objects_and_copies_the_rest() -> None:
     dataset = datasets.Dataset.from_dict({"text": ["x", "y"]})
     tokenizer = FakeTokenizer()
     c = DroneConfig(
-        dataset=dataset, tokenizer=tokenizer, ranks={"q": 2}, target_modules=["query"], modules_to_not_convert=["pooler"]
+        dataset=dataset,
+        tokenizer=tokenizer,
+        ranks={"q": 2},
+        target_modules=["query"],
+        modules_to_not_convert=["pooler"],
     )
     c.relative_errors = {"q": 0.5}
     dup = copy.deepcopy(c)

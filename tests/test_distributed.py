@@ -33,7 +33,8 @@ def _worker(rank: int, size: int, init_file: str, out_dir: str, sequential: bool
 
 
 @pytest.mark.parametrize(
-    "sequential", [False, pytest.param(True, marks=pytest.mark.slow), pytest.param("compensated", marks=pytest.mark.slow)]
+    "sequential",
+    [False, pytest.param(True, marks=pytest.mark.slow), pytest.param("compensated", marks=pytest.mark.slow)],
 )
 def test_two_processes_give_the_single_process_factors(tmp_path, sequential):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), sequential), nprocs=2, join=True)

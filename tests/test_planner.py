@@ -8,6 +8,7 @@ benchmarks/.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
 import pytest
@@ -20,9 +21,9 @@ import drone_hf.planner as planner_mod
 import drone_hf.utils.page_faults as page_faults_mod
 from drone_hf import DroneConfig, DroneLinear
 from drone_hf.allocation import LayerOptions, greedy_allocate
+from drone_hf.calibration import tokenize_batches
 from drone_hf.compress import _split_texts
 from drone_hf.evaluation import output_fidelity
-from drone_hf.calibration import tokenize_batches
 from drone_hf.search import default_eval_samples, logit_divergence, resolve_eval_loss
 
 TOKENIZER = tokenizer()
@@ -35,7 +36,9 @@ def build(seed: int = 0) -> BertModel:
 
 
 def config(**kw) -> DroneConfig:
-    base = dict(dataset=TEXTS, num_samples=18, eval_samples=6, batch_size=6, tokenizer=TOKENIZER, rank_grid=[4, 8, 12, 16, 24])
+    base = dict(
+        dataset=TEXTS, num_samples=18, eval_samples=6, batch_size=6, tokenizer=TOKENIZER, rank_grid=[4, 8, 12, 16, 24]
+    )
     return DroneConfig(**(base | kw))
 
 
@@ -44,8 +47,8 @@ def test_hull_starts_dense_and_has_non_decreasing_slopes():
     opt = LayerOptions("a", 100.0, [8, 16, 24, 32, 40], [20, 40, 60, 80, 95], [0.6, 0.2, 0.15, 0.02, 0.01], 2.0)
     hull = opt.hull()
     assert hull[0] == (100.0, 0.0, None)
-    slopes = [(l2 - l1) / (c1 - c2) for (c1, l1, _), (c2, l2, _) in zip(hull, hull[1:])]
-    assert all(b >= a - 1e-12 for a, b in zip(slopes, slopes[1:]))
+    slopes = [(l2 - l1) / (c1 - c2) for (c1, l1, _), (c2, l2, _) in itertools.pairwise(hull)]
+    assert all(b >= a - 1e-12 for a, b in itertools.pairwise(slopes))
     # by hand: slope dense->32 is 0.04/20 = 0.002 < dense->40 (0.02/5), so 40 lies above the hull;
     # 32->16 is 0.36/40 = 0.009 < 32->24 (0.26/20), so 24 does too
     assert [k for *_, k in hull] == [None, 32, 16, 8]
@@ -66,8 +69,8 @@ def test_greedy_meets_a_cost_budget_at_least_loss():
     # brute force over every combination within budget: greedy on convex hulls is optimal here
     combos = [
         (ra, rb, la + lb)
-        for ra, ca, la in [(None, 100.0, 0.0)] + list(zip(a.ranks, a.costs, a.errors))
-        for rb, cb, lb in [(None, 100.0, 0.0)] + list(zip(b.ranks, b.costs, b.errors))
+        for ra, ca, la in [(None, 100.0, 0.0)] + list(zip(a.ranks, a.costs, a.errors, strict=True))
+        for rb, cb, lb in [(None, 100.0, 0.0)] + list(zip(b.ranks, b.costs, b.errors, strict=True))
         if ca + cb <= 100.0
     ]
     assert alloc.predicted_loss == pytest.approx(min(loss for *_, loss in combos))
@@ -88,7 +91,9 @@ def test_greedy_size_budget_is_met_and_recorded():
     rep = drone_hf.report(model)
     result = model.config.quantization_config.allocation_result
     assert result["strategy"] == "greedy" and result["budget"] == {"param_ratio": 0.4}
-    dense_shapes = {c: layer.weight.shape for c, (_, layer) in drone_hf.modules.resolve_targets(build(), None, None).items()}
+    dense_shapes = {
+        c: layer.weight.shape for c, (_, layer) in drone_hf.modules.resolve_targets(build(), None, None).items()
+    }
     dense_total = sum(o * i for o, i in dense_shapes.values())
     factored = {r.name: r for r in rep}
     kept = sum(factored[c].factored_params if c in factored else o * i for c, (o, i) in dense_shapes.items())

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from tiny_models import CALIBRATION_TEXTS, tokenizer
 from test_compress import build, config
+from tiny_models import CALIBRATION_TEXTS, tokenizer
 
 import drone_hf
 import drone_hf.sequential as sequential_mod
@@ -126,7 +126,9 @@ def test_pooler_outside_the_blocks_is_calibrated_last():
         build("bert"), config(param_ratio=0.4, sequential=True, target_modules=["pooler.dense", "query"]),
         show_progress=False,
     )
-    assert isinstance(model.pooler.dense, DroneLinear) and isinstance(model.encoder.layer[1].attention.self.query, DroneLinear)
+    assert isinstance(model.pooler.dense, DroneLinear) and isinstance(
+        model.encoder.layer[1].attention.self.query, DroneLinear
+    )
 
 
 def test_find_blocks_and_refusals():
@@ -137,7 +139,9 @@ def test_find_blocks_and_refusals():
         find_blocks(model, {"pooler.dense"})
     with pytest.raises(ValueError, match="compress_attention=True is not supported yet"):
         drone_hf.DroneConfig(sequential=True, compress_attention=True)
-    with pytest.raises(ValueError, match=r"sequential='yes' must be False \(one-shot\), True \(sequential\) or 'compensated'"):
+    with pytest.raises(
+        ValueError, match=r"sequential='yes' must be False \(one-shot\), True \(sequential\) or 'compensated'"
+    ):
         drone_hf.DroneConfig(sequential="yes")
 
 

@@ -32,7 +32,11 @@ def edit_config(folder, fn):
 def test_rank_disagreeing_with_the_weights_names_layer_and_shapes(drone_checkpoint):
     name = "encoder.layer.1.intermediate.dense"
     edit_config(drone_checkpoint, lambda q: q["ranks"].__setitem__(name, 3))
-    with pytest.raises(ValueError, match=rf"disagree on '{name}': the config records rank 3 \(down \[3, 32\]\) but the weights hold down \[\d+, 32\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"disagree on '{name}': the config records rank 3 \(down \[3, 32\]\) "
+        r"but the weights hold down \[\d+, 32\]",
+    ):
         AutoModelForSequenceClassification.from_pretrained(drone_checkpoint)
     with pytest.raises(ValueError, match="disagree"):  # the base class sees the same layer
         AutoModel.from_pretrained(drone_checkpoint)

@@ -36,7 +36,9 @@ def test_quick_run_measures_overhead_memory_and_sequential_quality(tmp_path):
 
     # one file per study: the sequential and the processes tables do not overwrite the overhead one
     seq = json.loads((tmp_path / "calibration_minilm_sequential.json").read_text())["sequential"]
-    assert {"0.5-one-shot", "0.5-sequential", "0.5-sequential=compensated"} <= set(seq) and all(0 < r["cos"] <= 1 for r in seq.values())
+    assert {"0.5-one-shot", "0.5-sequential", "0.5-sequential=compensated"} <= set(seq) and all(
+        0 < r["cos"] <= 1 for r in seq.values()
+    )
     proc = json.loads((tmp_path / "calibration_minilm_processes.json").read_text())["processes"]
     assert proc["processes_agree"] and proc["same_tokens"]
     # factors themselves may differ by sign or by a rotation inside a degenerate subspace (few texts);

@@ -37,7 +37,9 @@ def test_lm_benchmark_quick(tmp_path):
     assert "| drone greedy |" in text
     # SVD-LLM and DRONE reach the same optimum on positive-definite statistics
     for r in RATIOS:
-        assert rec["methods"]["svdllm"]["ppl"][str(r)] == pytest.approx(rec["methods"]["drone"]["ppl"][str(r)], rel=1e-4)
+        assert rec["methods"]["svdllm"]["ppl"][str(r)] == pytest.approx(
+            rec["methods"]["drone"]["ppl"][str(r)], rel=1e-4
+        )
     assert (tmp_path / "lm.png").exists()
     # the cost table: seconds and added peak memory for every step and every method's solve
     steps = set(rec["timings_s"]) | {f"solve all layers: {m}" for m in rec["methods"]}

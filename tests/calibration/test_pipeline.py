@@ -44,7 +44,9 @@ def tiny_bert_cls(dtype=f64, dropout: float = 0.0) -> BertForSequenceClassificat
 
 def tiny_gpt2(dtype=f64) -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=30522, n_embd=16, n_layer=2, n_head=2, n_positions=64, bos_token_id=101, eos_token_id=102)
+    config = GPT2Config(
+        vocab_size=30522, n_embd=16, n_layer=2, n_head=2, n_positions=64, bos_token_id=101, eos_token_id=102
+    )
     return GPT2LMHeadModel(config).to(dtype).eval()
 
 
@@ -300,7 +302,8 @@ def test_padding_in_toy_model_is_masked_exactly() -> None:
 # GramObserver
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "dtype, wide", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float32), (f64, f64)]
+    "dtype, wide",
+    [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float32), (f64, f64)],
 )
 def test_batch_product_precision(dtype, wide) -> None:
     t = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)).to(dtype)

@@ -236,10 +236,13 @@ def test_target_modules_list_uses_suffix_matching_in_module_order() -> None:
 def test_target_modules_list_accepts_canonical_full_and_head_names() -> None:
     model = tiny_bert_seq_cls()
     t = resolve_targets(
-        model, ["encoder.layer.1.output.dense", "bert.encoder.layer.0.intermediate.dense", "classifier", "pooler.dense"],
+        model,
+        ["encoder.layer.1.output.dense", "bert.encoder.layer.0.intermediate.dense", "classifier", "pooler.dense"],
         None,
     )
-    assert list(t) == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.output.dense", "pooler.dense", "classifier"]
+    assert list(t) == [
+        "encoder.layer.0.intermediate.dense", "encoder.layer.1.output.dense", "pooler.dense", "classifier"
+    ]
     # "output.dense" is a suffix of both attention.output.dense and output.dense
     t = resolve_targets(model, ["output.dense"], None)
     assert list(t) == [
@@ -270,7 +273,9 @@ def test_target_modules_regex_must_match_whole_names() -> None:
 
 def test_unknown_target_entry_raises_naming_it() -> None:
     model = tiny_bert_seq_cls()
-    with pytest.raises(ValueError, match=r"target_modules entry 'qkv' matches no linear layer of BertForSequenceClassification"):
+    with pytest.raises(
+        ValueError, match=r"target_modules entry 'qkv' matches no linear layer of BertForSequenceClassification"
+    ):
         resolve_targets(model, ["query", "qkv"], None)
     with pytest.raises(ValueError, match=r"'nothing_here'.*layer names look like 'encoder\.layer\.0"):
         resolve_targets(model, r"nothing_here", None)

@@ -145,7 +145,9 @@ def test_saving_into_an_existing_folder_keeps_user_files_and_drops_stale_weights
     assert {k: after[k] for k in user_files} == user_files  # README, tokenizer, notes/, shim: unchanged
     assert not stale.exists()
     reloaded = AutoModel.from_pretrained(checkpoint)
-    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
     assert not list(checkpoint.parent.glob(f".{checkpoint.name}.drone-*"))
 
 
@@ -172,7 +174,9 @@ def test_save_into_a_new_nested_folder(checkpoint: Path, tmp_path: Path) -> None
     assert (target / "model.safetensors").is_file() and (target / "config.json").is_file()
     assert oct((target).stat().st_mode & 0o777) == oct(0o777 & ~_umask())
     reloaded = AutoModel.from_pretrained(target)
-    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
 
 
 def test_stale_temporaries_of_live_processes_are_left_alone(checkpoint: Path) -> None:

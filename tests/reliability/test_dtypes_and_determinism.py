@@ -40,18 +40,26 @@ def test_half_precision_model_compresses_with_factors_in_its_dtype(dtype: torch.
 
 def test_cast_error_is_the_real_change_of_the_product() -> None:
     g = torch.Generator().manual_seed(0)
-    up, down = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randn(4, 24, generator=g, dtype=torch.float64)
+    up, down = (
+        torch.randn(16, 4, generator=g, dtype=torch.float64),
+        torch.randn(4, 24, generator=g, dtype=torch.float64),
+    )
     up_c, down_c, err = cast_factors(up, down, torch.bfloat16)
     exact = up @ down
     assert err == pytest.approx(float((up_c.double() @ down_c.double() - exact).norm() / exact.norm()), rel=1e-12)
     assert 0 < err < 8 * ROUNDOFF[torch.bfloat16]
-    assert cast_factors(torch.zeros(3, 1, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64), torch.float16)[2] == 0
+    assert (
+        cast_factors(torch.zeros(3, 1, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64), torch.float16)[2]
+        == 0
+    )
 
 
 def test_factors_that_overflow_float16_are_refused_with_the_fix() -> None:
     up = torch.full((4, 2), 1e5, dtype=torch.float64)
     down = torch.ones(2, 4, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"overflow torch\.float16 \(largest entry 1e\+05\).*Load the model in float32"):
+    with pytest.raises(
+        ValueError, match=r"overflow torch\.float16 \(largest entry 1e\+05\).*Load the model in float32"
+    ):
         cast_factors(up, down, torch.float16, "the factors of a 4x4 layer")
 
 

@@ -174,7 +174,10 @@ def test_outliers_data_aware_beats_plain_svd_on_the_data() -> None:
         drone = decompose(w, x @ x.T).factors(k)
         svd = decompose(w, x @ x.T, method="svd").factors(k)
         assert drone.relative_error <= svd.relative_error + 1e-12
-    assert decompose(w, x @ x.T).factors(4).relative_error < 0.5 * decompose(w, x @ x.T, method="svd").factors(4).relative_error
+    assert (
+        decompose(w, x @ x.T).factors(4).relative_error
+        < 0.5 * decompose(w, x @ x.T, method="svd").factors(4).relative_error
+    )
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

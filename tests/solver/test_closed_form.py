@@ -8,6 +8,7 @@ the rank-k optimum of ``min ||(W - W') X||_F`` is ``sqrt(sum_{j>k} σ_j(W X)²)`
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_error_is_monotone_non_increasing_in_rank(kind: str) -> None:
     dec = decompose(w, x @ x.T)
     errs = [calib_error(w, *(lambda f: (f.up, f.down))(dec.factors(k)), x) for k in range(1, min(w.shape) + 1)]
     scale = float(torch.linalg.matrix_norm(w @ x))
-    for a, b in zip(errs, errs[1:]):
+    for a, b in itertools.pairwise(errs):
         assert b <= a + 1e-10 * scale
     rel = dec.relative_errors()
     assert bool((rel[1:] <= rel[:-1] + 1e-12).all())

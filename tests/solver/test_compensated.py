@@ -12,7 +12,10 @@ def problem(m=12, n=10, tokens=200, noise=0.3, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(m, n, generator=g, dtype=torch.float64)
     # inputs with a decaying spectrum (as real activations have), and a perturbed copy of them
-    x = torch.randn(n, tokens, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)[:, None]
+    x = (
+        torch.randn(n, tokens, generator=g, dtype=torch.float64)
+        * torch.logspace(0, -2, n, dtype=torch.float64)[:, None]
+    )
     x_hat = x + noise * torch.randn(n, tokens, generator=g, dtype=torch.float64)
     return w, x, x_hat
 
@@ -50,7 +53,9 @@ def test_every_rank_error_is_exact_and_beats_plain_drone_on_the_changed_inputs()
     assert float(errors[0]) == pytest.approx(1.0)  # rank 0: nothing kept
     for k in range(1, dec.max_rank + 1):
         f = dec.factors(k)
-        assert float(errors[k]) == pytest.approx(float(torch.linalg.norm(w @ x - f.up @ f.down @ x_hat)) / norm, rel=1e-9)
+        assert float(errors[k]) == pytest.approx(
+            float(torch.linalg.norm(w @ x - f.up @ f.down @ x_hat)) / norm, rel=1e-9
+        )
         p = plain.factors(k)
         assert float(errors[k]) <= float(torch.linalg.norm(w @ x - p.up @ p.down @ x_hat)) / norm + 1e-12
     # at full rank only the irreducible part is left: W X is not in the row space of X̂
