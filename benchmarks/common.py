@@ -300,7 +300,15 @@ def machine_info(models: Sequence[str] = ("minilm",)) -> dict[str, str]:
         "transformers": transformers.__version__,
         "drone-hf": drone_hf.__version__,
         "model": describe_models(models),
+        "allocator": allocator_setting(),
     }
+
+
+def allocator_setting() -> str:
+    """The C allocator's tuning from the environment: it moves 32x128 CPU speedups by 15-20% on this
+    kind of machine (``docs/speed.md``), so a results header states it."""
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    return f"`GLIBC_TUNABLES={tunables}`" if tunables else "default (GLIBC_TUNABLES not set)"
 
 
 class PeakMemory:

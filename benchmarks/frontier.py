@@ -396,6 +396,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help=f"where accuracy is measured: test (default, the report) or validation (the last "
                         f"{VALIDATION_SIZE} training sentences, held out from calibration: for choosing settings)")
+    parser.add_argument("--calibration-samples", type=int,
+                        help="training sentences DRONE calibrates on (default 512; greedy holds some out to measure)")
     parser.add_argument("--prepare", action="store_true",
                         help="only fine-tune (or load from the cache) the dense task model, print its accuracy, stop")
     args = parser.parse_args(argv)
@@ -406,6 +408,8 @@ def main(argv: list[str] | None = None) -> Path:
     s = replace(s, model=args.model)
     if args.dense_epochs is not None:
         s = replace(s, dense_epochs=args.dense_epochs)
+    if args.calibration_samples is not None:
+        s = replace(s, calibration_samples=args.calibration_samples)
     if args.prepare:
         return prepare(s, log=lambda m: print(f"[frontier] {m}", flush=True))
     if args.ratios is not None:

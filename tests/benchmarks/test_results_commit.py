@@ -1,4 +1,5 @@
-"""``benchmarks.common.git_commit``: a result file names the code the run imported, not a later HEAD."""
+"""Results headers: a result file names the code the run imported (not a later HEAD) and the allocator
+setting the speeds were measured under."""
 
 from __future__ import annotations
 
@@ -29,3 +30,11 @@ def test_the_starting_commit_is_this_checkouts_head():
         assert common._HEAD_AT_START == "unknown (not a git checkout)"
         return
     assert common._HEAD_AT_START.startswith(head)
+
+
+def test_the_header_states_the_allocator_setting(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert common.allocator_setting() == "default (GLIBC_TUNABLES not set)"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=2147483648")
+    assert common.allocator_setting() == "`GLIBC_TUNABLES=glibc.malloc.mmap_threshold=2147483648`"
+    assert common.machine_info(())["allocator"] == common.allocator_setting()
