@@ -362,13 +362,16 @@ def load_average() -> str:
 
 
 def command_line(script: str | Path, argv: Sequence[str]) -> str:
-    """The command that reproduces a run, e.g. ``python benchmarks/fidelity.py --quick``."""
+    """The command that reproduces a run, e.g. ``python benchmarks/fidelity.py --quick``, with the
+    allocator setting in front when one was set (it changes the speeds measured, see ``allocator_setting``)."""
     path = Path(script).resolve()
     try:
         shown = path.relative_to(REPO_ROOT).as_posix()
     except ValueError:
         shown = str(path)
-    return shlex.join(["python", shown, *map(str, argv)])
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    env = [f"GLIBC_TUNABLES={tunables}"] if tunables else []
+    return shlex.join([*env, "python", shown, *map(str, argv)])
 
 
 # --- results files -----------------------------------------------------------------------------

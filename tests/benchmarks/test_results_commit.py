@@ -38,3 +38,12 @@ def test_the_header_states_the_allocator_setting(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=2147483648")
     assert common.allocator_setting() == "`GLIBC_TUNABLES=glibc.malloc.mmap_threshold=2147483648`"
     assert common.machine_info(())["allocator"] == common.allocator_setting()
+
+
+def test_the_command_line_reproduces_the_allocator_setting(monkeypatch):
+    script = REPO_ROOT / "benchmarks" / "frontier.py"
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert common.command_line(script, ["--model", "mpnet"]) == "python benchmarks/frontier.py --model mpnet"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=4294967296")
+    assert common.command_line(script, ["--quick"]) == (
+        "GLIBC_TUNABLES=glibc.malloc.trim_threshold=4294967296 python benchmarks/frontier.py --quick")
