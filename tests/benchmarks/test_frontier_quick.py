@@ -142,13 +142,14 @@ def test_greedy_rows_take_the_calibration_mode():
 
 
 @pytest.mark.slow
-def test_quick_validation_run_reports_the_split_and_the_calibration_mode(tmp_path):
+def test_quick_validation_run_reports_the_split_the_calibration_mode_and_samples(tmp_path):
     require_movie_reviews()
     frontier.main(["--quick", "--out", str(tmp_path), "--rows", "greedy", "--speedups", "--calibration",
-                   "compensated", "--split", "validation", "--name", "val"])
+                   "compensated", "--split", "validation", "--calibration-samples", "40", "--name", "val"])
     raw = json.loads((tmp_path / "val.json").read_text())
     train, _ = finetune.splits(finetune.QUICK)
     assert raw["split"] == "validation" and raw["test_sentences"] == len(train) // 5
+    assert raw["settings"]["calibration_samples"] == 40
     assert raw["sequential"] == "compensated" and all(r["sequential"] == "compensated" for r in raw["rows"])
     assert all(r["label"].endswith(", compensated)") and 0.0 <= r["accuracy"] <= 1.0 for r in raw["rows"])
     text = (tmp_path / "val.md").read_text()
