@@ -22,6 +22,9 @@ Usage::
     python benchmarks/frontier.py --quick    # every code path on a few sentences, temp folder
     python benchmarks/frontier.py --model mpnet --dense-epochs 1 --rows greedy --eval-loss distortion \
         --name frontier_mpnet_distortion   # only the greedy rows, measuring another loss, own files
+    python benchmarks/frontier.py --model mpnet --dense-epochs 1 --rows greedy --ratios --speedups 2.0 \
+        --calibration compensated --split validation --name val   # one speed row, compensated, scored
+                                                                    # on held-out training sentences
 """
 
 from __future__ import annotations
