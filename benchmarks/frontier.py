@@ -122,9 +122,10 @@ QUICK_PLAN = Plan(ratios=(0.5,), speedups=(1.2,), shapes=((4, 32), (1, 32)), rep
 #: Row groups a run can be limited to (``--rows``).
 ROW_GROUPS = ("uniform", "greedy", "attention")
 
-#: ``--calibration`` choices: the DroneConfig.sequential value each stands for, and the row label.
+#: ``--calibration`` choices and the DroneConfig.sequential value each stands for; a row's label
+#: names its mode by the same word (one-shot rows name none).
 CALIBRATIONS = {"one-shot": False, "sequential": True, "compensated": "compensated"}
-SEQUENTIAL_LABELS = {True: "sequential", "compensated": "compensated"}
+SEQUENTIAL_LABELS = {mode: word for word, mode in CALIBRATIONS.items() if mode}
 
 #: ``--split validation`` holds out this many sentences from the end of the training split (a fifth of
 #: it when that is less, as in ``--quick``): settings (budget, calibration mode, evaluation loss) are
@@ -405,6 +406,11 @@ def main(argv: list[str] | None = None) -> Path:
                         help="only fine-tune (or load from the cache) the dense task model, print its accuracy, stop")
     args = parser.parse_args(argv)
     check_results_name(parser, args.name, "frontier_mpnet_greedy")
+    if args.calibration_samples is not None:
+        try:  # the library's own check, before a teacher is trained or loaded
+            drone_hf.DroneConfig(num_samples=args.calibration_samples)
+        except ValueError as e:
+            parser.error(f"--calibration-samples: {e}")
     s, plan = (QUICK, QUICK_PLAN) if args.quick else (FULL, FULL_PLAN)
     if args.quick:
         s = replace(s, calibration_samples=32, threads=1)  # a code-path check: one thread never oversubscribes

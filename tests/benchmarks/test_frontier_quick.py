@@ -154,3 +154,10 @@ def test_quick_validation_run_reports_the_split_the_calibration_mode_and_samples
     assert all(r["label"].endswith(", compensated)") and 0.0 <= r["accuracy"] <= 1.0 for r in raw["rows"])
     text = (tmp_path / "val.md").read_text()
     assert f"({len(train) // 5} validation sentences)" in text and "**Validation split**" in text
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_calibration_samples_must_be_positive_before_anything_runs(count, capsys):
+    with pytest.raises(SystemExit):
+        frontier.main(["--quick", "--calibration-samples", count])
+    assert f"--calibration-samples: num_samples={count} must be a positive integer" in capsys.readouterr().err
