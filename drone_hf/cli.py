@@ -294,9 +294,9 @@ def _print_measurements(m: Any, as_json: bool) -> None:
     if m.speedup is not None:
         print(f"Latency ({m.latency_inputs}, {m.latency_device}; median of interleaved runs): dense "
               f"{m.dense_latency_ms:.1f} ms, compressed {m.compressed_latency_ms:.1f} ms, speedup {m.speedup:.2f}x")
-        from drone_hf.utils.page_faults import GLIBC_REUSE_TUNABLES, PAGE_FAULT_NOTICE
+        from drone_hf.utils.page_faults import GLIBC_REUSE_TUNABLES, worth_noting
 
-        if m.latency_page_faults is not None and m.latency_page_faults > PAGE_FAULT_NOTICE:
+        if worth_noting(m.latency_page_faults):
             print(f"Note: {m.latency_page_faults:,.0f} page faults per forward pass: the memory allocator re-faulted "
                   "activations every pass, which lowers the speedup; a process that reuses freed memory runs both "
                   f"faster (glibc: GLIBC_TUNABLES={GLIBC_REUSE_TUNABLES}). See docs/speed.md.")

@@ -21,7 +21,7 @@ from .modules.low_rank_linear import DroneLinear
 from .search import LossEvaluator, Swapper, drone_search, end_to_end_times, fisher_sensitivities, probe_sensitivities
 from .solver import Decomposition
 from .utils.logging import get_logger
-from .utils.page_faults import GLIBC_REUSE_TUNABLES, PAGE_FAULT_NOTICE, PageFaults
+from .utils.page_faults import GLIBC_REUSE_TUNABLES, PageFaults, worth_noting
 
 logger = get_logger(__name__)
 
@@ -330,7 +330,7 @@ class RankPlanner:
             return
         faults = sorted(self._faults_per_pass)[len(self._faults_per_pass) // 2]
         self.result["page_faults_per_pass"] = faults
-        if faults > PAGE_FAULT_NOTICE and not _page_fault_noted:
+        if worth_noting(faults) and not _page_fault_noted:
             _page_fault_noted = True
             logger.warning(
                 f"target_speedup: every forward pass measured here page-faulted about {faults:,.0f} times: the C "

@@ -298,6 +298,7 @@ def test_bench_notes_page_faults_per_pass(ckpts, capsys, monkeypatch):
 
     readings = iter(range(0, 10**8, 10**6))
     monkeypatch.setattr(page_faults_mod, "minor_page_faults", lambda: next(readings))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     dense, folder = ckpts["bert"]
     assert main(["bench", str(folder), "--dense", str(dense), "--seq-len", "16", "--repeats", "3", "--warmup", "2",
                  "--json"]) == 0
@@ -306,6 +307,9 @@ def test_bench_notes_page_faults_per_pass(ckpts, capsys, monkeypatch):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "100,000 page faults per forward pass" in out and "GLIBC_TUNABLES=glibc.malloc" in out
+    monkeypatch.setenv("GLIBC_TUNABLES", page_faults_mod.GLIBC_REUSE_TUNABLES)  # advice already followed
+    assert main(args) == 0
+    assert "page faults per forward pass" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from drone_hf.utils.page_faults import minor_page_faults
+from drone_hf.utils.page_faults import GLIBC_REUSE_TUNABLES, PAGE_FAULT_NOTICE, minor_page_faults, worth_noting
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fresh-mapping fault counts are Linux behaviour")
@@ -55,3 +55,22 @@ def test_page_faults_block_without_a_counter_measures_nothing(monkeypatch):
     with page_faults_mod.PageFaults() as faults:
         pass
     assert faults.count is None and faults.per_pass(4) is None
+
+
+@pytest.mark.parametrize(
+    "faults, tunables, expected",
+    [
+        (None, None, False),  # not measured
+        (PAGE_FAULT_NOTICE, None, False),
+        (PAGE_FAULT_NOTICE + 1, None, True),
+        (PAGE_FAULT_NOTICE + 1, "glibc.malloc.arena_max=1", True),  # another setting: advice still applies
+        (10**6, GLIBC_REUSE_TUNABLES, False),  # the advised setting is in force already
+        (10**6, "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=65536", False),  # the user's own threshold
+    ],
+)
+def test_fault_advice_only_when_many_faults_and_not_already_followed(faults, tunables, expected, monkeypatch):
+    if tunables is None:
+        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    else:
+        monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    assert worth_noting(faults) is expected

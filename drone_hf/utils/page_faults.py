@@ -11,6 +11,8 @@ tells the two states apart; ``docs/speed.md`` has the numbers and the settings t
 
 from __future__ import annotations
 
+import os
+
 #: Environment setting under which glibc reuses freed activation memory (set before Python starts):
 #: no ``mmap`` for blocks under 2 GiB, no heap trimming under 4 GiB.
 GLIBC_REUSE_TUNABLES = "glibc.malloc.mmap_threshold=2147483648:glibc.malloc.trim_threshold=4294967296"
@@ -18,6 +20,20 @@ GLIBC_REUSE_TUNABLES = "glibc.malloc.mmap_threshold=2147483648:glibc.malloc.trim
 #: Minor page faults per forward pass above which a measured speedup carries a note: the allocator
 #: is handing activation memory back to the OS between passes (1,000 faults: 4 MiB re-faulted a pass).
 PAGE_FAULT_NOTICE = 1000
+
+
+def reuse_tunables_set() -> bool:
+    """Whether this process started with glibc told to keep freed memory (``GLIBC_TUNABLES`` names an
+    ``mmap_threshold``). glibc reads the variable once at start, so the environment seen here is the
+    setting in force unless the program changed it afterwards."""
+    return "glibc.malloc.mmap_threshold=" in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def worth_noting(faults_per_pass: float | None) -> bool:
+    """Whether a fault count calls for the allocator advice: above :data:`PAGE_FAULT_NOTICE`, and the
+    setting the advice recommends is not already in force (with it set, the remaining faults are the
+    process's own few thousand, not activations re-faulted every pass: nothing to advise)."""
+    return faults_per_pass is not None and faults_per_pass > PAGE_FAULT_NOTICE and not reuse_tunables_set()
 
 
 def minor_page_faults() -> int | None:
