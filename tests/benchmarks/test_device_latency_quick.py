@@ -67,3 +67,31 @@ def test_bad_arguments_stop_at_parse(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         device_latency.main(argv)
     assert exc.value.code == 2
+
+
+def test_random_weights_need_only_config_and_tokenizer(tmp_path):
+    """What a GPU machine without the weights can run: the architecture from a folder holding no
+    weights file, seeded random values, the folder named in the results."""
+    import shutil
+
+    from benchmarks.common import minilm_path
+
+    folder = tmp_path / "minilm-config"
+    folder.mkdir()
+    for f in Path(minilm_path()).iterdir():
+        if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".onnx", ".h5", ".msgpack", ".ot"):
+            shutil.copy(f, folder / f.name)
+    assert not list(folder.glob("*.safetensors"))
+    out = tmp_path / "out"
+    device_latency.main(["--quick", "--out", str(out), "--name", "random", "--model-dir", str(folder),
+                         "--random-weights", "--dtypes", "float32"])
+    raw = json.loads((out / "random.json").read_text())
+    assert raw["settings"]["random_weights"] and raw["settings"]["model_dir"] == str(folder)
+    assert "seeded random weights" in raw["machine"]["model"] and str(folder) in raw["machine"]["model"]
+    assert [r["dtype"] for r in raw["rows"]] == ["float32"] and raw["rows"][0]["compressed_ms"] > 0
+
+
+def test_model_dir_without_a_config_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        device_latency.main(["--quick", "--model-dir", str(tmp_path)])
+    assert exc.value.code == 2 and "no config.json there" in capsys.readouterr().err
