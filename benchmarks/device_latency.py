@@ -84,13 +84,12 @@ QUICK = Settings(model="minilm", device="cpu", dtypes=("float32", "bfloat16"), r
 
 def check_device(name: str) -> torch.device:
     """The device to measure on, refused with the fix when this machine does not have it."""
+    from drone_hf.hub.measure import timing_device
+
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise SystemExit(f"--device {name!r} is not a device ({e}); use e.g. cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda, but torch sees no CUDA device here; use --device cpu (or a CUDA build "
-                         "of torch on a GPU machine)")
+        device = timing_device(name)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device {name!r}: this study times cpu and cuda devices only")
     return device

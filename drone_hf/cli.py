@@ -436,15 +436,14 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from drone_hf.hub import measure_speed
+    from drone_hf.hub.measure import timing_device
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise CliError(f"--device {args.device!r} is not a device ({e}); use e.g. cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda but no CUDA device is available; use --device cpu")
+        device = timing_device(args.device)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     summary, _, compressed, dense, _ = _load_pair(args)
     compressed.to(device)
     dense.to(device)

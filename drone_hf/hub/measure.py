@@ -30,6 +30,24 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def timing_device(name: str, flag: str = "--device") -> torch.device:
+    """The device a speed measurement was asked to run on, refused with the fix when it is not a
+    device name or this machine has no CUDA device for it (``flag``: how the caller's option is
+    spelled in the message). Checked before any model is loaded.
+
+    Raises:
+        ValueError: not a device, or ``cuda`` without a CUDA device.
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"{flag} {name!r} is not a device ({e}); use e.g. cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} cuda, but torch sees no CUDA device here; use {flag} cpu (or a CUDA build of "
+                         "torch on a GPU machine)")
+    return device
+
+
 def measure_fidelity(
     dense: nn.Module,
     compressed: nn.Module,
