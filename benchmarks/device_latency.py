@@ -50,6 +50,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     check_results_name,
     command_line,
+    describe_models,
     keeps_torch_threads,
     load_average,
     machine_info,
@@ -167,8 +168,6 @@ def run(s: Settings, log=print) -> dict:
 
 def describe_model(s: Settings) -> str:
     """The header's model line: the asset, or the folder given, and whether the weights were random."""
-    from benchmarks.common import describe_models
-
     source = s.model_dir or describe_models((s.model,))
     return f"{source}, seeded random weights (its architecture; latency does not depend on the values)" \
         if s.random_weights else source
