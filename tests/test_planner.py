@@ -7,6 +7,7 @@ benchmarks/.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -18,6 +19,7 @@ from transformers import BertForSequenceClassification, BertForTokenClassificati
 
 import drone_hf
 import drone_hf.planner as planner_mod
+import drone_hf.utils.allocator as allocator_mod
 import drone_hf.utils.page_faults as page_faults_mod
 from drone_hf import DroneConfig, DroneLinear
 from drone_hf.allocation import LayerOptions, greedy_allocate
@@ -510,19 +512,34 @@ def counting_faults(per_call: int):
     return read
 
 
+@contextlib.contextmanager
+def timing_allocator(state: str):
+    """A stand-in for ``freed_memory_kept`` that changes nothing and reports ``state``."""
+    yield state
+
+
 @pytest.mark.parametrize(
-    "per_call, tunables, noted",
-    [(10, None, False), (5_000_000, None, True), (5_000_000, page_faults_mod.GLIBC_REUSE_TUNABLES, False)],
+    "per_call, tunables, allocator, noted",
+    [
+        (10, None, allocator_mod.UNAVAILABLE, False),
+        (5_000_000, None, allocator_mod.UNAVAILABLE, True),  # no glibc here: the advice is the user's fix
+        (5_000_000, page_faults_mod.GLIBC_REUSE_TUNABLES, allocator_mod.USER_SETTING, False),  # already followed
+        (5_000_000, None, allocator_mod.KEPT, False),  # the planner kept freed memory itself: nothing to advise
+    ],
 )
-def test_speed_budget_records_page_faults_per_pass_and_notes_many_once(per_call, tunables, noted, monkeypatch):
+def test_speed_budget_records_page_faults_per_pass_and_notes_many_once(
+    per_call, tunables, allocator, noted, monkeypatch
+):
     """Each measurement reads the counter twice, so it sees ``per_call`` faults over its passes:
-    (2 + 9) per variant, dense alone first, then dense + compressed. The median is recorded; a
-    number above PAGE_FAULT_NOTICE gets one warning per process naming the setting that avoids it,
-    unless that setting is already in force (then the advice would tell the user to do what they did)."""
+    (2 + 9) per variant, dense alone first, then dense + compressed. The median is recorded, with the
+    allocator state the timings ran in; a number above PAGE_FAULT_NOTICE gets one warning per process
+    naming the setting that avoids it, unless that setting is already in force or the planner timed
+    with freed memory kept (then the advice would tell the user to do what was done)."""
     if tunables is None:
         monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     else:
         monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    monkeypatch.setattr(planner_mod, "freed_memory_kept", lambda: timing_allocator(allocator))
     monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
     monkeypatch.setattr(planner_mod, "end_to_end_times", fake_end_to_end(overhead=1e-4))
     monkeypatch.setattr(page_faults_mod, "minor_page_faults", counting_faults(per_call))
@@ -539,6 +556,7 @@ def test_speed_budget_records_page_faults_per_pass_and_notes_many_once(per_call,
     passes = planner_mod.END_TO_END_REPEATS + planner_mod.END_TO_END_WARMUP
     measured = [per_call / passes] + [per_call / (2 * passes)] * len(result["speed_rounds"])
     assert result["page_faults_per_pass"] == pytest.approx(sorted(measured)[len(measured) // 2])
+    assert result["timing_allocator"] == allocator
     notes = [m for m in handler.messages if "page-faulted" in m]
     assert len(notes) == (1 if noted else 0)  # once per process, not once per compression
     if noted:
