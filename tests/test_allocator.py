@@ -114,3 +114,21 @@ def test_without_glibc_nothing_is_changed(default_allocator, monkeypatch):
 def test_mallopt_is_only_looked_up_on_linux(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     assert allocator_mod.glibc_mallopt() is None
+
+
+def test_layer_timings_run_with_freed_memory_kept(monkeypatch):
+    """The per-layer latency model times in the same allocator state as the end-to-end timings."""
+    import contextlib
+
+    import drone_hf.latency as latency_mod
+
+    entered = []
+
+    @contextlib.contextmanager
+    def recording():
+        entered.append(True)
+        yield KEPT
+
+    monkeypatch.setattr(latency_mod, "freed_memory_kept", recording)
+    dense, factored = latency_mod.LatencyModel(16, repeats=1, warmup=0, cache_dir=False).layer_times(8, 8, [2])
+    assert entered == [True] and dense > 0 and factored[2] > 0
