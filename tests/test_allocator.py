@@ -44,7 +44,7 @@ def default_allocator(monkeypatch):
 
 
 @pytest.mark.skipif(allocator_mod.glibc_mallopt() is None, reason="glibc behaviour")
-@pytest.mark.skipif(allocator_mod.user_configured_allocator(), reason="this process started with its own malloc settings")
+@pytest.mark.skipif(allocator_mod.user_configured_allocator(), reason="the process started with own malloc settings")
 @pytest.mark.skipif(_huge_pages_always(), reason="transparent huge pages 'always' fault per 2 MiB, not per page")
 def test_freed_memory_is_reused_inside_and_unmapped_again_after(default_allocator):
     assert min(_faults_of_one_block() for _ in range(2)) >= PAGES // 2  # mmap, unmapped on free: every time
