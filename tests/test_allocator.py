@@ -4,7 +4,8 @@ allocation; kept in the heap it does not), and the cases it must leave alone."""
 
 from __future__ import annotations
 
-import ctypes
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import pytest
 
 import drone_hf.utils.allocator as allocator_mod
 from drone_hf.utils.allocator import KEPT, UNAVAILABLE, USER_SETTING, freed_memory_kept
-from drone_hf.utils.page_faults import minor_page_faults
 
 BLOCK = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB): served by mmap unless told otherwise
 PAGES = BLOCK // 4096
@@ -23,17 +23,31 @@ def _huge_pages_always() -> bool:
     return path.exists() and "[always]" in path.read_text()
 
 
-def _faults_of_one_block() -> int:
-    """Minor faults of allocating, touching every byte of and freeing one BLOCK through C malloc."""
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
+#: Run in a fresh interpreter: a long test process's heap (fragmented by earlier tests, its glibc
+#: thresholds already set by earlier planner runs) need not hand a freed block back the same way.
+_MEASURE = """
+import ctypes, json
+from drone_hf.utils.allocator import freed_memory_kept
+from drone_hf.utils.page_faults import minor_page_faults
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def one_block():  # allocate, touch every byte of and free one block through C malloc
     before = minor_page_faults()
     pointer = libc.malloc(BLOCK)
     assert pointer, "malloc failed"
     ctypes.memset(pointer, 1, BLOCK)
     libc.free(pointer)
     return minor_page_faults() - before
+out = {"before": [one_block() for _ in range(2)]}
+with freed_memory_kept() as state:
+    out["state"] = state
+    one_block()  # the heap grows once
+    out["inside"] = [one_block() for _ in range(3)]
+one_block()  # the block kept in the heap is reused once more, then trimmed on free
+out["after"] = [one_block() for _ in range(2)]
+print(json.dumps(out))
+""".replace("BLOCK", str(BLOCK))
 
 
 @pytest.fixture
@@ -47,15 +61,12 @@ def default_allocator(monkeypatch):
 @pytest.mark.skipif(allocator_mod.user_configured_allocator(), reason="the process started with own malloc settings")
 @pytest.mark.skipif(_huge_pages_always(), reason="transparent huge pages 'always' fault per 2 MiB, not per page")
 def test_freed_memory_is_reused_inside_and_unmapped_again_after(default_allocator):
-    assert min(_faults_of_one_block() for _ in range(2)) >= PAGES // 2  # mmap, unmapped on free: every time
-    with freed_memory_kept() as state:
-        assert state == KEPT
-        _faults_of_one_block()  # the heap grows once
-        inside = [_faults_of_one_block() for _ in range(3)]
-    _faults_of_one_block()  # the block kept in the heap is reused once more, then trimmed on free
-    after = [_faults_of_one_block() for _ in range(2)]
-    assert max(inside) < 256  # reused: at most the interpreter's own few
-    assert min(after) >= PAGES // 2  # glibc's default mmap use is back
+    run = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True, check=True)
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert min(seen["before"]) >= PAGES // 2  # mmap, unmapped on free: every time
+    assert seen["state"] == KEPT
+    assert max(seen["inside"]) < 256  # reused: at most the interpreter's own few
+    assert min(seen["after"]) >= PAGES // 2  # glibc's default mmap use is back
 
 
 class Recorder:
