@@ -214,6 +214,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         rec["speedup"], rec["page_faults_per_pass"] = speedups(dense, model, plan, s.seed)
         result = model.config.quantization_config.allocation_result or {}
         rec["measured_at_compression"] = result.get("measured_speedup")
+        rec["speed_rounds"] = result.get("speed_rounds")  # each allocation the planner measured (speed budgets)
         rec["eval_loss_used"] = result.get("eval_loss")  # what "auto" resolved to (greedy rows)
         rec["eval_samples_used"] = result.get("eval_samples")
         log(f"{v.label}: accuracy {rec['accuracy']:.4f}, speedup {rec['speedup']} ({rec['compress_seconds']:.0f} s)")

@@ -171,14 +171,16 @@ class FlopLatency:
         return self.tokens * out_f * in_f * 1e-9, {k: self.tokens * k * (out_f + in_f) * 1e-9 + call for k in ranks}
 
 
-def fake_end_to_end(overhead: float, factored_scale: float = 1.0):
-    """End-to-end times under the FLOP model; factored layers run ``factored_scale`` x their model time."""
+def fake_end_to_end(overhead: float, factored_scale: float = 1.0, compressed_extra: float = 0.0):
+    """End-to-end times under the FLOP model; factored layers run ``factored_scale`` x their model time,
+    and a model with any factored layer pays ``compressed_extra`` seconds more (a remainder the per-layer
+    model cannot see; negative: less)."""
 
     def run(swapper, variants, inputs, repeats=9, warmup=2):
         out = {}
         for name, layers in variants.items():
             swapper.set(layers)
-            total = overhead
+            total = overhead + (compressed_extra if layers else 0.0)
             tokens = inputs["input_ids"].numel()
             for full in swapper.dense:
                 m = swapper.model.get_submodule(full)
@@ -227,6 +229,49 @@ def test_speed_budget_closes_the_loop_both_ways(scale, monkeypatch):
         assert rounds[0] < 1.5  # the optimistic model fell short
     assert result["measured_speedup"] >= 1.5
     assert result["measured_speedup"] == min(r for r in rounds if r >= 1.5)
+
+
+@pytest.mark.parametrize("extra, overhead", [(3e-3, 3e-3), (6e-3, 3e-3), (3e-3, 1e-2), (6e-3, 1e-2)])
+def test_speed_budget_corrects_a_mispredicted_remainder_in_few_rounds(extra, overhead, monkeypatch):
+    """The compressed model pays a remainder the per-layer model cannot see (``compressed_extra``):
+    the first allocation falls short, and one secant step of the layers' budget (slope 1) takes out
+    the whole shortfall. The earlier rule (budget scaled by measured / target) corrected only the
+    layers' share of it and used all four rounds here, once still short."""
+    from drone_hf.planner import SPEED_SLACK
+
+    monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
+    monkeypatch.setattr(planner_mod, "end_to_end_times", fake_end_to_end(overhead, compressed_extra=extra))
+    cfg = config(target_speedup=1.3, allocation="greedy", rank_grid=list(range(1, 48)))
+    result = drone_hf.compress(build(), cfg, show_progress=False).config.quantization_config.allocation_result
+    rounds = result["speed_rounds"]
+    assert rounds[0]["measured_speedup"] < 1.3  # the remainder was mispredicted
+    assert rounds[1]["time_budget"] < rounds[0]["time_budget"]
+    assert len(rounds) <= 3
+    assert 1.3 <= result["measured_speedup"] <= 1.3 * (1 + SPEED_SLACK)
+
+
+def test_corrected_budget_steps_by_the_secant_then_bisects():
+    from drone_hf.planner import corrected_budget
+
+    # compressed time = 0.3 + s * budget; goal 0.5
+    def took(b, s):
+        return 0.3 + s * b
+
+    # first step, slope 1: exact when the layers take what was budgeted (the remainder was the error)
+    assert corrected_budget(0.4, took(0.4, 1.0), 0.5, [(0.4, took(0.4, 1.0))], None, None) == pytest.approx(0.2)
+    # two rounds on one side: the secant of the two is exact on a line, whatever its slope in [0.25, 4]
+    for s in (0.5, 1.6, 3.0):
+        pts = [(0.05, took(0.05, s)), (0.04, took(0.04, s))]
+        assert corrected_budget(0.04, pts[-1][1], 0.5, pts, None, None) == pytest.approx(0.2 / s)
+    # a noisy pair with a falling slope is ignored (slope 1), an extreme one is clamped
+    pts = [(0.3, 0.62), (0.25, 0.64)]
+    assert corrected_budget(0.25, 0.64, 0.5, pts, None, None) == pytest.approx(0.25 - 0.14)
+    pts = [(0.3, 0.7), (0.29, 0.5)]  # slope 20 -> 4
+    assert corrected_budget(0.29, 0.55, 0.5, pts, None, None) == pytest.approx(0.29 - 0.05 / 4)
+    # never below a quarter of the last budget, however far short it fell
+    assert corrected_budget(0.1, 5.0, 0.5, [(0.1, 5.0)], None, None) == pytest.approx(0.025)
+    # a bracket (one budget met, one missed): bisection, whatever the secant says
+    assert corrected_budget(0.3, 0.52, 0.5, [(0.2, 0.45), (0.3, 0.52)], (0.2, 0.45), (0.3, 0.52)) == 0.25
 
 
 def test_a_pessimistic_latency_model_does_not_refuse_a_reachable_target(monkeypatch):
