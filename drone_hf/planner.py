@@ -45,23 +45,23 @@ def corrected_budget(
     took: float,
     goal: float,
     measured_at: list[tuple[float, float]],
-    met: tuple[float, float] | None,
-    missed: tuple[float, float] | None,
+    met_at: float | None,
+    missed_at: float | None,
 ) -> float:
     """The next layer-time budget of a speed budget's closed loop.
 
     ``at`` gave an allocation whose compressed forward took ``took`` (in the dense run's seconds);
     ``goal`` is the time asked for. Compressed time rises with the budget in steps (ranks are on a
-    grid), and measurements are noisy. Once a budget that met the target (``met``) and one that
-    missed it (``missed``) are known, the next budget bisects them: on a step function
+    grid), and measurements are noisy. Once a budget that met the target (``met_at``) and one that
+    missed it (``missed_at``) are known, the next budget bisects them: on a step function
     interpolation keeps landing on one side. Before that it is a secant step, with the slope of the
     last two measured rounds where they differ in budget (clamped to [0.25, 4]: one noisy pair must
     not send the budget far), else slope 1: a budget's seconds are the layers' seconds, and what the
     step corrects is mostly the remainder of the forward pass, which the per-layer model
     mispredicts. Never below a quarter of ``at``.
     """
-    if met is not None and missed is not None:
-        return (met[0] + missed[0]) / 2
+    if met_at is not None and missed_at is not None:
+        return (met_at + missed_at) / 2
     slope = 1.0
     if len(measured_at) >= 2:
         (b0, t0), (b1, t1) = measured_at[-2:]
@@ -304,8 +304,8 @@ class RankPlanner:
         rounds: list[dict] = []
         goal = dense_total / target  # the compressed forward time asked for, in the dense run's seconds
         measured_at: list[tuple[float, float]] = []  # (budget, compressed time) of each measured round
-        met: tuple[float, float] | None = None  # the largest budget whose allocation met the target
-        missed: tuple[float, float] | None = None  # the smallest budget whose allocation missed it
+        met_at: float | None = None  # the largest budget whose allocation met the target
+        missed_at: float | None = None  # the smallest budget whose allocation missed it
 
         def allocate(time_budget: float) -> dict[str, int]:
             if self.config.allocation == "uniform":
@@ -313,15 +313,15 @@ class RankPlanner:
             return greedy_allocate(options, max_cost=time_budget).ranks
 
         def next_budget(at: float, measured: float, record: bool = True) -> float:
-            nonlocal met, missed
+            nonlocal met_at, missed_at
             took = dense_total / measured
             if record:  # a new measurement (not a budget that reached an allocation measured already)
                 measured_at.append((at, took))
             if measured >= target:
-                met = (at, took) if met is None or at > met[0] else met
+                met_at = at if met_at is None else max(met_at, at)
             else:
-                missed = (at, took) if missed is None or at < missed[0] else missed
-            return corrected_budget(at, took, goal, measured_at, met, missed)
+                missed_at = at if missed_at is None else min(missed_at, at)
+            return corrected_budget(at, took, goal, measured_at, met_at, missed_at)
 
         for _ in range(VERIFY_ROUNDS):
             ranks = dict(self.fixed) | allocate(budget)

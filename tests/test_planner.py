@@ -271,7 +271,7 @@ def test_corrected_budget_steps_by_the_secant_then_bisects():
     # never below a quarter of the last budget, however far short it fell
     assert corrected_budget(0.1, 5.0, 0.5, [(0.1, 5.0)], None, None) == pytest.approx(0.025)
     # a bracket (one budget met, one missed): bisection, whatever the secant says
-    assert corrected_budget(0.3, 0.52, 0.5, [(0.2, 0.45), (0.3, 0.52)], (0.2, 0.45), (0.3, 0.52)) == 0.25
+    assert corrected_budget(0.3, 0.52, 0.5, [(0.2, 0.45), (0.3, 0.52)], 0.2, 0.3) == 0.25
 
 
 def test_a_pessimistic_latency_model_does_not_refuse_a_reachable_target(monkeypatch):
