@@ -22,7 +22,8 @@ Usage::
     python benchmarks/finetune.py --quick    # every code path on a few hundred sentences, temp folder
 
 The fine-tuned dense model is cached under ``$DRONE_HF_CACHE/finetune/`` (default
-``~/.cache/drone-hf/finetune/``), keyed by its settings, so reruns skip it. Writes
+``~/.cache/drone-hf/finetune/``), keyed by its settings, so reruns skip it; so is the distilled
+shallow student of ``--student-layers`` (keyed by the teacher and its own training settings). Writes
 ``finetune.md``, ``finetune.json`` and ``finetune.png`` (``finetune_mpnet.*`` with ``--model mpnet``).
 
 The MPNet distillation rows of the encoder targets (>= 3x within 1 point, distilled): DRONE alone at
@@ -297,6 +298,52 @@ def dense_model(s: Settings, train_ds, tokenizer, log) -> tuple[torch.nn.Module,
     return model.eval(), False
 
 
+def student_folder(s: Settings) -> tuple[Path, dict]:
+    """Cache folder of the distilled shallow student and the settings that key it.
+
+    The teacher's folder name is part of the key (a retrained teacher is a new student), and so is
+    everything the depth cut's distillation reads: depth, epochs, rate, seed, batch and loss weights.
+    """
+    teacher, teacher_key = teacher_folder(s)
+    key = teacher_key | {"teacher": teacher.name} | {
+        k: v
+        for k, v in asdict(s).items()
+        if k in ("student_layers", "student_epochs", "student_lr", "train_seed", "temperature", "alpha",
+                 "hidden_weight")
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return default_cache_dir() / "finetune" / f"{s.model}-{s.student_layers}layers-student-{digest}", key
+
+
+def distilled_student(s: Settings, dense, train_ds, tokenizer, log) -> tuple[torch.nn.Module, float, bool]:
+    """``shallow_student(dense, s.student_layers)`` distilled from ``dense``: (model, training seconds,
+    from cache).
+
+    Cached like the teacher (written to a staging folder, renamed when complete), because with 4
+    epochs on MPNet this stage alone takes about an hour on 2 cores: a run stopped in a later stage
+    restarts from the distilled student, not from the teacher. The seconds are those of the run that
+    trained it.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    folder, key = student_folder(s)
+    if (folder / "config.json").exists():
+        log(f"shallow student from cache: {folder}")
+        seconds = json.loads((folder / "settings.json").read_text())["train_seconds"]
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+        return model.eval(), seconds, True
+    model = shallow_student(dense, s.student_layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = training_args(Path(tmp), s, s.student_epochs, s.student_lr, s.train_seed)
+        seconds = distil(model, dense, train_ds, tokenizer, args, s)
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    (staging / "settings.json").write_text(json.dumps(key | {"train_seconds": seconds}, indent=2))
+    staging.rename(folder)
+    return model.eval(), seconds, False
+
+
 # --- the study -----------------------------------------------------------------------------------
 
 
@@ -352,11 +399,7 @@ def run(s: Settings, log=print) -> dict:
     seconds = {}
     base, shallow = dense, None  # what DRONE compresses: the teacher, or a distilled shallow student
     if s.student_layers:
-        base = shallow_student(dense, s.student_layers)
-        with tempfile.TemporaryDirectory() as tmp:
-            args = training_args(Path(tmp), s, s.student_epochs, s.student_lr, s.train_seed)
-            seconds["shallow"] = distil(base, dense, train_ds, tokenizer, args, s)
-        base.eval()
+        base, seconds["shallow"], student_cached = distilled_student(s, dense, train_ds, tokenizer, log)
         acc["shallow"] = evaluate_classifier(base, test_ds, tokenizer)
         shallow_speed, shallow_rounds, _ = latency(dense, base, tokenizer, test_texts, s)
         shallow = {
@@ -364,6 +407,7 @@ def run(s: Settings, log=print) -> dict:
             "params": sum(p.numel() for p in base.parameters()),
             "speedup": shallow_speed,
             "speedup_rounds": shallow_rounds,
+            "cached": student_cached,
         }
         log(
             f"shallow student (teacher layers {shallow['layers']}), distilled {acc['shallow']:.4f} "
@@ -553,8 +597,9 @@ def write_results(r: dict, out: Path, command: str, runtime: float, stem: str | 
         *(
             [
                 f"- Depth: `shallow_student(dense, {depth})` keeps teacher layers {shallow['layers']}, distilled "
-                f"from the dense teacher ({epochs}, the distillation loss below, each kept layer's output matched to "
-                f"the teacher layer it came from); DRONE then compresses that student. The DRONE stage alone: "
+                f"from the dense teacher ({epochs}{', from cache' if shallow.get('cached') else ''}, the "
+                "distillation loss below, each kept layer's output matched to the teacher layer it came from); "
+                f"DRONE then compresses that student. The DRONE stage alone: "
                 f"{cells(shallow['drone_speedup'])} over the student ({' / '.join(shallow['drone_speedup'])})."
             ]
             if shallow

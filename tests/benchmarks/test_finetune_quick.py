@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,29 @@ def test_quick_shallow_student_then_drone(tmp_path):
         "3-layer student + DRONE + distillation from dense",
     ]
     assert "`shallow_student(dense, 3)` keeps teacher layers [1, 3, 5]" in text
+    depth_line = next(line for line in text.splitlines() if line.startswith("- Depth:"))
+    assert (", from cache," in depth_line) == shallow["cached"]  # a first run trains, a rerun reuses
+
+    # The distilled student is cached: a rerun (or a run stopped after this stage) starts from it.
+    s = replace(finetune.QUICK, student_layers=3)
+    folder, key = finetune.student_folder(s)
+    assert json.loads((folder / "settings.json").read_text())["train_seconds"] == raw["train_seconds"]["shallow"]
+    student, seconds, cached = finetune.distilled_student(s, None, None, None, log=lambda m: None)  # no teacher
+    assert cached and seconds == raw["train_seconds"]["shallow"]
+    assert student.config.drone_teacher_layers == [1, 3, 5] and not student.training
+    assert sum(p.numel() for p in student.parameters()) == shallow["params"]
+
+
+def test_student_cache_key_follows_the_teacher_and_the_students_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("DRONE_HF_CACHE", str(tmp_path))
+    s = finetune.Settings(model="mpnet", dense_epochs=1.0, student_layers=8, student_epochs=4.0)
+    folder, key = finetune.student_folder(s)
+    assert folder.parent == tmp_path / "finetune" and folder.name.startswith("mpnet-8layers-student-")
+    assert key["teacher"] == finetune.teacher_folder(s)[0].name
+    assert finetune.student_folder(replace(s, param_ratio=0.5, target_speedup=2.0))[0] == folder  # DRONE's own
+    for change in (dict(train_seed=1), dict(student_layers=6), dict(student_epochs=2.0), dict(student_lr=5e-5),
+                   dict(dense_epochs=3.0), dict(alpha=0.7), dict(hidden_weight=0.0), dict(seed=1)):
+        assert finetune.student_folder(replace(s, **change))[0] != folder, change
 
 
 def test_results_stem_names_the_student_depth():
