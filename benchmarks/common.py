@@ -316,7 +316,11 @@ class PeakMemory:
 
     Linux resets the process's high-water mark (``VmHWM``) when ``5`` is written to
     ``/proc/self/clear_refs``, so each block gets its own peak in one process. ``peak_mib`` and
-    ``added_mib`` (peak minus the resident size at entry) stay ``None`` where that is unavailable."""
+    ``added_mib`` (peak minus the resident size at entry) stay ``None`` where that is unavailable.
+
+    ``added_mib`` counts pages that became resident, not bytes allocated: a block served from memory
+    the allocator kept after an earlier ``free`` (glibc's heap, above all once ``freed_memory_kept``
+    has run in the process) adds nothing, so it is a lower bound on what the block needs."""
 
     def __init__(self) -> None:
         self.start_mib: float | None = None

@@ -318,8 +318,10 @@ def render(r: dict, command: str, runtime: float, out: Path, stem: str | None = 
         "",
         "Wall time of `drone_hf.compress` (calibration, solves, allocation and its measurements) and the "
         "process's peak resident memory during it (high-water mark reset before each row; the process also "
-        "holds the dense teacher and the test set), with what the compression added over the memory at its "
-        "start. The last column is the speedup the planner measured at compression time for speed budgets.",
+        "holds the dense teacher and the test set), with what the compression added over the resident memory "
+        "at its start (memory an earlier row freed but the allocator kept is reused without adding, so a "
+        "later row can read lower than the same row alone). The last column is the speedup the planner "
+        "measured at compression time for speed budgets.",
         "",
         markdown_table(["variant", "seconds", "peak RSS MiB", "added MiB", "planner measured"], cost),
         "",
