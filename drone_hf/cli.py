@@ -101,7 +101,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="what greedy allocation measures on held-out texts (default auto: next-token loss for causal "
                         "LMs, output KL for classifiers, hidden-state distortion otherwise)")
     c.add_argument("--method", choices=list(METHODS), default="drone",
-                   help="drone (data-aware), plain svd, or a peer method: asvd, fwsvd, svdllm (docs/methods.md)")
+                   help="drone (data-aware), drone-kfac (loss-aware DRONE), plain svd, or a peer method: asvd, "
+                        "fwsvd, svdllm (docs/methods.md)")
     c.add_argument("--damp", type=float, default=None, help="ridge regularisation (default: the library's)")
     c.add_argument("--num-samples", type=int, default=128, help="calibration texts")
     c.add_argument("--max-length", type=int, default=128, help="tokens per calibration text")

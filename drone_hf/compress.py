@@ -33,6 +33,7 @@ from .solver import (
     Decomposition,
     decompose,
     decompose_compensated,
+    decompose_kfac,
     decompose_output_gram,
     decompose_peer,
 )
@@ -130,8 +131,9 @@ def held_out_count(model: nn.Module, config: DroneConfig) -> int:
 
 def _peer_statistics(model: nn.Module, method: str, targets: dict, data) -> dict[str, dict[str, torch.Tensor]]:
     """The extra statistics of the peer methods, on the dense model (as their papers calibrate):
-    ASVD's per-channel mean |x| (one forward pass), FWSVD's row Fisher (one forward+backward pass).
-    Empty for every other method; in sequential mode they stay those of the dense model."""
+    ASVD's per-channel mean |x| (one forward pass), FWSVD's row Fisher (one forward+backward pass),
+    loss-aware DRONE's output-gradient Grams and loss scale (one forward+backward pass). Empty for
+    every other method; in sequential mode they stay those of the dense model."""
     layers = {c: layer for c, (_, layer) in targets.items()}
     if method == "asvd" and layers:
         from .calibration.activation_stats import collect_abs_means
@@ -141,6 +143,15 @@ def _peer_statistics(model: nn.Module, method: str, targets: dict, data) -> dict
         from .calibration.fisher import collect_row_fisher
 
         return {c: {"row_fisher": f} for c, f in collect_row_fisher(model, layers, data).items()}
+    if method == "drone-kfac" and layers:
+        from .calibration.output_gradients import collect_output_grams
+
+        stats = {}
+        for c, obs in collect_output_grams(model, layers, data).items():
+            # K-FAC: mean-loss increase ≈ tr(ΔW G ΔWᵀ H) / (2 N_x N_g); both Grams cover the same tokens
+            n = max(obs.num_tokens, 1)
+            stats[c] = {"out_gram": obs.gram, "loss_scale": torch.tensor(1.0 / (2.0 * n * n), dtype=torch.float64)}
+        return stats
     return {}
 
 
@@ -183,6 +194,10 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         weight = dense_weight_of(targets[c][1])  # read now: an offloaded layer is materialised just before
         if c in observe_output:
             return decompose_output_gram(weight, gram)
+        if config.method == "drone-kfac":
+            stats = peer_stats[c]
+            return decompose_kfac(weight, gram, stats["out_gram"], damp=config.kfac_damp,
+                                  loss_scale=float(stats["loss_scale"]))
         if config.method in PEER_METHODS:
             return decompose_peer(config.method, weight, gram, asvd_alpha=config.asvd_alpha, name=c,
                                   **peer_stats.get(c, {}))
@@ -213,7 +228,7 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         "widths": sorted(widths.items()), "observe_output": sorted(observe_output),
         "attention": config.compress_attention, "attention_rank": config.attention_rank,
         # later blocks see solved ones
-        "solver": [config.method, config.damp, config.asvd_alpha] if config.sequential else None,
+        "solver": [config.method, config.damp, config.asvd_alpha, config.kfac_damp] if config.sequential else None,
     })
     peer_stats.update(_peer_statistics(model, config.method, targets, data))
     one_shot = not (config.sequential and config.allocation == "uniform" and config.param_ratio is not None)

@@ -17,7 +17,8 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .solver import METHODS
+from .solver import DEFAULT_KFAC_DAMP, METHODS
+from .solver.kfac import check_kfac_damp
 
 #: The ``quant_method`` string drone-hf registers with transformers.
 QUANT_METHOD = "drone"
@@ -46,6 +47,7 @@ _SETTINGS = (
     "damp",
     "method",
     "asvd_alpha",
+    "kfac_damp",
     "seed",
     "ranks",
     "target_speedup",
@@ -156,9 +158,14 @@ class DroneConfig(QuantizationConfigMixin):
             ``"fwsvd"`` (Fisher-weighted SVD: rows weighted by summed squared gradients of the loss,
             one extra forward+backward pass; needs a model with logits), ``"svdllm"`` (SVD-LLM:
             Cholesky whitening, DRONE's optimum when the Gram is positive definite; a layer whose
-            Gram is not fails with an error naming it).
+            Gram is not fails with an error naming it); and ``"drone-kfac"`` (loss-aware DRONE: the
+            same closed form with the output error weighted by the loss's output-gradient Gram, a
+            Kronecker-factored Fisher; one extra forward+backward pass, needs a model with logits;
+            greedy allocation then compares layers by predicted loss with no sensitivity probing).
         asvd_alpha (`float`, defaults to 0.5): ASVD's exponent on the mean absolute activations
             (the paper's value); ``0`` is plain SVD. Used only with ``method="asvd"``.
+        kfac_damp (`float`, defaults to 0.1): relative damping ``δ > 0`` of the output-gradient Gram
+            for ``method="drone-kfac"`` (``H + δ·mean(eig H)·I``); large values approach ``"drone"``.
         seed (`int`, defaults to 0): seed of the calibration subset.
         ranks (`dict[str, int]`, *optional*):
             Fixed ranks by layer name or regular expression (full match), taking precedence over
@@ -217,6 +224,7 @@ class DroneConfig(QuantizationConfigMixin):
         damp: float = DEFAULT_DAMP,
         method: str = "drone",
         asvd_alpha: float = 0.5,
+        kfac_damp: float = DEFAULT_KFAC_DAMP,
         seed: int = 0,
         ranks: dict[str, int] | None = None,
         target_speedup: float | None = None,
@@ -246,6 +254,7 @@ class DroneConfig(QuantizationConfigMixin):
         self.damp = damp
         self.method = method
         self.asvd_alpha = asvd_alpha
+        self.kfac_damp = kfac_damp
         self.seed = seed
         self.ranks = dict(ranks) if ranks is not None else None
         self.target_speedup = target_speedup
@@ -367,6 +376,12 @@ class DroneConfig(QuantizationConfigMixin):
             raise ValueError(f"damp={d!r} must be a finite number >= 0 (0 is the exact DRONE optimum).")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not supported: use one of {list(METHODS)}.")
+        check_kfac_damp(self.kfac_damp)
+        if self.method == "drone-kfac" and self.compress_attention:
+            raise ValueError(
+                "method='drone-kfac' with compress_attention=True is not supported: the query-key stage has no "
+                "loss-weighted form. Use method='drone' with compress_attention, or drone-kfac without it."
+            )
         a = self.asvd_alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0:
             raise ValueError(

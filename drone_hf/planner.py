@@ -192,6 +192,10 @@ class RankPlanner:
         SmolLM2-135M has 210 targeted projections, and 210 evaluations made greedy allocation
         many times slower than the compression itself.
         """
+        if self.curvature_known():
+            # drone-kfac: every rank's predicted loss comes with the decomposition (options()), no probe
+            self.result["sensitivity"] = "kfac"
+            return {}
         probes = {}
         for c in self.free:
             k = self.effective_rank(c, uniform_rank(*self.shapes[c], 0.5))
@@ -208,8 +212,16 @@ class RankPlanner:
             self.result["sensitivity"] = "measured"
         return {c: by_full[self.targets[c][0]] for c in self.free}
 
+    def curvature_known(self) -> bool:
+        """Whether every free layer's decomposition predicts the loss of each rank itself
+        (``method="drone-kfac"``: K-FAC curvature, :mod:`drone_hf.solver.kfac`)."""
+        return bool(self.free) and all(
+            self.decompositions[c].predicted_loss(0) is not None for c in self.free
+        )
+
     def options(self, cost: str, weights: dict[str, float]) -> list[LayerOptions]:
         out = []
+        curvature = self.curvature_known()
         for c in self.free:
             ranks = self.grid(c)
             if cost == "params":
@@ -217,6 +229,10 @@ class RankPlanner:
             else:
                 dense, times = self.layer_times(c, ranks)
                 costs = [times[k] for k in ranks]
+            if curvature:  # predicted mean-loss increase of each rank, on one scale for all layers
+                errors = [float(self.decompositions[c].predicted_loss(k)) for k in ranks]
+                out.append(LayerOptions(c, dense, ranks, costs, errors, 1.0))
+                continue
             out.append(LayerOptions(c, dense, ranks, costs, [self.sq_error(c, k) for k in ranks], weights.get(c, 1.0)))
         return out
 

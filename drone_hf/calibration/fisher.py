@@ -36,13 +36,17 @@ def _is_causal_lm(model: nn.Module) -> bool:
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
-def _loss(model: nn.Module, out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _loss(
+    model: nn.Module, out, batch: dict[str, torch.Tensor], method: str = "fwsvd", reduction: str = "mean"
+) -> torch.Tensor:
+    """The calibration loss of one batch (see the module docstring), averaged or summed over its terms."""
     logits = getattr(out, "logits", None)
     if logits is None:
+        other = "'asvd'" if method == "fwsvd" else "'drone'"
         raise ValueError(
-            f"method='fwsvd' needs a loss to take gradients of, but {type(model).__name__} returns no logits (a bare "
-            "encoder). Load the model with its head (e.g. AutoModelForSequenceClassification or AutoModelForCausalLM), "
-            "or use method='drone' / 'asvd', which need no gradients."
+            f"method={method!r} needs a loss to take gradients of, but {type(model).__name__} returns no logits "
+            "(a bare encoder). Load the model with its head (e.g. AutoModelForSequenceClassification or "
+            f"AutoModelForCausalLM), or use method={other}, which needs no gradients."
         )
     mask = batch["attention_mask"].to(logits.device).bool()
     logits = logits.float()
@@ -50,13 +54,13 @@ def _loss(model: nn.Module, out, batch: dict[str, torch.Tensor]) -> torch.Tensor
         ids = batch["input_ids"].to(logits.device)
         pred, target = logits[:, :-1], ids[:, 1:]
         keep = mask[:, 1:] & mask[:, :-1]
-        return F.cross_entropy(pred[keep], target[keep])
+        return F.cross_entropy(pred[keep], target[keep], reduction=reduction)
     if logits.dim() == 2:  # one prediction per text: pseudo-labels from the model itself
-        return F.cross_entropy(logits, logits.detach().argmax(-1))
+        return F.cross_entropy(logits, logits.detach().argmax(-1), reduction=reduction)
     if logits.dim() == 3:  # one per token
         real = logits[mask]
-        return F.cross_entropy(real, real.detach().argmax(-1))
-    raise ValueError(f"method='fwsvd' cannot form a loss from logits of shape {tuple(logits.shape)}.")
+        return F.cross_entropy(real, real.detach().argmax(-1), reduction=reduction)
+    raise ValueError(f"method={method!r} cannot form a loss from logits of shape {tuple(logits.shape)}.")
 
 
 def collect_row_fisher(

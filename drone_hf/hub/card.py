@@ -54,6 +54,7 @@ _METHOD_NAMES = {
     "asvd": "ASVD (activation-aware SVD, peer method)",
     "fwsvd": "Fisher-weighted SVD (peer method)",
     "svdllm": "SVD-LLM (Cholesky whitening, peer method)",
+    "drone-kfac": "loss-aware DRONE (output error weighted by a Kronecker-factored Fisher)",
 }
 
 

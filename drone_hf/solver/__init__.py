@@ -2,9 +2,10 @@
 
 from .closed_form import METHODS, Decomposition, Factorization, decompose, decompose_output_gram, factorize
 from .compensated import decompose_compensated
+from .kfac import DEFAULT_KFAC_DAMP, decompose_kfac
 from .peers import PEER_METHODS, CholeskyError, decompose_peer
 
 __all__ = [
-    "METHODS", "PEER_METHODS", "CholeskyError", "Decomposition", "Factorization", "decompose",
-    "decompose_compensated", "decompose_output_gram", "decompose_peer", "factorize",
+    "DEFAULT_KFAC_DAMP", "METHODS", "PEER_METHODS", "CholeskyError", "Decomposition", "Factorization", "decompose",
+    "decompose_compensated", "decompose_kfac", "decompose_output_gram", "decompose_peer", "factorize",
 ]

@@ -32,8 +32,9 @@ import torch
 from .numerics import EIGEN_TOL, SINGULAR_TOL, as_float64, check_damp, check_finite
 
 #: Every solver ``DroneConfig(method=...)`` accepts: DRONE, plain SVD, and the peer methods of
-#: :mod:`drone_hf.solver.peers` (ASVD, Fisher-weighted SVD, SVD-LLM), for side-by-side comparison.
-METHODS = ("drone", "svd", "asvd", "fwsvd", "svdllm")
+#: :mod:`drone_hf.solver.peers` (ASVD, Fisher-weighted SVD, SVD-LLM), for side-by-side comparison,
+#: and loss-aware DRONE (:mod:`drone_hf.solver.kfac`: the same closed form under a K-FAC metric).
+METHODS = ("drone", "svd", "asvd", "fwsvd", "svdllm", "drone-kfac")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class Decomposition:
     up_all: torch.Tensor | None = None
     down_all: torch.Tensor | None = None
     explicit_squared_errors: torch.Tensor | None = None
+    curvature_squared_errors: torch.Tensor | None = None
+    loss_scale: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -121,6 +124,14 @@ class Decomposition:
         if self.total_energy == 0.0:
             return torch.zeros_like(sq)
         return (sq / self.total_energy).sqrt()
+
+    def predicted_loss(self, rank: int) -> float | None:
+        """Predicted increase of the mean calibration loss at ``rank`` (K-FAC, second order), or
+        ``None`` for methods without curvature statistics."""
+        if self.curvature_squared_errors is None or self.loss_scale is None:
+            return None
+        k = min(max(int(rank), 0), len(self.curvature_squared_errors) - 1)
+        return self.loss_scale * float(self.curvature_squared_errors[k])
 
     def factors(self, rank: int) -> Factorization:
         """The rank-``rank`` factors, balanced so ``up``'s column j and ``down``'s row j share one norm.
@@ -211,10 +222,10 @@ def decompose(
     w = as_float64(weight)
     check_finite(w, "weight")
     m, n = w.shape
-    if method in ("asvd", "fwsvd", "svdllm"):
+    if method in ("asvd", "fwsvd", "svdllm", "drone-kfac"):
+        where = "drone_hf.solver." + ("kfac.decompose_kfac" if method == "drone-kfac" else "peers.decompose_peer")
         raise ValueError(
-            f"method={method!r} needs its own statistics: call drone_hf.solver.peers.decompose_peer "
-            "(the compression engine does this for you)."
+            f"method={method!r} needs its own statistics: call {where} (the compression engine does this for you)."
         )
     if gram is None and method == "drone":
         raise ValueError("method='drone' needs the input Gram matrix; pass gram= or use method='svd'.")

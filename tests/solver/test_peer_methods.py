@@ -34,7 +34,7 @@ def true_error(w, fact, x) -> float:
 
 
 def test_methods_list_has_every_peer():
-    assert METHODS == ("drone", "svd", "asvd", "fwsvd", "svdllm")
+    assert METHODS == ("drone", "svd", "asvd", "fwsvd", "svdllm", "drone-kfac")
 
 
 # --- ASVD ------------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""Output-gradient Gram of each target layer: the left Kronecker factor of the loss curvature.
+
+Loss-aware DRONE (``method="drone-kfac"``, :mod:`drone_hf.solver.kfac`) weights a layer's output
+error by ``H = Σ g gᵀ``, the Gram of the loss's gradients with respect to the layer's outputs
+``y = W x + b`` over the real calibration tokens. One forward+backward pass per batch gives every
+layer's ``g`` at once: the loss is the *summed* calibration loss of :mod:`~drone_hf.calibration.fisher`
+(next-token cross-entropy for causal LMs, the model's own predictions as pseudo-labels otherwise),
+so ``g`` of a token is the gradient of the whole batch's loss with respect to that token's output.
+
+Only activation gradients are formed: the target weights are switched to ``requires_grad`` so a
+graph exists, but ``torch.autograd.grad`` is asked for the layer outputs alone (no weight gradient
+is computed or stored). Every parameter's ``requires_grad`` is restored afterwards. The products
+are accumulated like the input Grams (:class:`~drone_hf.calibration.observer.GramObserver`: one
+triangle, float32 strips flushed into float64). Under ``torch.distributed`` the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import CalibrationBatches
+from .distributed import all_reduce_sum
+from .fisher import _loss
+from .observer import GramObserver
+from .pipeline import _eval_mode, _input_device
+
+
+def _real_tokens(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N, m] rows of ``grad`` for the real (unpadded) tokens; every row when shapes do not match."""
+    if grad.dim() >= 2 and tuple(grad.shape[:2]) == tuple(mask.shape):
+        return grad[mask.to(grad.device).bool()]
+    return grad.reshape(-1, grad.shape[-1])
+
+
+def collect_output_grams(
+    model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches
+) -> dict[str, GramObserver]:
+    """name -> observer of ``Σ g gᵀ`` [out, out] over the real calibration tokens, for each layer.
+
+    ``observer.gram`` is float64; ``observer.num_tokens`` the number of token gradients in it.
+    A layer the loss never reached (unused on these inputs) keeps a zero Gram.
+    """
+    from ..modules.low_rank_linear import source_kind
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    weights = {name: layer.weight for name, layer in layers.items()}
+    width = {
+        name: int(layer.weight.shape[0 if source_kind(layer) == "linear" else 1]) for name, layer in layers.items()
+    }
+    observers = {name: GramObserver(width[name], name) for name in layers}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep_output(name: str):
+        def hook(module, args, output):
+            outputs[name] = output
+
+        return hook
+
+    handles = [layer.register_forward_hook(keep_output(name)) for name, layer in layers.items()]
+    device = _input_device(model)
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for w in weights.values():
+            w.requires_grad_(True)  # so the forward pass builds a graph through every target layer
+        with _eval_mode(model), torch.enable_grad():
+            for index, batch in enumerate(data.batches):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                outputs.clear()
+                loss = _loss(model, model(**batch), batch, method="drone-kfac", reduction="sum")
+                names = [n for n in layers if n in outputs and outputs[n].requires_grad]
+                grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
+                mask = batch["attention_mask"]
+                for name, g in zip(names, grads, strict=True):
+                    if g is not None:
+                        observers[name].accumulate(_real_tokens(g.detach(), mask), index)
+                outputs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+            p.grad = None
+    for name in sorted(observers):  # the same order in every process
+        obs = observers[name]
+        gram = obs.gram
+        obs.gram = all_reduce_sum(gram if gram is not None else torch.zeros(width[name], width[name],
+                                                                              dtype=torch.float64, device=device))
+        obs.num_tokens = int(all_reduce_sum(torch.tensor(float(obs.num_tokens), dtype=torch.float64)).item())
+    return observers

@@ -1,0 +1,179 @@
+"""Loss-aware DRONE (``method="drone-kfac"``): the closed form reaches the optimum of its weighted
+objective, reduces to DRONE when the output metric is isotropic, reports the true errors of the
+factors it returns, and its statistics (output-gradient Grams) are those of the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import drone_hf
+from drone_hf.calibration.data import tokenize_batches
+from drone_hf.calibration.output_gradients import collect_output_grams
+from drone_hf.solver import decompose, decompose_kfac
+from tests.tiny_models import CALIBRATION_TEXTS, save_tiny, tokenizer
+
+f64 = torch.float64
+
+
+def problem(m: int = 12, n: int = 10, tokens: int = 40, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=f64)
+    x = torch.randn(n, n, generator=g, dtype=f64) @ (
+        torch.randn(n, tokens, generator=g, dtype=f64) * torch.logspace(0, 1.5, n, dtype=f64)[:, None])
+    a = torch.randn(m, m, generator=g, dtype=f64) * torch.logspace(0, 1, m, dtype=f64)
+    return w, x, a @ a.T  # H: full rank, strongly anisotropic
+
+
+def damped_root(h: torch.Tensor, damp: float) -> torch.Tensor:
+    lam, vec = torch.linalg.eigh(h)
+    lam = lam.clamp_min(0) + damp * float(lam.clamp_min(0).mean())
+    return (vec * lam.sqrt()) @ vec.T
+
+
+@pytest.mark.parametrize("damp", [0.1, 1.0])
+def test_reaches_the_optimum_of_the_weighted_objective(damp):
+    w, x, h = problem()
+    dec = decompose_kfac(w, x @ x.T, h, damp=damp)
+    hs = damped_root(h, damp)
+    sigma2 = torch.linalg.svdvals(hs @ w @ x) ** 2  # Eckart-Young: the best rank-k leaves the tail
+    drone = decompose(w, x @ x.T)
+    for k in range(1, 10):
+        f = dec.factors(k)
+        achieved = float(((hs @ (w - f.up @ f.down) @ x) ** 2).sum())
+        optimum = float(sigma2[k:].sum())
+        assert achieved == pytest.approx(optimum, rel=1e-8, abs=1e-9 * float(sigma2.sum()))
+        reported = float(dec.curvature_squared_errors[k])
+        assert reported == pytest.approx(optimum, rel=1e-8, abs=1e-9 * float(sigma2.sum()))
+        # DRONE's factors are optimal for the unweighted error, not for this one
+        fd = drone.factors(k)
+        assert float(((hs @ (w - fd.up @ fd.down) @ x) ** 2).sum()) >= achieved * (1 - 1e-9)
+    # ... and the other way round: on the plain output error DRONE wins
+    k = 4
+    plain = lambda f: float(((w - f.up @ f.down) @ x).norm())  # noqa: E731
+    assert plain(drone.factors(k)) <= plain(dec.factors(k)) * (1 + 1e-9)
+    assert plain(drone.factors(k)) < plain(dec.factors(k)) * 0.999  # anisotropic H: a real difference
+
+
+def test_reported_errors_are_those_of_the_returned_factors():
+    w, x, h = problem(seed=1)
+    dec = decompose_kfac(w, x @ x.T, h)
+    rel = dec.relative_errors()
+    for k in (1, 3, 7, 10):
+        f = dec.factors(k)
+        direct = float(((w - f.up @ f.down) @ x).norm() / (w @ x).norm())
+        assert float(rel[k]) == pytest.approx(direct, rel=1e-7, abs=1e-10)
+        assert f.relative_error == pytest.approx(direct, rel=1e-7, abs=1e-10)
+
+
+def test_isotropic_output_metric_is_drone():
+    w, x, _ = problem(seed=2)
+    g = x @ x.T
+    for h in (3.5 * torch.eye(12, dtype=f64), torch.zeros(12, 12, dtype=f64)):
+        dec, drone = decompose_kfac(w, g, h, damp=0.5), decompose(w, g)
+        for k in (1, 5, 9):
+            a, b = dec.factors(k), drone.factors(k)
+            torch.testing.assert_close(a.up @ a.down, b.up @ b.down)
+    # a zero H (the loss never reached the layer) predicts nothing: greedy then probes instead
+    assert dec.predicted_loss(3) is None and dec.curvature_squared_errors is None
+
+
+def test_large_damping_approaches_drone():
+    w, x, h = problem(seed=3)
+    a, b = decompose_kfac(w, x @ x.T, h, damp=1e9).factors(4), decompose(w, x @ x.T).factors(4)
+    torch.testing.assert_close(a.up @ a.down, b.up @ b.down, rtol=1e-5, atol=1e-6)
+
+
+def test_predicted_loss_is_the_scaled_discarded_curvature():
+    w, x, h = problem(seed=4)
+    dec = decompose_kfac(w, x @ x.T, h, loss_scale=0.25)
+    assert dec.predicted_loss(0) == pytest.approx(0.25 * float(dec.curvature_squared_errors[0]))
+    losses = [dec.predicted_loss(k) for k in range(11)]
+    assert all(a >= b for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] == pytest.approx(0, abs=1e-9)
+
+
+@pytest.mark.parametrize("damp", [0, -1.0, float("nan"), True, "0.1"])
+def test_bad_damping_is_refused_with_the_fix(damp):
+    w, x, h = problem()
+    with pytest.raises(ValueError, match="kfac_damp"):
+        decompose_kfac(w, x @ x.T, h, damp=damp)
+    with pytest.raises(ValueError, match="kfac_damp=.*must be a finite number > 0"):
+        drone_hf.DroneConfig(method="drone-kfac", kfac_damp=damp)
+
+
+def test_shape_mismatch_and_plain_decompose_are_refused():
+    w, x, h = problem()
+    with pytest.raises(ValueError, match=r"out_gram has shape \(11, 11\).*expected \(12, 12\)"):
+        decompose_kfac(w, x @ x.T, h[:11, :11])
+    with pytest.raises(ValueError, match="decompose_kfac"):
+        decompose(w, x @ x.T, method="drone-kfac")
+    with pytest.raises(ValueError, match="compress_attention"):
+        drone_hf.DroneConfig(method="drone-kfac", compress_attention=True)
+
+
+# --- statistics ----------------------------------------------------------------------------------
+def test_output_grams_are_the_loss_gradient_grams_and_ignore_padding(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(save_tiny("llama-gqa-lm", tmp_path / "d")).eval()
+    tok = tokenizer()
+    layers = {"o": model.model.layers[0].self_attn.o_proj, "down": model.model.layers[1].mlp.down_proj}
+    texts = CALIBRATION_TEXTS[:4]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    padded = collect_output_grams(model, layers, tokenize_batches(texts, tok, 64, 4))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    # reference: one text at a time (no padding), the gradient of its summed next-token loss w.r.t.
+    # the layer's output, taken with autograd directly
+    for name, layer in layers.items():
+        ref, count = torch.zeros_like(padded[name].gram), 0
+        for t in texts:
+            ids = tok([t], return_tensors="pt")["input_ids"]
+            seen: dict = {}
+            handle = layer.register_forward_hook(lambda mod, a, out, seen=seen: seen.__setitem__("y", out))
+            layer.weight.requires_grad_(True)
+            try:
+                with torch.enable_grad():
+                    logits = model(input_ids=ids).logits
+                    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+                    (g,) = torch.autograd.grad(loss, [seen["y"]])
+            finally:
+                handle.remove()
+                layer.weight.requires_grad_(flags[next(n for n, p in model.named_parameters() if p is layer.weight)])
+            g = g[0].to(f64)
+            ref += g.T @ g
+            count += g.shape[0]
+        assert padded[name].num_tokens == count
+        torch.testing.assert_close(padded[name].gram, ref, rtol=1e-4, atol=1e-9 * float(ref.abs().max()))
+        assert float(torch.linalg.eigvalsh(padded[name].gram)[0]) > -1e-8 * float(ref.abs().max())
+
+
+def test_a_model_without_logits_is_refused(tmp_path):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(save_tiny("bert", tmp_path / "b"))
+    with pytest.raises(ValueError, match="method='drone-kfac' needs a loss.*returns no logits"):
+        drone_hf.compress(model, method="drone-kfac", dataset=CALIBRATION_TEXTS, tokenizer=tokenizer(),
+                          show_progress=False)
+
+
+# --- end to end ----------------------------------------------------------------------------------
+def test_greedy_allocation_uses_the_predicted_loss_and_no_probe(tmp_path, monkeypatch):
+    import drone_hf.planner as planner
+
+    def no_probe(*a, **k):
+        raise AssertionError("drone-kfac must not probe sensitivities")
+
+    monkeypatch.setattr(planner, "fisher_sensitivities", no_probe)
+    monkeypatch.setattr(planner, "probe_sensitivities", no_probe)
+    model = AutoModelForCausalLM.from_pretrained(save_tiny("llama-gqa-lm", tmp_path / "d")).eval()
+    cfg = drone_hf.DroneConfig(param_ratio=0.6, method="drone-kfac", kfac_damp=0.5, dataset=CALIBRATION_TEXTS * 8,
+                               tokenizer=tokenizer(), num_samples=48, max_length=32)
+    drone_hf.compress(model, cfg, show_progress=False)
+    rec = model.config.quantization_config
+    res = rec.allocation_result
+    assert res["sensitivity"] == "kfac" and res["predicted_loss_increase"] > 0
+    assert res["targeted_param_ratio"] <= 0.6 + 1e-9 and rec.kfac_damp == 0.5
+    assert "measured_loss_increase" in res
+    model.save_pretrained(tmp_path / "c")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    assert again.config.quantization_config.kfac_damp == 0.5 and again.config.quantization_config.ranks == rec.ranks
