@@ -429,12 +429,17 @@ def held_out_kl(dense, compressed, cfg) -> float:
     return total / items
 
 
-# budgets below what factoring every layer at the smallest grid rank costs (1.7e-5 and 7e-4 nats)
-@pytest.mark.parametrize("cls, max_loss", [(BertForSequenceClassification, 5e-6), (BertForTokenClassification, 2e-4)])
-def test_classifier_loss_budget_is_the_output_kl_on_held_out_texts(cls, max_loss):
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForTokenClassification])
+def test_classifier_loss_budget_is_the_output_kl_on_held_out_texts(cls):
     dense = classifier(cls).double()
     with torch.no_grad():  # a random head barely reacts to its input; a sharper one makes the KL measurable
         dense.classifier.weight.mul_(100)
+    # The budget: a third of what factoring every layer at the smallest grid rank costs, measured here
+    # (a fixed number was machine-dependent: 1.7e-5 nats on one CPU, 1.8e-6 on another).
+    everything = drone_hf.compress(copy.deepcopy(dense), config(max_loss=10.0), show_progress=False)
+    full = everything.config.quantization_config.allocation_result
+    assert full["dense_layers"] == 0 and full["measured_loss_increase"] > 0
+    max_loss = full["measured_loss_increase"] / 3
     cfg = config(max_loss=max_loss)
     model = drone_hf.compress(copy.deepcopy(dense), cfg, show_progress=False)
     result = model.config.quantization_config.allocation_result
@@ -442,7 +447,9 @@ def test_classifier_loss_budget_is_the_output_kl_on_held_out_texts(cls, max_loss
     assert result["budget"]["dense_loss"] == pytest.approx(0.0, abs=1e-12)
     assert 0 < result["measured_loss_increase"] <= max_loss
     assert held_out_kl(dense, model, cfg) == pytest.approx(result["measured_loss_increase"], rel=1e-6)
-    assert result["factored_layers"] > 0 and result["dense_layers"] > 0  # the budget decided something
+    # the budget decided something: some layer keeps more than the smallest rank, or stays dense
+    assert result["factored_layers"] > 0
+    assert model.config.quantization_config.ranks != everything.config.quantization_config.ranks
 
 
 def test_eval_loss_can_be_chosen_and_is_recorded():
