@@ -22,6 +22,9 @@ other parameter's ``requires_grad`` is restored afterwards, and no ``.grad`` is 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -63,6 +66,26 @@ def _loss(
     raise ValueError(f"method={method!r} cannot form a loss from logits of shape {tuple(logits.shape)}.")
 
 
+@contextmanager
+def gradients_only_for(model: nn.Module, weights: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Eval mode with autograd on, only ``weights`` requiring grad (so a graph exists through their
+    layers); afterwards every parameter's ``requires_grad`` is restored and no ``.grad`` is left."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for w in weights:
+            w.requires_grad_(True)
+        with _eval_mode(model), torch.enable_grad():
+            yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+            p.grad = None
+
+
 def collect_row_fisher(
     model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches
 ) -> dict[str, torch.Tensor]:
@@ -73,32 +96,20 @@ def collect_row_fisher(
     """
     from ..modules.low_rank_linear import source_kind
 
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
     weights = {name: layer.weight for name, layer in layers.items()}
     out_dim = {name: (0 if source_kind(layer) == "linear" else 1) for name, layer in layers.items()}
     fisher = {name: torch.zeros(w.shape[out_dim[name]], dtype=torch.float64) for name, w in weights.items()}
     device = _input_device(model)
-    try:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-        for w in weights.values():
-            w.requires_grad_(True)
-        with _eval_mode(model), torch.enable_grad():
-            for batch in data.batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss = _loss(model, model(**batch), batch)
-                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
-                for name, g in zip(weights, grads, strict=True):
-                    if g is None:
-                        continue
-                    sq = g.detach().to(torch.float64).pow(2)
-                    fisher[name] += sq.sum(dim=1 - out_dim[name]).cpu()
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-            p.grad = None
+    with gradients_only_for(model, weights.values()):
+        for batch in data.batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = _loss(model, model(**batch), batch)
+            grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+            for name, g in zip(weights, grads, strict=True):
+                if g is None:
+                    continue
+                sq = g.detach().to(torch.float64).pow(2)
+                fisher[name] += sq.sum(dim=1 - out_dim[name]).cpu()
     for name in sorted(fisher):  # the same order in every process
         fisher[name] = all_reduce_sum(fisher[name])
     for name, f in fisher.items():

@@ -21,9 +21,9 @@ from torch import nn
 
 from .data import CalibrationBatches
 from .distributed import all_reduce_sum
-from .fisher import _loss
+from .fisher import _loss, gradients_only_for
 from .observer import GramObserver
-from .pipeline import _eval_mode, _input_device
+from .pipeline import _input_device
 
 
 def _real_tokens(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -43,8 +43,6 @@ def collect_output_grams(
     """
     from ..modules.low_rank_linear import source_kind
 
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
     weights = {name: layer.weight for name, layer in layers.items()}
     width = {
         name: int(layer.weight.shape[0 if source_kind(layer) == "linear" else 1]) for name, layer in layers.items()
@@ -61,12 +59,8 @@ def collect_output_grams(
     handles = [layer.register_forward_hook(keep_output(name)) for name, layer in layers.items()]
     device = _input_device(model)
     try:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-        for w in weights.values():
-            w.requires_grad_(True)  # so the forward pass builds a graph through every target layer
-        with _eval_mode(model), torch.enable_grad():
+        # the target weights require grad so the forward pass builds a graph through every target layer
+        with gradients_only_for(model, weights.values()):
             for index, batch in enumerate(data.batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 outputs.clear()
@@ -81,9 +75,6 @@ def collect_output_grams(
     finally:
         for h in handles:
             h.remove()
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-            p.grad = None
     for name in sorted(observers):  # the same order in every process
         obs = observers[name]
         gram = obs.gram

@@ -14,7 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.lm import RATIOS, main  # noqa: E402
+from benchmarks.lm import KFAC_DAMPS, KFAC_GREEDY_RATIOS, RATIOS, main  # noqa: E402
+from drone_hf.solver import DEFAULT_KFAC_DAMP  # noqa: E402
 
 
 def test_lm_benchmark_quick(tmp_path):
@@ -22,19 +23,25 @@ def test_lm_benchmark_quick(tmp_path):
     text = (tmp_path / "lm.md").read_text()
     assert "git commit" in text and "| drone |" in text and "**Target**" in text
     rec = json.loads((tmp_path / "lm.json").read_text())
-    assert set(rec["methods"]) == {"drone", "svd", "asvd", "fwsvd", "svdllm", "drone greedy"}
+    assert set(rec["methods"]) == {"drone", "drone-kfac", "svd", "asvd", "fwsvd", "svdllm", "drone greedy",
+                                   "drone-kfac greedy"}
     assert math.isfinite(rec["dense_ppl"]) and rec["dense_ppl"] > 1
     for method, entry in rec["methods"].items():
         assert "failed" not in entry, method
-        for r in RATIOS:
+        for r in (KFAC_GREEDY_RATIOS if method == "drone-kfac greedy" else RATIOS):
             assert math.isfinite(entry["ppl"][str(r)]) and entry["ppl"][str(r)] > 1
             # uniform and greedy ranks keep at most the asked fraction, and not much less
             assert r - 0.1 < entry["kept"][str(r)] <= r + 1e-9, (method, r)
     greedy = rec["methods"]["drone greedy"]
     assert all(isinstance(greedy["dense_layers"][str(r)], int) for r in RATIOS)
-    assert rec["target"]["variant"] in ("drone", "drone greedy")  # judged on DRONE's best row
-    assert rec["target"]["drone_ppl"] == min(rec["methods"][m]["ppl"]["0.8"] for m in ("drone", "drone greedy"))
-    assert "| drone greedy |" in text
+    variants = ("drone", "drone greedy", "drone-kfac", "drone-kfac greedy")
+    assert rec["target"]["variant"] in variants  # judged on DRONE's best row
+    assert rec["target"]["drone_ppl"] == min(rec["methods"][m]["ppl"]["0.8"] for m in variants)
+    assert "| drone greedy |" in text and "| drone-kfac greedy |" in text
+    # the kfac_damp comparison: every value, the default's row being the drone-kfac row itself
+    assert set(rec["kfac_damps"]) == {str(d) for d in KFAC_DAMPS}
+    assert rec["kfac_damps"][str(DEFAULT_KFAC_DAMP)] == rec["methods"]["drone-kfac"]["ppl"]["0.8"]
+    assert all(math.isfinite(v) for v in rec["kfac_damps"].values()) and "(default)" in text
     # SVD-LLM and DRONE reach the same optimum on positive-definite statistics
     for r in RATIOS:
         assert rec["methods"]["svdllm"]["ppl"][str(r)] == pytest.approx(
