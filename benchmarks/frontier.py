@@ -145,16 +145,17 @@ def validation_split(train_raw):
 
 def variants(
     plan: Plan, methods: tuple[str, ...] = METHODS, groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto",
-    eval_samples: int | None = None, sequential: bool | str = False,
+    eval_samples: int | None = None, sequential: bool | str = False, greedy_method: str = "drone",
 ) -> list[Variant]:
     """The rows of a run: uniform ranks per method, DRONE greedy (size and speed budgets, measuring
-    ``eval_loss`` on ``eval_samples`` held-out texts, calibrated the ``sequential`` way), DRONE +
-    attention; ``groups`` keeps only some of them."""
+    ``eval_loss`` on ``eval_samples`` held-out texts, calibrated the ``sequential`` way, solved by
+    ``greedy_method``: ``drone`` or loss-aware ``drone-kfac``), DRONE + attention; ``groups`` keeps
+    only some of them."""
     rows = [Variant(m, {"param_ratio": r}) for m in methods for r in plan.ratios] if "uniform" in groups else []
     if "greedy" in groups:
         greedy = dict(allocation="greedy", eval_loss=eval_loss, eval_samples=eval_samples, sequential=sequential)
-        rows += [Variant("drone", {"param_ratio": r}, **greedy) for r in plan.ratios]
-        rows += [Variant("drone", {"target_speedup": x}, **greedy) for x in plan.speedups]
+        rows += [Variant(greedy_method, {"param_ratio": r}, **greedy) for r in plan.ratios]
+        rows += [Variant(greedy_method, {"target_speedup": x}, **greedy) for x in plan.speedups]
     if "attention" in groups:
         rows.append(Variant("drone", {"param_ratio": 0.5}, attention_rank=plan.attention_rank))
     return rows
@@ -176,7 +177,7 @@ def speedups(
 
 def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto", eval_samples: int | None = None,
-        sequential: bool | str = False, split: str = "test") -> dict:
+        sequential: bool | str = False, split: str = "test", greedy_method: str = "drone") -> dict:
     """Every row of the plan on split ``split``: ``test`` (the report) or ``validation`` (choosing
     settings; see ``validation_split``)."""
     from transformers import AutoTokenizer
@@ -193,7 +194,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
     log(f"dense accuracy {dense_acc:.4f} on {len(test_ds)} {split} sentences")
     texts = list(train_raw["text"])
     rows = []
-    for v in variants(plan, methods, groups, eval_loss, eval_samples, sequential):
+    for v in variants(plan, methods, groups, eval_loss, eval_samples, sequential, greedy_method):
         rec: dict[str, Any] = {"label": v.label, **asdict(v)}
         start = time.perf_counter()
         work = copy.deepcopy(dense)
@@ -389,6 +390,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="target_speedup budgets (default 1.5 2.0 2.5; none: no speed-budget rows)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS),
                         help="solvers with uniform-rank rows (default: all); DRONE's greedy rows always run")
+    parser.add_argument("--greedy-method", choices=("drone", "drone-kfac"), default="drone",
+                        help="solver of the greedy rows: DRONE, or loss-aware DRONE (ranks from the predicted loss)")
     parser.add_argument("--rows", nargs="+", choices=list(ROW_GROUPS), default=list(ROW_GROUPS),
                         help="row groups to run (default: all): uniform (every method), greedy, attention")
     parser.add_argument("--eval-loss", choices=list(EVAL_LOSSES), default="auto",
@@ -434,7 +437,7 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.perf_counter()
     result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True), methods=methods,
                  groups=tuple(args.rows), eval_loss=args.eval_loss, eval_samples=args.eval_samples,
-                 sequential=CALIBRATIONS[args.calibration], split=args.split)
+                 sequential=CALIBRATIONS[args.calibration], split=args.split, greedy_method=args.greedy_method)
     stem = args.name or results_stem(s.model)
     render(result, command_line(__file__, argv if argv is not None else sys.argv[1:]), time.perf_counter() - start, out,
            stem)

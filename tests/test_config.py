@@ -130,7 +130,8 @@ def test_error_messages_show_the_bad_value() -> None:
     with pytest.raises(ValueError, match=r"param_ratio=1\.5 must be a number in \(0, 1\]"):
         DroneConfig(param_ratio=1.5)
     with pytest.raises(
-        ValueError, match=r"method='foo' is not supported: use one of \['drone', 'svd', 'asvd', 'fwsvd', 'svdllm', 'drone-kfac'\]"
+        ValueError,
+        match=r"method='foo' is not supported: use one of \['drone', 'svd', 'asvd', 'fwsvd', 'svdllm', 'drone-kfac'\]",
     ):
         DroneConfig(method="foo")
     with pytest.raises(ValueError, match=r"ranks\['q'\]=0 must be a positive integer"):

@@ -95,6 +95,9 @@ def test_rows_can_be_limited_to_groups_and_greedy_rows_take_the_eval_loss():
     everything = frontier.variants(plan)
     assert {v.allocation for v in everything} == {"uniform", "greedy"} and any(v.attention_rank for v in everything)
     assert all(v.eval_loss == "auto" and v.eval_samples is None and "eval loss" not in v.label for v in everything)
+    kfac = frontier.variants(plan, groups=("greedy",), greedy_method="drone-kfac")
+    assert {v.method for v in kfac} == {"drone-kfac"} and all(v.label.startswith("drone-kfac (greedy") for v in kfac)
+    assert kfac[0].config(["a text"], None, finetune.QUICK, (4, 32)).method == "drone-kfac"
     only_attention = frontier.variants(plan, groups=("attention",))
     assert len(only_attention) == 1 and only_attention[0].attention_rank
     line = frontier.rows_run({"groups": ["greedy"], "plan": {"ratios": [0.5], "speedups": [1.2]},
