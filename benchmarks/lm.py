@@ -179,10 +179,8 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
     def needs(method: str) -> None:
         if method == "drone-kfac" and not kfac:
             def output_grams() -> dict:
-                out = {}
-                for c, o in collect_output_grams(model, layers, data).items():
-                    out[c] = {"out_gram": o.gram, "loss_scale": 1.0 / (2.0 * max(o.num_tokens, 1) ** 2)}
-                return out
+                grads = collect_output_grams(model, layers, data)
+                return {c: {"out_gram": o.gram, "loss_scale": grads.loss_scale(c)} for c, o in grads.observers.items()}
             kfac.update(timed("output-gradient forward+backward pass (drone-kfac)", output_grams))
         if method == "asvd" and "abs_mean" not in stats:
             stats["abs_mean"] = timed("mean abs(x) pass (asvd)", lambda: {

@@ -129,7 +129,7 @@ def held_out_count(model: nn.Module, config: DroneConfig) -> int:
     return default_eval_samples(model, config.eval_loss, config.loss_fn)
 
 
-def _peer_statistics(model: nn.Module, method: str, targets: dict, data) -> dict[str, dict[str, torch.Tensor]]:
+def _peer_statistics(model: nn.Module, method: str, targets: dict, data) -> dict[str, dict[str, Any]]:
     """The extra statistics of the peer methods, on the dense model (as their papers calibrate):
     ASVD's per-channel mean |x| (one forward pass), FWSVD's row Fisher (one forward+backward pass),
     loss-aware DRONE's output-gradient Grams and loss scale (one forward+backward pass). Empty for
@@ -146,12 +146,8 @@ def _peer_statistics(model: nn.Module, method: str, targets: dict, data) -> dict
     if method == "drone-kfac" and layers:
         from .calibration.output_gradients import collect_output_grams
 
-        stats = {}
-        for c, obs in collect_output_grams(model, layers, data).items():
-            # K-FAC: mean-loss increase ≈ tr(ΔW G ΔWᵀ H) / (2 N_x N_g); both Grams cover the same tokens
-            n = max(obs.num_tokens, 1)
-            stats[c] = {"out_gram": obs.gram, "loss_scale": torch.tensor(1.0 / (2.0 * n * n), dtype=torch.float64)}
-        return stats
+        grads = collect_output_grams(model, layers, data)
+        return {c: {"out_gram": obs.gram, "loss_scale": grads.loss_scale(c)} for c, obs in grads.observers.items()}
     return {}
 
 
@@ -188,7 +184,7 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     observe_output = {c for c, (o, i) in shapes.items() if config.method == "drone" and config.damp == 0 and o < i}
     widths = {c: shapes[c][0] if c in observe_output else shapes[c][1] for c in targets}
 
-    peer_stats: dict[str, dict[str, torch.Tensor]] = {}  # asvd/fwsvd statistics, filled after tokenising
+    peer_stats: dict[str, dict[str, Any]] = {}  # asvd/fwsvd/drone-kfac statistics, filled after tokenising
 
     def solve(c: str, gram: torch.Tensor) -> Decomposition:
         weight = dense_weight_of(targets[c][1])  # read now: an offloaded layer is materialised just before
@@ -197,7 +193,7 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         if config.method == "drone-kfac":
             stats = peer_stats[c]
             return decompose_kfac(weight, gram, stats["out_gram"], damp=config.kfac_damp,
-                                  loss_scale=float(stats["loss_scale"]))
+                                  loss_scale=stats["loss_scale"])
         if config.method in PEER_METHODS:
             return decompose_peer(config.method, weight, gram, asvd_alpha=config.asvd_alpha, name=c,
                                   **peer_stats.get(c, {}))

@@ -16,6 +16,8 @@ triangle, float32 strips flushed into float64). Under ``torch.distributed`` the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -33,12 +35,35 @@ def _real_tokens(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return grad.reshape(-1, grad.shape[-1])
 
 
+@dataclass
+class OutputGradientStats:
+    """What :func:`collect_output_grams` gathers.
+
+    Attributes:
+        observers: name -> observer of ``Σ g gᵀ`` [out, out]; ``observer.gram`` is float64 and
+            ``observer.num_tokens`` the number of token gradients in it.
+        loss_terms: how many terms the summed loss had (predicted tokens of a causal LM, texts of a
+            sequence classifier, real tokens of a token classifier), over all processes.
+    """
+
+    observers: dict[str, GramObserver]
+    loss_terms: int
+
+    def loss_scale(self, name: str) -> float:
+        """The factor turning ``tr(ΔW G ΔWᵀ H)`` into a predicted increase of the *mean* loss.
+
+        K-FAC with tokens as samples: ``F ≈ G ⊗ H / (S · T)`` for ``S`` loss terms and ``T`` tokens
+        (the gradients are those of each term's own loss), and ``ΔL ≈ ½ vec(ΔW)ᵀ F vec(ΔW)``.
+        """
+        tokens = max(self.observers[name].num_tokens, 1)
+        return 1.0 / (2.0 * max(self.loss_terms, 1) * tokens)
+
+
 def collect_output_grams(
     model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches
-) -> dict[str, GramObserver]:
-    """name -> observer of ``Σ g gᵀ`` [out, out] over the real calibration tokens, for each layer.
+) -> OutputGradientStats:
+    """The output-gradient Gram ``Σ g gᵀ`` [out, out] of every layer over the real calibration tokens.
 
-    ``observer.gram`` is float64; ``observer.num_tokens`` the number of token gradients in it.
     A layer the loss never reached (unused on these inputs) keeps a zero Gram.
     """
     from ..modules.low_rank_linear import source_kind
@@ -58,13 +83,15 @@ def collect_output_grams(
 
     handles = [layer.register_forward_hook(keep_output(name)) for name, layer in layers.items()]
     device = _input_device(model)
+    loss_terms = 0
     try:
         # the target weights require grad so the forward pass builds a graph through every target layer
         with gradients_only_for(model, weights.values()):
             for index, batch in enumerate(data.batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 outputs.clear()
-                loss = _loss(model, model(**batch), batch, method="drone-kfac", reduction="sum")
+                terms = _loss(model, model(**batch), batch, method="drone-kfac", reduction="none")
+                loss, loss_terms = terms.sum(), loss_terms + terms.numel()
                 names = [n for n in layers if n in outputs and outputs[n].requires_grad]
                 grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
                 mask = batch["attention_mask"]
@@ -81,4 +108,5 @@ def collect_output_grams(
         obs.gram = all_reduce_sum(gram if gram is not None else torch.zeros(width[name], width[name],
                                                                               dtype=torch.float64, device=device))
         obs.num_tokens = int(all_reduce_sum(torch.tensor(float(obs.num_tokens), dtype=torch.float64)).item())
-    return observers
+    loss_terms = int(all_reduce_sum(torch.tensor(float(loss_terms), dtype=torch.float64)).item())
+    return OutputGradientStats(observers, loss_terms)

@@ -3,13 +3,13 @@
 DRONE minimises ``||(W - W') X||²``: every output direction of a layer counts the same. The loss
 does not see them alike. To second order, the loss increase of a weight change ``ΔW`` is
 ``½ vec(ΔW)ᵀ F vec(ΔW)``; with the Kronecker-factored (K-FAC) approximation of the Fisher,
-``F ≈ (G / N_x) ⊗ (H / N_g) · N``, that is
+with tokens as samples, ``F ≈ G ⊗ H / (S T)``, that is
 
-    ΔL ≈ tr(ΔW G ΔWᵀ H) / (2 N_x N_g)      (mean loss per token)
+    ΔL ≈ tr(ΔW G ΔWᵀ H) / (2 S T)      (mean loss over its S terms)
 
 with ``G = Σ x xᵀ`` the input Gram DRONE already has and ``H = Σ g gᵀ`` the Gram of the loss's
 gradients with respect to the layer's outputs (:mod:`drone_hf.calibration.output_gradients`), over
-``N_x`` and ``N_g`` calibration tokens. This is DRONE's objective with the output error weighted by
+the ``T`` calibration tokens. This is DRONE's objective with the output error weighted by
 ``H^{1/2}``, and it keeps DRONE's closed form: with ``H_δ^{1/2}`` a square root of the (damped)
 output Gram and ``R`` one of the input Gram (``G = R Rᵀ``),
 
@@ -23,7 +23,7 @@ factorisation keeps, in one closed form per layer.
 Two things make it more than a reweighting:
 
 * **Allocation for free.** The discarded ``σ_j²`` of every layer are, up to the common factor
-  ``1 / (2 N_x N_g)``, predicted increases of the *same* loss, so the greedy planner can compare
+  ``1 / (2 S T)``, predicted increases of the *same* loss, so the greedy planner can compare
   layers directly, with no sensitivity probing (:attr:`Decomposition.predicted_loss`).
 * **Damping.** ``H`` can be nearly singular (directions the loss barely depends on on calibration
   text) and ``H^{-1/2}`` then amplifies whatever the truncation leaves there. ``H_δ = H + δ ·
@@ -85,7 +85,7 @@ def decompose_kfac(
             loss never depended on this layer): the plain DRONE solution, with no loss prediction.
         damp: relative damping ``δ > 0`` of ``out_gram``.
         loss_scale: factor turning the discarded ``σ²`` into a predicted mean-loss increase,
-            ``1 / (2 N_x N_g)`` (see the module docstring); stored on the decomposition.
+            ``1 / (2 S T)`` (see the module docstring); stored on the decomposition.
         eig: ``torch.linalg.eigh(gram)`` if the caller already has it.
 
     The returned decomposition reports, like every method's, the output error ``||(W - W'_k) X||``

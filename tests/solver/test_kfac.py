@@ -119,7 +119,8 @@ def test_output_grams_are_the_loss_gradient_grams_and_ignore_padding(tmp_path):
     layers = {"o": model.model.layers[0].self_attn.o_proj, "down": model.model.layers[1].mlp.down_proj}
     texts = CALIBRATION_TEXTS[:4]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    padded = collect_output_grams(model, layers, tokenize_batches(texts, tok, 64, 4))
+    stats = collect_output_grams(model, layers, tokenize_batches(texts, tok, 64, 4))
+    padded = stats.observers
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
     # reference: one text at a time (no padding), the gradient of its summed next-token loss w.r.t.
@@ -143,6 +144,9 @@ def test_output_grams_are_the_loss_gradient_grams_and_ignore_padding(tmp_path):
             ref += g.T @ g
             count += g.shape[0]
         assert padded[name].num_tokens == count
+        # one loss term per predicted token: the scale of the predicted mean-loss increase
+        assert stats.loss_terms == count - len(texts)
+        assert stats.loss_scale(name) == pytest.approx(1 / (2 * (count - len(texts)) * count))
         torch.testing.assert_close(padded[name].gram, ref, rtol=1e-4, atol=1e-9 * float(ref.abs().max()))
         assert float(torch.linalg.eigvalsh(padded[name].gram)[0]) > -1e-8 * float(ref.abs().max())
 
@@ -177,3 +181,15 @@ def test_greedy_allocation_uses_the_predicted_loss_and_no_probe(tmp_path, monkey
     model.save_pretrained(tmp_path / "c")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     assert again.config.quantization_config.kfac_damp == 0.5 and again.config.quantization_config.ranks == rec.ranks
+
+
+def test_a_sequence_classifier_has_one_loss_term_per_text(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(save_tiny("bert-seq-cls", tmp_path / "c")).eval()
+    layer = model.bert.encoder.layer[0].output.dense
+    stats = collect_output_grams(model, {"d": layer}, tokenize_batches(CALIBRATION_TEXTS[:6], tokenizer(), 32, 3))
+    obs = stats.observers["d"]
+    assert stats.loss_terms == 6 and obs.num_tokens > 6  # pseudo-labels: one term per text, gradients per token
+    assert stats.loss_scale("d") == pytest.approx(1 / (2 * 6 * obs.num_tokens))
+    assert float(obs.gram.trace()) > 0
