@@ -230,10 +230,10 @@ class RankPlanner:
                 dense, times = self.layer_times(c, ranks)
                 costs = [times[k] for k in ranks]
             if curvature:  # predicted mean-loss increase of each rank, on one scale for all layers
-                errors = [float(self.decompositions[c].predicted_loss(k)) for k in ranks]
-                out.append(LayerOptions(c, dense, ranks, costs, errors, 1.0))
-                continue
-            out.append(LayerOptions(c, dense, ranks, costs, [self.sq_error(c, k) for k in ranks], weights.get(c, 1.0)))
+                errors, weight = [float(self.decompositions[c].predicted_loss(k)) for k in ranks], 1.0
+            else:
+                errors, weight = [self.sq_error(c, k) for k in ranks], weights.get(c, 1.0)
+            out.append(LayerOptions(c, dense, ranks, costs, errors, weight))
         return out
 
     # --- strategies ------------------------------------------------------------------------------

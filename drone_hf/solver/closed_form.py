@@ -37,6 +37,13 @@ from .numerics import EIGEN_TOL, SINGULAR_TOL, as_float64, check_damp, check_fin
 METHODS = ("drone", "svd", "asvd", "fwsvd", "svdllm", "drone-kfac")
 
 
+def tail_sums(values: torch.Tensor) -> torch.Tensor:
+    """[r + 1] ``Σ_{j >= k} values_j`` for k = 0..r (the last is 0): what truncating at rank k
+    discards. Summed from the small end, so small tails do not cancel against the total."""
+    tails = torch.flip(torch.cumsum(torch.flip(values, [0]), 0), [0])
+    return torch.cat([tails, values.new_zeros(1)])
+
+
 @dataclass(frozen=True)
 class Factorization:
     """Rank-k factors of one weight: ``W ≈ up @ down``.
@@ -112,9 +119,7 @@ class Decomposition:
             return self.explicit_squared_errors
         if self.captured is None or self.residual is None:
             return None
-        # tail sums, summed from the small end: no cancellation against the total
-        tails = torch.flip(torch.cumsum(torch.flip(self.captured, [0]), 0), [0])
-        return torch.cat([tails, self.captured.new_zeros(1)]) + self.residual
+        return tail_sums(self.captured) + self.residual
 
     def relative_errors(self) -> torch.Tensor | None:
         """[max_rank + 1] float64: relative calibration error for every rank k = 0..max_rank."""

@@ -41,9 +41,9 @@ import math
 
 import torch
 
-from .closed_form import Decomposition
+from .closed_form import Decomposition, tail_sums
 from .numerics import check_finite
-from .peers import _check, _nonzero, _root, pair_squared_errors
+from .peers import _check, _eig, _nonzero, pair_squared_errors
 
 #: Default relative damping ``δ`` of the output-gradient Gram (see the module docstring).
 DEFAULT_KFAC_DAMP = 0.1
@@ -101,7 +101,9 @@ def decompose_kfac(
     if tuple(h.shape) != (m, m):
         raise ValueError(f"out_gram has shape {tuple(h.shape)} but the weight has {m} outputs: expected ({m}, {m}).")
     check_finite(h, "out_gram")
-    root = _root(g, eig)  # [n, t], G ≈ R Rᵀ on the kept eigenpairs
+    lam, vec, keep = _eig(g, eig)
+    projector = vec[:, keep]  # V_t: the input directions calibration saw
+    root = projector * lam[keep].sqrt()  # [n, t], G ≈ R Rᵀ on the kept eigenpairs
     roots = _damped_roots(h, float(damp))
     if roots is None:  # no curvature information: DRONE's metric, and nothing to predict
         hs = his = torch.eye(m, dtype=torch.float64, device=w.device)
@@ -109,7 +111,6 @@ def decompose_kfac(
     else:
         hs, his = roots
         scale = float(loss_scale)
-    projector = root / root.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)  # V_t: orthonormal columns
     hw = hs @ w
     basis, sing, _ = torch.linalg.svd(hw @ root, full_matrices=False)
     mask = _nonzero(sing)
@@ -117,8 +118,7 @@ def decompose_kfac(
     up_all = his @ basis
     down_all = ((basis.T @ hw) @ projector) @ projector.T  # directions calibration never saw map to zero
     spectrum = sing**2
-    tails = torch.flip(torch.cumsum(torch.flip(spectrum, [0]), 0), [0])
-    curvature = torch.cat([tails, spectrum.new_zeros(1)])
+    curvature = tail_sums(spectrum)
     sq = pair_squared_errors(w, root, up_all, down_all)
     return Decomposition(
         w, basis, None, None, None, float(sq[0]), spectrum, "drone-kfac",
