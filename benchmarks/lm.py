@@ -189,7 +189,6 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
             stats["row_fisher"] = timed("Fisher forward+backward pass (fwsvd)",
                                         lambda: collect_row_fisher(model, layers, fisher_data))
 
-    originals = {full: layer for full, layer in targets.values()}
     results: dict[str, dict] = {}
     record = {
         "model": model_name, "dense_ppl": dense_ppl, "ratios": list(RATIOS), "methods": results,
@@ -221,18 +220,8 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
         entry["solve_s"] = time.perf_counter() - t
         memory[f"solve all layers: {method}"] = peak.added_mib
         for ratio in sorted(RATIOS, key=lambda r: abs(r - (1 - TARGET_CUT))):
-            repl, kept = {}, 0
-            for c, (full, layer) in targets.items():
-                f = decs[c].factors(uniform_rank(*shapes[c], ratio))
-                repl[full] = DroneLinear.from_factors(layer, f.up, f.down, f.relative_error)
-                kept += repl[full].factored_parameters
-            replace_modules(model, repl)
-            try:
-                ppl = perplexity(model, windows)
-            finally:
-                replace_modules(model, originals)
-            entry["ppl"][str(ratio)] = ppl
-            entry["kept"][str(ratio)] = kept / sum(m * n for m, n in shapes.values())
+            ppl, kept = _uniform_perplexity(model, targets, shapes, decs, ratio, windows)
+            entry["ppl"][str(ratio)], entry["kept"][str(ratio)] = ppl, kept
             print(f"{method} ratio {ratio}: ppl {ppl:.3f} (dense {dense_ppl:.3f})", flush=True)
         del decs
         if method == "drone-kfac":
@@ -270,26 +259,35 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
 GREEDY_EVAL_TEXTS = 32
 
 
+def _uniform_perplexity(model, targets, shapes, decs, ratio: float, windows) -> tuple[float, float]:
+    """Perplexity and kept-parameter fraction with every target swapped for its uniform-rank factors
+    at ``ratio``; the dense layers are back in place afterwards, also when evaluation fails."""
+    originals = {full: layer for full, layer in targets.values()}
+    repl, kept = {}, 0
+    for c, (full, layer) in targets.items():
+        f = decs[c].factors(uniform_rank(*shapes[c], ratio))
+        repl[full] = DroneLinear.from_factors(layer, f.up, f.down, f.relative_error)
+        kept += repl[full].factored_parameters
+    replace_modules(model, repl)
+    try:
+        ppl = perplexity(model, windows)
+    finally:
+        replace_modules(model, originals)
+    return ppl, kept / sum(m * n for m, n in shapes.values())
+
+
 def _damp_sweep(model, targets, shapes, weights, grams, eigs, kfac, windows, default_ppl: float) -> dict[str, float]:
     """Perplexity of loss-aware DRONE at the target cut, uniform ranks, for each of ``KFAC_DAMPS``
     (the default's value is the row already measured)."""
-    originals = {full: layer for full, layer in targets.values()}
     ratio = round(1 - TARGET_CUT, 10)
     out = {}
     for damp in KFAC_DAMPS:
         if damp == DEFAULT_KFAC_DAMP:
             out[str(damp)] = default_ppl
             continue
-        repl = {}
-        for c, (full, layer) in targets.items():
-            dec = decompose_kfac(weights[c], grams[c], damp=damp, eig=eigs[c], **kfac[c])
-            f = dec.factors(uniform_rank(*shapes[c], ratio))
-            repl[full] = DroneLinear.from_factors(layer, f.up, f.down, f.relative_error)
-        replace_modules(model, repl)
-        try:
-            out[str(damp)] = perplexity(model, windows)
-        finally:
-            replace_modules(model, originals)
+        decs = {c: decompose_kfac(weights[c], grams[c], damp=damp, eig=eigs[c], **kfac[c]) for c in targets}
+        out[str(damp)] = _uniform_perplexity(model, targets, shapes, decs, ratio, windows)[0]
+        del decs
         print(f"drone-kfac kfac_damp={damp} ratio {ratio}: ppl {out[str(damp)]:.3f}", flush=True)
     return out
 

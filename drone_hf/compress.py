@@ -34,6 +34,7 @@ from .solver import (
     decompose,
     decompose_compensated,
     decompose_kfac,
+    decompose_kfac_compensated,
     decompose_output_gram,
     decompose_peer,
 )
@@ -201,6 +202,11 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
 
     def solve_compensated(c: str, stats: PairedObserver) -> Decomposition:
         weight = dense_weight_of(targets[c][1])
+        if config.method == "drone-kfac":  # the dense model's output-gradient Gram weighs the compensated error
+            return decompose_kfac_compensated(
+                weight, stats.gram, stats.cross, stats.dense_energy, peer_stats[c]["out_gram"],
+                kfac_damp=config.kfac_damp, loss_scale=peer_stats[c]["loss_scale"], precision=weight.dtype,
+            )
         return decompose_compensated(weight, stats.gram, stats.cross, stats.dense_energy, damp=config.damp,
                                      precision=weight.dtype)  # the activations' dtype: the model's
 

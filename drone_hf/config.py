@@ -34,6 +34,8 @@ FORMAT_VERSION = 1
 DEFAULT_DAMP = 0.0
 #: ``sequential`` values beside ``True``/``False`` (see the docstring).
 SEQUENTIAL_MODES = ("compensated",)
+#: Solvers with a compensated form (``min ||W X - W' X̂||``, output-weighted for drone-kfac).
+COMPENSATED_METHODS = ("drone", "drone-kfac")
 
 _SETTINGS = (
     "param_ratio",
@@ -150,7 +152,8 @@ class DroneConfig(QuantizationConfigMixin):
             replacing) the default head exclusions.
         damp (`float`, defaults to ``DEFAULT_DAMP``):
             Ridge ``δ``: the solver minimises ``||(W-W')X||² + δ·mean(diag XXᵀ)·||W-W'||²``;
-            ``0`` is the exact DRONE optimum, large values approach plain SVD.
+            ``0`` is the exact DRONE optimum, large values approach plain SVD. Must stay ``0`` with
+            ``method="drone-kfac"``, which is damped by ``kfac_damp`` instead.
         method (`str`, defaults to ``"drone"``): the solver. ``"drone"`` (data-aware optimum of
             ``||(W-W')X||``); ``"svd"`` (plain truncated SVD of the weight: the data-free baseline);
             and the peer methods, for comparison (``docs/methods.md``): ``"asvd"`` (ASVD: SVD of the
@@ -177,9 +180,10 @@ class DroneConfig(QuantizationConfigMixin):
             that need a whole-model view (greedy, drone, speed and loss budgets) come from a one-shot
             plan first. ``True`` solves ``min ||(W - W') X̂||`` on those inputs ``X̂``;
             ``"compensated"`` solves ``min ||W X - W' X̂||`` (the dense model's outputs, ``X`` its
-            inputs), so each layer also corrects the error of the layers before it (``method="drone"``
-            only; a block is calibrated one execution group at a time, each group's passes stopping at
-            it: 3-4.5x the time of ``True`` in the measurements). On held-out data it beat one-shot
+            inputs), so each layer also corrects the error of the layers before it (``method="drone"``,
+            or ``"drone-kfac"`` with the output error weighted by the dense model's loss; a block is
+            calibrated one execution group at a time, each group's passes stopping at it: 3-4.5x the
+            time of ``True`` in the measurements). On held-out data it beat one-shot
             and ``True`` on MiniLM (embedding cosine 0.722 vs 0.679 at ``param_ratio=0.3``) and on
             SmolLM2 (perplexity 30.5 vs 32.2 with greedy ranks at 0.8). See ``drone_hf/sequential.py``
             and ``docs/calibration.md``.
@@ -298,10 +302,11 @@ class DroneConfig(QuantizationConfigMixin):
                 f"sequential={self.sequential!r} must be False (one-shot), True (sequential) or "
                 f"{SEQUENTIAL_MODES[0]!r} (sequential, error-compensated)."
             )
-        if self.sequential == "compensated" and self.method != "drone":
+        if self.sequential == "compensated" and self.method not in COMPENSATED_METHODS:
             raise ValueError(
-                f"sequential='compensated' solves the DRONE objective; it does not combine with "
-                f"method={self.method!r}. Use method='drone', or sequential=True for the peer methods."
+                f"sequential='compensated' solves the DRONE objective (plain or loss-aware); it does not combine "
+                f"with method={self.method!r}. Use method='drone' or 'drone-kfac', or sequential=True for the "
+                "peer methods."
             )
         if self.sequential and self.compress_attention:
             raise ValueError(
@@ -377,6 +382,11 @@ class DroneConfig(QuantizationConfigMixin):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not supported: use one of {list(METHODS)}.")
         check_kfac_damp(self.kfac_damp)
+        if self.method == "drone-kfac" and d != 0:
+            raise ValueError(
+                f"damp={d!r} is DRONE's input ridge and method='drone-kfac' has no input ridge: set damp=0 and "
+                "use kfac_damp (the damping of the output-gradient Gram) to move drone-kfac toward method='drone'."
+            )
         if self.method == "drone-kfac" and self.compress_attention:
             raise ValueError(
                 "method='drone-kfac' with compress_attention=True is not supported: the query-key stage has no "

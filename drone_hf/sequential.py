@@ -10,7 +10,8 @@ model. Only one block's statistics exist at a time.
 ``sequential="compensated"`` also carries the dense model's activations block by block beside the
 compressed ones and solves ``min ||W X - W' X̂||`` (dense outputs from the compressed model's inputs,
 :mod:`drone_hf.solver.compensated`) instead of ``min ||(W - W') X̂||``: each layer then also corrects
-the error its predecessors left, instead of passing it on. A block is calibrated one execution group
+the error its predecessors left, instead of passing it on (``method="drone-kfac"``: the same with
+the error weighted by the dense model's output-gradient Gram). A block is calibrated one execution group
 at a time (query/key/value, attention output, gate/up, down: ``calibration.paired.execution_groups``),
 each on what the factored groups before it produce. Cost: two partial block passes per group and
 batch, and a second ``n x n`` matrix (the cross-Gram) per distinct layer input.

@@ -204,6 +204,55 @@ def test_compensated_blocks_are_optimal_for_the_dense_outputs(arch):
                               blocks(plain)[1].get_submodule(names[0]).merged_weight())
 
 
+def test_loss_aware_compensated_blocks_are_optimal_for_the_dense_outputs_under_the_dense_loss():
+    """method="drone-kfac" with sequential="compensated": block 1's first group minimises
+    ||H_δ^{1/2} (W X - W' X̂)|| with H the dense model's output-gradient Gram, X the dense inputs and X̂
+    those after the compressed block 0; its recorded error is the unweighted ||W X - W' X̂|| / ||W X||.
+    Block 0's first group sees unchanged inputs: exactly one-shot drone-kfac."""
+    from drone_hf.calibration.data import tokenize_batches
+    from drone_hf.calibration.output_gradients import collect_output_grams
+    from drone_hf.solver.kfac import DEFAULT_KFAC_DAMP
+
+    dense = build("llama")
+    kw = dict(param_ratio=0.4, method="drone-kfac")
+    comp = drone_hf.compress(copy.deepcopy(dense), config(sequential="compensated", **kw), show_progress=False)
+    one_shot = drone_hf.compress(copy.deepcopy(dense), config(**kw), show_progress=False)
+    plain = drone_hf.compress(copy.deepcopy(dense), config(sequential=True, **kw), show_progress=False)
+    drone = drone_hf.compress(copy.deepcopy(dense), config(param_ratio=0.4, sequential="compensated"),
+                              show_progress=False)
+    assert comp.config.quantization_config.allocation_result["sequential"] == "compensated"
+    errors = comp.config.quantization_config.relative_errors
+    first = GROUPS["llama"][0]
+    for name in first:
+        torch.testing.assert_close(comp.model.layers[0].get_submodule(name).merged_weight(),
+                                   one_shot.model.layers[0].get_submodule(name).merged_weight())
+    layers = {n: dense.model.layers[1].get_submodule(n) for n in first}
+    grams = collect_output_grams(dense, layers, tokenize_batches(CALIBRATION_TEXTS, TOK, 128, 3)).observers
+    xs = record_block_inputs(dense, dense.model.layers[1], first)
+    hybrid = copy.deepcopy(dense)
+    hybrid.model.layers[0] = comp.model.layers[0]
+    x_hats = record_block_inputs(hybrid, hybrid.model.layers[1], first)
+    for name in first:
+        module = comp.model.layers[1].get_submodule(name)
+        w = dense_weight_of(layers[name]).detach().double()
+        x, x_hat = xs[name], x_hats[name]
+        lam, vec = torch.linalg.eigh(grams[name].gram.double())
+        lam = lam.clamp_min(0) + DEFAULT_KFAC_DAMP * float(lam.clamp_min(0).mean())
+        a = (vec * lam.sqrt()) @ vec.T @ w @ x
+        _, s, vh = torch.linalg.svd(x_hat, full_matrices=False)
+        q = vh[s.square() > EIGEN_TOL * s[0].square()].T
+        irreducible = float((a - (a @ q) @ q.T).square().sum())
+        optimum = irreducible + float(torch.linalg.svdvals(a @ q)[module.rank:].square().sum())
+        merged = module.merged_weight().detach().double()
+        achieved = float(((vec * lam.sqrt()) @ vec.T @ (w @ x - merged @ x_hat)).square().sum())
+        assert achieved == pytest.approx(optimum, rel=1e-6), name
+        full = next(k for k in errors if k.endswith(f".1.{name}"))
+        assert errors[full] == pytest.approx(float((w @ x - merged @ x_hat).norm() / (w @ x).norm()), rel=1e-6)
+        # neither the plain-sequential nor the unweighted compensated solution
+        for other in (plain, drone):
+            assert not torch.allclose(merged, other.model.layers[1].get_submodule(name).merged_weight().double())
+
+
 def test_compensated_with_padding_pairs_only_real_tokens():
     """Batches with padding (batch_size 3 over texts of different lengths) give the same factors as
     one text per batch: padded positions never enter Ĝ, C or ||W X||²."""
@@ -246,5 +295,6 @@ def test_a_block_without_targets_between_two_is_still_replayed():
 def test_compensated_refusals():
     with pytest.raises(ValueError, match="sequential='compensated' solves the DRONE objective.*method='svd'"):
         drone_hf.DroneConfig(sequential="compensated", method="svd")
+    drone_hf.DroneConfig(sequential="compensated", method="drone-kfac")  # loss-aware DRONE has the form too
     with pytest.raises(ValueError, match="compress_attention=True is not supported yet"):
         drone_hf.DroneConfig(sequential="compensated", compress_attention=True)

@@ -94,10 +94,10 @@ def collect_row_fisher(
     ``nn.Linear`` stores ``[out, in]`` and ``Conv1D`` ``[in, out]``; both give one value per output.
     Under ``torch.distributed`` the sums are all-reduced.
     """
-    from ..modules.low_rank_linear import source_kind
+    from ..modules.low_rank_linear import output_axis
 
     weights = {name: layer.weight for name, layer in layers.items()}
-    out_dim = {name: (0 if source_kind(layer) == "linear" else 1) for name, layer in layers.items()}
+    out_dim = {name: output_axis(layer) for name, layer in layers.items()}
     fisher = {name: torch.zeros(w.shape[out_dim[name]], dtype=torch.float64) for name, w in weights.items()}
     device = _input_device(model)
     with gradients_only_for(model, weights.values()):

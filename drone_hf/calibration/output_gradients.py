@@ -66,12 +66,10 @@ def collect_output_grams(
 
     A layer the loss never reached (unused on these inputs) keeps a zero Gram.
     """
-    from ..modules.low_rank_linear import source_kind
+    from ..modules.low_rank_linear import output_axis
 
     weights = {name: layer.weight for name, layer in layers.items()}
-    width = {
-        name: int(layer.weight.shape[0 if source_kind(layer) == "linear" else 1]) for name, layer in layers.items()
-    }
+    width = {name: int(layer.weight.shape[output_axis(layer)]) for name, layer in layers.items()}
     observers = {name: GramObserver(width[name], name) for name in layers}
     outputs: dict[str, torch.Tensor] = {}
 

@@ -30,6 +30,15 @@ def source_kind(module: nn.Module) -> str | None:
     return None
 
 
+def output_axis(module: nn.Module) -> int:
+    """The axis of ``module.weight`` that indexes outputs: 0 for ``nn.Linear`` ([out, in]), 1 for ``Conv1D``.
+
+    Gradient statistics are taken on the stored weight, so they need this axis rather than the
+    ``[out, in]`` view :func:`dense_weight_of` gives.
+    """
+    return 0 if source_kind(module) == "linear" else 1
+
+
 def dense_weight_of(module: nn.Module) -> torch.Tensor:
     """The weight of a supported layer as ``[out, in]`` (``Conv1D`` stores ``[in, out]``)."""
     kind = source_kind(module)

@@ -35,7 +35,51 @@ import dataclasses
 import torch
 
 from .closed_form import Decomposition, decompose
+from .kfac import DEFAULT_KFAC_DAMP, decompose_kfac
 from .numerics import EIGEN_TOL, as_float64, check_damp, check_finite
+
+
+def compensated_target(
+    weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float, precision: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """``(W, Ĝ, eig values, eig vectors, W C, W̃)`` in float64: the checked statistics, ``Ĝ``'s
+    eigenpairs and the compensated weight ``W̃ = W C Ĝ⁺`` (or ``W (C + ρI)(Ĝ + ρI)⁻¹`` with ``damp``),
+    which any metric's rank-k solver then truncates on ``Ĝ`` (arguments as :func:`decompose_compensated`)."""
+    check_damp(damp)
+    w = as_float64(weight)
+    check_finite(w, "weight")
+    n = w.shape[1]
+    g, c = as_float64(gram), as_float64(cross)
+    for name, t in (("gram", g), ("cross", c)):
+        if tuple(t.shape) != (n, n):
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but the weight takes {n} inputs: expected ({n}, {n}).")
+        check_finite(t, name)
+    g = 0.5 * (g + g.T)
+    lam, vec = torch.linalg.eigh(g)
+    lam_max = float(lam[-1]) if lam.numel() else 0.0
+    ridge = damp * float(torch.diagonal(g).mean()) if lam_max > 0 else 0.0
+    if ridge > 0:
+        inverse = 1.0 / (lam.clamp_min(0.0) + ridge)
+    else:
+        tol = max(EIGEN_TOL, 10 * torch.finfo(precision).eps)
+        keep = lam > tol * max(lam_max, 0.0)
+        inverse = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    wc = w @ c  # [m, n]: W C, reused by the error bookkeeping
+    target = wc + ridge * w if ridge > 0 else wc  # W (C + ρI)
+    compensated = ((target @ vec) * inverse) @ vec.T  # W̃ = W C Ĝ⁺, or W (C + ρI)(Ĝ + ρI)⁻¹
+    return w, g, lam, vec, wc, compensated
+
+
+def compensated_squared_errors(
+    wc: torch.Tensor, gram: torch.Tensor, up_all: torch.Tensor, down_all: torch.Tensor, dense_energy: float
+) -> torch.Tensor:
+    """``||W X - A_k B_k X̂||²`` for k = 0..r, for any factor pair ``A`` [m, r], ``B`` [r, n]:
+    ``||W X||² - 2 Σ_{j<=k} a_jᵀ W C b_j + Σ_{i,j<=k} (a_iᵀ a_j)(b_iᵀ Ĝ b_j)``, exact from the statistics
+    (columns of ``A`` need not be orthonormal: loss-aware DRONE's are not)."""
+    cross_terms = ((up_all.T @ wc) * down_all).sum(dim=1)
+    quad = torch.diagonal(((up_all.T @ up_all) * (down_all @ gram @ down_all.T)).cumsum(0).cumsum(1))
+    steps = quad - 2 * torch.cumsum(cross_terms, 0)
+    return (float(dense_energy) + torch.cat([steps.new_zeros(1), steps])).clamp_min(0.0)
 
 
 def decompose_compensated(
@@ -67,40 +111,44 @@ def decompose_compensated(
         A :class:`Decomposition` whose ``weight`` is the compensated ``W̃`` (its rank-k factors are the
         optimum) and whose errors are ``||W X - W'_k X̂||²`` for every rank.
     """
-    check_damp(damp)
-    w = as_float64(weight)
-    check_finite(w, "weight")
-    n = w.shape[1]
-    g, c = as_float64(gram), as_float64(cross)
-    for name, t in (("gram", g), ("cross", c)):
-        if tuple(t.shape) != (n, n):
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but the weight takes {n} inputs: expected ({n}, {n}).")
-        check_finite(t, name)
-    g = 0.5 * (g + g.T)
-    lam, vec = torch.linalg.eigh(g)
-    lam_max = float(lam[-1]) if lam.numel() else 0.0
-    ridge = damp * float(torch.diagonal(g).mean()) if lam_max > 0 else 0.0
-    if ridge > 0:
-        inverse = 1.0 / (lam.clamp_min(0.0) + ridge)
-    else:
-        tol = max(EIGEN_TOL, 10 * torch.finfo(precision).eps)
-        keep = lam > tol * max(lam_max, 0.0)
-        inverse = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
-    wc = w @ c  # [m, n]: W C, reused by the error bookkeeping
-    target = wc + ridge * w if ridge > 0 else wc  # W (C + ρI)
-    compensated = ((target @ vec) * inverse) @ vec.T  # W̃ = W C Ĝ⁺, or W (C + ρI)(Ĝ + ρI)⁻¹
+    w, g, lam, vec, wc, compensated = compensated_target(weight, gram, cross, damp, precision)
     dec = decompose(compensated, g, damp=damp, eig=(lam, vec))
 
-    # ||W X - W'_k X̂||² for k = 0..r, W'_k = Σ_{j<=k} u_j d_jᵀ with d_j = P W̃ᵀ u_j (P the kept input
-    # subspace): = ||W X||² - 2 Σ u_jᵀ W C d_j + Σ d_jᵀ Ĝ d_j (the u_j are orthonormal).
+    # W'_k = Σ_{j<=k} u_j d_jᵀ with d_j = P W̃ᵀ u_j (P the kept input subspace)
     u = dec.basis
     d = u.T @ compensated
     if dec.projector is not None:
         d = (d @ dec.projector) @ dec.projector.T
-    cross_terms = ((u.T @ wc) * d).sum(dim=1)
-    self_terms = ((d @ g) * d).sum(dim=1)
-    steps = torch.cumsum(self_terms - 2 * cross_terms, 0)
-    errors = (float(dense_energy) + torch.cat([steps.new_zeros(1), steps])).clamp_min(0.0)
+    errors = compensated_squared_errors(wc, g, u, d, dense_energy)
     return dataclasses.replace(
         dec, captured=None, residual=None, total_energy=float(dense_energy), explicit_squared_errors=errors
     )
+
+
+def decompose_kfac_compensated(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    dense_energy: float,
+    out_gram: torch.Tensor,
+    *,
+    kfac_damp: float = DEFAULT_KFAC_DAMP,
+    loss_scale: float = 1.0,
+    precision: torch.dtype = torch.float64,
+) -> Decomposition:
+    """Loss-aware DRONE for the compensated objective: the rank-k optimum of
+    ``||H_δ^{1/2} (W X - W' X̂)||_F`` (``method="drone-kfac"`` with ``sequential="compensated"``).
+
+    The split that makes compensated DRONE a DRONE problem survives the output weighting: with
+    ``P`` the projection onto the row space of ``X̂``, ``H^{1/2}(W X - W̃ X̂) = H^{1/2} W X (I - P)``
+    and ``H^{1/2}(W̃ - W') X̂`` are orthogonal for every ``W'`` (``X̂ (I - P) = 0``), so the optimum is
+    :func:`~drone_hf.solver.kfac.decompose_kfac` of ``W̃`` on ``Ĝ``. ``out_gram`` is the dense
+    model's output-gradient Gram (the loss the compressed model should keep). Arguments as
+    :func:`decompose_compensated` and :func:`~drone_hf.solver.kfac.decompose_kfac`; the errors are
+    ``||W X - W'_k X̂||²`` of the returned factors, ``curvature_squared_errors`` the weighted part
+    the truncation minimises.
+    """
+    _, g, lam, vec, wc, compensated = compensated_target(weight, gram, cross, 0.0, precision)
+    dec = decompose_kfac(compensated, g, out_gram, damp=kfac_damp, loss_scale=loss_scale, eig=(lam, vec))
+    errors = compensated_squared_errors(wc, g, dec.up_all, dec.down_all, dense_energy)
+    return dataclasses.replace(dec, total_energy=float(dense_energy), explicit_squared_errors=errors)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import drone_hf
 from drone_hf.calibration.data import tokenize_batches
 from drone_hf.calibration.output_gradients import collect_output_grams
-from drone_hf.solver import decompose, decompose_kfac
+from drone_hf.solver import decompose, decompose_compensated, decompose_kfac, decompose_kfac_compensated
 from tests.tiny_models import CALIBRATION_TEXTS, save_tiny, tokenizer
 
 f64 = torch.float64
@@ -93,6 +93,64 @@ def test_predicted_loss_is_the_scaled_discarded_curvature():
     assert all(a >= b for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] == pytest.approx(0, abs=1e-9)
 
 
+# --- compensated form (sequential="compensated") ------------------------------------------------
+
+
+def compensated_problem(seed: int = 5, noise: float = 0.4):
+    w, x, h = problem(seed=seed)
+    x_hat = x + noise * float(x.std()) * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 100),
+                                                      dtype=f64)
+    return w, x, x_hat, h
+
+
+def compensated_stats(w, x, x_hat):
+    return x_hat @ x_hat.T, x @ x_hat.T, float((w @ x).square().sum())
+
+
+@pytest.mark.parametrize("damp", [0.1, 1.0])
+def test_compensated_form_reaches_the_optimum_of_the_weighted_compensated_objective(damp):
+    """min ||H_δ^{1/2} (W X - W' X̂)|| computed another way: with Q an orthonormal basis of X̂'s row
+    space (full row rank here), W' X̂ ranges over all Z Qᵀ with rank(Z) <= k, so the optimum is the
+    part of A = H_δ^{1/2} W X outside that space plus the Eckart-Young tail of A Q."""
+    w, x, x_hat, h = compensated_problem()
+    dec = decompose_kfac_compensated(w, *compensated_stats(w, x, x_hat), h, kfac_damp=damp)
+    hs = damped_root(h, damp)
+    a = hs @ w @ x
+    q, _ = torch.linalg.qr(x_hat.T)
+    irreducible = float((a - (a @ q) @ q.T).square().sum())
+    sigma2 = torch.linalg.svdvals(a @ q) ** 2
+    assert irreducible > 1e-3 * float((a * a).sum())  # the inputs really changed
+    norm = float((w @ x).norm())
+    for k in range(1, 10):
+        f = dec.factors(k)
+        achieved = float((hs @ (w @ x - f.up @ f.down @ x_hat)).square().sum())
+        optimum = irreducible + float(sigma2[k:].sum())
+        assert achieved == pytest.approx(optimum, rel=1e-8)
+        # the truncation's own (reducible) part is what curvature_squared_errors reports
+        assert float(dec.curvature_squared_errors[k]) == pytest.approx(float(sigma2[k:].sum()), rel=1e-7,
+                                                                         abs=1e-9 * float(sigma2.sum()))
+        # the recorded error is that of the returned factors on the compensated objective, unweighted
+        direct = float((w @ x - f.up @ f.down @ x_hat).norm()) / norm
+        assert float(dec.relative_errors()[k]) == pytest.approx(direct, rel=1e-8)
+        assert f.relative_error == pytest.approx(direct, rel=1e-8)
+    assert float(dec.relative_errors()[0]) == pytest.approx(1.0)
+
+
+def test_compensated_form_on_unchanged_inputs_is_kfac_and_isotropic_metric_is_compensated_drone():
+    w, x, x_hat, h = compensated_problem(seed=6)
+    g = x @ x.T
+    same = decompose_kfac_compensated(w, g, g, float((w @ x).square().sum()), h)
+    kfac = decompose_kfac(w, g, h)
+    iso = decompose_kfac_compensated(w, *compensated_stats(w, x, x_hat), 2.0 * torch.eye(12, dtype=f64))
+    drone = decompose_compensated(w, *compensated_stats(w, x, x_hat))
+    for k in (1, 4, 9):
+        a, b = same.factors(k), kfac.factors(k)
+        torch.testing.assert_close(a.up @ a.down, b.up @ b.down)
+        c, d = iso.factors(k), drone.factors(k)
+        torch.testing.assert_close(c.up @ c.down, d.up @ d.down)
+        assert c.relative_error == pytest.approx(d.relative_error, rel=1e-9)
+
+
 @pytest.mark.parametrize("damp", [0, -1.0, float("nan"), True, "0.1"])
 def test_bad_damping_is_refused_with_the_fix(damp):
     w, x, h = problem()
@@ -110,6 +168,8 @@ def test_shape_mismatch_and_plain_decompose_are_refused():
         decompose(w, x @ x.T, method="drone-kfac")
     with pytest.raises(ValueError, match="compress_attention"):
         drone_hf.DroneConfig(method="drone-kfac", compress_attention=True)
+    with pytest.raises(ValueError, match=r"damp=0.01 is DRONE's input ridge.*set damp=0 and use kfac_damp"):
+        drone_hf.DroneConfig(method="drone-kfac", damp=0.01)
 
 
 # --- statistics ----------------------------------------------------------------------------------
