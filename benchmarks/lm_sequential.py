@@ -2,6 +2,7 @@
 benchmark's target cut (20% of the projections' parameters), uniform and greedy ranks, in one run.
 
     python benchmarks/lm_sequential.py [--quick] [--out DIR] [--threads N]
+        [--method drone|drone-kfac] [--allocations uniform greedy] [--modes one-shot sequential compensated]
 
 The same model, calibration passages and held-out windows as ``benchmarks/lm.py`` (its helpers are
 reused), every row through ``drone_hf.compress``:
@@ -14,6 +15,11 @@ reused), every row through ``drone_hf.compress``:
 Greedy rows plan ranks on one-shot statistics (the library's route for budgets that need spectra);
 the sequential modes then re-solve at those ranks, so every greedy row has the same ranks. No
 fine-tuning. Writes ``lm_sequential.md`` / ``.json``.
+
+``--method drone-kfac`` runs the same rows with loss-aware DRONE (the output error weighted by the
+dense model's output-gradient Gram in every mode; greedy ranks from its predicted loss) and writes
+``lm_sequential_kfac.*``; ``--allocations`` and ``--modes`` keep only some rows (each drone-kfac
+row pays the output-gradient pass again).
 """
 
 from __future__ import annotations
@@ -49,7 +55,12 @@ from drone_hf.compress import _split_texts  # noqa: E402
 MODES = {"one-shot": False, "sequential": True, "compensated": "compensated"}
 
 
-def run(quick: bool) -> tuple[str, dict]:
+METHODS = ("drone", "drone-kfac")
+ALLOCATIONS = ("uniform", "greedy")
+
+
+def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOCATIONS,
+        modes: tuple[str, ...] = tuple(MODES)) -> tuple[str, dict]:
     model, tok, model_name, pool, held = _load(quick)
     max_length = 32 if quick else 256
     calib_texts, eval_texts = (16, 4) if quick else (256, GREEDY_EVAL_TEXTS)
@@ -59,15 +70,15 @@ def run(quick: bool) -> tuple[str, dict]:
     dense_ppl = perplexity(model, windows)
     print(f"dense ppl {dense_ppl:.3f}", flush=True)
     ratio = 1 - TARGET_CUT
-    rows, record = [], {"model": model_name, "dense_ppl": dense_ppl, "param_ratio": ratio, "runs": {}}
-    for allocation in ("uniform", "greedy"):
+    rows, record = [], {"model": model_name, "dense_ppl": dense_ppl, "param_ratio": ratio, "method": method, "runs": {}}
+    for allocation in allocations:
         # uniform: exactly lm.py's passages; greedy: the same pool and draw, so the same passages plus
         # the ones it holds out to measure candidates
         data = {"dataset": calib, "num_samples": len(calib)} if allocation == "uniform" else {
             "dataset": pool, "num_samples": calib_texts, "eval_samples": eval_texts}
-        for mode, sequential in MODES.items():
+        for mode in modes:
             cfg = drone_hf.DroneConfig(param_ratio=ratio, allocation=allocation, tokenizer=tok, max_length=max_length,
-                                       sequential=sequential, **data)
+                                       sequential=MODES[mode], method=method, **data)
             start = time.perf_counter()
             comp = drone_hf.compress(copy.deepcopy(model), cfg, show_progress=False)
             seconds = time.perf_counter() - start
@@ -78,7 +89,7 @@ def run(quick: bool) -> tuple[str, dict]:
             print(f"{allocation} {mode}: ppl {ppl:.3f} ({seconds:.0f} s)", flush=True)
     record["load_average"] = load_average()
     body = (
-        f"## Calibration modes at a {TARGET_CUT:.0%} cut ({model_name})\n\n"
+        f"## Calibration modes at a {TARGET_CUT:.0%} cut ({model_name}, `method={method!r}`)\n\n"
         f"`param_ratio={ratio:g}` of every q/k/v/o/gate/up/down projection, the calibration passages and "
         f"held-out windows of `benchmarks/lm.py` ({len(windows)} windows of {windows.shape[1]} tokens; dense "
         f"perplexity {dense_ppl:.2f}). Greedy ranks are planned on one-shot statistics and re-solved by the "
@@ -95,19 +106,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny Llama built in code, a few texts, temp folder")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, temp with --quick)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--method", choices=METHODS, default="drone",
+                        help="solver of every row (drone-kfac: results in lm_sequential_kfac.*)")
+    parser.add_argument("--allocations", nargs="+", choices=ALLOCATIONS, default=list(ALLOCATIONS),
+                        help="rank allocations to run (default: both)")
+    parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES),
+                        help="calibration modes to run (default: all three)")
     args = parser.parse_args(argv)
+    stem = "lm_sequential" if args.method == "drone" else "lm_sequential_kfac"
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     info = machine_info(("minilm",) if args.quick else ("smollm2",))
     start = time.perf_counter()
-    body, record = run(args.quick)
+    body, record = run(args.quick, args.method, tuple(args.allocations), tuple(args.modes))
     header = results_header("LM calibration modes: one-shot, sequential, compensated",
                             command_line(__file__, argv if argv is not None else sys.argv[1:]), info,
                             time.perf_counter() - start)
-    write_markdown(out / "lm_sequential.md", header, body)
-    (out / "lm_sequential.json").write_text(json.dumps(record, indent=1))
-    print(f"wrote {out / 'lm_sequential.md'}")
+    write_markdown(out / f"{stem}.md", header, body)
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    print(f"wrote {out / f'{stem}.md'}")
     return 0
 
 

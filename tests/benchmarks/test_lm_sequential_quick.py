@@ -26,3 +26,17 @@ def test_lm_sequential_quick(tmp_path):
         assert ranks[0] == ranks[1] == ranks[2]
     text = (tmp_path / "lm_sequential.md").read_text()
     assert "git commit" in text and "| greedy | compensated |" in text
+
+
+def test_lm_sequential_quick_loss_aware_rows(tmp_path):
+    """--method drone-kfac: its own result files, only the rows asked for, the same greedy ranks in
+    every mode (planned once from the predicted loss), and the method recorded."""
+    assert main(["--quick", "--out", str(tmp_path), "--method", "drone-kfac", "--allocations", "greedy",
+                 "--modes", "one-shot", "compensated"]) == 0
+    assert not (tmp_path / "lm_sequential.json").exists()
+    rec = json.loads((tmp_path / "lm_sequential_kfac.json").read_text())
+    assert rec["method"] == "drone-kfac" and set(rec["runs"]) == {"greedy/one-shot", "greedy/compensated"}
+    assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in rec["runs"].values())
+    assert rec["runs"]["greedy/one-shot"]["ranks"] == rec["runs"]["greedy/compensated"]["ranks"]
+    assert rec["runs"]["greedy/one-shot"]["ppl"] != rec["runs"]["greedy/compensated"]["ppl"]
+    assert "`method='drone-kfac'`" in (tmp_path / "lm_sequential_kfac.md").read_text()
