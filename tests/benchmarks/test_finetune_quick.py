@@ -198,3 +198,48 @@ def test_student_cache_key_follows_the_teacher_and_the_students_training(tmp_pat
 def test_results_stem_names_the_student_depth():
     assert finetune.results_stem("mpnet", 6) == "finetune_mpnet_6layers"
     assert finetune.results_stem("minilm", 3) == "finetune_3layers"
+
+
+@pytest.mark.slow
+def test_a_stopped_teacher_fine_tuning_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """The dense teacher (hours on CPU for MPNet) keeps its latest checkpoint; a run stopped midway
+    resumes from it and ends with the weights an uninterrupted run has, and the checkpoints go."""
+    import torch
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from drone_hf.training.recipe import tokenize_classification
+
+    try:
+        train_raw, _ = finetune.splits(finetune.QUICK)  # cached sentences: read before the cache moves
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
+    s = finetune.QUICK  # 256 sentences, batch 32: 8 steps
+    tok = AutoTokenizer.from_pretrained(finetune.base_model_path(s))
+    train_ds = tokenize_classification(train_raw, tok, s.max_length)
+    monkeypatch.setattr(finetune, "TEACHER_SAVE_STEPS", 3)
+
+    monkeypatch.setenv("DRONE_HF_CACHE", str(tmp_path / "straight"))
+    straight, _ = finetune.dense_model(s, train_ds, tok, print)
+
+    class StopAtStep5(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    monkeypatch.setenv("DRONE_HF_CACHE", str(tmp_path / "stopped"))
+    real_train = finetune.train
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: real_train(*a, callbacks=(StopAtStep5(),), **k))
+    with pytest.raises(KeyboardInterrupt):
+        finetune.dense_model(s, train_ds, tok, print)
+    folder, _ = finetune.teacher_folder(s)
+    checkpoints = folder.with_name(folder.name + ".checkpoints")
+    assert not folder.exists() and sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3"]
+
+    monkeypatch.setattr(finetune, "train", real_train)
+    logs: list[str] = []
+    resumed, cached = finetune.dense_model(s, train_ds, tok, logs.append)
+    assert not cached and any("resuming from" in m and m.endswith("checkpoint-3") for m in logs), logs
+    assert not checkpoints.exists()
+    assert json.loads((folder / "settings.json").read_text())["resumed_from"] == "checkpoint-3"
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)
