@@ -36,7 +36,7 @@ def test_quick_run_writes_every_variant(tmp_path):
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
 
     raw = json.loads((tmp_path / "frontier.json").read_text())
-    expected = frontier.variants(frontier.QUICK_PLAN)
+    expected = frontier.variants(frontier.QUICK_PLAN, eval_samples=frontier.QUICK_EVAL_SAMPLES)
     assert [r["label"] for r in raw["rows"]] == [v.label for v in expected]
     assert {r["method"] for r in raw["rows"]} == set(METHODS)  # every solver has a row
     for row in raw["rows"]:
@@ -50,6 +50,8 @@ def test_quick_run_writes_every_variant(tmp_path):
         assert row["params"] < raw["dense_params"]  # every variant compressed something
         if sys.platform == "linux":  # the per-row high-water mark needs /proc/self/clear_refs
             assert row["compress_peak_mib"] > 0 and row["compress_added_mib"] >= 0
+    greedy = [r for r in raw["rows"] if r["allocation"] == "greedy"]
+    assert greedy and all(r["eval_samples_used"] == frontier.QUICK_EVAL_SAMPLES for r in greedy)
     attention = [r for r in raw["rows"] if r["attention_rank"]]
     assert attention and all("failed" not in r for r in attention)
 
