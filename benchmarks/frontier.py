@@ -222,6 +222,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         rec["speed_rounds"] = result.get("speed_rounds")  # each allocation the planner measured (speed budgets)
         rec["eval_loss_used"] = result.get("eval_loss")  # what "auto" resolved to (greedy rows)
         rec["eval_samples_used"] = result.get("eval_samples")
+        rec["sensitivity"] = result.get("sensitivity")  # "kfac": drone-kfac's ranks from its predicted loss
         log(f"{v.label}: accuracy {rec['accuracy']:.4f}, speedup {rec['speedup']} ({rec['compress_seconds']:.0f} s)")
         rows.append(rec)
         del model, work
@@ -252,10 +253,13 @@ def rows_run(r: dict) -> str:
         held = sorted({row["eval_samples_used"] for row in r["rows"] if row.get("eval_samples_used")})
         speeds = ", ".join(f"{x:g}" for x in r["plan"]["speedups"])
         budgets = [f"`param_ratio` {ratios}"] * bool(ratios) + [f"`target_speedup` {speeds}"] * bool(speeds)
-        greedy = "DRONE greedy at " + " and ".join(budgets)
+        kfac = any(row.get("method") == "drone-kfac" and row.get("allocation") == "greedy" for row in r["rows"])
+        greedy = ("loss-aware DRONE (`drone-kfac`)" if kfac else "DRONE") + " greedy at " + " and ".join(budgets)
         if used:
             on = f" on {' / '.join(map(str, held))} held-out calibration texts" if held else ""
-            greedy += f" (sensitivities measured with the {' / '.join(used)} evaluation loss{on})"
+            greedy += (f" (ranks from its predicted loss, no probing; the {' / '.join(used)} evaluation loss{on} "
+                       "measured once for the record)" if kfac else
+                       f" (sensitivities measured with the {' / '.join(used)} evaluation loss{on})")
         mode = r.get("sequential", False)
         if mode:
             greedy += f", calibrated with `sequential={mode!r}`"

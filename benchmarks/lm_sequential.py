@@ -60,7 +60,9 @@ ALLOCATIONS = ("uniform", "greedy")
 
 
 def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOCATIONS,
-        modes: tuple[str, ...] = tuple(MODES)) -> tuple[str, dict]:
+        modes: tuple[str, ...] = tuple(MODES), save=None) -> tuple[str, dict]:
+    """Every requested row; ``save(body, record)`` after each one, so the rows of a run stopped midway
+    (a drone-kfac row takes about an hour on 2 cores) are kept, marked ``partial`` in the record."""
     model, tok, model_name, pool, held = _load(quick)
     max_length = 32 if quick else 256
     calib_texts, eval_texts = (16, 4) if quick else (256, GREEDY_EVAL_TEXTS)
@@ -70,7 +72,8 @@ def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOC
     dense_ppl = perplexity(model, windows)
     print(f"dense ppl {dense_ppl:.3f}", flush=True)
     ratio = 1 - TARGET_CUT
-    rows, record = [], {"model": model_name, "dense_ppl": dense_ppl, "param_ratio": ratio, "method": method, "runs": {}}
+    record = {"model": model_name, "dense_ppl": dense_ppl, "param_ratio": ratio, "method": method,
+              "windows": list(windows.shape), "runs": {}, "partial": True}
     for allocation in allocations:
         # uniform: exactly lm.py's passages; greedy: the same pool and draw, so the same passages plus
         # the ones it holds out to measure candidates
@@ -85,19 +88,32 @@ def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOC
             ppl = perplexity(comp, windows)
             ranks = comp.config.quantization_config.ranks
             record["runs"][f"{allocation}/{mode}"] = {"ppl": ppl, "seconds": seconds, "ranks": ranks}
-            rows.append([allocation, mode, f"{ppl:.2f}", f"{ppl / dense_ppl:.2f}x", f"{seconds:.0f}"])
             print(f"{allocation} {mode}: ppl {ppl:.3f} ({seconds:.0f} s)", flush=True)
+            del comp
+            if save is not None:
+                record["load_average"] = load_average()
+                save(_body(record), record)
+    record["partial"] = False
     record["load_average"] = load_average()
-    body = (
-        f"## Calibration modes at a {TARGET_CUT:.0%} cut ({model_name}, `method={method!r}`)\n\n"
-        f"`param_ratio={ratio:g}` of every q/k/v/o/gate/up/down projection, the calibration passages and "
-        f"held-out windows of `benchmarks/lm.py` ({len(windows)} windows of {windows.shape[1]} tokens; dense "
+    return _body(record), record
+
+
+def _body(record: dict) -> str:
+    dense_ppl, (count, length) = record["dense_ppl"], record["windows"]
+    rows = [[*key.split("/"), f"{r['ppl']:.2f}", f"{r['ppl'] / dense_ppl:.2f}x", f"{r['seconds']:.0f}"]
+            for key, r in record["runs"].items()]
+    partial = ("**Partial run**: the rows below are those finished before it stopped.\n\n"
+               if record["partial"] else "")
+    return (
+        f"## Calibration modes at a {TARGET_CUT:.0%} cut ({record['model']}, `method={record['method']!r}`)\n\n"
+        + partial
+        + f"`param_ratio={record['param_ratio']:g}` of every q/k/v/o/gate/up/down projection, the calibration "
+        f"passages and held-out windows of `benchmarks/lm.py` ({count} windows of {length} tokens; dense "
         f"perplexity {dense_ppl:.2f}). Greedy ranks are planned on one-shot statistics and re-solved by the "
         "sequential modes at the same ranks. Seconds: the whole `drone_hf.compress` call (planning included) "
         f"on this machine, 1-minute load average at the end {record['load_average']}.\n\n"
         + markdown_table(["ranks", "calibration", "perplexity", "x dense", "seconds"], rows)
     )
-    return body, record
 
 
 @keeps_torch_threads
@@ -119,12 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     info = machine_info(("minilm",) if args.quick else ("smollm2",))
     start = time.perf_counter()
-    body, record = run(args.quick, args.method, tuple(args.allocations), tuple(args.modes))
-    header = results_header("LM calibration modes: one-shot, sequential, compensated",
-                            command_line(__file__, argv if argv is not None else sys.argv[1:]), info,
-                            time.perf_counter() - start)
-    write_markdown(out / f"{stem}.md", header, body)
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    command = command_line(__file__, argv if argv is not None else sys.argv[1:])
+
+    def save(body: str, record: dict) -> None:
+        header = results_header("LM calibration modes: one-shot, sequential, compensated", command, info,
+                                time.perf_counter() - start)
+        write_markdown(out / f"{stem}.md", header, body)
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+
+    save(*run(args.quick, args.method, tuple(args.allocations), tuple(args.modes), save=save))
     print(f"wrote {out / f'{stem}.md'}")
     return 0
 

@@ -110,6 +110,12 @@ def test_rows_can_be_limited_to_groups_and_greedy_rows_take_the_eval_loss():
                               "rows": [{"eval_loss_used": "distortion"}]})
     assert line == ("- Rows run: DRONE greedy at `param_ratio` 0.5 (sensitivities measured with the distortion "
                     "evaluation loss).")
+    line = frontier.rows_run({"groups": ["greedy"], "plan": {"ratios": [], "speedups": [2.0]},
+                              "rows": [{"method": "drone-kfac", "allocation": "greedy", "eval_loss_used": "logit_kl",
+                                        "eval_samples_used": 128}]})
+    assert line == ("- Rows run: loss-aware DRONE (`drone-kfac`) greedy at `target_speedup` 2 (ranks from its "
+                    "predicted loss, no probing; the logit_kl evaluation loss on 128 held-out calibration texts "
+                    "measured once for the record).")
 
 
 @pytest.mark.parametrize("name", ["", "../frontier", "sub/frontier", ".hidden"])

@@ -7,10 +7,13 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import benchmarks.lm_sequential as bench  # noqa: E402
 from benchmarks.lm_sequential import main  # noqa: E402
 
 
@@ -26,6 +29,24 @@ def test_lm_sequential_quick(tmp_path):
         assert ranks[0] == ranks[1] == ranks[2]
     text = (tmp_path / "lm_sequential.md").read_text()
     assert "git commit" in text and "| greedy | compensated |" in text
+    assert rec["partial"] is False and "Partial run" not in text
+
+
+def test_a_stopped_run_keeps_its_finished_rows(tmp_path, monkeypatch):
+    real, calls = bench.perplexity, []
+
+    def stop_at_third(*args, **kwargs):  # dense, then row one, then row two: stopped
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "perplexity", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--quick", "--out", str(tmp_path), "--allocations", "uniform"])
+    rec = json.loads((tmp_path / "lm_sequential.json").read_text())
+    assert rec["partial"] is True and list(rec["runs"]) == ["uniform/one-shot"]
+    assert "**Partial run**" in (tmp_path / "lm_sequential.md").read_text()
 
 
 def test_lm_sequential_quick_loss_aware_rows(tmp_path):
