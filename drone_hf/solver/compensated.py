@@ -42,7 +42,7 @@ from .numerics import EIGEN_TOL, as_float64, check_damp, check_finite
 def compensated_target(
     weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float, precision: torch.dtype
 ) -> tuple[torch.Tensor, ...]:
-    """``(W, Ĝ, eig values, eig vectors, W C, W̃)`` in float64: the checked statistics, ``Ĝ``'s
+    """``(Ĝ, eig values, eig vectors, W C, W̃)`` in float64: the checked statistics, ``Ĝ``'s
     eigenpairs and the compensated weight ``W̃ = W C Ĝ⁺`` (or ``W (C + ρI)(Ĝ + ρI)⁻¹`` with ``damp``),
     which any metric's rank-k solver then truncates on ``Ĝ`` (arguments as :func:`decompose_compensated`)."""
     check_damp(damp)
@@ -67,7 +67,7 @@ def compensated_target(
     wc = w @ c  # [m, n]: W C, reused by the error bookkeeping
     target = wc + ridge * w if ridge > 0 else wc  # W (C + ρI)
     compensated = ((target @ vec) * inverse) @ vec.T  # W̃ = W C Ĝ⁺, or W (C + ρI)(Ĝ + ρI)⁻¹
-    return w, g, lam, vec, wc, compensated
+    return g, lam, vec, wc, compensated
 
 
 def compensated_squared_errors(
@@ -111,7 +111,7 @@ def decompose_compensated(
         A :class:`Decomposition` whose ``weight`` is the compensated ``W̃`` (its rank-k factors are the
         optimum) and whose errors are ``||W X - W'_k X̂||²`` for every rank.
     """
-    w, g, lam, vec, wc, compensated = compensated_target(weight, gram, cross, damp, precision)
+    g, lam, vec, wc, compensated = compensated_target(weight, gram, cross, damp, precision)
     dec = decompose(compensated, g, damp=damp, eig=(lam, vec))
 
     # W'_k = Σ_{j<=k} u_j d_jᵀ with d_j = P W̃ᵀ u_j (P the kept input subspace)
@@ -148,7 +148,7 @@ def decompose_kfac_compensated(
     ``||W X - W'_k X̂||²`` of the returned factors, ``curvature_squared_errors`` the weighted part
     the truncation minimises.
     """
-    _, g, lam, vec, wc, compensated = compensated_target(weight, gram, cross, 0.0, precision)
+    g, lam, vec, wc, compensated = compensated_target(weight, gram, cross, 0.0, precision)
     dec = decompose_kfac(compensated, g, out_gram, damp=kfac_damp, loss_scale=loss_scale, eig=(lam, vec))
     errors = compensated_squared_errors(wc, g, dec.up_all, dec.down_all, dense_energy)
     return dataclasses.replace(dec, total_energy=float(dense_energy), explicit_squared_errors=errors)
