@@ -35,7 +35,7 @@ import dataclasses
 import torch
 
 from .closed_form import Decomposition, decompose
-from .kfac import DEFAULT_KFAC_DAMP, decompose_kfac
+from .kfac import DEFAULT_KFAC_DAMP, kfac_factors
 from .numerics import EIGEN_TOL, as_float64, check_damp, check_finite
 
 
@@ -149,6 +149,6 @@ def decompose_kfac_compensated(
     the truncation minimises.
     """
     g, lam, vec, wc, compensated = compensated_target(weight, gram, cross, 0.0, precision)
-    dec = decompose_kfac(compensated, g, out_gram, damp=kfac_damp, loss_scale=loss_scale, eig=(lam, vec))
-    errors = compensated_squared_errors(wc, g, dec.up_all, dec.down_all, dense_energy)
-    return dataclasses.replace(dec, total_energy=float(dense_energy), explicit_squared_errors=errors)
+    f = kfac_factors(compensated, g, out_gram, damp=kfac_damp, loss_scale=loss_scale, eig=(lam, vec))
+    errors = compensated_squared_errors(wc, g, f.up_all, f.down_all, dense_energy)  # once: not also on W̃
+    return f.decomposition(errors, total_energy=dense_energy)

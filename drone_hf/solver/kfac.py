@@ -37,6 +37,7 @@ layer (``m`` outputs; keep that in mind on wide MLPs) and its eigendecomposition
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -68,6 +69,75 @@ def _damped_roots(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Ten
     return (vec * lam.sqrt()) @ vec.T, (vec * lam.rsqrt()) @ vec.T
 
 
+@dataclasses.dataclass(frozen=True)
+class KfacFactors:
+    """Loss-aware DRONE's truncation, before any error bookkeeping: the factor pairs for every rank.
+
+    Kept apart from :class:`~drone_hf.solver.closed_form.Decomposition` because the two callers
+    measure the error of the same factors differently (``||(W - W'_k) X||`` for plain loss-aware
+    DRONE, ``||W X - W'_k X̂||`` for the compensated form) and the plain bookkeeping is the
+    expensive part (``O(r m t)``): each caller computes its own, once.
+    """
+
+    weight: torch.Tensor  # [m, n] float64, the weight that was factored
+    root: torch.Tensor  # [n, t], G ≈ R Rᵀ on the kept eigenpairs
+    basis: torch.Tensor  # [m, r] left singular vectors of H^1/2 W R
+    up_all: torch.Tensor  # [m, r] H^-1/2 U
+    down_all: torch.Tensor  # [r, n] Uᵀ H^1/2 W P
+    spectrum: torch.Tensor  # [r] σ_j², the weighted error each rank removes
+    loss_scale: float | None  # None: no curvature reached the layer (plain DRONE's metric)
+
+    def decomposition(self, squared_errors: torch.Tensor, total_energy: float | None = None) -> Decomposition:
+        """The :class:`Decomposition` with ``squared_errors[k]`` the error of rank k's factors."""
+        weighted = self.loss_scale is not None
+        return Decomposition(
+            self.weight, self.basis, None, None, None,
+            float(squared_errors[0]) if total_energy is None else float(total_energy), self.spectrum, "drone-kfac",
+            up_all=self.up_all, down_all=self.down_all.contiguous(), explicit_squared_errors=squared_errors,
+            curvature_squared_errors=tail_sums(self.spectrum) if weighted else None, loss_scale=self.loss_scale,
+        )
+
+
+def kfac_factors(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    out_gram: torch.Tensor,
+    damp: float = DEFAULT_KFAC_DAMP,
+    loss_scale: float = 1.0,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> KfacFactors:
+    """The factor pairs of the rank-k optimum of ``||H_δ^{1/2} (W - W') X||_F`` for every k
+    (arguments as :func:`decompose_kfac`)."""
+    if gram is None:
+        raise ValueError("method='drone-kfac' needs the input Gram matrix.")
+    check_kfac_damp(damp)
+    w, g = _check(weight, gram)
+    m = w.shape[0]
+    h = out_gram.to(torch.float64)
+    if tuple(h.shape) != (m, m):
+        raise ValueError(f"out_gram has shape {tuple(h.shape)} but the weight has {m} outputs: expected ({m}, {m}).")
+    check_finite(h, "out_gram")
+    lam, vec, keep = _eig(g, eig)
+    projector = vec[:, keep]  # V_t: the input directions calibration saw
+    root = projector * lam[keep].sqrt()  # [n, t], G ≈ R Rᵀ on the kept eigenpairs
+    roots = _damped_roots(h, float(damp))
+    if roots is None:  # no curvature information: DRONE's metric, and nothing to predict
+        hs = his = torch.eye(m, dtype=torch.float64, device=w.device)
+        scale = None
+    else:
+        hs, his = roots
+        scale = float(loss_scale)
+    hw = hs @ w
+    basis, sing, _ = torch.linalg.svd(hw @ root, full_matrices=False)
+    mask = _nonzero(sing)
+    basis, sing = basis[:, mask], sing[mask]
+    return KfacFactors(
+        w, root, basis, his @ basis,
+        ((basis.T @ hw) @ projector) @ projector.T,  # directions calibration never saw map to zero
+        sing**2, scale,
+    )
+
+
 def decompose_kfac(
     weight: torch.Tensor,
     gram: torch.Tensor,
@@ -92,36 +162,5 @@ def decompose_kfac(
     of the factors it returns (``relative_errors``), and in addition the weighted error the
     truncation minimises (``curvature_squared_errors``) and ``predicted_loss(k)``.
     """
-    if gram is None:
-        raise ValueError("method='drone-kfac' needs the input Gram matrix.")
-    check_kfac_damp(damp)
-    w, g = _check(weight, gram)
-    m = w.shape[0]
-    h = out_gram.to(torch.float64)
-    if tuple(h.shape) != (m, m):
-        raise ValueError(f"out_gram has shape {tuple(h.shape)} but the weight has {m} outputs: expected ({m}, {m}).")
-    check_finite(h, "out_gram")
-    lam, vec, keep = _eig(g, eig)
-    projector = vec[:, keep]  # V_t: the input directions calibration saw
-    root = projector * lam[keep].sqrt()  # [n, t], G ≈ R Rᵀ on the kept eigenpairs
-    roots = _damped_roots(h, float(damp))
-    if roots is None:  # no curvature information: DRONE's metric, and nothing to predict
-        hs = his = torch.eye(m, dtype=torch.float64, device=w.device)
-        scale = None
-    else:
-        hs, his = roots
-        scale = float(loss_scale)
-    hw = hs @ w
-    basis, sing, _ = torch.linalg.svd(hw @ root, full_matrices=False)
-    mask = _nonzero(sing)
-    basis, sing = basis[:, mask], sing[mask]
-    up_all = his @ basis
-    down_all = ((basis.T @ hw) @ projector) @ projector.T  # directions calibration never saw map to zero
-    spectrum = sing**2
-    curvature = tail_sums(spectrum)
-    sq = pair_squared_errors(w, root, up_all, down_all)
-    return Decomposition(
-        w, basis, None, None, None, float(sq[0]), spectrum, "drone-kfac",
-        up_all=up_all, down_all=down_all.contiguous(), explicit_squared_errors=sq,
-        curvature_squared_errors=curvature if scale is not None else None, loss_scale=scale,
-    )
+    f = kfac_factors(weight, gram, out_gram, damp, loss_scale, eig)
+    return f.decomposition(pair_squared_errors(f.weight, f.root, f.up_all, f.down_all))
