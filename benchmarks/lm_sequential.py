@@ -2,7 +2,8 @@
 benchmark's target cut (20% of the projections' parameters), uniform and greedy ranks, in one run.
 
     python benchmarks/lm_sequential.py [--quick] [--out DIR] [--threads N]
-        [--method drone|drone-kfac] [--allocations uniform greedy] [--modes one-shot sequential compensated]
+        [--method drone|drone-kfac] [--kfac-fisher empirical|true] [--allocations uniform greedy]
+        [--modes one-shot sequential compensated]
 
 The same model, calibration passages and held-out windows as ``benchmarks/lm.py`` (its helpers are
 reused), every row through ``drone_hf.compress``:
@@ -19,7 +20,9 @@ fine-tuning. Writes ``lm_sequential.md`` / ``.json``.
 ``--method drone-kfac`` runs the same rows with loss-aware DRONE (the output error weighted by the
 dense model's output-gradient Gram in every mode; greedy ranks from its predicted loss) and writes
 ``lm_sequential_kfac.*``; ``--allocations`` and ``--modes`` keep only some rows (each drone-kfac
-row pays the output-gradient pass again).
+row pays the output-gradient pass again). ``--kfac-fisher true`` takes drone-kfac's output gradients at
+labels drawn from the model (``DroneConfig(kfac_fisher="true")``, the true Fisher) and writes
+``lm_sequential_kfac_true.*``.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ ALLOCATIONS = ("uniform", "greedy")
 
 
 def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOCATIONS,
-        modes: tuple[str, ...] = tuple(MODES), save=None) -> tuple[str, dict]:
+        modes: tuple[str, ...] = tuple(MODES), save=None, kfac_fisher: str = "empirical") -> tuple[str, dict]:
     """Every requested row; ``save(body, record)`` after each one, so the rows of a run stopped midway
     (a drone-kfac row takes about an hour on 2 cores) are kept, marked ``partial`` in the record."""
     model, tok, model_name, pool, held = _load(quick)
@@ -73,6 +76,7 @@ def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOC
     print(f"dense ppl {dense_ppl:.3f}", flush=True)
     ratio = 1 - TARGET_CUT
     record = {"model": model_name, "dense_ppl": dense_ppl, "param_ratio": ratio, "method": method,
+              "kfac_fisher": kfac_fisher,
               "windows": list(windows.shape), "runs": {}, "partial": True}
     for allocation in allocations:
         # uniform: exactly lm.py's passages; greedy: the same pool and draw, so the same passages plus
@@ -81,7 +85,7 @@ def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOC
             "dataset": pool, "num_samples": calib_texts, "eval_samples": eval_texts}
         for mode in modes:
             cfg = drone_hf.DroneConfig(param_ratio=ratio, allocation=allocation, tokenizer=tok, max_length=max_length,
-                                       sequential=MODES[mode], method=method, **data)
+                                       sequential=MODES[mode], method=method, kfac_fisher=kfac_fisher, **data)
             start = time.perf_counter()
             comp = drone_hf.compress(copy.deepcopy(model), cfg, show_progress=False)
             seconds = time.perf_counter() - start
@@ -104,8 +108,10 @@ def _body(record: dict) -> str:
             for key, r in record["runs"].items()]
     partial = ("**Partial run**: the rows below are those finished before it stopped.\n\n"
                if record["partial"] else "")
+    fisher = record.get("kfac_fisher", "empirical")
+    solver = f"`method={record['method']!r}`" + (f", `kfac_fisher={fisher!r}`" if fisher != "empirical" else "")
     return (
-        f"## Calibration modes at a {TARGET_CUT:.0%} cut ({record['model']}, `method={record['method']!r}`)\n\n"
+        f"## Calibration modes at a {TARGET_CUT:.0%} cut ({record['model']}, {solver})\n\n"
         + partial
         + f"`param_ratio={record['param_ratio']:g}` of every q/k/v/o/gate/up/down projection, the calibration "
         f"passages and held-out windows of `benchmarks/lm.py` ({count} windows of {length} tokens; dense "
@@ -124,12 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--method", choices=METHODS, default="drone",
                         help="solver of every row (drone-kfac: results in lm_sequential_kfac.*)")
+    parser.add_argument("--kfac-fisher", choices=("empirical", "true"), default="empirical",
+                        help="drone-kfac's output gradients: at the data's labels (default) or at labels drawn "
+                             "from the model (results in lm_sequential_kfac_true.*)")
     parser.add_argument("--allocations", nargs="+", choices=ALLOCATIONS, default=list(ALLOCATIONS),
                         help="rank allocations to run (default: both)")
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES),
                         help="calibration modes to run (default: all three)")
     args = parser.parse_args(argv)
+    if args.kfac_fisher != "empirical" and args.method != "drone-kfac":
+        parser.error("--kfac-fisher applies to --method drone-kfac only")
     stem = "lm_sequential" if args.method == "drone" else "lm_sequential_kfac"
+    stem += "_true" if args.kfac_fisher == "true" else ""
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -143,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(out / f"{stem}.md", header, body)
         (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
 
-    save(*run(args.quick, args.method, tuple(args.allocations), tuple(args.modes), save=save))
+    save(*run(args.quick, args.method, tuple(args.allocations), tuple(args.modes), save=save,
+              kfac_fisher=args.kfac_fisher))
     print(f"wrote {out / f'{stem}.md'}")
     return 0
 

@@ -130,7 +130,9 @@ def held_out_count(model: nn.Module, config: DroneConfig) -> int:
     return default_eval_samples(model, config.eval_loss, config.loss_fn)
 
 
-def _peer_statistics(model: nn.Module, method: str, targets: dict, data) -> dict[str, dict[str, Any]]:
+def _peer_statistics(
+    model: nn.Module, method: str, targets: dict, data, kfac_fisher: str = "empirical", seed: int = 0
+) -> dict[str, dict[str, Any]]:
     """The extra statistics of the peer methods, on the dense model (as their papers calibrate):
     ASVD's per-channel mean |x| (one forward pass), FWSVD's row Fisher (one forward+backward pass),
     loss-aware DRONE's output-gradient Grams and loss scale (one forward+backward pass). Empty for
@@ -147,7 +149,7 @@ def _peer_statistics(model: nn.Module, method: str, targets: dict, data) -> dict
     if method == "drone-kfac" and layers:
         from .calibration.output_gradients import collect_output_grams
 
-        grads = collect_output_grams(model, layers, data)
+        grads = collect_output_grams(model, layers, data, fisher=kfac_fisher, seed=seed)
         return {c: {"out_gram": obs.gram, "loss_scale": grads.loss_scale(c)} for c, obs in grads.observers.items()}
     return {}
 
@@ -230,9 +232,11 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         "widths": sorted(widths.items()), "observe_output": sorted(observe_output),
         "attention": config.compress_attention, "attention_rank": config.attention_rank,
         # later blocks see solved ones
-        "solver": [config.method, config.damp, config.asvd_alpha, config.kfac_damp] if config.sequential else None,
+        # (kfac_fisher only when not the default: caches written before it existed stay valid)
+        "solver": [config.method, config.damp, config.asvd_alpha, config.kfac_damp]
+        + ([config.kfac_fisher] if config.kfac_fisher != "empirical" else []) if config.sequential else None,
     })
-    peer_stats.update(_peer_statistics(model, config.method, targets, data))
+    peer_stats.update(_peer_statistics(model, config.method, targets, data, config.kfac_fisher, config.seed))
     one_shot = not (config.sequential and config.allocation == "uniform" and config.param_ratio is not None)
     plan = RankPlanner(model, config, targets, shapes, {}, fixed, tokenizer, show_progress)
     if evaluate and targets:

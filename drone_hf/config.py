@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .calibration.fisher import FISHER_LABELS
 from .solver import DEFAULT_KFAC_DAMP, METHODS
 from .solver.kfac import check_kfac_damp
 
@@ -50,6 +51,7 @@ _SETTINGS = (
     "method",
     "asvd_alpha",
     "kfac_damp",
+    "kfac_fisher",
     "seed",
     "ranks",
     "target_speedup",
@@ -169,6 +171,13 @@ class DroneConfig(QuantizationConfigMixin):
             (the paper's value); ``0`` is plain SVD. Used only with ``method="asvd"``.
         kfac_damp (`float`, defaults to 0.1): relative damping ``δ > 0`` of the output-gradient Gram
             for ``method="drone-kfac"`` (``H + δ·mean(eig H)·I``); large values approach ``"drone"``.
+        kfac_fisher (`str`, defaults to ``"empirical"``): the labels whose loss gradients form
+            ``method="drone-kfac"``'s output-gradient Gram. ``"empirical"``: the data's next tokens
+            (causal LMs) or the model's argmax predictions (other heads, whose calibration text has no
+            labels): the empirical Fisher. ``"true"``: one label per loss term drawn from the model's
+            own predictive distribution (seeded by ``seed``): an unbiased estimate of the true Fisher,
+            the Gauss-Newton curvature behind the predicted loss increase. Same cost; which predicts
+            better is measured in ``docs/methods.md``. Used only with ``method="drone-kfac"``.
         seed (`int`, defaults to 0): seed of the calibration subset.
         ranks (`dict[str, int]`, *optional*):
             Fixed ranks by layer name or regular expression (full match), taking precedence over
@@ -229,6 +238,7 @@ class DroneConfig(QuantizationConfigMixin):
         method: str = "drone",
         asvd_alpha: float = 0.5,
         kfac_damp: float = DEFAULT_KFAC_DAMP,
+        kfac_fisher: str = "empirical",
         seed: int = 0,
         ranks: dict[str, int] | None = None,
         target_speedup: float | None = None,
@@ -259,6 +269,7 @@ class DroneConfig(QuantizationConfigMixin):
         self.method = method
         self.asvd_alpha = asvd_alpha
         self.kfac_damp = kfac_damp
+        self.kfac_fisher = kfac_fisher
         self.seed = seed
         self.ranks = dict(ranks) if ranks is not None else None
         self.target_speedup = target_speedup
@@ -382,6 +393,11 @@ class DroneConfig(QuantizationConfigMixin):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not supported: use one of {list(METHODS)}.")
         check_kfac_damp(self.kfac_damp)
+        if self.kfac_fisher not in FISHER_LABELS:
+            raise ValueError(
+                f"kfac_fisher={self.kfac_fisher!r} is not supported: use 'empirical' (gradients at the data's labels, "
+                "the default) or 'true' (at labels drawn from the model's own distribution)."
+            )
         if self.method == "drone-kfac" and d != 0:
             raise ValueError(
                 f"damp={d!r} is DRONE's input ridge and method='drone-kfac' has no input ridge: set damp=0 and "

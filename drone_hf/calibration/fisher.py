@@ -39,10 +39,30 @@ def _is_causal_lm(model: nn.Module) -> bool:
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
+FISHER_LABELS = ("empirical", "true")
+
+
+def _sampled(logits: torch.Tensor, seed: int) -> torch.Tensor:
+    """One label per row of ``logits`` [N, C], drawn from the model's own distribution ``softmax``
+    with a generator seeded by ``seed`` on the logits' device (the same draw on every run)."""
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    generator = torch.Generator(device=probs.device).manual_seed(seed)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 def _loss(
-    model: nn.Module, out, batch: dict[str, torch.Tensor], method: str = "fwsvd", reduction: str = "mean"
+    model: nn.Module, out, batch: dict[str, torch.Tensor], method: str = "fwsvd", reduction: str = "mean",
+    labels: str = "empirical", seed: int = 0,
 ) -> torch.Tensor:
-    """The calibration loss of one batch (see the module docstring), averaged or summed over its terms."""
+    """The calibration loss of one batch (see the module docstring), averaged or summed over its terms.
+
+    ``labels="empirical"`` takes the data's next tokens (causal LMs) or the model's argmax predictions
+    (other heads); ``labels="true"`` draws every term's label from the model's predictive distribution
+    (seeded by ``seed``), so the Gram of its gradients is an unbiased estimate of
+    the true Fisher, the Gauss-Newton curvature of the loss, instead of the empirical Fisher.
+    """
+    if labels not in FISHER_LABELS:
+        raise ValueError(f"labels={labels!r} must be one of {list(FISHER_LABELS)}.")
     logits = getattr(out, "logits", None)
     if logits is None:
         other = "'asvd'" if method == "fwsvd" else "'drone'"
@@ -57,12 +77,13 @@ def _loss(
         ids = batch["input_ids"].to(logits.device)
         pred, target = logits[:, :-1], ids[:, 1:]
         keep = mask[:, 1:] & mask[:, :-1]
-        return F.cross_entropy(pred[keep], target[keep], reduction=reduction)
-    if logits.dim() == 2:  # one prediction per text: pseudo-labels from the model itself
-        return F.cross_entropy(logits, logits.detach().argmax(-1), reduction=reduction)
-    if logits.dim() == 3:  # one per token
-        real = logits[mask]
-        return F.cross_entropy(real, real.detach().argmax(-1), reduction=reduction)
+        pred, target = pred[keep], target[keep]
+        return F.cross_entropy(pred, _sampled(pred, seed) if labels == "true" else target, reduction=reduction)
+    if logits.dim() in (2, 3):  # one prediction per text, or one per real token
+        real = logits if logits.dim() == 2 else logits[mask]
+        # no labels in calibration text: the model's own predictions (argmax, or drawn) serve instead
+        target = _sampled(real, seed) if labels == "true" else real.detach().argmax(-1)
+        return F.cross_entropy(real, target, reduction=reduction)
     raise ValueError(f"method={method!r} cannot form a loss from logits of shape {tuple(logits.shape)}.")
 
 

@@ -6,6 +6,8 @@ error by ``H = Σ g gᵀ``, the Gram of the loss's gradients with respect to the
 layer's ``g`` at once: the loss is the *summed* calibration loss of :mod:`~drone_hf.calibration.fisher`
 (next-token cross-entropy for causal LMs, the model's own predictions as pseudo-labels otherwise),
 so ``g`` of a token is the gradient of the whole batch's loss with respect to that token's output.
+With ``kfac_fisher="true"`` every term's label is drawn from the model's own distribution instead
+(the true Fisher rather than the empirical one; :func:`collect_output_grams`).
 
 Only activation gradients are formed: the target weights are switched to ``requires_grad`` so a
 graph exists, but ``torch.autograd.grad`` is asked for the layer outputs alone (no weight gradient
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from .data import CalibrationBatches
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, world
 from .fisher import _loss, gradients_only_for
 from .observer import GramObserver
 from .pipeline import _input_device
@@ -33,6 +35,12 @@ def _real_tokens(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if grad.dim() >= 2 and tuple(grad.shape[:2]) == tuple(mask.shape):
         return grad[mask.to(grad.device).bool()]
     return grad.reshape(-1, grad.shape[-1])
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    """The label-draw seed of batch ``index`` (and process, under ``torch.distributed``): distinct
+    streams for every batch and shard, the same on every run."""
+    return (int(seed) * 1_000_003 + index) * 4_099 + world()[0]
 
 
 @dataclass
@@ -60,11 +68,17 @@ class OutputGradientStats:
 
 
 def collect_output_grams(
-    model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches
+    model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches, fisher: str = "empirical",
+    seed: int = 0,
 ) -> OutputGradientStats:
     """The output-gradient Gram ``Σ g gᵀ`` [out, out] of every layer over the real calibration tokens.
 
-    A layer the loss never reached (unused on these inputs) keeps a zero Gram.
+    ``fisher="empirical"`` (the default) takes gradients at the data's next tokens (causal LMs) or the
+    model's argmax predictions; ``fisher="true"`` at labels drawn from the model's own distribution,
+    one draw per loss term (batch ``i`` seeded by ``seed`` and ``i``), an unbiased estimate of the
+    true Fisher ``E_y[g gᵀ]``, which for cross-entropy is the Gauss-Newton curvature that the
+    predicted loss increase assumes. A layer the loss never reached (unused on these inputs) keeps a
+    zero Gram.
     """
     from ..modules.low_rank_linear import output_axis
 
@@ -88,7 +102,8 @@ def collect_output_grams(
             for index, batch in enumerate(data.batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 outputs.clear()
-                terms = _loss(model, model(**batch), batch, method="drone-kfac", reduction="none")
+                terms = _loss(model, model(**batch), batch, method="drone-kfac", reduction="none", labels=fisher,
+                              seed=_batch_seed(seed, index))
                 loss, loss_terms = terms.sum(), loss_terms + terms.numel()
                 names = [n for n in layers if n in outputs and outputs[n].requires_grad]
                 grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)

@@ -61,3 +61,17 @@ def test_lm_sequential_quick_loss_aware_rows(tmp_path):
     assert rec["runs"]["greedy/one-shot"]["ranks"] == rec["runs"]["greedy/compensated"]["ranks"]
     assert rec["runs"]["greedy/one-shot"]["ppl"] != rec["runs"]["greedy/compensated"]["ppl"]
     assert "`method='drone-kfac'`" in (tmp_path / "lm_sequential_kfac.md").read_text()
+
+
+def test_lm_sequential_quick_true_fisher_rows(tmp_path):
+    """--kfac-fisher true: its own result files, the setting recorded and printed; refused without
+    --method drone-kfac."""
+    assert main(["--quick", "--out", str(tmp_path), "--method", "drone-kfac", "--kfac-fisher", "true",
+                 "--allocations", "uniform", "--modes", "one-shot"]) == 0
+    assert not (tmp_path / "lm_sequential_kfac.json").exists()
+    rec = json.loads((tmp_path / "lm_sequential_kfac_true.json").read_text())
+    assert rec["kfac_fisher"] == "true" and list(rec["runs"]) == ["uniform/one-shot"]
+    assert math.isfinite(rec["runs"]["uniform/one-shot"]["ppl"])
+    assert "`kfac_fisher='true'`" in (tmp_path / "lm_sequential_kfac_true.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--quick", "--out", str(tmp_path), "--kfac-fisher", "true"])

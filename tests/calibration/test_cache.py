@@ -200,6 +200,21 @@ def test_a_plain_sequential_cache_is_not_resumed_as_compensated(tmp_path):
         compress(dense, sequential="compensated", calibration_cache=tmp_path)
 
 
+def test_a_sequential_loss_aware_cache_is_not_resumed_with_another_fisher(tmp_path):
+    """Later blocks of a sequential run see earlier blocks solved with the output-gradient Gram, which
+    ``kfac_fisher`` changes: a cache of one is refused for the other; the same setting resumes."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    dense = BertForSequenceClassification(bert_config(num_hidden_layers=2)).double().eval()
+    first = compress(dense, method="drone-kfac", sequential=True, calibration_cache=tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="statistics-relevant settings"):
+        compress(dense, method="drone-kfac", sequential=True, kfac_fisher="true", calibration_cache=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert_identical(compress(dense, method="drone-kfac", sequential=True, calibration_cache=tmp_path), first)
+
+
 def test_damaged_or_truncated_entries_are_recomputed(tmp_path, caplog):
     dense = build()
     reference = compress(dense, sequential=True)

@@ -253,3 +253,98 @@ def test_a_sequence_classifier_has_one_loss_term_per_text(tmp_path):
     assert stats.loss_terms == 6 and obs.num_tokens > 6  # pseudo-labels: one term per text, gradients per token
     assert stats.loss_scale("d") == pytest.approx(1 / (2 * 6 * obs.num_tokens))
     assert float(obs.gram.trace()) > 0
+
+
+# --- kfac_fisher="true": labels drawn from the model ---------------------------------------------
+
+
+def _confident_classifier(tmp_path):
+    """The tiny 3-label BERT classifier with its head scaled up, so its predictions are confident and
+    the argmax (empirical) and sampled (true) Fisher differ clearly."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(save_tiny("bert-seq-cls", tmp_path / "c")).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(40.0)
+        model.classifier.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+    return model
+
+
+def test_true_fisher_converges_to_the_gauss_newton_curvature(tmp_path):
+    """At the logits (the classifier head's output) the true Fisher of one text is ``diag(p) - ppᵀ``:
+    the mean of the sampled-label Grams over many seeds reaches it, the argmax Gram does not."""
+    model = _confident_classifier(tmp_path)
+    data = tokenize_batches(CALIBRATION_TEXTS[:6], tokenizer(), 32, 3)
+    head = {"head": model.classifier}
+    with torch.no_grad():
+        p = torch.cat([torch.softmax(model(**b).logits.double(), -1) for b in data.batches])
+    gauss_newton = sum(torch.diag(q) - torch.outer(q, q) for q in p)
+    assert float(p.max(-1).values.min()) > 0.6  # confident: the two Fishers must differ
+    draws = 400
+    mean = sum(collect_output_grams(model, head, data, fisher="true", seed=s).observers["head"].gram
+               for s in range(draws)) / draws
+    rel = lambda a: float((a - gauss_newton).norm() / gauss_newton.norm())  # noqa: E731
+    # 400 draws: blocks of 400 seeds land at 0.005-0.07 from it (sampling error); argmax is 0.72 away
+    assert rel(mean) < 0.1
+    argmax = collect_output_grams(model, head, data).observers["head"].gram
+    assert rel(argmax) > 0.5
+    # the argmax Gram is the exact Σ (p - e_argmax)(p - e_argmax)ᵀ
+    e = torch.nn.functional.one_hot(p.argmax(-1), 3).double()
+    torch.testing.assert_close(argmax, (p - e).T @ (p - e), rtol=1e-5, atol=1e-9)
+
+
+def test_true_fisher_of_a_causal_lm_uses_the_drawn_next_tokens(tmp_path):
+    """For a causal LM, ``fisher="true"`` replaces each next token by a draw from the model: the Gram
+    is exactly that of the gradients of the summed loss at the drawn tokens (autograd reference);
+    the same seed draws the same labels, another seed others."""
+    from drone_hf.calibration.fisher import _sampled
+    from drone_hf.calibration.output_gradients import _batch_seed
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny("llama-gqa-lm", tmp_path / "d")).eval()
+    data = tokenize_batches(CALIBRATION_TEXTS[:4], tokenizer(), 32, 4)
+    layer = model.model.layers[-1].mlp.down_proj
+    target = {"down": layer}
+    gram = collect_output_grams(model, target, data, fisher="true", seed=7).observers["down"].gram
+    (batch,) = data.batches
+    seen: dict = {}
+    handle = layer.register_forward_hook(lambda mod, a, out: seen.__setitem__("y", out))
+    layer.weight.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            logits = model(**batch).logits.float()
+            mask = batch["attention_mask"].bool()
+            keep = mask[:, 1:] & mask[:, :-1]
+            pred = logits[:, :-1][keep]
+            drawn = _sampled(pred, _batch_seed(7, 0))
+            loss = torch.nn.functional.cross_entropy(pred, drawn, reduction="sum")
+            (g,) = torch.autograd.grad(loss, [seen["y"]])
+    finally:
+        handle.remove()
+        layer.weight.requires_grad_(False)
+    assert not torch.equal(drawn, batch["input_ids"][:, 1:][keep])  # not the data's next tokens
+    g = g[mask].double()
+    torch.testing.assert_close(gram, g.T @ g, rtol=1e-4, atol=1e-9 * float((g.T @ g).abs().max()))
+    again = collect_output_grams(model, target, data, fisher="true", seed=7).observers["down"].gram
+    other = collect_output_grams(model, target, data, fisher="true", seed=8).observers["down"].gram
+    empirical = collect_output_grams(model, target, data).observers["down"].gram
+    assert torch.equal(gram, again) and not torch.allclose(gram, other) and not torch.allclose(gram, empirical)
+
+
+def test_kfac_fisher_true_compresses_and_round_trips(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(save_tiny("llama-gqa-lm", tmp_path / "d")).eval()
+    common = dict(param_ratio=0.5, allocation="uniform", method="drone-kfac", dataset=CALIBRATION_TEXTS * 4,
+                  tokenizer=tokenizer(), num_samples=16, max_length=32)
+    true = drone_hf.compress(model, drone_hf.DroneConfig(kfac_fisher="true", **common), show_progress=False)
+    empirical = drone_hf.compress(AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval(),
+                                  drone_hf.DroneConfig(**common), show_progress=False)
+    rec = true.config.quantization_config
+    assert rec.kfac_fisher == "true" and empirical.config.quantization_config.kfac_fisher == "empirical"
+    name = next(n for n in rec.ranks)
+    a, b = true.base_model.get_submodule(name), empirical.base_model.get_submodule(name)
+    assert a.down.weight.shape == b.down.weight.shape and not torch.allclose(a.down.weight, b.down.weight)
+    true.save_pretrained(tmp_path / "c")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    assert again.config.quantization_config.kfac_fisher == "true"
+    ids = tokenizer()(CALIBRATION_TEXTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**ids).logits, true(**ids).logits)
