@@ -77,6 +77,7 @@ class Variant:
     eval_loss: str = "auto"  # what greedy measures on held-out texts (DroneConfig.eval_loss)
     eval_samples: int | None = None  # how many held-out texts it measures on (None: the library's default)
     sequential: bool | str = False  # DroneConfig.sequential: one-shot, True (block by block) or "compensated"
+    kfac_fisher: str = "empirical"  # DroneConfig.kfac_fisher (drone-kfac rows): the data's labels or drawn ones
 
     @property
     def label(self) -> str:
@@ -85,6 +86,7 @@ class Variant:
         extra += f", eval loss {self.eval_loss}" if self.eval_loss != "auto" else ""
         extra += f", {self.eval_samples} held-out texts" if self.eval_samples is not None else ""
         extra += f", {SEQUENTIAL_LABELS[self.sequential]}" if self.sequential else ""
+        extra += f", {self.kfac_fisher} Fisher" if self.kfac_fisher != "empirical" else ""
         return f"{self.method} ({self.allocation}, {budget}{extra})"
 
     def config(self, texts: list[str], tokenizer: Any, s: Settings, shape: tuple[int, int]) -> drone_hf.DroneConfig:
@@ -97,6 +99,7 @@ class Variant:
             eval_loss=self.eval_loss,
             eval_samples=self.eval_samples,
             sequential=self.sequential,
+            kfac_fisher=self.kfac_fisher,
             latency_shape=shape,
             dataset=texts,
             tokenizer=tokenizer,
@@ -150,14 +153,16 @@ def validation_split(train_raw):
 def variants(
     plan: Plan, methods: tuple[str, ...] = METHODS, groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto",
     eval_samples: int | None = None, sequential: bool | str = False, greedy_method: str = "drone",
+    kfac_fisher: str = "empirical",
 ) -> list[Variant]:
     """The rows of a run: uniform ranks per method, DRONE greedy (size and speed budgets, measuring
     ``eval_loss`` on ``eval_samples`` held-out texts, calibrated the ``sequential`` way, solved by
-    ``greedy_method``: ``drone`` or loss-aware ``drone-kfac``), DRONE + attention; ``groups`` keeps
-    only some of them."""
+    ``greedy_method``: ``drone`` or loss-aware ``drone-kfac``, whose output gradients take
+    ``kfac_fisher``'s labels), DRONE + attention; ``groups`` keeps only some of them."""
     rows = [Variant(m, {"param_ratio": r}) for m in methods for r in plan.ratios] if "uniform" in groups else []
     if "greedy" in groups:
-        greedy = dict(allocation="greedy", eval_loss=eval_loss, eval_samples=eval_samples, sequential=sequential)
+        greedy = dict(allocation="greedy", eval_loss=eval_loss, eval_samples=eval_samples, sequential=sequential,
+                      kfac_fisher=kfac_fisher)
         rows += [Variant(greedy_method, {"param_ratio": r}, **greedy) for r in plan.ratios]
         rows += [Variant(greedy_method, {"target_speedup": x}, **greedy) for x in plan.speedups]
     if "attention" in groups:
@@ -181,7 +186,8 @@ def speedups(
 
 def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto", eval_samples: int | None = None,
-        sequential: bool | str = False, split: str = "test", greedy_method: str = "drone") -> dict:
+        sequential: bool | str = False, split: str = "test", greedy_method: str = "drone",
+        kfac_fisher: str = "empirical") -> dict:
     """Every row of the plan on split ``split``: ``test`` (the report) or ``validation`` (choosing
     settings; see ``validation_split``)."""
     from transformers import AutoTokenizer
@@ -198,7 +204,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
     log(f"dense accuracy {dense_acc:.4f} on {len(test_ds)} {split} sentences")
     texts = list(train_raw["text"])
     rows = []
-    for v in variants(plan, methods, groups, eval_loss, eval_samples, sequential, greedy_method):
+    for v in variants(plan, methods, groups, eval_loss, eval_samples, sequential, greedy_method, kfac_fisher):
         rec: dict[str, Any] = {"label": v.label, **asdict(v)}
         start = time.perf_counter()
         work = copy.deepcopy(dense)
@@ -234,6 +240,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         "eval_samples": eval_samples,
         "split": split,
         "sequential": sequential,
+        "kfac_fisher": kfac_fisher,
         "dense_accuracy": dense_acc,
         "dense_params": dense_params,
         "test_sentences": len(test_ds),  # sentences of the evaluated split (test or validation)
@@ -400,6 +407,9 @@ def main(argv: list[str] | None = None) -> Path:
                         help="solvers with uniform-rank rows (default: all); DRONE's greedy rows always run")
     parser.add_argument("--greedy-method", choices=("drone", "drone-kfac"), default="drone",
                         help="solver of the greedy rows: DRONE, or loss-aware DRONE (ranks from the predicted loss)")
+    parser.add_argument("--kfac-fisher", choices=("empirical", "true"), default="empirical",
+                        help="with --greedy-method drone-kfac: output gradients at the model's argmax predictions "
+                             "(default) or at labels drawn from its distribution (DroneConfig.kfac_fisher)")
     parser.add_argument("--rows", nargs="+", choices=list(ROW_GROUPS), default=list(ROW_GROUPS),
                         help="row groups to run (default: all): uniform (every method), greedy, attention")
     parser.add_argument("--eval-loss", choices=list(EVAL_LOSSES), default="auto",
@@ -420,6 +430,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="only fine-tune (or load from the cache) the dense task model, print its accuracy, stop")
     args = parser.parse_args(argv)
     check_results_name(parser, args.name, "frontier_mpnet_greedy")
+    if args.kfac_fisher != "empirical" and args.greedy_method != "drone-kfac":
+        parser.error("--kfac-fisher applies to --greedy-method drone-kfac only")
     if args.calibration_samples is not None:
         try:  # the library's own check, before a teacher is trained or loaded
             drone_hf.DroneConfig(num_samples=args.calibration_samples)
@@ -446,7 +458,8 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.perf_counter()
     result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True), methods=methods,
                  groups=tuple(args.rows), eval_loss=args.eval_loss, eval_samples=eval_samples,
-                 sequential=CALIBRATIONS[args.calibration], split=args.split, greedy_method=args.greedy_method)
+                 sequential=CALIBRATIONS[args.calibration], split=args.split, greedy_method=args.greedy_method,
+                 kfac_fisher=args.kfac_fisher)
     stem = args.name or results_stem(s.model)
     render(result, command_line(__file__, argv if argv is not None else sys.argv[1:]), time.perf_counter() - start, out,
            stem)
