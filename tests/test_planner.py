@@ -505,7 +505,9 @@ def test_fisher_sensitivity_matches_finite_differences_of_the_per_sequence_loss(
             probe.weight.add_(0.3 * torch.randn_like(probe.weight) * probe.weight.std())
         probes[n] = (probe, 0.25)
     got = fisher_sensitivities(model, batches, probes)
-    eps = 1e-4  # llama norms compute in float32 even for a float64 model: finite differences see ~1e-4 noise
+    # llama norms compute in float32 even for a float64 model: a small step sees that round-off (1e-4
+    # was 2.5% off on one BLAS kernel); the loss is smooth, so a larger central step is exact to O(eps²)
+    eps = 1e-2
     for n in names:
         dense, probe = model.get_submodule(n), probes[n][0]
         slopes = []
