@@ -259,9 +259,10 @@ def test_svdllm_failure_names_the_layer_and_leaves_the_model_dense(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     cfg = drone_hf.DroneConfig(param_ratio=0.5, method="svdllm", dataset=CALIBRATION_TEXTS * 8,
                                tokenizer=tokenizer(), num_samples=64, max_length=32)
-    with pytest.raises(CholeskyError, match=r"layer '([\w.]+)'.*numerical rank (\d+) of (\d+)") as err:
+    refusal = r"layer '([\w.]+)'.*numerical rank (\d+) of (\d+)"
+    with pytest.raises(CholeskyError, match=refusal) as err:
         drone_hf.compress(model, cfg, show_progress=False)
-    layer, rank, size = re.search(r"layer '([\w.]+)'.*numerical rank (\d+) of (\d+)", str(err.value)).groups()
+    layer, rank, size = re.search(refusal, str(err.value)).groups()
     named = [m for name, m in model.named_modules() if name.endswith("." + layer)]  # under model.transformer
     assert len(named) == 1 and int(rank) < int(size) == named[0].weight.shape[0]  # Conv1D: [in, out]
     assert not any(isinstance(m, DroneLinear) for m in model.modules())
