@@ -60,6 +60,7 @@ from benchmarks.common import (  # noqa: E402
     write_markdown,
 )
 from benchmarks.finetune import FULL, QUICK, TASK_MODELS, Settings, base_model_path, dense_model, splits  # noqa: E402
+from drone_hf.calibration.fisher import DEFAULT_KFAC_FISHER, FISHER_LABELS  # noqa: E402
 from drone_hf.hub.measure import measure_speed  # noqa: E402
 from drone_hf.search import EVAL_LOSSES  # noqa: E402
 from drone_hf.solver import METHODS  # noqa: E402
@@ -77,7 +78,7 @@ class Variant:
     eval_loss: str = "auto"  # what greedy measures on held-out texts (DroneConfig.eval_loss)
     eval_samples: int | None = None  # how many held-out texts it measures on (None: the library's default)
     sequential: bool | str = False  # DroneConfig.sequential: one-shot, True (block by block) or "compensated"
-    kfac_fisher: str = "empirical"  # DroneConfig.kfac_fisher (drone-kfac rows): the data's labels or drawn ones
+    kfac_fisher: str = DEFAULT_KFAC_FISHER  # DroneConfig.kfac_fisher (drone-kfac rows): drawn labels or the data's
 
     @property
     def label(self) -> str:
@@ -86,7 +87,7 @@ class Variant:
         extra += f", eval loss {self.eval_loss}" if self.eval_loss != "auto" else ""
         extra += f", {self.eval_samples} held-out texts" if self.eval_samples is not None else ""
         extra += f", {SEQUENTIAL_LABELS[self.sequential]}" if self.sequential else ""
-        extra += f", {self.kfac_fisher} Fisher" if self.kfac_fisher != "empirical" else ""
+        extra += f", {self.kfac_fisher} Fisher" if self.method == "drone-kfac" else ""
         return f"{self.method} ({self.allocation}, {budget}{extra})"
 
     def config(self, texts: list[str], tokenizer: Any, s: Settings, shape: tuple[int, int]) -> drone_hf.DroneConfig:
@@ -153,7 +154,7 @@ def validation_split(train_raw):
 def variants(
     plan: Plan, methods: tuple[str, ...] = METHODS, groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto",
     eval_samples: int | None = None, sequential: bool | str = False, greedy_method: str = "drone",
-    kfac_fisher: str = "empirical",
+    kfac_fisher: str = DEFAULT_KFAC_FISHER,
 ) -> list[Variant]:
     """The rows of a run: uniform ranks per method, DRONE greedy (size and speed budgets, measuring
     ``eval_loss`` on ``eval_samples`` held-out texts, calibrated the ``sequential`` way, solved by
@@ -187,7 +188,7 @@ def speedups(
 def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto", eval_samples: int | None = None,
         sequential: bool | str = False, split: str = "test", greedy_method: str = "drone",
-        kfac_fisher: str = "empirical") -> dict:
+        kfac_fisher: str = DEFAULT_KFAC_FISHER) -> dict:
     """Every row of the plan on split ``split``: ``test`` (the report) or ``validation`` (choosing
     settings; see ``validation_split``)."""
     from transformers import AutoTokenizer
@@ -407,9 +408,10 @@ def main(argv: list[str] | None = None) -> Path:
                         help="solvers with uniform-rank rows (default: all); DRONE's greedy rows always run")
     parser.add_argument("--greedy-method", choices=("drone", "drone-kfac"), default="drone",
                         help="solver of the greedy rows: DRONE, or loss-aware DRONE (ranks from the predicted loss)")
-    parser.add_argument("--kfac-fisher", choices=("empirical", "true"), default="empirical",
-                        help="with --greedy-method drone-kfac: output gradients at the model's argmax predictions "
-                             "(default) or at labels drawn from its distribution (DroneConfig.kfac_fisher)")
+    parser.add_argument("--kfac-fisher", choices=FISHER_LABELS,
+                        help="with --greedy-method drone-kfac: output gradients at labels drawn from the model's "
+                             f"distribution (true) or at its argmax predictions (empirical); default "
+                             f"{DEFAULT_KFAC_FISHER}, DroneConfig.kfac_fisher's")
     parser.add_argument("--rows", nargs="+", choices=list(ROW_GROUPS), default=list(ROW_GROUPS),
                         help="row groups to run (default: all): uniform (every method), greedy, attention")
     parser.add_argument("--eval-loss", choices=list(EVAL_LOSSES), default="auto",
@@ -430,7 +432,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="only fine-tune (or load from the cache) the dense task model, print its accuracy, stop")
     args = parser.parse_args(argv)
     check_results_name(parser, args.name, "frontier_mpnet_greedy")
-    if args.kfac_fisher != "empirical" and args.greedy_method != "drone-kfac":
+    if args.kfac_fisher is not None and args.greedy_method != "drone-kfac":
         parser.error("--kfac-fisher applies to --greedy-method drone-kfac only")
     if args.calibration_samples is not None:
         try:  # the library's own check, before a teacher is trained or loaded
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> Path:
     result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True), methods=methods,
                  groups=tuple(args.rows), eval_loss=args.eval_loss, eval_samples=eval_samples,
                  sequential=CALIBRATIONS[args.calibration], split=args.split, greedy_method=args.greedy_method,
-                 kfac_fisher=args.kfac_fisher)
+                 kfac_fisher=args.kfac_fisher or DEFAULT_KFAC_FISHER)
     stem = args.name or results_stem(s.model)
     render(result, command_line(__file__, argv if argv is not None else sys.argv[1:]), time.perf_counter() - start, out,
            stem)

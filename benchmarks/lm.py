@@ -1,7 +1,9 @@
 """LM benchmark: perplexity of SmolLM2-135M on held-out Wikipedia at 10/20/30/40% parameter cuts,
-for every solver (``drone`` and the peers ``svd``, ``asvd``, ``fwsvd``, ``svdllm``), in one run.
+for every solver (``drone``, loss-aware ``drone-kfac`` and the peers ``svd``, ``asvd``, ``fwsvd``,
+``svdllm``), in one run.
 
     python benchmarks/lm.py [--quick] [--out DIR] [--calib-texts N] [--fisher-texts N] [--threads N]
+        [--kfac-fisher true|empirical]
 
 What is compared, and how:
 
@@ -67,7 +69,7 @@ from benchmarks.common import (  # noqa: E402
 from drone_hf.allocation import uniform_rank  # noqa: E402
 from drone_hf.calibration import collect_grams, load_texts, tokenize_batches  # noqa: E402
 from drone_hf.calibration.activation_stats import collect_abs_means  # noqa: E402
-from drone_hf.calibration.fisher import collect_row_fisher  # noqa: E402
+from drone_hf.calibration.fisher import DEFAULT_KFAC_FISHER, FISHER_LABELS, collect_row_fisher  # noqa: E402
 from drone_hf.calibration.output_gradients import collect_output_grams  # noqa: E402
 from drone_hf.compress import _split_texts  # noqa: E402
 from drone_hf.modules.low_rank_linear import DroneLinear, dense_weight_of  # noqa: E402
@@ -130,7 +132,8 @@ def eval_windows(tok, held: list[str], length: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[str, dict]:
+def run(quick: bool, calib_texts: int, fisher_texts: int, save=None,
+        kfac_fisher: str = DEFAULT_KFAC_FISHER) -> tuple[str, dict]:
     """Run every method; ``save(body, record)`` is called after each method (partial results survive
     an interrupted run, marked ``partial`` in the record)."""
     model, tok, model_name, calib, held = _load(quick)
@@ -179,7 +182,7 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
     def needs(method: str) -> None:
         if method == "drone-kfac" and not kfac:
             def output_grams() -> dict:
-                grads = collect_output_grams(model, layers, data)
+                grads = collect_output_grams(model, layers, data, fisher=kfac_fisher)
                 return {c: {"out_gram": o.gram, "loss_scale": grads.loss_scale(c)} for c, o in grads.observers.items()}
             kfac.update(timed("output-gradient forward+backward pass (drone-kfac)", output_grams))
         if method == "asvd" and "abs_mean" not in stats:
@@ -195,6 +198,7 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
         "calibration_texts": data.num_texts, "calibration_tokens": data.num_tokens,
         "fisher_texts": fisher_data.num_texts, "eval_windows": int(windows.shape[0]), "eval_length": eval_length,
         "targeted_layers": len(targets), "timings_s": timings, "added_mib": memory, "partial": True,
+        "kfac_fisher": kfac_fisher,
     }
     # DRONE first, then the peers; the 20% cut (the issue's target) first within each method
     for method in ("drone", "drone-kfac", "asvd", "svd", "fwsvd", "svdllm"):
@@ -241,7 +245,7 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
         with PeakMemory() as peak:
             for ratio in sorted(ratios, key=lambda r: abs(r - (1 - TARGET_CUT))):
                 ppl, kept, dense_layers = _greedy(model, tok, calib_pool, calib_texts, eval_texts, ratio, windows,
-                                                  max_length, method=method)
+                                                  max_length, method=method, kfac_fisher=kfac_fisher)
                 entry["ppl"][str(ratio)], entry["kept"][str(ratio)] = ppl, kept
                 entry["dense_layers"][str(ratio)] = dense_layers
                 print(f"{label} ratio {ratio}: ppl {ppl:.3f} kept {kept:.4f} dense layers {dense_layers}", flush=True)
@@ -254,6 +258,10 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None) -> tuple[st
     record["load_average"], record["target"] = load_average(), _target(record)
     return _body(record), record
 
+
+#: How the table describes each ``kfac_fisher`` (records written before the option: empirical).
+FISHER_NOTES = {"true": "at next tokens drawn from the model's own distribution, the true Fisher",
+                "empirical": "at the passages' own next tokens, the empirical Fisher"}
 
 #: Passages greedy allocation holds out (DroneConfig.eval_samples) on top of the calibration ones.
 GREEDY_EVAL_TEXTS = 32
@@ -293,14 +301,15 @@ def _damp_sweep(model, targets, shapes, weights, grams, eigs, kfac, windows, def
 
 
 def _greedy(model, tok, pool: list[str], calib_texts: int, eval_texts: int, ratio: float, windows, max_length: int,
-            method: str = "drone"):
+            method: str = "drone", kfac_fisher: str = DEFAULT_KFAC_FISHER):
     """Perplexity, kept fraction and dense-layer count of a copy of ``model`` compressed by
     ``drone_hf.compress`` with greedy ranks."""
     import copy
 
     import drone_hf
 
-    cfg = drone_hf.DroneConfig(param_ratio=ratio, allocation="greedy", method=method, dataset=pool,
+    cfg = drone_hf.DroneConfig(param_ratio=ratio, allocation="greedy", method=method, kfac_fisher=kfac_fisher,
+                               dataset=pool,
                                tokenizer=tok, num_samples=calib_texts, eval_samples=eval_texts, max_length=max_length)
     comp = drone_hf.compress(copy.deepcopy(model), cfg, show_progress=False)
     result = comp.config.quantization_config.allocation_result
@@ -381,8 +390,9 @@ def _body(rec: dict) -> str:
     if kgreedy.get("ppl"):
         greedy_note += (
             "`drone-kfac`: loss-aware DRONE (`method=\"drone-kfac\"`, `kfac_damp` "
-            f"{DEFAULT_KFAC_DAMP}): the same closed form with each layer's output error weighted by the "
-            "Gram of the LM loss's gradients w.r.t. its outputs (one forward+backward pass over the "
+            f"{DEFAULT_KFAC_DAMP}, `kfac_fisher={rec.get('kfac_fisher', 'empirical')!r}`): the same closed form "
+            "with each layer's output error weighted by the Gram of the LM loss's gradients w.r.t. its outputs "
+            f"({FISHER_NOTES[rec.get('kfac_fisher', 'empirical')]}; one forward+backward pass over the "
             "calibration passages). `drone-kfac greedy`: `drone_hf.compress(..., method=\"drone-kfac\", "
             "allocation=\"greedy\")`, whose ranks come from the predicted loss of each rank, with no "
             "sensitivity probing; run at the "
@@ -451,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine two threads ran 5x slower)")
     parser.add_argument("--fisher-texts", type=int, default=32, help="passages for FWSVD's backward pass (default 32)")
+    parser.add_argument("--kfac-fisher", choices=FISHER_LABELS, default=DEFAULT_KFAC_FISHER,
+                        help="drone-kfac's output gradients: at labels drawn from the model (true) or at the data's "
+                             f"next tokens (empirical); default {DEFAULT_KFAC_FISHER}, DroneConfig.kfac_fisher's")
     args = parser.parse_args(argv)
     assert set(METHODS) == {"drone", "svd", "asvd", "fwsvd", "svdllm", "drone-kfac"}, (
         "update the method list of this benchmark")
@@ -468,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "lm.json").write_text(json.dumps(record, indent=1))
         _plot(record, out)
 
-    save(*run(args.quick, args.calib_texts, args.fisher_texts, save))
+    save(*run(args.quick, args.calib_texts, args.fisher_texts, save, kfac_fisher=args.kfac_fisher))
     print(f"wrote {out / 'lm.md'}")
     return 0
 

@@ -2,7 +2,7 @@
 benchmark's target cut (20% of the projections' parameters), uniform and greedy ranks, in one run.
 
     python benchmarks/lm_sequential.py [--quick] [--out DIR] [--threads N]
-        [--method drone|drone-kfac] [--kfac-fisher empirical|true] [--allocations uniform greedy]
+        [--method drone|drone-kfac] [--kfac-fisher true|empirical] [--allocations uniform greedy]
         [--modes one-shot sequential compensated]
 
 The same model, calibration passages and held-out windows as ``benchmarks/lm.py`` (its helpers are
@@ -18,11 +18,11 @@ the sequential modes then re-solve at those ranks, so every greedy row has the s
 fine-tuning. Writes ``lm_sequential.md`` / ``.json``.
 
 ``--method drone-kfac`` runs the same rows with loss-aware DRONE (the output error weighted by the
-dense model's output-gradient Gram in every mode; greedy ranks from its predicted loss) and writes
-``lm_sequential_kfac.*``; ``--allocations`` and ``--modes`` keep only some rows (each drone-kfac
-row pays the output-gradient pass again). ``--kfac-fisher true`` takes drone-kfac's output gradients at
-labels drawn from the model (``DroneConfig(kfac_fisher="true")``, the true Fisher) and writes
-``lm_sequential_kfac_true.*``.
+dense model's output-gradient Gram in every mode; greedy ranks from its predicted loss), its output
+gradients at labels drawn from the model (the library's default ``kfac_fisher="true"``, the true
+Fisher), and writes ``lm_sequential_kfac_true.*``; ``--kfac-fisher empirical`` takes them at the
+data's next tokens and writes ``lm_sequential_kfac.*``. ``--allocations`` and ``--modes`` keep only
+some rows (each drone-kfac row pays the output-gradient pass again).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.lm import GREEDY_EVAL_TEXTS, TARGET_CUT, _load, eval_windows, perplexity  # noqa: E402
 from drone_hf.calibration import load_texts  # noqa: E402
+from drone_hf.calibration.fisher import DEFAULT_KFAC_FISHER, FISHER_LABELS  # noqa: E402
 from drone_hf.compress import _split_texts  # noqa: E402
 
 MODES = {"one-shot": False, "sequential": True, "compensated": "compensated"}
@@ -63,7 +64,7 @@ ALLOCATIONS = ("uniform", "greedy")
 
 
 def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOCATIONS,
-        modes: tuple[str, ...] = tuple(MODES), save=None, kfac_fisher: str = "empirical") -> tuple[str, dict]:
+        modes: tuple[str, ...] = tuple(MODES), save=None, kfac_fisher: str = DEFAULT_KFAC_FISHER) -> tuple[str, dict]:
     """Every requested row; ``save(body, record)`` after each one, so the rows of a run stopped midway
     (a drone-kfac row takes about an hour on 2 cores) are kept, marked ``partial`` in the record."""
     model, tok, model_name, pool, held = _load(quick)
@@ -108,8 +109,9 @@ def _body(record: dict) -> str:
             for key, r in record["runs"].items()]
     partial = ("**Partial run**: the rows below are those finished before it stopped.\n\n"
                if record["partial"] else "")
-    fisher = record.get("kfac_fisher", "empirical")
-    solver = f"`method={record['method']!r}`" + (f", `kfac_fisher={fisher!r}`" if fisher != "empirical" else "")
+    fisher = record.get("kfac_fisher", "empirical")  # records written before the option: empirical
+    kfac = record["method"] == "drone-kfac"
+    solver = f"`method={record['method']!r}`" + (f", `kfac_fisher={fisher!r}`" if kfac else "")
     return (
         f"## Calibration modes at a {TARGET_CUT:.0%} cut ({record['model']}, {solver})\n\n"
         + partial
@@ -129,19 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, temp with --quick)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--method", choices=METHODS, default="drone",
-                        help="solver of every row (drone-kfac: results in lm_sequential_kfac.*)")
-    parser.add_argument("--kfac-fisher", choices=("empirical", "true"), default="empirical",
-                        help="drone-kfac's output gradients: at the data's labels (default) or at labels drawn "
-                             "from the model (results in lm_sequential_kfac_true.*)")
+                        help="solver of every row (drone-kfac: results in lm_sequential_kfac_true.*, or "
+                             "lm_sequential_kfac.* with --kfac-fisher empirical)")
+    parser.add_argument("--kfac-fisher", choices=FISHER_LABELS,
+                        help="drone-kfac's output gradients: at labels drawn from the model (true, the default: "
+                             "DroneConfig.kfac_fisher's; results in lm_sequential_kfac_true.*) or at the data's "
+                             "labels (empirical; results in lm_sequential_kfac.*)")
     parser.add_argument("--allocations", nargs="+", choices=ALLOCATIONS, default=list(ALLOCATIONS),
                         help="rank allocations to run (default: both)")
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES),
                         help="calibration modes to run (default: all three)")
     args = parser.parse_args(argv)
-    if args.kfac_fisher != "empirical" and args.method != "drone-kfac":
+    if args.kfac_fisher is not None and args.method != "drone-kfac":
         parser.error("--kfac-fisher applies to --method drone-kfac only")
+    args.kfac_fisher = args.kfac_fisher or DEFAULT_KFAC_FISHER
     stem = "lm_sequential" if args.method == "drone" else "lm_sequential_kfac"
-    stem += "_true" if args.kfac_fisher == "true" else ""
+    stem += "_true" if args.method == "drone-kfac" and args.kfac_fisher == "true" else ""
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)

@@ -20,6 +20,7 @@ from .attention_stage import AttentionStage
 from .calibration import collect_grams, load_texts, tokenize_batches
 from .calibration.cache import open_cache
 from .calibration.distributed import all_reduce_count, broadcast_object, shard_texts
+from .calibration.fisher import DEFAULT_KFAC_FISHER
 from .calibration.offload import check_materialisable, materialise
 from .calibration.paired import PairedObserver
 from .config import QUANT_METHOD, DroneConfig
@@ -131,7 +132,7 @@ def held_out_count(model: nn.Module, config: DroneConfig) -> int:
 
 
 def _peer_statistics(
-    model: nn.Module, method: str, targets: dict, data, kfac_fisher: str = "empirical", seed: int = 0
+    model: nn.Module, method: str, targets: dict, data, kfac_fisher: str = DEFAULT_KFAC_FISHER, seed: int = 0
 ) -> dict[str, dict[str, Any]]:
     """The extra statistics of the peer methods, on the dense model (as their papers calibrate):
     ASVD's per-channel mean |x| (one forward pass), FWSVD's row Fisher (one forward+backward pass),
@@ -232,7 +233,8 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         "widths": sorted(widths.items()), "observe_output": sorted(observe_output),
         "attention": config.compress_attention, "attention_rank": config.attention_rank,
         # later blocks see solved ones
-        # (kfac_fisher only when not the default: caches written before it existed stay valid)
+        # (kfac_fisher only when not "empirical", what every cache written before the option existed
+        # used: those stay valid, and a default ("true") run does not reuse them)
         "solver": [config.method, config.damp, config.asvd_alpha, config.kfac_damp]
         + ([config.kfac_fisher] if config.kfac_fisher != "empirical" else []) if config.sequential else None,
     })

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .calibration.fisher import FISHER_LABELS
+from .calibration.fisher import DEFAULT_KFAC_FISHER, FISHER_LABELS
 from .solver import DEFAULT_KFAC_DAMP, METHODS
 from .solver.kfac import check_kfac_damp
 
@@ -171,13 +171,15 @@ class DroneConfig(QuantizationConfigMixin):
             (the paper's value); ``0`` is plain SVD. Used only with ``method="asvd"``.
         kfac_damp (`float`, defaults to 0.1): relative damping ``δ > 0`` of the output-gradient Gram
             for ``method="drone-kfac"`` (``H + δ·mean(eig H)·I``); large values approach ``"drone"``.
-        kfac_fisher (`str`, defaults to ``"empirical"``): the labels whose loss gradients form
-            ``method="drone-kfac"``'s output-gradient Gram. ``"empirical"``: the data's next tokens
-            (causal LMs) or the model's argmax predictions (other heads, whose calibration text has no
-            labels): the empirical Fisher. ``"true"``: one label per loss term drawn from the model's
-            own predictive distribution (seeded by ``seed``): an unbiased estimate of the true Fisher,
-            the Gauss-Newton curvature behind the predicted loss increase. Same cost; which predicts
-            better is measured in ``docs/methods.md``. Used only with ``method="drone-kfac"``.
+        kfac_fisher (`str`, defaults to ``"true"``): the labels whose loss gradients form
+            ``method="drone-kfac"``'s output-gradient Gram. ``"true"``: one label per loss term drawn
+            from the model's own predictive distribution (seeded by ``seed``): an unbiased estimate of
+            the true Fisher, the Gauss-Newton curvature behind the predicted loss increase.
+            ``"empirical"``: the data's next tokens (causal LMs) or the model's argmax predictions
+            (other heads, whose calibration text has no labels): the empirical Fisher. Same cost; the
+            true Fisher compressed better in both A/Bs of ``docs/methods.md``, hence the default. A
+            checkpoint written before this option existed reads back as ``"empirical"``, what made
+            it. Used only with ``method="drone-kfac"``.
         seed (`int`, defaults to 0): seed of the calibration subset.
         ranks (`dict[str, int]`, *optional*):
             Fixed ranks by layer name or regular expression (full match), taking precedence over
@@ -238,7 +240,7 @@ class DroneConfig(QuantizationConfigMixin):
         method: str = "drone",
         asvd_alpha: float = 0.5,
         kfac_damp: float = DEFAULT_KFAC_DAMP,
-        kfac_fisher: str = "empirical",
+        kfac_fisher: str = DEFAULT_KFAC_FISHER,
         seed: int = 0,
         ranks: dict[str, int] | None = None,
         target_speedup: float | None = None,
@@ -395,8 +397,8 @@ class DroneConfig(QuantizationConfigMixin):
         check_kfac_damp(self.kfac_damp)
         if self.kfac_fisher not in FISHER_LABELS:
             raise ValueError(
-                f"kfac_fisher={self.kfac_fisher!r} is not supported: use 'empirical' (gradients at the data's labels, "
-                "the default) or 'true' (at labels drawn from the model's own distribution)."
+                f"kfac_fisher={self.kfac_fisher!r} is not supported: use 'true' (gradients at labels drawn from the "
+                "model's own distribution, the default) or 'empirical' (at the data's labels)."
             )
         if self.method == "drone-kfac" and d != 0:
             raise ValueError(
@@ -494,6 +496,17 @@ class DroneConfig(QuantizationConfigMixin):
                 value = None
             out[key] = copy.deepcopy(value)
         return out
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Like ``QuantizationConfigMixin.from_dict``, except that a compression record (a checkpoint's
+        ``quantization_config``) without ``kfac_fisher`` reads back as ``"empirical"``: it was written
+        before the option existed, when every run used the empirical Fisher, and the default has
+        changed since. A fresh config without the key gets the default."""
+        compressed = config_dict.get("relative_errors") is not None or config_dict.get("attention_ranks") is not None
+        if compressed and "kfac_fisher" not in config_dict:
+            config_dict = {**config_dict, "kfac_fisher": "empirical"}
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> DroneConfig:
         # transformers deep-copies loading kwargs; a dataset or tokenizer is shared, not copied.

@@ -3,11 +3,11 @@
 Loss-aware DRONE (``method="drone-kfac"``, :mod:`drone_hf.solver.kfac`) weights a layer's output
 error by ``H = Σ g gᵀ``, the Gram of the loss's gradients with respect to the layer's outputs
 ``y = W x + b`` over the real calibration tokens. One forward+backward pass per batch gives every
-layer's ``g`` at once: the loss is the *summed* calibration loss of :mod:`~drone_hf.calibration.fisher`
-(next-token cross-entropy for causal LMs, the model's own predictions as pseudo-labels otherwise),
+layer's ``g`` at once: the loss is the *summed* calibration loss of :mod:`~drone_hf.calibration.fisher`,
 so ``g`` of a token is the gradient of the whole batch's loss with respect to that token's output.
-With ``kfac_fisher="true"`` every term's label is drawn from the model's own distribution instead
-(the true Fisher rather than the empirical one; :func:`collect_output_grams`).
+With ``kfac_fisher="true"`` (the default) every term's label is drawn from the model's own
+distribution: the true Fisher. ``"empirical"`` takes the data's next tokens for causal LMs and the
+model's own argmax predictions otherwise (:func:`collect_output_grams`).
 
 Only activation gradients are formed: the target weights are switched to ``requires_grad`` so a
 graph exists, but ``torch.autograd.grad`` is asked for the layer outputs alone (no weight gradient
@@ -25,7 +25,7 @@ from torch import nn
 
 from .data import CalibrationBatches
 from .distributed import all_reduce_sum, world
-from .fisher import _loss, gradients_only_for
+from .fisher import DEFAULT_KFAC_FISHER, _loss, gradients_only_for
 from .observer import GramObserver
 from .pipeline import _input_device
 
@@ -68,13 +68,13 @@ class OutputGradientStats:
 
 
 def collect_output_grams(
-    model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches, fisher: str = "empirical",
+    model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches, fisher: str = DEFAULT_KFAC_FISHER,
     seed: int = 0,
 ) -> OutputGradientStats:
     """The output-gradient Gram ``Σ g gᵀ`` [out, out] of every layer over the real calibration tokens.
 
-    ``fisher="empirical"`` (the default) takes gradients at the data's next tokens (causal LMs) or the
-    model's argmax predictions; ``fisher="true"`` at labels drawn from the model's own distribution,
+    ``fisher="empirical"`` takes gradients at the data's next tokens (causal LMs) or the model's
+    argmax predictions; ``fisher="true"`` (the default) at labels drawn from the model's own distribution,
     one draw per loss term (batch ``i`` seeded by ``seed`` and ``i``), an unbiased estimate of the
     true Fisher ``E_y[g gᵀ]``, which for cross-entropy is the Gauss-Newton curvature that the
     predicted loss increase assumes. A layer the loss never reached (unused on these inputs) keeps a

@@ -100,9 +100,13 @@ def test_rows_can_be_limited_to_groups_and_greedy_rows_take_the_eval_loss():
     kfac = frontier.variants(plan, groups=("greedy",), greedy_method="drone-kfac")
     assert {v.method for v in kfac} == {"drone-kfac"} and all(v.label.startswith("drone-kfac (greedy") for v in kfac)
     assert kfac[0].config(["a text"], None, finetune.QUICK, (4, 32)).method == "drone-kfac"
-    true = frontier.variants(plan, groups=("greedy",), greedy_method="drone-kfac", kfac_fisher="true")
-    assert all(v.label.endswith(", true Fisher)") for v in true) and "Fisher" not in kfac[0].label
-    assert true[0].config(["a text"], None, finetune.QUICK, (4, 32)).kfac_fisher == "true"
+    # drone-kfac rows always name their Fisher: the library's default (true) unless asked otherwise
+    assert all(v.label.endswith(", true Fisher)") for v in kfac)
+    assert kfac[0].config(["a text"], None, finetune.QUICK, (4, 32)).kfac_fisher == "true"
+    emp = frontier.variants(plan, groups=("greedy",), greedy_method="drone-kfac", kfac_fisher="empirical")
+    assert all(v.label.endswith(", empirical Fisher)") for v in emp)
+    assert emp[0].config(["a text"], None, finetune.QUICK, (4, 32)).kfac_fisher == "empirical"
+    assert not any("Fisher" in v.label for v in everything if v.method != "drone-kfac")  # no output gradients
     with pytest.raises(SystemExit):
         frontier.main(["--quick", "--kfac-fisher", "true"])
     only_attention = frontier.variants(plan, groups=("attention",))

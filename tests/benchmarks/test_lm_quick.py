@@ -15,6 +15,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.lm import KFAC_DAMPS, KFAC_GREEDY_RATIOS, RATIOS, main  # noqa: E402
+from drone_hf.calibration.fisher import DEFAULT_KFAC_FISHER  # noqa: E402
 from drone_hf.solver import DEFAULT_KFAC_DAMP  # noqa: E402
 
 
@@ -38,6 +39,8 @@ def test_lm_benchmark_quick(tmp_path):
     assert rec["target"]["variant"] in variants  # judged on DRONE's best row
     assert rec["target"]["drone_ppl"] == min(rec["methods"][m]["ppl"]["0.8"] for m in variants)
     assert "| drone greedy |" in text and "| drone-kfac greedy |" in text
+    # drone-kfac's output gradients at labels drawn from the model: the library's default, recorded
+    assert rec["kfac_fisher"] == DEFAULT_KFAC_FISHER == "true" and "`kfac_fisher='true'`" in text
     # the kfac_damp comparison: every value, the default's row being the drone-kfac row itself
     assert set(rec["kfac_damps"]) == {str(d) for d in KFAC_DAMPS}
     assert rec["kfac_damps"][str(DEFAULT_KFAC_DAMP)] == rec["methods"]["drone-kfac"]["ppl"]["0.8"]
@@ -54,3 +57,14 @@ def test_lm_benchmark_quick(tmp_path):
     if sys.platform == "linux":
         assert all(v is not None and v >= 0 for v in rec["added_mib"].values())
     assert "| step | seconds | added peak MiB |" in text
+
+
+def test_lm_benchmark_quick_empirical_fisher(tmp_path):
+    """--kfac-fisher empirical: recorded and printed, and it changes the drone-kfac rows only (the
+    other methods never take output gradients)."""
+    assert main(["--quick", "--out", str(tmp_path / "true")]) == 0
+    assert main(["--quick", "--out", str(tmp_path / "emp"), "--kfac-fisher", "empirical"]) == 0
+    true, emp = (json.loads((tmp_path / d / "lm.json").read_text()) for d in ("true", "emp"))
+    assert emp["kfac_fisher"] == "empirical" and "`kfac_fisher='empirical'`" in (tmp_path / "emp" / "lm.md").read_text()
+    assert emp["methods"]["drone"]["ppl"] == true["methods"]["drone"]["ppl"]
+    assert emp["methods"]["drone-kfac"]["ppl"] != true["methods"]["drone-kfac"]["ppl"]

@@ -50,28 +50,31 @@ def test_a_stopped_run_keeps_its_finished_rows(tmp_path, monkeypatch):
 
 
 def test_lm_sequential_quick_loss_aware_rows(tmp_path):
-    """--method drone-kfac: its own result files, only the rows asked for, the same greedy ranks in
-    every mode (planned once from the predicted loss), and the method recorded."""
+    """--method drone-kfac: its own result files (true Fisher, the library's default), only the rows
+    asked for, the same greedy ranks in every mode (planned once from the predicted loss), and the
+    method and Fisher recorded."""
     assert main(["--quick", "--out", str(tmp_path), "--method", "drone-kfac", "--allocations", "greedy",
                  "--modes", "one-shot", "compensated"]) == 0
-    assert not (tmp_path / "lm_sequential.json").exists()
-    rec = json.loads((tmp_path / "lm_sequential_kfac.json").read_text())
+    assert not (tmp_path / "lm_sequential.json").exists() and not (tmp_path / "lm_sequential_kfac.json").exists()
+    rec = json.loads((tmp_path / "lm_sequential_kfac_true.json").read_text())
     assert rec["method"] == "drone-kfac" and set(rec["runs"]) == {"greedy/one-shot", "greedy/compensated"}
+    assert rec["kfac_fisher"] == "true"
     assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in rec["runs"].values())
     assert rec["runs"]["greedy/one-shot"]["ranks"] == rec["runs"]["greedy/compensated"]["ranks"]
     assert rec["runs"]["greedy/one-shot"]["ppl"] != rec["runs"]["greedy/compensated"]["ppl"]
-    assert "`method='drone-kfac'`" in (tmp_path / "lm_sequential_kfac.md").read_text()
+    assert "`method='drone-kfac'`, `kfac_fisher='true'`" in (tmp_path / "lm_sequential_kfac_true.md").read_text()
 
 
-def test_lm_sequential_quick_true_fisher_rows(tmp_path):
-    """--kfac-fisher true: its own result files, the setting recorded and printed; refused without
-    --method drone-kfac."""
-    assert main(["--quick", "--out", str(tmp_path), "--method", "drone-kfac", "--kfac-fisher", "true",
+def test_lm_sequential_quick_empirical_fisher_rows(tmp_path):
+    """--kfac-fisher empirical: its own result files, the setting recorded and printed; refused
+    without --method drone-kfac."""
+    assert main(["--quick", "--out", str(tmp_path), "--method", "drone-kfac", "--kfac-fisher", "empirical",
                  "--allocations", "uniform", "--modes", "one-shot"]) == 0
-    assert not (tmp_path / "lm_sequential_kfac.json").exists()
-    rec = json.loads((tmp_path / "lm_sequential_kfac_true.json").read_text())
-    assert rec["kfac_fisher"] == "true" and list(rec["runs"]) == ["uniform/one-shot"]
+    assert not (tmp_path / "lm_sequential_kfac_true.json").exists()
+    rec = json.loads((tmp_path / "lm_sequential_kfac.json").read_text())
+    assert rec["kfac_fisher"] == "empirical" and list(rec["runs"]) == ["uniform/one-shot"]
     assert math.isfinite(rec["runs"]["uniform/one-shot"]["ppl"])
-    assert "`kfac_fisher='true'`" in (tmp_path / "lm_sequential_kfac_true.md").read_text()
-    with pytest.raises(SystemExit):
-        main(["--quick", "--out", str(tmp_path), "--kfac-fisher", "true"])
+    assert "`kfac_fisher='empirical'`" in (tmp_path / "lm_sequential_kfac.md").read_text()
+    for fisher in ("empirical", "true"):
+        with pytest.raises(SystemExit):
+            main(["--quick", "--out", str(tmp_path), "--kfac-fisher", fisher])

@@ -207,10 +207,10 @@ def test_a_sequential_loss_aware_cache_is_not_resumed_with_another_fisher(tmp_pa
 
     torch.manual_seed(0)
     dense = BertForSequenceClassification(bert_config(num_hidden_layers=2)).double().eval()
-    first = compress(dense, method="drone-kfac", sequential=True, calibration_cache=tmp_path)
+    first = compress(dense, method="drone-kfac", sequential=True, calibration_cache=tmp_path)  # true, the default
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(ValueError, match="statistics-relevant settings"):
-        compress(dense, method="drone-kfac", sequential=True, kfac_fisher="true", calibration_cache=tmp_path)
+        compress(dense, method="drone-kfac", sequential=True, kfac_fisher="empirical", calibration_cache=tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert_identical(compress(dense, method="drone-kfac", sequential=True, calibration_cache=tmp_path), first)
 

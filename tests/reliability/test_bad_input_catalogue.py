@@ -265,7 +265,7 @@ CASES: list[Case] = [
          args={"method": "drone-kfac", "damp": 0.01}),
     Case("config-kfac-fisher-unknown", "config", cfg(), ValueError,
          r"kfac_fisher='gauss-newton' is not supported",
-         r"use 'empirical' \(gradients at the data's labels, the default\) or 'true'",
+         r"use 'true' \(gradients at labels drawn from the model's own distribution, the default\) or 'empirical'",
          args={"method": "drone-kfac", "kfac_fisher": "gauss-newton"}),
     Case("config-from-dict-unknown-key", "config", lambda ctx: DroneConfig.from_dict(ctx.args), ValueError,
          r"Unknown DroneConfig field\(s\) \['param_ratoi'\]", r"known fields are \[.*'param_ratio'",

@@ -4,6 +4,8 @@ factors it returns, and its statistics (output-gradient Grams) are those of the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -179,7 +181,7 @@ def test_output_grams_are_the_loss_gradient_grams_and_ignore_padding(tmp_path):
     layers = {"o": model.model.layers[0].self_attn.o_proj, "down": model.model.layers[1].mlp.down_proj}
     texts = CALIBRATION_TEXTS[:4]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    stats = collect_output_grams(model, layers, tokenize_batches(texts, tok, 64, 4))
+    stats = collect_output_grams(model, layers, tokenize_batches(texts, tok, 64, 4), fisher="empirical")
     padded = stats.observers
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
@@ -286,7 +288,7 @@ def test_true_fisher_converges_to_the_gauss_newton_curvature(tmp_path):
     rel = lambda a: float((a - gauss_newton).norm() / gauss_newton.norm())  # noqa: E731
     # 400 draws: blocks of 400 seeds land at 0.005-0.07 from it (sampling error); argmax is 0.72 away
     assert rel(mean) < 0.1
-    argmax = collect_output_grams(model, head, data).observers["head"].gram
+    argmax = collect_output_grams(model, head, data, fisher="empirical").observers["head"].gram
     assert rel(argmax) > 0.5
     # the argmax Gram is the exact Σ (p - e_argmax)(p - e_argmax)ᵀ
     e = torch.nn.functional.one_hot(p.argmax(-1), 3).double()
@@ -326,7 +328,7 @@ def test_true_fisher_of_a_causal_lm_uses_the_drawn_next_tokens(tmp_path):
     torch.testing.assert_close(gram, g.T @ g, rtol=1e-4, atol=1e-9 * float((g.T @ g).abs().max()))
     again = collect_output_grams(model, target, data, fisher="true", seed=7).observers["down"].gram
     other = collect_output_grams(model, target, data, fisher="true", seed=8).observers["down"].gram
-    empirical = collect_output_grams(model, target, data).observers["down"].gram
+    empirical = collect_output_grams(model, target, data, fisher="empirical").observers["down"].gram
     assert torch.equal(gram, again) and not torch.allclose(gram, other) and not torch.allclose(gram, empirical)
 
 
@@ -334,9 +336,9 @@ def test_kfac_fisher_true_compresses_and_round_trips(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(save_tiny("llama-gqa-lm", tmp_path / "d")).eval()
     common = dict(param_ratio=0.5, allocation="uniform", method="drone-kfac", dataset=CALIBRATION_TEXTS * 4,
                   tokenizer=tokenizer(), num_samples=16, max_length=32)
-    true = drone_hf.compress(model, drone_hf.DroneConfig(kfac_fisher="true", **common), show_progress=False)
+    true = drone_hf.compress(model, drone_hf.DroneConfig(**common), show_progress=False)  # the default
     empirical = drone_hf.compress(AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval(),
-                                  drone_hf.DroneConfig(**common), show_progress=False)
+                                  drone_hf.DroneConfig(kfac_fisher="empirical", **common), show_progress=False)
     rec = true.config.quantization_config
     assert rec.kfac_fisher == "true" and empirical.config.quantization_config.kfac_fisher == "empirical"
     name = next(n for n in rec.ranks)
@@ -345,6 +347,27 @@ def test_kfac_fisher_true_compresses_and_round_trips(tmp_path):
     true.save_pretrained(tmp_path / "c")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     assert again.config.quantization_config.kfac_fisher == "true"
+    empirical.save_pretrained(tmp_path / "e")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "e").config.quantization_config.kfac_fisher == "empirical"
     ids = tokenizer()(CALIBRATION_TEXTS[:2], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(again(**ids).logits, true(**ids).logits)
+
+
+def test_a_record_written_before_kfac_fisher_existed_reads_back_as_empirical(tmp_path):
+    """The default changed to the true Fisher after checkpoints that never named it were written
+    with the empirical one: such a record (a checkpoint's quantization_config) must keep saying
+    what made it, while a fresh config without the key takes the default."""
+    model = AutoModelForCausalLM.from_pretrained(save_tiny("llama-gqa-lm", tmp_path / "d")).eval()
+    drone_hf.compress(model, drone_hf.DroneConfig(param_ratio=0.5, allocation="uniform", method="drone-kfac",
+                                                  kfac_fisher="empirical", dataset=CALIBRATION_TEXTS * 4,
+                                                  tokenizer=tokenizer(), num_samples=16, max_length=32),
+                      show_progress=False)
+    model.save_pretrained(tmp_path / "c")
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["quantization_config"].pop("kfac_fisher") == "empirical"
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    assert again.config.quantization_config.kfac_fisher == "empirical"
+    assert drone_hf.DroneConfig.from_dict({"method": "drone-kfac"}).kfac_fisher == "true"
+    assert drone_hf.DroneConfig(method="drone-kfac").kfac_fisher == "true"
