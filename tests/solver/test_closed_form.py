@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from eckart_young import optimum, reachable_optimum, unseen_part
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -502,15 +503,19 @@ def test_property_drone_is_optimal_for_every_rank(params) -> None:
     x[: min(dead, n - 1)] = 0.0
     dec = decompose(w, x @ x.T)
     total = float(torch.linalg.matrix_norm(w @ x))
-    s = torch.linalg.svdvals(w @ x)
+    # a near-singular X (rare in random draws) has directions below the solver's cut-off, which it
+    # maps to zero: the reachable optimum counts them (tests/eckart_young.py); the reported error is
+    # that of the part it sees, relative to the same part (the cut-off's ||W X_u|| is ~1e-5 of ||W X||)
+    seen = x - unseen_part(x)
+    seen_total = float(torch.linalg.matrix_norm(w @ seen))
     rel = dec.relative_errors()
     for k in range(1, min(m, n) + 1):
         f = dec.factors(k)
         assert f.rank <= k
         err = calib_error(w, f.up, f.down, x)
-        expected = float(s[k:].pow(2).sum().sqrt())
-        assert_rel(err, expected, 1e-6, 1e-9 * total)
-        assert_rel(f.relative_error, expected / total, 1e-6, 1e-9)
+        assert_rel(err, reachable_optimum(w, x, k), 1e-6, 1e-9 * total)
+        reported = optimum(w, seen, k) / seen_total if seen_total > 0 else 0.0
+        assert_rel(f.relative_error, reported, 1e-6, 1e-9)
         assert f.relative_error == float(rel[min(f.rank, dec.max_rank)])
 
 
