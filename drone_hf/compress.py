@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 from .allocation import check_fixed_rank, uniform_rank
 from .attention_stage import AttentionStage
 from .calibration import collect_grams, load_texts, tokenize_batches
-from .calibration.cache import open_cache
+from .calibration.cache import CalibrationCache, open_cache
 from .calibration.distributed import all_reduce_count, broadcast_object, shard_texts
 from .calibration.fisher import DEFAULT_KFAC_FISHER
 from .calibration.offload import check_materialisable, materialise
@@ -132,25 +132,31 @@ def held_out_count(model: nn.Module, config: DroneConfig) -> int:
 
 
 def _peer_statistics(
-    model: nn.Module, method: str, targets: dict, data, kfac_fisher: str = DEFAULT_KFAC_FISHER, seed: int = 0
+    model: nn.Module, method: str, targets: dict, data, kfac_fisher: str = DEFAULT_KFAC_FISHER, seed: int = 0,
+    cache: CalibrationCache | None = None, show_progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """The extra statistics of the peer methods, on the dense model (as their papers calibrate):
     ASVD's per-channel mean |x| (one forward pass), FWSVD's row Fisher (one forward+backward pass),
     loss-aware DRONE's output-gradient Grams and loss scale (one forward+backward pass). Empty for
-    every other method; in sequential mode they stay those of the dense model."""
+    every other method; in sequential mode they stay those of the dense model. Each pass is
+    resumable from ``cache`` like the Gram pass, in an entry of its own: a finished one serves any
+    later run on the same folder (another budget, allocation or calibration mode)."""
     layers = {c: layer for c, (_, layer) in targets.items()}
     if method == "asvd" and layers:
         from .calibration.activation_stats import collect_abs_means
 
-        return {c: {"abs_mean": obs.mean} for c, obs in collect_abs_means(model, layers, data).items()}
+        return {c: {"abs_mean": obs.mean} for c, obs in collect_abs_means(model, layers, data, cache,
+                                                                                     show_progress).items()}
     if method == "fwsvd" and layers:
         from .calibration.fisher import collect_row_fisher
 
-        return {c: {"row_fisher": f} for c, f in collect_row_fisher(model, layers, data).items()}
+        return {c: {"row_fisher": f} for c, f in collect_row_fisher(model, layers, data, cache,
+                                                                                     show_progress).items()}
     if method == "drone-kfac" and layers:
         from .calibration.output_gradients import collect_output_grams
 
-        grads = collect_output_grams(model, layers, data, fisher=kfac_fisher, seed=seed)
+        grads = collect_output_grams(model, layers, data, fisher=kfac_fisher, seed=seed, cache=cache,
+                                     show_progress=show_progress)
         return {c: {"out_gram": obs.gram, "loss_scale": grads.loss_scale(c)} for c, obs in grads.observers.items()}
     return {}
 
@@ -238,7 +244,8 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         "solver": [config.method, config.damp, config.asvd_alpha, config.kfac_damp]
         + ([config.kfac_fisher] if config.kfac_fisher != "empirical" else []) if config.sequential else None,
     })
-    peer_stats.update(_peer_statistics(model, config.method, targets, data, config.kfac_fisher, config.seed))
+    peer_stats.update(_peer_statistics(model, config.method, targets, data, config.kfac_fisher, config.seed,
+                                       cache, show_progress))
     one_shot = not (config.sequential and config.allocation == "uniform" and config.param_ratio is not None)
     plan = RankPlanner(model, config, targets, shapes, {}, fixed, tokenizer, show_progress)
     if evaluate and targets:

@@ -213,6 +213,7 @@ class DroneConfig(QuantizationConfigMixin):
         calibration_cache (`str` or `os.PathLike`, *optional*):
             A folder where calibration writes its statistics as they are finished (one-shot mode:
             the running accumulators of every layer, every ``SNAPSHOT_SECONDS`` and at the end;
+            the ``drone-kfac`` / ``fwsvd`` / ``asvd`` gradient or activation pass likewise;
             ``sequential=True``: each block's statistics plus the latest block's outputs), so a run
             killed midway resumes where it stopped instead of starting over. The folder is bound to
             one run: a different model (weights or architecture), calibration data/tokenization or

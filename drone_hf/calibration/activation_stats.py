@@ -8,12 +8,18 @@ when the method needs it, and leaves the Gram pipeline untouched. ``O(n)`` memor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .data import CalibrationBatches
 from .distributed import all_reduce_sum
 from .pipeline import _eval_mode, _input_device, real_tokens
+from .resumable import resumable_batches
+
+if TYPE_CHECKING:
+    from .cache import CalibrationCache
 
 
 class AbsMeanObserver:
@@ -45,12 +51,14 @@ class AbsMeanObserver:
 
 
 def collect_abs_means(
-    model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches
+    model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches,
+    cache: CalibrationCache | None = None, show_progress: bool = False,
 ) -> dict[str, AbsMeanObserver]:
     """One forward pass over ``data``; name -> observer of the layer's input channel magnitudes.
 
     Under ``torch.distributed`` the sums and counts are all-reduced, so every process gets the
-    statistics of the whole calibration set.
+    statistics of the whole calibration set. ``cache``: the pass is resumable (entry ``abs-means``,
+    :mod:`~drone_hf.calibration.resumable`); ``show_progress``: a tqdm bar.
     """
     observers = {name: AbsMeanObserver(layer.weight.shape[1] if isinstance(layer, nn.Linear)
                                        else layer.weight.shape[0], name) for name, layer in layers.items()}
@@ -65,11 +73,23 @@ def collect_abs_means(
 
         return hook
 
+    def snapshot() -> dict:
+        return {"observers": {n: {"abs_sum": o.abs_sum, "num_tokens": o.num_tokens} for n, o in observers.items()}}
+
+    def restore(snap: dict) -> bool:
+        if set(snap.get("observers", {})) != set(observers):
+            return False
+        for n, st in snap["observers"].items():
+            observers[n].abs_sum, observers[n].num_tokens = st["abs_sum"].to(torch.float64), int(st["num_tokens"])
+        return True
+
+    steps = resumable_batches(len(data.batches), "Mean |x|", snapshot, restore, cache, "abs-means", show_progress)
     handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
     device = _input_device(model)
     try:
         with _eval_mode(model), torch.inference_mode():
-            for batch in data.batches:
+            for i in steps:
+                batch = data.batches[i]
                 state["mask"], state["rows"] = batch["attention_mask"].bool(), {}
                 model(**{k: v.to(device) for k, v in batch.items()})
     finally:

@@ -7,6 +7,10 @@
   A resumed run loads the snapshot and feeds only the batches it does not cover. Float64 sums are
   restored exactly and the remaining batches are added in the same order, so the result is
   bit-identical to an uninterrupted run.
+* the method's own pass (loss-aware DRONE's output-gradient Grams, FWSVD's row Fisher, ASVD's
+  mean ``|x|``): its running sums, on the same schedule, in an entry per pass (the loss-aware one
+  named after ``kfac_fisher`` and, for the true Fisher, the seed of its label draws). One loop
+  serves every pass: :mod:`~drone_hf.calibration.resumable`.
 * ``sequential=True``: each block's statistics once the block is calibrated (``block-00003``), and
   the outputs of the latest finished block (what the next block receives). A resumed run re-solves
   the finished blocks from their statistics (no forward pass through them), installs their factors,

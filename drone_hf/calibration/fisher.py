@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +33,10 @@ from torch.nn import functional as F
 from .data import CalibrationBatches
 from .distributed import all_reduce_sum
 from .pipeline import _eval_mode, _input_device
+from .resumable import resumable_batches
+
+if TYPE_CHECKING:
+    from .cache import CalibrationCache
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -113,12 +118,14 @@ def gradients_only_for(model: nn.Module, weights: Iterable[torch.Tensor]) -> Ite
 
 
 def collect_row_fisher(
-    model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches
+    model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches,
+    cache: CalibrationCache | None = None, show_progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """name -> [out] float64 row Fisher ``I_i`` of each layer's weight (rows = outputs, as ``[out, in]``).
 
     ``nn.Linear`` stores ``[out, in]`` and ``Conv1D`` ``[in, out]``; both give one value per output.
-    Under ``torch.distributed`` the sums are all-reduced.
+    Under ``torch.distributed`` the sums are all-reduced. ``cache``: the pass is resumable (entry
+    ``row-fisher``, :mod:`~drone_hf.calibration.resumable`); ``show_progress``: a tqdm bar.
     """
     from ..modules.low_rank_linear import output_axis
 
@@ -126,9 +133,18 @@ def collect_row_fisher(
     out_dim = {name: output_axis(layer) for name, layer in layers.items()}
     fisher = {name: torch.zeros(w.shape[out_dim[name]], dtype=torch.float64) for name, w in weights.items()}
     device = _input_device(model)
+
+    def restore(snap: dict) -> bool:
+        if set(snap.get("fisher", {})) != set(fisher):
+            return False
+        fisher.update({name: f.to(torch.float64) for name, f in snap["fisher"].items()})
+        return True
+
+    steps = resumable_batches(len(data.batches), "Row Fisher", lambda: {"fisher": fisher}, restore, cache,
+                              "row-fisher", show_progress)
     with gradients_only_for(model, weights.values()):
-        for batch in data.batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for i in steps:
+            batch = {k: v.to(device) for k, v in data.batches[i].items()}
             loss = _loss(model, model(**batch), batch)
             grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
             for name, g in zip(weights, grads, strict=True):

@@ -19,6 +19,7 @@ triangle, float32 strips flushed into float64). Under ``torch.distributed`` the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,10 @@ from .distributed import all_reduce_sum, world
 from .fisher import DEFAULT_KFAC_FISHER, _loss, gradients_only_for
 from .observer import GramObserver
 from .pipeline import _input_device
+from .resumable import resumable_batches
+
+if TYPE_CHECKING:
+    from .cache import CalibrationCache
 
 
 def _real_tokens(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,7 +74,7 @@ class OutputGradientStats:
 
 def collect_output_grams(
     model: nn.Module, layers: dict[str, nn.Module], data: CalibrationBatches, fisher: str = DEFAULT_KFAC_FISHER,
-    seed: int = 0,
+    seed: int = 0, cache: CalibrationCache | None = None, show_progress: bool = False,
 ) -> OutputGradientStats:
     """The output-gradient Gram ``Σ g gᵀ`` [out, out] of every layer over the real calibration tokens.
 
@@ -79,6 +84,10 @@ def collect_output_grams(
     true Fisher ``E_y[g gᵀ]``, which for cross-entropy is the Gauss-Newton curvature that the
     predicted loss increase assumes. A layer the loss never reached (unused on these inputs) keeps a
     zero Gram.
+
+    ``cache``: the pass is resumable (:mod:`~drone_hf.calibration.resumable`), in an entry named
+    after the Fisher (and the seed of the true Fisher's draws), so another ``kfac_fisher`` or seed
+    never reads it; ``show_progress``: a tqdm bar over the batches.
     """
     from ..modules.low_rank_linear import output_axis
 
@@ -95,16 +104,31 @@ def collect_output_grams(
 
     handles = [layer.register_forward_hook(keep_output(name)) for name, layer in layers.items()]
     device = _input_device(model)
-    loss_terms = 0
+    run = {"loss_terms": 0}
+
+    def snapshot() -> dict:
+        return {"loss_terms": run["loss_terms"], "observers": {n: o.state() for n, o in observers.items()}}
+
+    def restore(snap: dict) -> bool:
+        if set(snap.get("observers", {})) != set(observers):
+            return False
+        for n, st in snap["observers"].items():
+            observers[n].load_state(st, device)
+        run["loss_terms"] = int(snap["loss_terms"])
+        return True
+
+    entry = f"output-grams-{fisher}" + (f"-seed{seed}" if fisher == "true" else "")
+    steps = resumable_batches(len(data.batches), "Output gradients", snapshot, restore, cache, entry, show_progress)
     try:
         # the target weights require grad so the forward pass builds a graph through every target layer
         with gradients_only_for(model, weights.values()):
-            for index, batch in enumerate(data.batches):
-                batch = {k: v.to(device) for k, v in batch.items()}
+            for index in steps:
+                batch = {k: v.to(device) for k, v in data.batches[index].items()}
                 outputs.clear()
                 terms = _loss(model, model(**batch), batch, method="drone-kfac", reduction="none", labels=fisher,
                               seed=_batch_seed(seed, index))
-                loss, loss_terms = terms.sum(), loss_terms + terms.numel()
+                loss = terms.sum()
+                run["loss_terms"] += terms.numel()
                 names = [n for n in layers if n in outputs and outputs[n].requires_grad]
                 grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
                 mask = batch["attention_mask"]
@@ -121,5 +145,5 @@ def collect_output_grams(
         obs.gram = all_reduce_sum(gram if gram is not None else torch.zeros(width[name], width[name],
                                                                               dtype=torch.float64, device=device))
         obs.num_tokens = int(all_reduce_sum(torch.tensor(float(obs.num_tokens), dtype=torch.float64)).item())
-    loss_terms = int(all_reduce_sum(torch.tensor(float(loss_terms), dtype=torch.float64)).item())
+    loss_terms = int(all_reduce_sum(torch.tensor(float(run["loss_terms"]), dtype=torch.float64)).item())
     return OutputGradientStats(observers, loss_terms)

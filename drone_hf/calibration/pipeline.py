@@ -7,18 +7,17 @@ Layers that read the very same tensor (query/key/value, gate/up) share one produ
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 from .data import CalibrationBatches
 from .distributed import all_reduce_observers
 from .observer import GramObserver
+from .resumable import resumable_batches
 
 if TYPE_CHECKING:
     from .cache import CalibrationCache
@@ -31,42 +30,26 @@ def _input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _snapshot_seconds() -> float:
-    from . import cache as cache_mod
-
-    return cache_mod.SNAPSHOT_SECONDS
-
-
-def _snapshot(
-    cache: CalibrationCache, entry: str, observers: dict[str, GramObserver], leader_of: dict, done: int
-) -> None:
+def _gram_snapshot(observers: dict[str, GramObserver], leader_of: dict) -> dict:
+    """The Gram pass's entry payload: every accumulating observer, and which layers follow which."""
     from .cache import observer_state
 
-    cache.save(entry, {
-        "batches_done": done,
+    return {
         "leader_of": dict(leader_of),
         "observers": {n: observer_state(o) for n, o in observers.items() if n not in leader_of},
-    })
+    }
 
 
-def _resume(
-    cache: CalibrationCache | None, entry: str, observers: dict[str, GramObserver], leader_of: dict,
-    device: torch.device, total: int,
-) -> int:
-    """Load a snapshot into ``observers``; the index of the first batch still to feed (0: none)."""
-    if cache is None:
-        return 0
-    snap = cache.load(entry)
-    if snap is None or snap["batches_done"] > total:
-        return 0
+def _gram_restore(snap: dict, observers: dict[str, GramObserver], leader_of: dict, device: torch.device) -> bool:
+    """Put a Gram entry back into ``observers``; ``False`` (nothing changed) for another layer set."""
     if set(snap["observers"]) | set(snap["leader_of"]) != set(observers):
-        return 0
+        return False
     from .cache import restore_observer
 
     for name, st in snap["observers"].items():
         restore_observer(observers[name], st, device)
     leader_of.update(snap["leader_of"])
-    return int(snap["batches_done"])
+    return True
 
 
 @contextmanager
@@ -183,16 +166,14 @@ def collect_grams(
         return hook
 
     device = _input_device(model)
-    start = _resume(cache, cache_entry, observers, leader_of, device, len(data.batches))
+    steps = resumable_batches(
+        len(data.batches), "Calibrating", lambda: _gram_snapshot(observers, leader_of),
+        lambda snap: _gram_restore(snap, observers, leader_of, device), cache, cache_entry, show_progress,
+    )
     handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
     try:
         with _eval_mode(model), torch.inference_mode():
-            bar = hf_logging.tqdm(
-                total=len(data.batches), initial=start, unit="batch", disable=not show_progress or None,
-                desc="Calibrating" + (f" (resumed at batch {start})" if start else ""),
-            )
-            saved = time.monotonic()
-            for i in range(start, len(data.batches)):
+            for i in steps:
                 batch = data.batches[i]
                 state["batch"], state["mask"], state["last"] = i, batch["attention_mask"].bool(), None
                 state["rows"] = {}
@@ -200,12 +181,6 @@ def collect_grams(
                     forward(i, batch)
                 else:
                     model(**{k: v.to(device) for k, v in batch.items()})
-                bar.update(1)
-                last = i + 1 == len(data.batches)
-                if cache is not None and (last or time.monotonic() - saved >= _snapshot_seconds()):
-                    _snapshot(cache, cache_entry, observers, leader_of, i + 1)
-                    saved = time.monotonic()
-            bar.close()
     finally:
         for h in handles:
             h.remove()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertModel
+from transformers import BertForSequenceClassification, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the tiny-model helpers
 from tiny_models import CALIBRATION_TEXTS, bert_config, tokenizer  # noqa: E402
@@ -362,3 +362,100 @@ def test_a_one_shot_cache_serves_another_param_ratio_without_a_forward_pass(tmp_
     calls.remove()
     assert calls.count["encoder"] == 0  # the statistics do not depend on the budget
     assert_identical(again, compress(dense, param_ratio=0.25))
+
+
+# --- the peer methods' statistics passes (drone-kfac, fwsvd, asvd) ------------------------------
+
+def build_classifier(layers: int = 3) -> BertForSequenceClassification:
+    """A model with logits: the loss-aware passes need a loss to take gradients of."""
+    torch.manual_seed(0)
+    return BertForSequenceClassification(bert_config(num_hidden_layers=layers)).double().eval()
+
+
+#: method settings -> the cache entry its statistics pass writes
+PEER_PASSES = [
+    ({"method": "drone-kfac", "kfac_fisher": "true"}, "output-grams-true-seed0"),
+    ({"method": "drone-kfac", "kfac_fisher": "empirical"}, "output-grams-empirical"),
+    ({"method": "fwsvd"}, "row-fisher"),
+    ({"method": "asvd"}, "abs-means"),
+]
+
+
+@pytest.mark.parametrize(("settings", "entry"), PEER_PASSES, ids=[e for _, e in PEER_PASSES])
+def test_a_peer_statistics_pass_is_cached_and_serves_another_budget_without_a_forward_pass(tmp_path, settings, entry):
+    dense = build_classifier()
+    first = compress(dense, calibration_cache=tmp_path, **settings)
+    assert_identical(first, compress(dense, **settings))
+    assert (tmp_path / f"{entry}.pt").exists()
+    model = copy.deepcopy(dense)
+    calls = Calls({"encoder": model.bert.encoder})
+    again = drone_hf.compress(model, config(param_ratio=0.25, calibration_cache=tmp_path, **settings),
+                              show_progress=False)
+    calls.remove()
+    assert calls.count["encoder"] == 0  # neither the Gram pass nor the method's own pass ran again
+    assert_identical(again, compress(dense, param_ratio=0.25, **settings))
+
+
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_a_loss_aware_pass_interrupted_after_two_batches_feeds_only_the_rest(tmp_path, monkeypatch, fisher):
+    import drone_hf.calibration.resumable as resumable_mod
+
+    dense = build_classifier()
+    settings = {"method": "drone-kfac", "kfac_fisher": fisher}
+    monkeypatch.setattr(cache_mod, "SNAPSHOT_SECONDS", 0.0)  # a snapshot after every batch
+    save = cache_mod.CalibrationCache.save
+
+    def save_then_stop(self, name, obj):
+        save(self, name, obj)
+        if name.startswith("output-grams") and obj["batches_done"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_mod.CalibrationCache, "save", save_then_stop)
+    model = copy.deepcopy(dense)
+    with pytest.raises(KeyboardInterrupt):
+        drone_hf.compress(model, config(calibration_cache=tmp_path, **settings), show_progress=False)
+    monkeypatch.setattr(cache_mod.CalibrationCache, "save", save)
+    assert all(p.requires_grad for p in model.parameters())  # the interrupted pass restored requires_grad
+
+    bars = []
+    real_tqdm = resumable_mod.hf_logging.tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        bars.append(kwargs)
+        return real_tqdm(*args, **kwargs)
+
+    monkeypatch.setattr(resumable_mod.hf_logging, "tqdm", recording_tqdm)
+    model = copy.deepcopy(dense)
+    calls = Calls({"encoder": model.bert.encoder})
+    resumed = drone_hf.compress(model, config(calibration_cache=tmp_path, **settings), show_progress=True)
+    calls.remove()
+    batches = -(-len(CALIBRATION_TEXTS) // 2)
+    assert calls.count["encoder"] == (batches - 2) + batches  # the rest of the gradient pass, then the Gram pass
+    shown = [(b["desc"], b["initial"], b["total"]) for b in bars if b.get("unit") == "batch"]
+    assert shown == [("Output gradients (resumed at batch 2)", 2, batches), ("Calibrating", 0, batches)]
+    # bit-identical to an uninterrupted run: the true Fisher's label draws are seeded per batch index
+    assert_identical(resumed, compress(dense, **settings))
+
+
+def test_the_true_fisher_entry_is_per_seed(tmp_path):
+    from drone_hf.calibration.cache import CalibrationCache
+    from drone_hf.calibration.data import tokenize_batches
+    from drone_hf.calibration.output_gradients import collect_output_grams
+
+    model = build_classifier(1)
+    layers = {"out": model.bert.encoder.layer[0].output.dense}
+    data = tokenize_batches(CALIBRATION_TEXTS, TOK, 32, 2)
+    cache = CalibrationCache(tmp_path, {})
+
+    def gram(seed: int, with_cache: bool = True) -> torch.Tensor:
+        stats = collect_output_grams(model, layers, data, fisher="true", seed=seed, cache=cache if with_cache else None)
+        return stats.observers["out"].gram
+
+    first = gram(0)
+    hits = cache.hits
+    assert torch.equal(gram(0), first) and cache.hits == hits + 1  # the same draws: read back
+    other = gram(1)
+    assert cache.hits == hits + 1  # seed 1 never reads seed 0's entry
+    assert torch.equal(other, gram(1, with_cache=False)) and not torch.equal(other, first)
+    assert sorted(p.name for p in tmp_path.glob("output-grams-*")) == ["output-grams-true-seed0.pt",
+                                                                       "output-grams-true-seed1.pt"]
