@@ -29,7 +29,9 @@ What is compared, and how:
   Gram for every layer; ``compress`` uses the output Gram for narrowing layers, the same optimum.
 * **DRONE with allocated ranks** (row ``drone greedy``): ``drone_hf.compress`` with
   ``allocation="greedy"`` at the same ``param_ratio`` and the same calibration passages (plus the 32
-  it holds out to measure candidates); it may keep layers dense. The peers keep uniform ranks.
+  it holds out to measure candidates); it may keep layers dense. The peers keep uniform ranks. The
+  cuts of one greedy row share a ``calibration_cache`` folder: the target cut calibrates, the others
+  load its statistics (``drone-kfac greedy``'s output-gradient pass is the run's costliest step).
 * No fine-tuning. Perplexity does not depend on load; the run time does (the load average is
   recorded). ``--threads`` defaults to 1: on an oversubscribed 2-core machine two threads measured
   5x slower per forward pass than one; on an idle machine use 2.
@@ -77,9 +79,6 @@ from drone_hf.modules.targets import replace_modules, resolve_targets  # noqa: E
 from drone_hf.solver import DEFAULT_KFAC_DAMP, METHODS, CholeskyError, decompose, decompose_kfac, decompose_peer  # noqa: E402
 
 RATIOS = (0.9, 0.8, 0.7, 0.6)
-#: Cuts at which loss-aware DRONE also runs through ``drone_hf.compress`` with greedy ranks: each such
-#: call repeats the Gram and output-gradient passes (about 7 minutes here), so the target cut and 10% only.
-KFAC_GREEDY_RATIOS = (0.8, 0.9)
 #: ``kfac_damp`` values compared at the target cut with uniform ranks (the default is DEFAULT_KFAC_DAMP).
 KFAC_DAMPS = (0.001, 0.01, 0.1, 1.0)
 #: The issue's target: at a 20% cut, DRONE within 1.25x dense perplexity and below every peer.
@@ -237,18 +236,24 @@ def run(quick: bool, calib_texts: int, fisher_texts: int, save=None,
     # DRONE with allocated ranks: the library's own route (drone_hf.compress, allocation="greedy"),
     # on the same calibration passages plus GREEDY_EVAL_TEXTS more that greedy holds out to measure
     # the loss of each candidate. Peers keep uniform ranks: the allocation is DRONE-hf's, not theirs.
-    for method, label, ratios in (("drone", "drone greedy", RATIOS),
-                                  ("drone-kfac", "drone-kfac greedy", KFAC_GREEDY_RATIOS)):
-        entry = {"ppl": {}, "kept": {}, "dense_layers": {}}
+    # Every cut of one method shares a calibration_cache folder: the first call calibrates, the others
+    # load its statistics (the cache is bound to model, data and statistics, not to the budget), so
+    # each further cut costs its solve and rank search only.
+    for method, label in (("drone", "drone greedy"), ("drone-kfac", "drone-kfac greedy")):
+        entry = {"ppl": {}, "kept": {}, "dense_layers": {}, "seconds": {}}
         results[label] = entry
         t = time.perf_counter()
-        with PeakMemory() as peak:
-            for ratio in sorted(ratios, key=lambda r: abs(r - (1 - TARGET_CUT))):
+        with PeakMemory() as peak, tempfile.TemporaryDirectory(prefix="drone-lm-cache-") as cache:
+            for ratio in sorted(RATIOS, key=lambda r: abs(r - (1 - TARGET_CUT))):
+                t_ratio = time.perf_counter()
                 ppl, kept, dense_layers = _greedy(model, tok, calib_pool, calib_texts, eval_texts, ratio, windows,
-                                                  max_length, method=method, kfac_fisher=kfac_fisher)
+                                                  max_length, method=method, kfac_fisher=kfac_fisher, cache=cache)
                 entry["ppl"][str(ratio)], entry["kept"][str(ratio)] = ppl, kept
                 entry["dense_layers"][str(ratio)] = dense_layers
-                print(f"{label} ratio {ratio}: ppl {ppl:.3f} kept {kept:.4f} dense layers {dense_layers}", flush=True)
+                entry["seconds"][str(ratio)] = time.perf_counter() - t_ratio
+                print(f"{label} ratio {ratio}: ppl {ppl:.3f} kept {kept:.4f} dense layers {dense_layers} "
+                      f"({entry['seconds'][str(ratio)]:.0f} s)", flush=True)
+            entry["cache_entries"] = sorted(p.name for p in Path(cache).rglob("*.pt"))
         entry["solve_s"] = time.perf_counter() - t
         memory[f"solve all layers: {label}"] = peak.added_mib  # calibration included: compress does both
         if save is not None:
@@ -301,16 +306,17 @@ def _damp_sweep(model, targets, shapes, weights, grams, eigs, kfac, windows, def
 
 
 def _greedy(model, tok, pool: list[str], calib_texts: int, eval_texts: int, ratio: float, windows, max_length: int,
-            method: str = "drone", kfac_fisher: str = DEFAULT_KFAC_FISHER):
+            method: str = "drone", kfac_fisher: str = DEFAULT_KFAC_FISHER, cache: str | None = None):
     """Perplexity, kept fraction and dense-layer count of a copy of ``model`` compressed by
-    ``drone_hf.compress`` with greedy ranks."""
+    ``drone_hf.compress`` with greedy ranks (calibrating through the ``cache`` folder, if given)."""
     import copy
 
     import drone_hf
 
     cfg = drone_hf.DroneConfig(param_ratio=ratio, allocation="greedy", method=method, kfac_fisher=kfac_fisher,
                                dataset=pool,
-                               tokenizer=tok, num_samples=calib_texts, eval_samples=eval_texts, max_length=max_length)
+                               tokenizer=tok, num_samples=calib_texts, eval_samples=eval_texts, max_length=max_length,
+                               calibration_cache=cache)
     comp = drone_hf.compress(copy.deepcopy(model), cfg, show_progress=False)
     result = comp.config.quantization_config.allocation_result
     ppl = perplexity(comp, windows)
@@ -395,9 +401,11 @@ def _body(rec: dict) -> str:
             f"({FISHER_NOTES[rec.get('kfac_fisher', 'empirical')]}; one forward+backward pass over the "
             "calibration passages). `drone-kfac greedy`: `drone_hf.compress(..., method=\"drone-kfac\", "
             "allocation=\"greedy\")`, whose ranks come from the predicted loss of each rank, with no "
-            "sensitivity probing; run at the "
-            + " and ".join(f"{round((1 - r) * 100)}%" for r in sorted(KFAC_GREEDY_RATIOS, reverse=True))
-            + " cuts only (each call repeats both calibration passes), keeping "
+            "sensitivity probing; "
+            + (("run at the " + " and ".join(f"{round((1 - float(r)) * 100)}%"
+                                          for r in sorted(kgreedy["ppl"], key=float, reverse=True))
+                + " cuts only (each call repeated both calibration passes), keeping ")
+               if len(kgreedy["ppl"]) < len(RATIOS) else "keeping ")
             + ", ".join(f"{k}: {v}" for k, v in sorted(kgreedy.get("dense_layers", {}).items(), reverse=True))
             + " layers dense. ")
     damps = rec.get("kfac_damps")
@@ -412,6 +420,15 @@ def _body(rec: dict) -> str:
                                fmt(v / dense, 3)] for k, v in damps.items()]))
     partial = ("**Partial run**: interrupted before every method finished; missing methods were not run.\n\n"
                if rec.get("partial") else "")
+    def seconds_per_cut(sec: dict[str, float]) -> str:
+        return ", ".join(f"{round((1 - float(r)) * 100)}%: {sec[r]:.0f}" for r in sorted(sec, key=float, reverse=True))
+
+    per_cut = {m: e["seconds"] for m, e in rec["methods"].items() if e.get("seconds")}
+    greedy_cost = (
+        " The greedy rows are whole `drone_hf.compress` calls, calibration included, plus their perplexity: "
+        "each method's cuts share a `calibration_cache` folder, so its first cut (the target one) runs the "
+        "calibration passes and the others load them. Seconds per cut: "
+        + "; ".join(f"`{m}` {seconds_per_cut(sec)}" for m, sec in per_cut.items()) + "." if per_cut else "")
     return (
         partial + f"## Perplexity vs parameter cut ({rec['model']})\n\n"
         f"Held-out Wikipedia (articles never used for calibration): {rec['eval_windows']} windows of "
@@ -426,7 +443,8 @@ def _body(rec: dict) -> str:
         + f"\n\n**Target** (issue #8): {verdict}{failures}" + damp_table + "\n\n"
         f"### Cost on this machine (load average at the end: {rec['load_average']})\n\n"
         "Added peak MiB: the process's peak resident memory during the step minus its memory at the "
-        "step's start (the model and the statistics already held are not counted again).\n\n" + timing
+        "step's start (the model and the statistics already held are not counted again)." + greedy_cost
+        + "\n\n" + timing
     )
 
 

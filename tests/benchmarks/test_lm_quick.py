@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.lm import KFAC_DAMPS, KFAC_GREEDY_RATIOS, RATIOS, main  # noqa: E402
+from benchmarks.lm import KFAC_DAMPS, RATIOS, main  # noqa: E402
 from drone_hf.calibration.fisher import DEFAULT_KFAC_FISHER  # noqa: E402
 from drone_hf.solver import DEFAULT_KFAC_DAMP  # noqa: E402
 
@@ -29,7 +29,7 @@ def test_lm_benchmark_quick(tmp_path):
     assert math.isfinite(rec["dense_ppl"]) and rec["dense_ppl"] > 1
     for method, entry in rec["methods"].items():
         assert "failed" not in entry, method
-        for r in (KFAC_GREEDY_RATIOS if method == "drone-kfac greedy" else RATIOS):
+        for r in RATIOS:
             assert math.isfinite(entry["ppl"][str(r)]) and entry["ppl"][str(r)] > 1
             # uniform and greedy ranks keep at most the asked fraction, and not much less
             assert r - 0.1 < entry["kept"][str(r)] <= r + 1e-9, (method, r)
@@ -38,7 +38,15 @@ def test_lm_benchmark_quick(tmp_path):
     variants = ("drone", "drone greedy", "drone-kfac", "drone-kfac greedy")
     assert rec["target"]["variant"] in variants  # judged on DRONE's best row
     assert rec["target"]["drone_ppl"] == min(rec["methods"][m]["ppl"]["0.8"] for m in variants)
-    assert "| drone greedy |" in text and "| drone-kfac greedy |" in text
+    assert "| drone greedy |" in text and "| drone-kfac greedy |" in text and "not run" not in text
+    # each greedy row's cuts share one calibration_cache folder: the input Grams, and for drone-kfac
+    # its output-gradient pass, are kept there (what the later cuts load instead of calibrating)
+    kfac_entry = f"output-grams-{DEFAULT_KFAC_FISHER}-seed0.pt"
+    assert "oneshot.pt" in greedy["cache_entries"] and kfac_entry not in greedy["cache_entries"]
+    assert {"oneshot.pt", kfac_entry} <= set(rec["methods"]["drone-kfac greedy"]["cache_entries"])
+    for label in ("drone greedy", "drone-kfac greedy"):
+        assert set(rec["methods"][label]["seconds"]) == {str(r) for r in RATIOS}
+    assert "Seconds per cut: `drone greedy` 10%:" in text
     # drone-kfac's output gradients at labels drawn from the model: the library's default, recorded
     assert rec["kfac_fisher"] == DEFAULT_KFAC_FISHER == "true" and "`kfac_fisher='true'`" in text
     # the kfac_damp comparison: every value, the default's row being the drone-kfac row itself
