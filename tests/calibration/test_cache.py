@@ -280,6 +280,19 @@ def test_calibration_cache_option_is_validated_and_never_serialised(tmp_path):
     assert "calibration_cache" not in comp.config.to_dict()["quantization_config"]
 
 
+def record_progress_bars(monkeypatch, module) -> list[dict]:
+    """The keyword arguments of every progress bar ``module`` opens from now on (the bars still show)."""
+    bars: list[dict] = []
+    real_tqdm = module.hf_logging.tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        bars.append(kwargs)
+        return real_tqdm(*args, **kwargs)
+
+    monkeypatch.setattr(module.hf_logging, "tqdm", recording_tqdm)
+    return bars
+
+
 def test_progress_bar_shows_resumed_work(tmp_path, monkeypatch):
     dense = build()
     save = cache_mod.CalibrationCache.save
@@ -297,14 +310,7 @@ def test_progress_bar_shows_resumed_work(tmp_path, monkeypatch):
     monkeypatch.undo()
     import drone_hf.sequential as sequential_mod
 
-    bars = []
-    real_tqdm = sequential_mod.hf_logging.tqdm
-
-    def recording_tqdm(*args, **kwargs):
-        bars.append(kwargs)
-        return real_tqdm(*args, **kwargs)
-
-    monkeypatch.setattr(sequential_mod.hf_logging, "tqdm", recording_tqdm)
+    bars = record_progress_bars(monkeypatch, sequential_mod)
     resumed = drone_hf.compress(model, config(sequential=True, calibration_cache=tmp_path), show_progress=True)
     block_bars = [b for b in bars if b.get("unit") == "block"]
     shown = [(b["desc"], b["initial"], b["total"]) for b in block_bars]
@@ -417,14 +423,7 @@ def test_a_loss_aware_pass_interrupted_after_two_batches_feeds_only_the_rest(tmp
     monkeypatch.setattr(cache_mod.CalibrationCache, "save", save)
     assert all(p.requires_grad for p in model.parameters())  # the interrupted pass restored requires_grad
 
-    bars = []
-    real_tqdm = resumable_mod.hf_logging.tqdm
-
-    def recording_tqdm(*args, **kwargs):
-        bars.append(kwargs)
-        return real_tqdm(*args, **kwargs)
-
-    monkeypatch.setattr(resumable_mod.hf_logging, "tqdm", recording_tqdm)
+    bars = record_progress_bars(monkeypatch, resumable_mod)
     model = copy.deepcopy(dense)
     calls = Calls({"encoder": model.bert.encoder})
     resumed = drone_hf.compress(model, config(calibration_cache=tmp_path, **settings), show_progress=True)
