@@ -78,7 +78,7 @@ class Variant:
     eval_loss: str = "auto"  # what greedy measures on held-out texts (DroneConfig.eval_loss)
     eval_samples: int | None = None  # how many held-out texts it measures on (None: the library's default)
     sequential: bool | str = False  # DroneConfig.sequential: one-shot, True (block by block) or "compensated"
-    kfac_fisher: str = DEFAULT_KFAC_FISHER  # DroneConfig.kfac_fisher (drone-kfac rows): drawn labels or the data's
+    kfac_fisher: str = DEFAULT_KFAC_FISHER  # DroneConfig.kfac_fisher (drone-kfac rows): drawn, all or the data's labels
 
     @property
     def label(self) -> str:
@@ -410,8 +410,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="solver of the greedy rows: DRONE, or loss-aware DRONE (ranks from the predicted loss)")
     parser.add_argument("--kfac-fisher", choices=FISHER_LABELS,
                         help="with --greedy-method drone-kfac: output gradients at labels drawn from the model's "
-                             f"distribution (true) or at its argmax predictions (empirical); default "
-                             f"{DEFAULT_KFAC_FISHER}, DroneConfig.kfac_fisher's")
+                             "distribution (true), their expectation over every class (exact) or at its argmax "
+                             f"predictions (empirical); default {DEFAULT_KFAC_FISHER}, DroneConfig.kfac_fisher's")
     parser.add_argument("--rows", nargs="+", choices=list(ROW_GROUPS), default=list(ROW_GROUPS),
                         help="row groups to run (default: all): uniform (every method), greedy, attention")
     parser.add_argument("--eval-loss", choices=list(EVAL_LOSSES), default="auto",

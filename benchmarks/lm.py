@@ -71,7 +71,7 @@ from benchmarks.common import (  # noqa: E402
 from drone_hf.allocation import uniform_rank  # noqa: E402
 from drone_hf.calibration import collect_grams, load_texts, tokenize_batches  # noqa: E402
 from drone_hf.calibration.activation_stats import collect_abs_means  # noqa: E402
-from drone_hf.calibration.fisher import DEFAULT_KFAC_FISHER, FISHER_LABELS, collect_row_fisher  # noqa: E402
+from drone_hf.calibration.fisher import DEFAULT_KFAC_FISHER, SAMPLED_FISHER_LABELS, collect_row_fisher  # noqa: E402
 from drone_hf.calibration.output_gradients import collect_output_grams  # noqa: E402
 from drone_hf.compress import _split_texts  # noqa: E402
 from drone_hf.modules.low_rank_linear import DroneLinear, dense_weight_of  # noqa: E402
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine two threads ran 5x slower)")
     parser.add_argument("--fisher-texts", type=int, default=32, help="passages for FWSVD's backward pass (default 32)")
-    parser.add_argument("--kfac-fisher", choices=FISHER_LABELS, default=DEFAULT_KFAC_FISHER,
+    parser.add_argument("--kfac-fisher", choices=SAMPLED_FISHER_LABELS, default=DEFAULT_KFAC_FISHER,
                         help="drone-kfac's output gradients: at labels drawn from the model (true) or at the data's "
                              f"next tokens (empirical); default {DEFAULT_KFAC_FISHER}, DroneConfig.kfac_fisher's")
     args = parser.parse_args(argv)

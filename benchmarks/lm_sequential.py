@@ -53,7 +53,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.lm import GREEDY_EVAL_TEXTS, TARGET_CUT, _load, eval_windows, perplexity  # noqa: E402
 from drone_hf.calibration import load_texts  # noqa: E402
-from drone_hf.calibration.fisher import DEFAULT_KFAC_FISHER, FISHER_LABELS  # noqa: E402
+from drone_hf.calibration.fisher import DEFAULT_KFAC_FISHER, SAMPLED_FISHER_LABELS  # noqa: E402
 from drone_hf.compress import _split_texts  # noqa: E402
 
 MODES = {"one-shot": False, "sequential": True, "compensated": "compensated"}
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=METHODS, default="drone",
                         help="solver of every row (drone-kfac: results in lm_sequential_kfac_true.*, or "
                              "lm_sequential_kfac.* with --kfac-fisher empirical)")
-    parser.add_argument("--kfac-fisher", choices=FISHER_LABELS,
+    parser.add_argument("--kfac-fisher", choices=SAMPLED_FISHER_LABELS,
                         help="drone-kfac's output gradients: at labels drawn from the model (true, the default: "
                              "DroneConfig.kfac_fisher's; results in lm_sequential_kfac_true.*) or at the data's "
                              "labels (empirical; results in lm_sequential_kfac.*)")

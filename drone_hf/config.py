@@ -177,7 +177,11 @@ class DroneConfig(QuantizationConfigMixin):
             the true Fisher, the Gauss-Newton curvature behind the predicted loss increase.
             ``"empirical"``: the data's next tokens (causal LMs) or the model's argmax predictions
             (other heads, whose calibration text has no labels): the empirical Fisher. Same cost; the
-            true Fisher compressed better in both A/Bs of ``docs/methods.md``, hence the default. A
+            true Fisher compressed better in both A/Bs of ``docs/methods.md``, hence the default.
+            ``"exact"``: the true Fisher's expectation over every class instead of one draw, no
+            sampling noise, at one backward pass per class; only for models with one prediction per
+            text (sequence classifiers; refused for LMs and token classifiers, whose tokens' gradients mix
+            many loss terms). A
             checkpoint written before this option existed reads back as ``"empirical"``, what made
             it. Used only with ``method="drone-kfac"``.
         seed (`int`, defaults to 0): seed of the calibration subset.
@@ -399,7 +403,8 @@ class DroneConfig(QuantizationConfigMixin):
         if self.kfac_fisher not in FISHER_LABELS:
             raise ValueError(
                 f"kfac_fisher={self.kfac_fisher!r} is not supported: use 'true' (gradients at labels drawn from the "
-                "model's own distribution, the default) or 'empirical' (at the data's labels)."
+                "model's own distribution, the default), 'exact' (the same Fisher's expectation over every class; "
+                "sequence classifiers) or 'empirical' (at the data's labels)."
             )
         if self.method == "drone-kfac" and d != 0:
             raise ValueError(

@@ -44,7 +44,10 @@ def _is_causal_lm(model: nn.Module) -> bool:
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
-FISHER_LABELS = ("empirical", "true")
+#: ``DroneConfig.kfac_fisher``'s values that every model with logits supports (labels taken or drawn).
+SAMPLED_FISHER_LABELS = ("empirical", "true")
+#: ... and ``"exact"``, the true Fisher's expectation over every class (sequence classifiers only).
+FISHER_LABELS = (*SAMPLED_FISHER_LABELS, "exact")
 #: ``DroneConfig.kfac_fisher``'s default. ``"true"`` since it predicted better in both A/Bs of
 #: ``docs/methods.md`` (SmolLM2 greedy one-shot 27.2 vs 28.3 perplexity; MPNet validation 1.94x at
 #: -1.10 vs 1.81x at -1.50) at the same cost, and needs no labels in the calibration text.
@@ -60,6 +63,46 @@ def _sampled(logits: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _logits(model: nn.Module, out, method: str) -> torch.Tensor:
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        other = "'asvd'" if method == "fwsvd" else "'drone'"
+        raise ValueError(
+            f"method={method!r} needs a loss to take gradients of, but {type(model).__name__} returns no logits "
+            "(a bare encoder). Load the model with its head (e.g. AutoModelForSequenceClassification or "
+            f"AutoModelForCausalLM), or use method={other}, which needs no gradients."
+        )
+    return logits
+
+
+def exact_fisher_losses(model: nn.Module, out) -> tuple[list[torch.Tensor], int]:
+    """One summed loss per class whose output gradients give the *exact* true Fisher of a batch.
+
+    For a model with one prediction per text (sequence classification, logits [N, C]) the true
+    Fisher of text ``x`` is ``E_{y~p(x)}[g_y g_yᵀ] = Σ_c p_c(x) g_c g_cᵀ``, ``g_c`` the gradient of
+    ``-log p_c(x)``. The loss of class ``c`` is ``Σ_x sqrt(p_c(x)) · (-log p_c(x))`` with the weight
+    detached: every token's output belongs to one text, so its gradient is ``sqrt(p_c) g_c`` and the
+    Gram of the ``C`` gradients summed over classes is that expectation, with no sampling noise
+    (``kfac_fisher="exact"``, at ``C`` backward passes per batch instead of one). A model with
+    several predictions per text (a causal or masked LM, a token classifier) is refused: its tokens'
+    gradients mix the losses of many terms, whose cross products this weighting would not cancel
+    (a sampled label's do, in expectation), and ``C`` is a vocabulary.
+
+    Returns:
+        the ``C`` losses and the number of loss terms (texts) they cover.
+    """
+    logits = _logits(model, out, "drone-kfac")
+    if _is_causal_lm(model) or logits.dim() != 2:
+        raise ValueError(
+            f"kfac_fisher='exact' needs one prediction per text (a sequence classifier, logits [batch, classes]); "
+            f"{type(model).__name__} gives logits of shape {tuple(logits.shape)}, one per token. Use "
+            "kfac_fisher='true' (labels drawn from the model: the same Fisher, estimated by sampling)."
+        )
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    weight = log_p.detach().exp().sqrt()
+    return [-(weight[:, c] * log_p[:, c]).sum() for c in range(log_p.shape[-1])], int(log_p.shape[0])
+
+
 def _loss(
     model: nn.Module, out, batch: dict[str, torch.Tensor], method: str = "fwsvd", reduction: str = "mean",
     labels: str = "empirical", seed: int = 0,
@@ -71,16 +114,9 @@ def _loss(
     (seeded by ``seed``), so the Gram of its gradients is an unbiased estimate of
     the true Fisher, the Gauss-Newton curvature of the loss, instead of the empirical Fisher.
     """
-    if labels not in FISHER_LABELS:
-        raise ValueError(f"labels={labels!r} must be one of {list(FISHER_LABELS)}.")
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        other = "'asvd'" if method == "fwsvd" else "'drone'"
-        raise ValueError(
-            f"method={method!r} needs a loss to take gradients of, but {type(model).__name__} returns no logits "
-            "(a bare encoder). Load the model with its head (e.g. AutoModelForSequenceClassification or "
-            f"AutoModelForCausalLM), or use method={other}, which needs no gradients."
-        )
+    if labels not in SAMPLED_FISHER_LABELS:  # "exact" has no labels to draw: see exact_fisher_losses
+        raise ValueError(f"labels={labels!r} must be one of {list(SAMPLED_FISHER_LABELS)}.")
+    logits = _logits(model, out, method)
     mask = batch["attention_mask"].to(logits.device).bool()
     logits = logits.float()
     if _is_causal_lm(model):

@@ -150,9 +150,14 @@ class GramObserver:
             self.token_sum.add_(token_sum)
             self.summed_tokens += num_tokens
 
-    def accumulate(self, tokens: torch.Tensor, batch_index: int = -1, token_sums: bool = False) -> None:
+    def accumulate(
+        self, tokens: torch.Tensor, batch_index: int = -1, token_sums: bool = False, count: int | None = None
+    ) -> None:
         """Add [N, n] real tokens: their Gram (one triangle, into the float32 partial sum) and,
-        with ``token_sums``, their sum. Raises on NaN/inf before anything of this batch is counted."""
+        with ``token_sums``, their sum. Raises on NaN/inf before anything of this batch is counted.
+
+        ``count``: how many tokens the rows stand for (default ``N``); the exact Fisher adds one set
+        of rows per class for the same tokens and counts them once."""
         t = _wide(tokens)
         total = t.sum(dim=0) if token_sums else None
         # Checked before anything is added, so a bad batch leaves the sums as they were.
@@ -163,7 +168,7 @@ class GramObserver:
         for i0, i1 in self._strips:
             self._partial[i0:i1, i0:].addmm_(rows[i0:i1], t[:, i0:])
         self._partial_tokens += t.shape[0]
-        self._count(t.shape[0], total)
+        self._count(t.shape[0] if count is None else count, total)
         if self._partial_tokens >= FLUSH_TOKENS:
             self._flush()
 

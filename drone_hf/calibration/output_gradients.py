@@ -6,8 +6,10 @@ error by ``H = Σ g gᵀ``, the Gram of the loss's gradients with respect to the
 layer's ``g`` at once: the loss is the *summed* calibration loss of :mod:`~drone_hf.calibration.fisher`,
 so ``g`` of a token is the gradient of the whole batch's loss with respect to that token's output.
 With ``kfac_fisher="true"`` (the default) every term's label is drawn from the model's own
-distribution: the true Fisher. ``"empirical"`` takes the data's next tokens for causal LMs and the
-model's own argmax predictions otherwise (:func:`collect_output_grams`).
+distribution: the true Fisher. ``"exact"`` computes that expectation over every class instead of
+drawing one (sequence classifiers only, one backward pass per class:
+:func:`~drone_hf.calibration.fisher.exact_fisher_losses`). ``"empirical"`` takes the data's next
+tokens for causal LMs and the model's own argmax predictions otherwise (:func:`collect_output_grams`).
 
 Only activation gradients are formed: the target weights are switched to ``requires_grad`` so a
 graph exists, but ``torch.autograd.grad`` is asked for the layer outputs alone (no weight gradient
@@ -26,7 +28,7 @@ from torch import nn
 
 from .data import CalibrationBatches
 from .distributed import all_reduce_sum, world
-from .fisher import DEFAULT_KFAC_FISHER, _loss, gradients_only_for
+from .fisher import DEFAULT_KFAC_FISHER, _loss, exact_fisher_losses, gradients_only_for
 from .observer import GramObserver
 from .pipeline import _input_device
 from .resumable import resumable_batches
@@ -40,6 +42,14 @@ def _real_tokens(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if grad.dim() >= 2 and tuple(grad.shape[:2]) == tuple(mask.shape):
         return grad[mask.to(grad.device).bool()]
     return grad.reshape(-1, grad.shape[-1])
+
+
+def _summed_losses(model: nn.Module, out, batch: dict, fisher: str, seed: int) -> tuple[list[torch.Tensor], int]:
+    """The losses whose output gradients are accumulated for one batch, and its number of loss terms."""
+    if fisher == "exact":
+        return exact_fisher_losses(model, out)
+    terms = _loss(model, out, batch, method="drone-kfac", reduction="none", labels=fisher, seed=seed)
+    return [terms.sum()], terms.numel()
 
 
 def _batch_seed(seed: int, index: int) -> int:
@@ -82,8 +92,9 @@ def collect_output_grams(
     argmax predictions; ``fisher="true"`` (the default) at labels drawn from the model's own distribution,
     one draw per loss term (batch ``i`` seeded by ``seed`` and ``i``), an unbiased estimate of the
     true Fisher ``E_y[g gᵀ]``, which for cross-entropy is the Gauss-Newton curvature that the
-    predicted loss increase assumes. A layer the loss never reached (unused on these inputs) keeps a
-    zero Gram.
+    predicted loss increase assumes; ``fisher="exact"`` that expectation itself, summed over every
+    class (sequence classifiers; one backward pass per class). A layer the loss never reached
+    (unused on these inputs) keeps a zero Gram.
 
     ``cache``: the pass is resumable (:mod:`~drone_hf.calibration.resumable`), in an entry named
     after the Fisher (and the seed of the true Fisher's draws), so another ``kfac_fisher`` or seed
@@ -125,16 +136,17 @@ def collect_output_grams(
             for index in steps:
                 batch = {k: v.to(device) for k, v in data.batches[index].items()}
                 outputs.clear()
-                terms = _loss(model, model(**batch), batch, method="drone-kfac", reduction="none", labels=fisher,
-                              seed=_batch_seed(seed, index))
-                loss = terms.sum()
-                run["loss_terms"] += terms.numel()
+                losses, terms = _summed_losses(model, model(**batch), batch, fisher, _batch_seed(seed, index))
+                run["loss_terms"] += terms
                 names = [n for n in layers if n in outputs and outputs[n].requires_grad]
-                grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
                 mask = batch["attention_mask"]
-                for name, g in zip(names, grads, strict=True):
-                    if g is not None:
-                        observers[name].accumulate(_real_tokens(g.detach(), mask), index)
+                for c, loss in enumerate(losses):  # one per class for the exact Fisher, else one
+                    grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True,
+                                                retain_graph=c < len(losses) - 1)
+                    for name, g in zip(names, grads, strict=True):
+                        if g is not None:
+                            rows = _real_tokens(g.detach(), mask)
+                            observers[name].accumulate(rows, index, count=None if c == 0 else 0)
                 outputs.clear()
     finally:
         for h in handles:

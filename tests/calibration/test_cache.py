@@ -382,6 +382,7 @@ def build_classifier(layers: int = 3) -> BertForSequenceClassification:
 PEER_PASSES = [
     ({"method": "drone-kfac", "kfac_fisher": "true"}, "output-grams-true-seed0"),
     ({"method": "drone-kfac", "kfac_fisher": "empirical"}, "output-grams-empirical"),
+    ({"method": "drone-kfac", "kfac_fisher": "exact"}, "output-grams-exact"),
     ({"method": "fwsvd"}, "row-fisher"),
     ({"method": "asvd"}, "abs-means"),
 ]
@@ -402,7 +403,7 @@ def test_a_peer_statistics_pass_is_cached_and_serves_another_budget_without_a_fo
     assert_identical(again, compress(dense, param_ratio=0.25, **settings))
 
 
-@pytest.mark.parametrize("fisher", ["true", "empirical"])
+@pytest.mark.parametrize("fisher", ["true", "empirical", "exact"])
 def test_a_loss_aware_pass_interrupted_after_two_batches_feeds_only_the_rest(tmp_path, monkeypatch, fisher):
     import drone_hf.calibration.resumable as resumable_mod
 

@@ -156,6 +156,15 @@ def rotary_attention(ctx: SimpleNamespace) -> Any:
     return drone_hf.compress(ctx.model, DroneConfig(**fields), show_progress=False)
 
 
+def exact_fisher_on_a_causal_lm(ctx: SimpleNamespace) -> Any:
+    torch.manual_seed(0)
+    ctx.model = LlamaForCausalLM(llama_config()).eval()
+    ctx.snapshot_again()
+    fields = {"dataset": CALIBRATION_TEXTS, "num_samples": 8, "tokenizer": ctx.tok, "method": "drone-kfac",
+              "kfac_fisher": "exact"}
+    return drone_hf.compress(ctx.model, DroneConfig(**fields), show_progress=False)
+
+
 def no_linear(ctx: SimpleNamespace) -> Any:
     ctx.model = torch.nn.Sequential(torch.nn.Embedding(10, 4))
     ctx.snapshot_again()
@@ -265,7 +274,8 @@ CASES: list[Case] = [
          args={"method": "drone-kfac", "damp": 0.01}),
     Case("config-kfac-fisher-unknown", "config", cfg(), ValueError,
          r"kfac_fisher='gauss-newton' is not supported",
-         r"use 'true' \(gradients at labels drawn from the model's own distribution, the default\) or 'empirical'",
+         r"use 'true' \(gradients at labels drawn from the model's own distribution, the default\), 'exact' "
+         r"\(.*\) or 'empirical'",
          args={"method": "drone-kfac", "kfac_fisher": "gauss-newton"}),
     Case("config-from-dict-unknown-key", "config", lambda ctx: DroneConfig.from_dict(ctx.args), ValueError,
          r"Unknown DroneConfig field\(s\) \['param_ratoi'\]", r"known fields are \[.*'param_ratio'",
@@ -353,6 +363,9 @@ CASES: list[Case] = [
          r"Load the model's weights"),
     Case("model-rotary-attention", "model", rotary_attention, ValueError,
          r"compress_attention=True is not supported for 'llama': it uses rotary", r"drop compress_attention"),
+    Case("model-exact-fisher-per-token-logits", "model", exact_fisher_on_a_causal_lm, ValueError,
+         r"kfac_fisher='exact' needs one prediction per text .* LlamaForCausalLM gives logits of shape",
+         r"Use kfac_fisher='true' \(labels drawn from the model"),
     # --- checkpoints ---------------------------------------------------------------------------
     Case("ckpt-truncated-weights", "checkpoint", load, ValueError, r"model\.safetensors .* truncated or corrupt",
          r"Download or save it again", needs=("ckpt",), edit=truncate(0.5)),
