@@ -349,6 +349,14 @@ def test_exact_fisher_inside_the_encoder_matches_a_per_text_autograd_reference(t
     assert stats.observers["d"].num_tokens == tokens and stats.loss_terms == len(texts)
 
 
+def assert_same_ranks_other_factors(first, second) -> None:
+    """Two compressions at one uniform budget that differ only in ``kfac_fisher``: a factored layer
+    has the same rank in both, and other factors (the Fisher changed what it keeps)."""
+    name = next(iter(first.config.quantization_config.ranks))
+    a, b = first.base_model.get_submodule(name), second.base_model.get_submodule(name)
+    assert a.down.weight.shape == b.down.weight.shape and not torch.allclose(a.down.weight, b.down.weight)
+
+
 def test_kfac_fisher_exact_compresses_round_trips_and_differs_from_one_draw(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -361,9 +369,7 @@ def test_kfac_fisher_exact_compresses_round_trips_and_differs_from_one_draw(tmp_
                               drone_hf.DroneConfig(kfac_fisher="true", **common), show_progress=False)
     rec = exact.config.quantization_config
     assert rec.kfac_fisher == "exact"
-    name = next(n for n in rec.ranks)
-    a, b = exact.base_model.get_submodule(name), drawn.base_model.get_submodule(name)
-    assert a.down.weight.shape == b.down.weight.shape and not torch.allclose(a.down.weight, b.down.weight)
+    assert_same_ranks_other_factors(exact, drawn)
     exact.save_pretrained(tmp_path / "c")
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "c")
     assert again.config.quantization_config.kfac_fisher == "exact"
@@ -418,9 +424,7 @@ def test_kfac_fisher_true_compresses_and_round_trips(tmp_path):
                                   drone_hf.DroneConfig(kfac_fisher="empirical", **common), show_progress=False)
     rec = true.config.quantization_config
     assert rec.kfac_fisher == "true" and empirical.config.quantization_config.kfac_fisher == "empirical"
-    name = next(n for n in rec.ranks)
-    a, b = true.base_model.get_submodule(name), empirical.base_model.get_submodule(name)
-    assert a.down.weight.shape == b.down.weight.shape and not torch.allclose(a.down.weight, b.down.weight)
+    assert_same_ranks_other_factors(true, empirical)
     true.save_pretrained(tmp_path / "c")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     assert again.config.quantization_config.kfac_fisher == "true"
