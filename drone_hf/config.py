@@ -180,10 +180,9 @@ class DroneConfig(QuantizationConfigMixin):
             true Fisher compressed better in both A/Bs of ``docs/methods.md``, hence the default.
             ``"exact"``: the true Fisher's expectation over every class instead of one draw, no
             sampling noise, at one backward pass per class; only for models with one prediction per
-            text (sequence classifiers; refused for LMs and token classifiers, whose tokens' gradients mix
-            many loss terms). A
-            checkpoint written before this option existed reads back as ``"empirical"``, what made
-            it. Used only with ``method="drone-kfac"``.
+            text (sequence classifiers; refused for LMs and token classifiers, whose tokens'
+            gradients mix many loss terms). A checkpoint written before this option existed reads
+            back as ``"empirical"``, what made it. Used only with ``method="drone-kfac"``.
         seed (`int`, defaults to 0): seed of the calibration subset.
         ranks (`dict[str, int]`, *optional*):
             Fixed ranks by layer name or regular expression (full match), taking precedence over

@@ -64,6 +64,7 @@ def _sampled(logits: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _logits(model: nn.Module, out, method: str) -> torch.Tensor:
+    """``out.logits``, or the error naming the head to load (a bare encoder has no loss)."""
     logits = getattr(out, "logits", None)
     if logits is None:
         other = "'asvd'" if method == "fwsvd" else "'drone'"
