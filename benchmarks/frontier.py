@@ -25,6 +25,8 @@ Usage::
     python benchmarks/frontier.py --model mpnet --dense-epochs 1 --rows greedy --ratios --speedups 2.0 \
         --calibration compensated --split validation --name val   # one speed row, compensated, scored
                                                                     # on held-out training sentences
+    python benchmarks/frontier.py --model mpnet --dense-epochs 1 --rows greedy --ratios --speedups 2.0 \
+        --calibration-seed 1 --name seed1   # the same row calibrated on other training sentences
 """
 
 from __future__ import annotations
@@ -90,7 +92,10 @@ class Variant:
         extra += f", {self.kfac_fisher} Fisher" if self.method == "drone-kfac" else ""
         return f"{self.method} ({self.allocation}, {budget}{extra})"
 
-    def config(self, texts: list[str], tokenizer: Any, s: Settings, shape: tuple[int, int]) -> drone_hf.DroneConfig:
+    def config(self, texts: list[str], tokenizer: Any, s: Settings, shape: tuple[int, int],
+               seed: int | None = None) -> drone_hf.DroneConfig:
+        """The row's DroneConfig; ``seed`` (default ``s.seed``) draws the calibration texts, greedy's
+        held-out ones and the true Fisher's labels, and nothing else."""
         return drone_hf.DroneConfig(
             **self.budget,
             method=self.method,
@@ -106,7 +111,7 @@ class Variant:
             tokenizer=tokenizer,
             num_samples=s.calibration_samples,
             max_length=s.max_length,
-            seed=s.seed,
+            seed=s.seed if seed is None else seed,
         )
 
 
@@ -188,9 +193,11 @@ def speedups(
 def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto", eval_samples: int | None = None,
         sequential: bool | str = False, split: str = "test", greedy_method: str = "drone",
-        kfac_fisher: str = DEFAULT_KFAC_FISHER) -> dict:
+        kfac_fisher: str = DEFAULT_KFAC_FISHER, calibration_seed: int | None = None) -> dict:
     """Every row of the plan on split ``split``: ``test`` (the report) or ``validation`` (choosing
-    settings; see ``validation_split``)."""
+    settings; see ``validation_split``). ``calibration_seed`` (default ``s.seed``) redraws the
+    calibration texts alone: the split, the teacher and the evaluated sentences stay those of
+    ``s.seed``, so a second value measures how much a result owes to which texts calibrated it."""
     from transformers import AutoTokenizer
 
     torch.set_num_threads(s.threads)
@@ -211,7 +218,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         work = copy.deepcopy(dense)
         try:
             with PeakMemory() as memory:
-                config = v.config(texts, tokenizer, s, plan.shapes[0])
+                config = v.config(texts, tokenizer, s, plan.shapes[0], calibration_seed)
                 model = drone_hf.compress(work, config, show_progress=False).eval()
         except (ValueError, RuntimeError, torch.linalg.LinAlgError) as e:
             rec["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
@@ -242,6 +249,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         "split": split,
         "sequential": sequential,
         "kfac_fisher": kfac_fisher,
+        "calibration_seed": s.seed if calibration_seed is None else calibration_seed,
         "dense_accuracy": dense_acc,
         "dense_params": dense_params,
         "test_sentences": len(test_ds),  # sentences of the evaluated split (test or validation)
@@ -295,6 +303,7 @@ def best_within(rows: list[dict], dense_acc: float, points: float, shape: str) -
 def render(r: dict, command: str, runtime: float, out: Path, stem: str | None = None) -> None:
     shapes = [f"{b}x{q}" for b, q in r["plan"]["shapes"]]
     dense_acc, split = r["dense_accuracy"], r.get("split", "test")
+    calibration_seed = r.get("calibration_seed", r["settings"]["seed"])  # records before the option: the split's
     table = [["variant", "model params", *(f"speedup {x}" for x in shapes), "accuracy %", "vs dense (points)"]]
     table.append(["dense (fine-tuned)", f"{r['dense_params'] / 1e6:.1f}M", *("1.00x" for _ in shapes),
                   fmt(100 * dense_acc, 2), "0.00"])
@@ -351,7 +360,9 @@ def render(r: dict, command: str, runtime: float, out: Path, stem: str | None = 
            "(calibration draws from the rest). The dense model was fine-tuned on them too, so its accuracy here is "
            "higher than on test: this run chooses settings; the test split reports them."]
           if split == "validation" else []),
-        f"- Calibration: {s['calibration_samples']} training sentences (seed {s['seed']}), max length "
+        f"- Calibration: {s['calibration_samples']} training sentences (seed {calibration_seed}"
+        + (f"; the split and the teacher: seed {s['seed']}" if calibration_seed != s["seed"] else "")
+        + f"), max length "
         f"{s['max_length']}; `target_speedup` rows allocate greedily against latencies measured at {shapes[0]}.",
         f"- Speed: end-to-end forward of random token ids at {', '.join(shapes)}, {s['threads']} threads, dense "
         f"and compressed interleaved, medians of {', '.join(map(str, r['plan']['repeats']))} runs"
@@ -428,6 +439,9 @@ def main(argv: list[str] | None = None) -> Path:
                         f"{VALIDATION_SIZE} training sentences, held out from calibration: for choosing settings)")
     parser.add_argument("--calibration-samples", type=int,
                         help="training sentences DRONE calibrates on (default 512; greedy holds some out to measure)")
+    parser.add_argument("--calibration-seed", type=int,
+                        help="seed of the calibration draw alone (DroneConfig.seed; default: the split's and "
+                             "teacher's seed, 0): repeats a row on other calibration texts, same teacher and split")
     parser.add_argument("--prepare", action="store_true",
                         help="only fine-tune (or load from the cache) the dense task model, print its accuracy, stop")
     args = parser.parse_args(argv)
@@ -461,7 +475,7 @@ def main(argv: list[str] | None = None) -> Path:
     result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True), methods=methods,
                  groups=tuple(args.rows), eval_loss=args.eval_loss, eval_samples=eval_samples,
                  sequential=CALIBRATIONS[args.calibration], split=args.split, greedy_method=args.greedy_method,
-                 kfac_fisher=args.kfac_fisher or DEFAULT_KFAC_FISHER)
+                 kfac_fisher=args.kfac_fisher or DEFAULT_KFAC_FISHER, calibration_seed=args.calibration_seed)
     stem = args.name or results_stem(s.model)
     render(result, command_line(__file__, argv if argv is not None else sys.argv[1:]), time.perf_counter() - start, out,
            stem)

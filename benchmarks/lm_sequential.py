@@ -3,7 +3,7 @@ benchmark's target cut (20% of the projections' parameters), uniform and greedy 
 
     python benchmarks/lm_sequential.py [--quick] [--out DIR] [--threads N]
         [--method drone|drone-kfac] [--kfac-fisher true|empirical] [--allocations uniform greedy]
-        [--modes one-shot sequential compensated]
+        [--modes one-shot sequential compensated] [--calib-texts N]
 
 The same model, calibration passages and held-out windows as ``benchmarks/lm.py`` (its helpers are
 reused), every row through ``drone_hf.compress``:
@@ -22,7 +22,10 @@ dense model's output-gradient Gram in every mode; greedy ranks from its predicte
 gradients at labels drawn from the model (the library's default ``kfac_fisher="true"``, the true
 Fisher), and writes ``lm_sequential_kfac_true.*``; ``--kfac-fisher empirical`` takes them at the
 data's next tokens and writes ``lm_sequential_kfac.*``. ``--allocations`` and ``--modes`` keep only
-some rows (each drone-kfac row pays the output-gradient pass again).
+some rows (each drone-kfac row pays the output-gradient pass again). ``--calib-texts N`` draws N
+calibration passages instead of lm.py's 256 (the same seeded draw from the same pool, so the
+passages differ; the held-out windows do not) and adds ``_calib{N}`` to the result files' names, so
+a study of the calibration amount never overwrites the 256-passage results.
 """
 
 from __future__ import annotations
@@ -61,15 +64,22 @@ MODES = {"one-shot": False, "sequential": True, "compensated": "compensated"}
 
 METHODS = ("drone", "drone-kfac")
 ALLOCATIONS = ("uniform", "greedy")
+DEFAULT_CALIB_TEXTS = 256  # lm.py's --calib-texts default
 
 
 def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOCATIONS,
-        modes: tuple[str, ...] = tuple(MODES), save=None, kfac_fisher: str = DEFAULT_KFAC_FISHER) -> tuple[str, dict]:
+        modes: tuple[str, ...] = tuple(MODES), save=None, kfac_fisher: str = DEFAULT_KFAC_FISHER,
+        calib_texts: int | None = None) -> tuple[str, dict]:
     """Every requested row; ``save(body, record)`` after each one, so the rows of a run stopped midway
-    (a drone-kfac row takes about an hour on 2 cores) are kept, marked ``partial`` in the record."""
+    (a drone-kfac row takes about an hour on 2 cores) are kept, marked ``partial`` in the record.
+    ``calib_texts``: calibration passages (default lm.py's 256; 16 with ``quick``)."""
     model, tok, model_name, pool, held = _load(quick)
     max_length = 32 if quick else 256
-    calib_texts, eval_texts = (16, 4) if quick else (256, GREEDY_EVAL_TEXTS)
+    eval_texts = 4 if quick else GREEDY_EVAL_TEXTS
+    calib_texts = calib_texts or (16 if quick else DEFAULT_CALIB_TEXTS)
+    if calib_texts + eval_texts > len(pool):
+        raise ValueError(f"--calib-texts {calib_texts}: the calibration pool has {len(pool)} passages, and greedy "
+                         f"holds out {eval_texts} of them; ask for at most {len(pool) - eval_texts}")
     # lm.py's calibration passages: the draw greedy makes from the pool, minus what it holds out
     calib = _split_texts(load_texts(pool, calib_texts + eval_texts, seed=0), eval_texts, 0, calib_texts)[0]
     windows = eval_windows(tok, held, max_length)
@@ -77,7 +87,7 @@ def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOC
     print(f"dense ppl {dense_ppl:.3f}", flush=True)
     ratio = 1 - TARGET_CUT
     record = {"model": model_name, "dense_ppl": dense_ppl, "param_ratio": ratio, "method": method,
-              "kfac_fisher": kfac_fisher,
+              "kfac_fisher": kfac_fisher, "calib_texts": len(calib),
               "windows": list(windows.shape), "runs": {}, "partial": True}
     for allocation in allocations:
         # uniform: exactly lm.py's passages; greedy: the same pool and draw, so the same passages plus
@@ -110,13 +120,17 @@ def _body(record: dict) -> str:
     partial = ("**Partial run**: the rows below are those finished before it stopped.\n\n"
                if record["partial"] else "")
     fisher = record.get("kfac_fisher", "empirical")  # records written before the option: empirical
+    calib = record.get("calib_texts", DEFAULT_CALIB_TEXTS)  # records written before the option: 256
+    passages = ("the calibration passages and" if calib == DEFAULT_CALIB_TEXTS else
+                f"{calib} calibration passages (lm.py: {DEFAULT_CALIB_TEXTS}; the same seeded draw from the same pool)"
+                " and the")
     kfac = record["method"] == "drone-kfac"
     solver = f"`method={record['method']!r}`" + (f", `kfac_fisher={fisher!r}`" if kfac else "")
     return (
         f"## Calibration modes at a {TARGET_CUT:.0%} cut ({record['model']}, {solver})\n\n"
         + partial
-        + f"`param_ratio={record['param_ratio']:g}` of every q/k/v/o/gate/up/down projection, the calibration "
-        f"passages and held-out windows of `benchmarks/lm.py` ({count} windows of {length} tokens; dense "
+        + f"`param_ratio={record['param_ratio']:g}` of every q/k/v/o/gate/up/down projection, {passages} "
+        f"held-out windows of `benchmarks/lm.py` ({count} windows of {length} tokens; dense "
         f"perplexity {dense_ppl:.2f}). Greedy ranks are planned on one-shot statistics and re-solved by the "
         "sequential modes at the same ranks. Seconds: the whole `drone_hf.compress` call (planning included) "
         f"on this machine, 1-minute load average at the end {record['load_average']}.\n\n"
@@ -141,12 +155,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="rank allocations to run (default: both)")
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES),
                         help="calibration modes to run (default: all three)")
+    parser.add_argument("--calib-texts", type=int,
+                        help=f"calibration passages (default {DEFAULT_CALIB_TEXTS}, lm.py's; 16 with --quick); "
+                             "another number adds _calib{N} to the result files' names")
     args = parser.parse_args(argv)
+    if args.calib_texts is not None and args.calib_texts < 1:
+        parser.error(f"--calib-texts must be a positive number of passages, got {args.calib_texts}")
     if args.kfac_fisher is not None and args.method != "drone-kfac":
         parser.error("--kfac-fisher applies to --method drone-kfac only")
     args.kfac_fisher = args.kfac_fisher or DEFAULT_KFAC_FISHER
     stem = "lm_sequential" if args.method == "drone" else "lm_sequential_kfac"
     stem += "_true" if args.method == "drone-kfac" and args.kfac_fisher == "true" else ""
+    stem += f"_calib{args.calib_texts}" if args.calib_texts not in (None, DEFAULT_CALIB_TEXTS) else ""
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -161,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
 
     save(*run(args.quick, args.method, tuple(args.allocations), tuple(args.modes), save=save,
-              kfac_fisher=args.kfac_fisher))
+              kfac_fisher=args.kfac_fisher, calib_texts=args.calib_texts))
     print(f"wrote {out / f'{stem}.md'}")
     return 0
 

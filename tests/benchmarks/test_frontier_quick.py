@@ -150,6 +150,9 @@ def test_greedy_rows_take_the_calibration_mode():
     rows = frontier.variants(plan, groups=("greedy",), sequential="compensated")
     assert rows and all(v.sequential == "compensated" and v.label.endswith(", compensated)") for v in rows)
     assert rows[0].config(["a text"], None, finetune.QUICK, (4, 32)).sequential == "compensated"
+    # the calibration seed is the settings' seed unless a row is repeated on other calibration texts
+    assert rows[0].config(["a text"], None, finetune.QUICK, (4, 32)).seed == finetune.QUICK.seed
+    assert rows[0].config(["a text"], None, finetune.QUICK, (4, 32), seed=7).seed == 7
     uniform = frontier.variants(plan, groups=("uniform",), sequential="compensated")
     assert all(v.sequential is False for v in uniform)  # peer methods have no compensated mode
     assert frontier.CALIBRATIONS == {"one-shot": False, "sequential": True, "compensated": "compensated"}
@@ -162,18 +165,21 @@ def test_greedy_rows_take_the_calibration_mode():
 
 
 @pytest.mark.slow
-def test_quick_validation_run_reports_the_split_the_calibration_mode_and_samples(tmp_path):
+def test_quick_validation_run_reports_the_split_the_calibration_mode_samples_and_seed(tmp_path):
     require_movie_reviews()
     frontier.main(["--quick", "--out", str(tmp_path), "--rows", "greedy", "--speedups", "--calibration",
-                   "compensated", "--split", "validation", "--calibration-samples", "40", "--name", "val"])
+                   "compensated", "--split", "validation", "--calibration-samples", "40", "--calibration-seed", "3",
+                   "--name", "val"])
     raw = json.loads((tmp_path / "val.json").read_text())
     train, _ = finetune.splits(finetune.QUICK)
     assert raw["split"] == "validation" and raw["test_sentences"] == len(train) // 5
     assert raw["settings"]["calibration_samples"] == 40
+    assert raw["calibration_seed"] == 3 and raw["settings"]["seed"] == finetune.QUICK.seed  # the split's seed kept
     assert raw["sequential"] == "compensated" and all(r["sequential"] == "compensated" for r in raw["rows"])
     assert all(r["label"].endswith(", compensated)") and 0.0 <= r["accuracy"] <= 1.0 for r in raw["rows"])
     text = (tmp_path / "val.md").read_text()
     assert f"({len(train) // 5} validation sentences)" in text and "**Validation split**" in text
+    assert f"40 training sentences (seed 3; the split and the teacher: seed {finetune.QUICK.seed})" in text
 
 
 @pytest.mark.parametrize("count", ["0", "-3"])

@@ -78,3 +78,19 @@ def test_lm_sequential_quick_empirical_fisher_rows(tmp_path):
     for fisher in ("empirical", "true"):
         with pytest.raises(SystemExit):
             main(["--quick", "--out", str(tmp_path), "--kfac-fisher", fisher])
+
+
+def test_lm_sequential_quick_calibration_amount(tmp_path):
+    """--calib-texts N: that many passages reach compress (recorded and printed), the results go to
+    files of their own (the 256-passage ones are never overwritten), and a count the pool cannot give
+    or a non-positive one is refused with the limit named."""
+    assert main(["--quick", "--out", str(tmp_path), "--calib-texts", "8", "--allocations", "uniform",
+                 "--modes", "one-shot"]) == 0
+    assert not (tmp_path / "lm_sequential.json").exists()
+    rec = json.loads((tmp_path / "lm_sequential_calib8.json").read_text())
+    assert rec["calib_texts"] == 8 and math.isfinite(rec["runs"]["uniform/one-shot"]["ppl"])
+    assert "8 calibration passages (lm.py: 256" in (tmp_path / "lm_sequential_calib8.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--quick", "--out", str(tmp_path), "--calib-texts", "0"])
+    with pytest.raises(ValueError, match="ask for at most"):
+        main(["--quick", "--out", str(tmp_path), "--calib-texts", "100000"])
