@@ -94,8 +94,9 @@ class Variant:
 
     def config(self, texts: list[str], tokenizer: Any, s: Settings, shape: tuple[int, int],
                seed: int | None = None) -> drone_hf.DroneConfig:
-        """The row's DroneConfig; ``seed`` (default ``s.seed``) draws the calibration texts, greedy's
-        held-out ones and the true Fisher's labels, and nothing else."""
+        """The row's DroneConfig; ``seed`` (default ``s.seed``) is ``DroneConfig.seed``: it draws the
+        calibration texts, greedy's held-out ones and the true Fisher's labels, and the random token ids
+        the speed planner times; the split, the teacher and the scored sentences are ``s.seed``'s."""
         return drone_hf.DroneConfig(
             **self.budget,
             method=self.method,
@@ -195,8 +196,8 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         sequential: bool | str = False, split: str = "test", greedy_method: str = "drone",
         kfac_fisher: str = DEFAULT_KFAC_FISHER, calibration_seed: int | None = None) -> dict:
     """Every row of the plan on split ``split``: ``test`` (the report) or ``validation`` (choosing
-    settings; see ``validation_split``). ``calibration_seed`` (default ``s.seed``) redraws the
-    calibration texts alone: the split, the teacher and the evaluated sentences stay those of
+    settings; see ``validation_split``). ``calibration_seed`` (default ``s.seed``) is the rows'
+    ``DroneConfig.seed`` (see ``Variant.config``): the split, the teacher and the evaluated sentences stay those of
     ``s.seed``, so a second value measures how much a result owes to which texts calibrated it."""
     from transformers import AutoTokenizer
 
