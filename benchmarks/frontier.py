@@ -201,6 +201,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
     ``s.seed``, so a second value measures how much a result owes to which texts calibrated it."""
     from transformers import AutoTokenizer
 
+    calibration_seed = s.seed if calibration_seed is None else calibration_seed
     torch.set_num_threads(s.threads)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path(s))
     train_raw, test_raw = splits(s)
@@ -250,7 +251,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         "split": split,
         "sequential": sequential,
         "kfac_fisher": kfac_fisher,
-        "calibration_seed": s.seed if calibration_seed is None else calibration_seed,
+        "calibration_seed": calibration_seed,
         "dense_accuracy": dense_acc,
         "dense_params": dense_params,
         "test_sentences": len(test_ds),  # sentences of the evaluated split (test or validation)

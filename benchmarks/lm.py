@@ -270,6 +270,8 @@ FISHER_NOTES = {"true": "at next tokens drawn from the model's own distribution,
 
 #: Passages greedy allocation holds out (DroneConfig.eval_samples) on top of the calibration ones.
 GREEDY_EVAL_TEXTS = 32
+#: Calibration passages by default (``--calib-texts``; lm_sequential.py's default too).
+CALIB_TEXTS = 256
 
 
 def _uniform_perplexity(model, targets, shapes, decs, ratio: float, windows) -> tuple[float, float]:
@@ -475,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny Llama built in code, a few texts, temp folder")
     parser.add_argument("--out", type=Path,
                         help="results folder (default: benchmarks/results, or a temp dir with --quick)")
-    parser.add_argument("--calib-texts", type=int, default=256, help="calibration passages (default 256)")
+    parser.add_argument("--calib-texts", type=int, default=CALIB_TEXTS,
+                        help=f"calibration passages (default {CALIB_TEXTS})")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine two threads ran 5x slower)")
     parser.add_argument("--fisher-texts", type=int, default=32, help="passages for FWSVD's backward pass (default 32)")

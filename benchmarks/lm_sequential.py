@@ -54,7 +54,7 @@ from benchmarks.common import (  # noqa: E402
     results_header,
     write_markdown,
 )
-from benchmarks.lm import GREEDY_EVAL_TEXTS, TARGET_CUT, _load, eval_windows, perplexity  # noqa: E402
+from benchmarks.lm import CALIB_TEXTS, GREEDY_EVAL_TEXTS, TARGET_CUT, _load, eval_windows, perplexity  # noqa: E402
 from drone_hf.calibration import load_texts  # noqa: E402
 from drone_hf.calibration.fisher import DEFAULT_KFAC_FISHER, SAMPLED_FISHER_LABELS  # noqa: E402
 from drone_hf.compress import _split_texts  # noqa: E402
@@ -64,7 +64,6 @@ MODES = {"one-shot": False, "sequential": True, "compensated": "compensated"}
 
 METHODS = ("drone", "drone-kfac")
 ALLOCATIONS = ("uniform", "greedy")
-DEFAULT_CALIB_TEXTS = 256  # lm.py's --calib-texts default
 
 
 def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOCATIONS,
@@ -76,7 +75,7 @@ def run(quick: bool, method: str = "drone", allocations: tuple[str, ...] = ALLOC
     model, tok, model_name, pool, held = _load(quick)
     max_length = 32 if quick else 256
     eval_texts = 4 if quick else GREEDY_EVAL_TEXTS
-    calib_texts = calib_texts or (16 if quick else DEFAULT_CALIB_TEXTS)
+    calib_texts = calib_texts or (16 if quick else CALIB_TEXTS)
     if calib_texts + eval_texts > len(pool):
         raise ValueError(f"--calib-texts {calib_texts}: the calibration pool has {len(pool)} passages, and greedy "
                          f"holds out {eval_texts} of them; ask for at most {len(pool) - eval_texts}")
@@ -120,9 +119,9 @@ def _body(record: dict) -> str:
     partial = ("**Partial run**: the rows below are those finished before it stopped.\n\n"
                if record["partial"] else "")
     fisher = record.get("kfac_fisher", "empirical")  # records written before the option: empirical
-    calib = record.get("calib_texts", DEFAULT_CALIB_TEXTS)  # records written before the option: 256
-    passages = ("the calibration passages and" if calib == DEFAULT_CALIB_TEXTS else
-                f"{calib} calibration passages (lm.py: {DEFAULT_CALIB_TEXTS}; the same seeded draw from the same pool)"
+    calib = record.get("calib_texts", CALIB_TEXTS)  # records written before the option: 256
+    passages = ("the calibration passages and" if calib == CALIB_TEXTS else
+                f"{calib} calibration passages (lm.py: {CALIB_TEXTS}; the same seeded draw from the same pool)"
                 " and the")
     kfac = record["method"] == "drone-kfac"
     solver = f"`method={record['method']!r}`" + (f", `kfac_fisher={fisher!r}`" if kfac else "")
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES),
                         help="calibration modes to run (default: all three)")
     parser.add_argument("--calib-texts", type=int,
-                        help=f"calibration passages (default {DEFAULT_CALIB_TEXTS}, lm.py's; 16 with --quick); "
+                        help=f"calibration passages (default {CALIB_TEXTS}, lm.py's; 16 with --quick); "
                              "another number adds _calib{N} to the result files' names")
     args = parser.parse_args(argv)
     if args.calib_texts is not None and args.calib_texts < 1:
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args.kfac_fisher = args.kfac_fisher or DEFAULT_KFAC_FISHER
     stem = "lm_sequential" if args.method == "drone" else "lm_sequential_kfac"
     stem += "_true" if args.method == "drone-kfac" and args.kfac_fisher == "true" else ""
-    stem += f"_calib{args.calib_texts}" if args.calib_texts not in (None, DEFAULT_CALIB_TEXTS) else ""
+    stem += f"_calib{args.calib_texts}" if args.calib_texts not in (None, CALIB_TEXTS) else ""
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
