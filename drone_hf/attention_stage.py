@@ -16,8 +16,8 @@
 Statistics come from the dense model in the same one-shot pass as the linear layers; a non-uniform
 linear allocation measures its candidates with dense attention.
 
-Per-layer attention ranks: with ``allocation="uniform"`` (the default) every module gets the per-head
-rank ``attention_rank``. With any other allocation (``"greedy"``, ``"drone"``) ``attention_rank`` is
+Per-layer attention ranks: with ``allocation="uniform"`` every module gets the per-head rank
+``attention_rank``. With any other allocation (``"greedy"``, the default, or ``"drone"``) ``attention_rank`` is
 an *average*: the total query/key width ``Σ heads·k`` of the uniform choice is the budget, and
 :func:`allocate_attention_ranks` distributes it over the modules from their score-error spectra,
 greedily, one per-head step at a time to the module whose squared relative score error drops most

@@ -112,7 +112,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", help="save the DRONE checkpoint (model + tokenizer) into this new folder")
     c.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     c.add_argument("--no-eval", action="store_true", help="skip the held-out fidelity and latency measurement")
-    c.add_argument("--eval-batches", type=int, default=4, help="held-out batches (of --batch-size texts) to measure")
+    c.add_argument("--eval-batches", type=_positive_int, default=4,
+                   help="held-out batches (of --batch-size texts) to measure")
     c.add_argument("--push-to-hub", metavar="REPO_ID",
                    help="upload the checkpoint, tokenizer and a model card (with the measured numbers) to this Hub "
                    "repository, e.g. your-name/minilm-drone (checked before compressing; needs `hf auth login`)")
@@ -223,13 +224,21 @@ def _summary(path: str):
     return summarize_checkpoint(path)  # ValueError naming the problem -> exit 2
 
 
-def _auto_class(model_class: str, architecture: str | None):
+def _auto_class(model_class: str, architecture: str | None, exact: bool = False):
+    """The class that loads a checkpoint: ``--model-class``, or with ``infer`` the Auto class its
+    architecture's name suffix calls for. ``exact`` (merge): the recorded class itself when transformers
+    has it (BertForPreTraining, T5ForConditionalGeneration, ...), for which the suffix table falls back
+    to AutoModel, whose checkpoint would drop their heads."""
     import transformers
 
     from drone_hf.hub.card import auto_class_and_task
 
-    name = auto_class_and_task(architecture)[0] if model_class == "infer" else MODEL_CLASSES[model_class]
-    return getattr(transformers, name)
+    if model_class != "infer":
+        return getattr(transformers, MODEL_CLASSES[model_class])
+    found = getattr(transformers, architecture, None) if exact and architecture else None
+    if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel):
+        return found
+    return getattr(transformers, auto_class_and_task(architecture)[0])
 
 
 def _tokenizer(*sources: str | None):
@@ -462,7 +471,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     summary = _summary(args.checkpoint)
     out = _check_output(args.output, args.checkpoint, args.overwrite)
-    auto = _auto_class(args.model_class, summary.architecture)
+    auto = _auto_class(args.model_class, summary.architecture, exact=True)
     model = auto.from_pretrained(args.checkpoint)
     model.dequantize()
     if hasattr(model.config, CHECKPOINT_KEY):

@@ -40,6 +40,7 @@ from .solver import (
     decompose_peer,
 )
 from .utils.logging import get_logger
+from .utils.positions import usable_positions
 
 logger = get_logger(__name__)
 
@@ -66,13 +67,22 @@ def _resolve_tokenizer(tokenizer: Any, model: nn.Module) -> Any:
         ) from e
 
 
-def _max_positions(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+def _nothing_to_factor(config: DroneConfig, count: int) -> str:
+    """Why a budget that keeps every layer dense is refused, and what to change.
+
+    Such a model would carry a DRONE record with no factored layer: nothing smaller or faster, and a
+    checkpoint that describes no compression. Refusing costs the calibration pass only (keep it with
+    ``calibration_cache`` to retry another budget at no cost)."""
+    if config.param_ratio is not None:
+        budget = f"param_ratio={config.param_ratio:g}"
+        fix = ("lower param_ratio (the dense layers already fit it, and a searched allocation factors only what "
+               "the budget requires), or use allocation='uniform', which factors every layer at the budget's rank")
+    else:  # the planner refuses a max_loss too small for any factorisation itself, naming it
+        budget = (f"target_speedup={config.target_speedup:g}" if config.target_speedup is not None
+                  else f"max_loss={config.max_loss:g}")
+        fix = "ask for more compression (a larger target_speedup or max_loss)"
+    return (f"{budget} keeps all {count} targeted layers dense (allocation={config.allocation!r}), so there is "
+            f"nothing to compress and no DRONE checkpoint to write: {fix}.")
 
 
 def _describe_dataset(dataset: Any) -> str:
@@ -150,6 +160,11 @@ def _peer_statistics(
     if method == "fwsvd" and layers:
         from .calibration.fisher import collect_row_fisher
 
+        # The row Fisher is the weights' own gradient: an offloaded layer's weight is a placeholder that
+        # accelerate swaps for a fresh tensor at each forward, so autograd would never reach it and the
+        # Fisher would stay zero (plain SVD, silently). Its weights are loaded first, as the one-shot solve
+        # loads them anyway; in sequential mode this gives up offloading for the targets.
+        materialise(layers.values())
         return {c: {"row_fisher": f} for c, f in collect_row_fisher(model, layers, data, cache,
                                                                                      show_progress).items()}
     if method == "drone-kfac" and layers:
@@ -159,6 +174,28 @@ def _peer_statistics(
                                      show_progress=show_progress)
         return {c: {"out_gram": obs.gram, "loss_scale": grads.loss_scale(c)} for c, obs in grads.observers.items()}
     return {}
+
+
+def check_method_options(config: DroneConfig) -> None:
+    """Refuse options the chosen solver would ignore, before any calibration.
+
+    ``damp`` is DRONE's input ridge: plain SVD and the peers (ASVD, FWSVD, SVD-LLM, implemented as
+    published, without one) would drop it silently, and a ridge is what a user reaches for when
+    SVD-LLM's Cholesky factorisation fails. The query-key stage has a DRONE and a plain-SVD form
+    only: with a peer method it would run DRONE's and the row would be mislabelled. Checked here, at
+    compression time, not in ``DroneConfig.post_init``: a checkpoint whose record holds such a pair
+    (it only ever meant the linear layers) must still load."""
+    method = config.method
+    if config.damp and method not in ("drone", "drone-kfac"):  # drone-kfac: refused by DroneConfig itself
+        raise ValueError(
+            f"damp={config.damp:g} is DRONE's input ridge and method={method!r} does not use it. Set damp=0, or use "
+            "method='drone' with damp (for a near-singular Gram, e.g. SVD-LLM's Cholesky failure)."
+        )
+    if config.compress_attention and method in PEER_METHODS:
+        raise ValueError(
+            f"compress_attention=True with method={method!r}: the query-key stage has a DRONE and a plain-SVD form "
+            f"only. Use method='drone' or 'svd' with compress_attention, or method={method!r} without it."
+        )
 
 
 def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool = True) -> nn.Module:
@@ -175,6 +212,8 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
             f"The model is already DRONE-compressed ({len(existing)} factored layers, e.g. {existing[0]!r}). "
             "Compress the dense model, or call model.dequantize() first to merge the factors."
         )
+    config.post_init()  # overrides, and fields set on the object after it was built, are checked too
+    check_method_options(config)
     targets = resolve_targets(model, config.target_modules, config.modules_to_not_convert)
     # --- attention (query-key) compression, see attention_stage.py: q/k leave the linear targets.
     attention = AttentionStage(model, config, targets) if config.compress_attention else None
@@ -221,7 +260,7 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
 
     tokenizer = _resolve_tokenizer(config.tokenizer, model)
     max_length = config.max_length
-    limit = _max_positions(model)
+    limit = usable_positions(model)
     if limit is not None and max_length > limit:
         logger.warning(f"max_length={max_length} exceeds the model's {limit} positions; calibrating at {limit}.")
         max_length = limit
@@ -271,6 +310,8 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         ranks = plan.choose() if targets else {}  # no linear target left: attention-only compression
         # timings differ between processes: every process takes process 0's decision
         ranks, plan.result = broadcast_object((ranks, plan.result))
+        if targets and not ranks and attention is None:
+            raise ValueError(_nothing_to_factor(config, len(targets)))
     else:  # uniform ranks are known from the shapes alone
         ranks = dict(fixed) | {c: uniform_rank(*shapes[c], config.param_ratio) for c in targets if c not in fixed}
         plan.result = {"strategy": "uniform", "budget": {"param_ratio": config.param_ratio},
@@ -375,7 +416,6 @@ def compress(
                 )
             for key, value in overrides.items():
                 setattr(config, key, value)
-            config.post_init()
     with torch.no_grad():
         compress_in_place(model, config, show_progress=show_progress)
     attach_quantizer(model, config)

@@ -69,6 +69,8 @@ _SETTINGS = (
 _RECORDS = (
     "relative_errors", "calibration", "allocation_result", "format_version", "attention_ranks", "attention_errors",
 )
+#: The budget when none is given: half the targeted layers' weights.
+DEFAULT_PARAM_RATIO = 0.5
 _RUNTIME = ("dataset", "tokenizer", "loss_fn")  # may hold live objects; serialised only as strings
 
 
@@ -148,7 +150,8 @@ class DroneConfig(QuantizationConfigMixin):
             ``"." + entry`` (``["query", "value"]``); a single string is a regular expression that
             must match the whole name. Default: every ``nn.Linear``/``Conv1D`` of the base model
             except heads (``pooler``, ``classifier``, ``lm_head``, tied output embeddings).
-            Naming a head here targets it.
+            Naming a head here targets it, except a head tied to the input embeddings (refused:
+            factoring it would untie the pair and write a checkpoint transformers cannot reload).
         modules_to_not_convert (`list[str]`, *optional*):
             Layers to keep dense, matched like list entries of ``target_modules``; added to (never
             replacing) the default head exclusions.
@@ -332,13 +335,19 @@ class DroneConfig(QuantizationConfigMixin):
             )
         self._check_cache()
         budgets = [b for b in ("param_ratio", "target_speedup", "max_loss") if getattr(self, b) is not None]
+        if len(budgets) > 1 and self.__dict__.get("_param_ratio_defaulted") and self.param_ratio == DEFAULT_PARAM_RATIO:
+            # DroneConfig() filled in the default, then a budget was set (compress(..., max_loss=...) or
+            # config.max_loss = ...): the budget the user named replaces the one they never gave
+            self.param_ratio, self._param_ratio_defaulted = None, False
+            budgets.remove("param_ratio")
         if len(budgets) > 1:
             raise ValueError(
                 f"DroneConfig got {len(budgets)} budgets ({', '.join(budgets)}); give exactly one of param_ratio "
                 "(size), target_speedup (speed) or max_loss (quality)."
             )
         if not budgets:
-            self.param_ratio = 0.5  # the default budget
+            self.param_ratio = DEFAULT_PARAM_RATIO
+            self._param_ratio_defaulted = True  # never serialised: to_dict writes its listed keys only
         r = self.param_ratio
         if r is not None and (
             isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1

@@ -175,6 +175,41 @@ def test_two_budgets_at_once_are_refused_even_as_overrides() -> None:
     refuse(dict(param_ratio=0.5), "2 budgets", max_loss=0.1)
 
 
+def test_two_budgets_set_on_the_object_after_it_was_built_are_refused_too() -> None:
+    cfg = budget_config(param_ratio=0.5)
+    cfg.max_loss = 0.1  # compress re-checks the copy it works on
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="2 budgets"):
+        drone_hf.compress(model, cfg, show_progress=False)
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("how", ["override", "attribute"])
+def test_a_budget_given_later_replaces_the_default_param_ratio(how) -> None:
+    cfg = budget_config()  # no budget: the default param_ratio=0.5
+    assert cfg.param_ratio == 0.5 and "_param_ratio_defaulted" not in cfg.to_dict()
+    if how == "override":
+        model = drone_hf.compress(tiny_bert(), cfg, show_progress=False, max_loss=10.0)
+        assert cfg.param_ratio == 0.5 and cfg.max_loss is None  # the caller's object is not changed
+    else:
+        cfg.max_loss = 10.0
+        model = drone_hf.compress(tiny_bert(), cfg, show_progress=False)
+    record = model.config.quantization_config
+    assert record.param_ratio is None and record.max_loss == 10.0
+    assert record.allocation_result["budget"]["max_loss"] == 10.0 and "param_ratio" not in record.allocation_result["budget"]
+
+
+def test_greedy_at_param_ratio_one_keeps_everything_dense_and_is_refused() -> None:
+    """The dense layers already fit a budget of all their weights, so greedy factors nothing; a model
+    marked DRONE with no factored layer would save a checkpoint that describes no compression."""
+    refuse(dict(param_ratio=1.0), r"param_ratio=1 keeps all 12 targeted layers dense \(allocation='greedy'\).*"
+                                  r"allocation='uniform'")
+    model = drone_hf.compress(tiny_bert(), budget_config(param_ratio=1.0, allocation="uniform"), show_progress=False)
+    assert sum(isinstance(m, DroneLinear) for m in model.modules()) == 12  # uniform: every layer at break-even
+
+
+
 @pytest.mark.parametrize("grid", [[], [0, 8], [-4], [8.5], ["8"], (8, 16)])
 def test_empty_or_invalid_rank_grid_is_refused(grid) -> None:
     if isinstance(grid, tuple):  # a tuple is accepted and stored as a list

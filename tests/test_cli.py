@@ -52,6 +52,16 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, extra, message)
     assert last.startswith("drone-hf: error:") and message in last
 
 
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_eval_batches_must_be_positive_before_anything_loads(tmp_path, capsys, count):
+    """0 measured nothing and failed after the whole compression, with nothing saved; -2 measured most
+    of the corpus. argparse refuses both before the model is read."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", str(tmp_path / "no-such-model"), "--eval-batches", count])
+    assert exit_info.value.code == 2
+    assert f"argument --eval-batches: {int(count)} must be at least 1" in capsys.readouterr().err
+
+
 def test_output_must_be_new_and_not_the_source(tmp_path, capsys):
     src = save_tiny("bert", tmp_path / "dense")
     assert main(["compress", str(src), "--no-eval", "--output", str(src)]) == 2
@@ -197,6 +207,27 @@ def test_merge_exports_a_dense_checkpoint_that_loads_without_drone_hf(ckpts, tmp
     with torch.no_grad():
         expected = AutoModel.from_pretrained(folder)(**sample_inputs()).last_hidden_state
     torch.testing.assert_close(torch.load(tmp_path / "o.pt"), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_keeps_a_head_no_auto_class_suffix_names(tmp_path, capsys):
+    """BertForPreTraining has no entry in the suffix table: merge must load (and save) that class, not
+    AutoModel, which would drop its prediction heads."""
+    from tiny_models import bert_config, tokenizer
+    from transformers import BertForPreTraining
+
+    torch.manual_seed(0)
+    model = drone_hf.compress(BertForPreTraining(bert_config()).eval(), DroneConfig(
+        dataset=CALIBRATION_TEXTS, num_samples=8, tokenizer=tokenizer(), allocation="uniform"), show_progress=False)
+    model.save_pretrained(tmp_path / "drone")
+    assert main(["merge", str(tmp_path / "drone"), "--output", str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["architectures"] == ["BertForPreTraining"]
+    merged = BertForPreTraining.from_pretrained(tmp_path / "merged").eval()
+    inputs = sample_inputs()
+    with torch.no_grad():
+        want, got = model(**inputs), merged(**inputs)
+    torch.testing.assert_close(got.seq_relationship_logits, want.seq_relationship_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.prediction_logits, want.prediction_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_merge_never_overwrites(ckpts, tmp_path, capsys):

@@ -149,6 +149,13 @@ def test_compress_does_not_mutate_config_and_records_ranks():
     assert recorded.calibration["num_tokens"] == sum(len(tokenizer()(t)["input_ids"]) for t in CALIBRATION_TEXTS)
 
 
+def test_a_checkpoint_record_with_an_ignored_option_still_reads_back():
+    """The solver-option refusals are made at compression time: a record that holds such a pair (it only
+    ever meant the linear layers) still loads as a config."""
+    record = DroneConfig(method="svdllm", damp=0.01, compress_attention=True, attention_rank=4).to_dict()
+    assert DroneConfig.from_dict(record).damp == 0.01
+
+
 def test_overrides_shorthand():
     model = drone_hf.compress(build("bert"), config(), param_ratio=0.25, show_progress=False)
     assert model.config.quantization_config.param_ratio == 0.25
@@ -169,6 +176,12 @@ def test_overrides_shorthand():
         (dict(dataset=[]), "empty"),
         (dict(dataset=["   ", "\n"]), "empty"),
         (dict(dataset=["\u200b", "\x00\x01"]), "tokenize to nothing"),
+        # options the chosen solver would drop: refused, not ignored
+        *[(dict(method=m, damp=0.01), f"damp=0.01 is DRONE's input ridge and method='{m}' does not use it")
+          for m in ("svd", "asvd", "fwsvd", "svdllm")],
+        *[(dict(method=m, compress_attention=True, attention_rank=4),
+           f"compress_attention=True with method='{m}': the query-key stage has a DRONE and a plain-SVD form only")
+          for m in ("asvd", "fwsvd", "svdllm")],
     ],
 )
 def test_bad_input_fails_early_and_leaves_the_model_untouched(bad, match):

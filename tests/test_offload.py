@@ -101,3 +101,31 @@ def test_meta_weights_without_an_offload_store_are_refused():
         skeleton = BertModel(bert_config())
     with pytest.raises(ValueError, match="meta device and no accelerate offload hook"):
         drone_hf.compress(skeleton, config(), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def classifier_checkpoint(tmp_path_factory):
+    from transformers import BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert-cls")
+    torch.manual_seed(0)
+    BertForSequenceClassification(bert_config(num_hidden_layers=3)).eval().save_pretrained(folder)
+    TOK.save_pretrained(folder)
+    return folder
+
+
+def test_offloaded_fisher_weighted_svd_equals_in_memory(classifier_checkpoint, tmp_path):
+    """FWSVD's row Fisher is the weights' gradient: an offloaded weight is a placeholder autograd never
+    reaches, which left the Fisher zero and the factors plain SVD's."""
+    from transformers import BertForSequenceClassification
+
+    load = BertForSequenceClassification.from_pretrained
+    device_map = {f"bert.{k}": v for k, v in MAP.items()} | {"classifier": "cpu"}
+    reference = load(classifier_checkpoint, drone_config=config(method="fwsvd"))
+    model = load(classifier_checkpoint, drone_config=config(method="fwsvd"), device_map=device_map,
+                 offload_folder=tmp_path / "offload")
+    plain = load(classifier_checkpoint, drone_config=config(method="svd"))
+    name = "bert.encoder.layer.2.intermediate.dense"  # on disk in the map
+    got, ref, svd = (m.get_submodule(name) for m in (model, reference, plain))
+    assert not torch.equal(ref.down.weight, svd.down.weight)  # the Fisher weighting changes the factors here
+    assert torch.equal(got.up.weight, ref.up.weight) and torch.equal(got.down.weight, ref.down.weight)

@@ -26,6 +26,8 @@ from .checkpoint import CHECKPOINT_KEY, _hub_id
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "drone_model_card.md.j2"
 #: File name of the rank-per-layer plot in a pushed repository (the card links to it).
 RANK_PLOT_FILE = "rank_per_layer.png"
+#: The tag every drone-hf model card carries (how a README.md drone-hf wrote is told from a user's).
+CARD_TAG = "drone-hf"
 
 DRONE_CITATION = """@inproceedings{chen2021drone,
   title     = {{DRONE}: Data-aware Low-rank Compression for Large {NLP} Models},
@@ -308,7 +310,7 @@ def render_model_card(
         base_model=ctx["base_model"],
         pipeline_tag=ctx["pipeline_task"],
         license=license,
-        tags=["drone-hf", "drone", "low-rank", "compression"],
+        tags=[CARD_TAG, "drone", "low-rank", "compression"],
         # Extra keys stay in the YAML header: a machine-readable summary of the compression.
         drone={
             "method": ctx["settings"]["method"],

@@ -311,6 +311,7 @@ def _patch_save_pretrained() -> None:
             # copy would be the unsafe one. Save, mark, then upload ourselves.
             bound.arguments["push_to_hub"] = False
         is_main = bound.arguments.get("is_main_process", True)
+        saved: list[str] = []
         if is_main:
             # Written into a temporary sibling, marked, then swapped into place (atomic_save.py): an
             # interrupted save leaves the previous checkpoint as it was.
@@ -318,6 +319,9 @@ def _patch_save_pretrained() -> None:
                 bound.arguments["save_directory"] = str(folder)
                 out = current(*bound.args, **bound.kwargs)
                 mark_checkpoint_folder(folder, self)
+                # what this save wrote, before the user's other files are carried over: the push uploads
+                # these (and the card), never a Trainer's optimizer states or training_args.bin beside them
+                saved[:] = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
                 return out
 
             result = atomic_save(save_directory, write)
@@ -327,7 +331,7 @@ def _patch_save_pretrained() -> None:
             from .push import push_folder
 
             repo_id = hub.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))
-            push_folder(self, save_directory, repo_id, token=bound.arguments.get("token"), **hub)
+            push_folder(self, save_directory, repo_id, token=bound.arguments.get("token"), files=saved, **hub)
         return result
 
     setattr(save_pretrained, _PATCH_FLAG, True)

@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 from ..calibration import tokenize_batches
 from ..evaluation import measure_latency, output_fidelity
 from ..utils.page_faults import PageFaults
+from ..utils.positions import usable_positions
 from .card import Measurements, describe_device
 
 
@@ -229,9 +230,8 @@ def measure_speed(
     device = _device(compressed)
     if _device(dense) != device:
         raise ValueError(f"dense and compressed models are on {_device(dense)} and {device}; put both on one device")
-    cfg = compressed.config
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if isinstance(limit, int) and seq_len > limit:
+    limit = usable_positions(compressed)
+    if limit is not None and seq_len > limit:
         raise ValueError(f"seq_len={seq_len} exceeds the model's {limit} positions; use a shorter sequence")
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, compressed.config.vocab_size, (batch_size, seq_len), generator=gen).to(device)

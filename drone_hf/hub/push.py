@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.logging import get_logger
-from .card import RANK_PLOT_FILE, Measurements, plot_ranks, render_model_card
+from .card import CARD_TAG, RANK_PLOT_FILE, Measurements, plot_ranks, render_model_card
 from .checkpoint import is_drone_model, set_base_model
 
 logger = get_logger(__name__)
@@ -119,24 +119,56 @@ def push_folder(
     measurements: Measurements | None = None,
     license: str | None = None,
     tags: list[str] | None = None,
+    files: list[str] | None = None,
 ):
-    """Add the card and plot to a saved DRONE checkpoint ``folder`` and upload it all in one commit.
+    """Add the card and plot to a saved DRONE checkpoint ``folder`` and upload it in one commit.
+
+    ``files``: the paths (relative to ``folder``) the save wrote, uploaded with the card and plot; the
+    default, every non-hidden file, is for a folder written for this push alone. A folder the user
+    also keeps other things in (a Trainer ``output_dir``: ``checkpoint-*/optimizer.pt``,
+    ``training_args.bin``, logs) must name its files: uploading all of it would publish them. A
+    ``README.md`` there that drone-hf did not write stays as it is on disk; the commit carries the
+    DRONE card instead (the Hub copy must say how to load the checkpoint).
 
     Returns:
         the ``huggingface_hub.CommitInfo`` of the commit.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd
 
     check_repo_id(repo_id)
     folder = Path(folder)
-    write_card_files(
-        model, folder, repo_id, base_model=base_model, measurements=measurements, license=license, tags=tags
-    )
-    operations = [
-        CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    ]
+    if files is None:
+        files = [path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                 if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+    with tempfile.TemporaryDirectory(prefix="drone-hf-card-") as cards:
+        card_folder = Path(cards) if _user_readme(folder / "README.md") else folder
+        card_files = write_card_files(
+            model, card_folder, repo_id, base_model=base_model, measurements=measurements, license=license, tags=tags
+        )
+        uploads = {name: folder / name for name in files} | {name: card_folder / name for name in card_files}
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                      for name, path in sorted(uploads.items())]
+        return _commit(operations, repo_id, token=token, private=private, commit_message=commit_message,
+                       commit_description=commit_description, revision=revision, create_pr=create_pr)
+
+
+def _user_readme(path: Path) -> bool:
+    """A ``README.md`` that is not a drone-hf model card (its front matter lacks the ``drone-hf`` tag)."""
+    if not path.is_file():
+        return False
+    try:
+        from huggingface_hub import ModelCard
+
+        tags = ModelCard.load(path).data.tags or []
+    except Exception:  # noqa: BLE001 - unreadable or no front matter: not ours either way
+        return True
+    return CARD_TAG not in tags
+
+
+def _commit(operations: list, repo_id: str, *, token, private, commit_message, commit_description, revision,
+            create_pr):
+    from huggingface_hub import HfApi
+
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     logger.info(f"Uploading {len(operations)} files to {repo_id}")

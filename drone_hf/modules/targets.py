@@ -61,6 +61,27 @@ def _excluded_by_default(model: nn.Module, canonical: str, full: str, module: nn
     return in_emb is not None and weight is not None and weight is getattr(in_emb, "weight", None)
 
 
+def _refuse_tied(model: nn.Module, chosen: dict[str, tuple[str, nn.Module]]) -> None:
+    """A named target whose weight *is* the input embeddings' (a tied LM head) cannot be factored.
+
+    Replacing it unties the pair in memory (the embedding matrix then stored twice, the model larger)
+    and writes a checkpoint transformers cannot reload (its tied-weights list still names the head's
+    ``weight``). The default targets leave such heads out; a list or pattern naming one is refused."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    in_emb = get_in() if callable(get_in) else None
+    shared = getattr(in_emb, "weight", None)
+    if shared is None:
+        return
+    for canonical, (_, module) in chosen.items():
+        if getattr(module, "weight", None) is shared:
+            raise ValueError(
+                f"target_modules selects {canonical!r}, whose weight is tied to the input embeddings "
+                "(tie_word_embeddings): factoring it would untie the two and write a checkpoint transformers "
+                f"cannot reload. Leave {canonical!r} out of target_modules (the default targets already do), or "
+                "load the model with tie_word_embeddings=False to compress an untied head."
+            )
+
+
 def name_matches(entry: str, canonical: str, full: str) -> bool:
     """List-entry matching: the name itself, or a dotted suffix of it (``"query"`` matches ``...self.query``)."""
     return any(n == entry or n.endswith("." + entry) for n in (canonical, full))
@@ -115,6 +136,8 @@ def resolve_targets(
                 )
             chosen.update(hits)
         chosen = {c: layers[c] for c in layers if c in chosen}  # keep module order
+    if target_modules is not None:
+        _refuse_tied(model, chosen)
     for entry in modules_to_not_convert or []:
         if not any(_within(entry, canonical_name(model, n), n) for n, _ in model.named_modules() if n):
             raise ValueError(

@@ -317,7 +317,10 @@ class ProgressiveRankCallback(_LoggingCallback):
 
     Logs ``drone/progressive_stage`` and ``drone/progressive_rel_error`` (mean relative error of the
     cut against the weights just before it) at each stage; ``CompressionStatsCallback`` logs the
-    new ranks. ``save_pretrained`` afterwards writes the final ranks.
+    new ranks. ``save_pretrained`` afterwards writes the final ranks. Each cut clears the Trainer's
+    best-checkpoint record (``best_metric``, ``best_model_checkpoint``), so ``load_best_model_at_end``
+    and early stopping compare only evaluations at the current ranks; with no evaluation after the
+    last cut the run ends on the model as trained.
     """
 
     def __init__(
@@ -393,6 +396,10 @@ class ProgressiveRankCallback(_LoggingCallback):
             else None
         )
         errors = lower_ranks(model, ranks, batches, optimizer, self.method, self.damp)
+        # Checkpoints saved before this cut hold larger factors: their scores do not describe the model at
+        # the new ranks, and load_best_model_at_end could not load them into it (a size mismatch after the
+        # whole run). From here only evaluations at the current ranks compete for "best".
+        state.best_metric = state.best_global_step = state.best_model_checkpoint = None
         known = [e for e in errors.values() if e is not None]
         entry = {
             f"{LOG_PREFIX}progressive_stage": float(stage),

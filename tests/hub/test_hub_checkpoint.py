@@ -174,3 +174,29 @@ def test_save_pretrained_with_push_commits_the_marked_checkpoint(compressed, tmp
     assert json.loads(commit["files"]["config.json"])["model_type"] == "drone"
     assert {"drone_hf_checkpoint.py", "model.safetensors", "README.md", "rank_per_layer.png"} <= set(commit["files"])
     assert read_config(tmp_path / "drone")["model_type"] == "drone"  # the local copy too
+
+
+def test_save_with_push_uploads_what_the_save_wrote_not_the_rest_of_the_folder(compressed, tmp_path, fake_hub):
+    """A Trainer output_dir holds optimizer states and training_args.bin next to the model: a push from
+    save_pretrained must not publish them, and a README.md of the user's stays on disk as it was."""
+    model, _ = compressed("bert")
+    folder = tmp_path / "out"
+    (folder / "checkpoint-1").mkdir(parents=True)
+    (folder / "checkpoint-1" / "optimizer.pt").write_bytes(b"optimizer state")
+    (folder / "training_args.bin").write_bytes(b"pickled arguments")
+    (folder / "README.md").write_text("# My experiment notes\n")
+    model.save_pretrained(folder, push_to_hub=True, repo_id="me/tiny-drone")
+    (commit,) = fake_hub.commits
+    files = set(commit["files"])
+    model.save_pretrained(tmp_path / "reference")
+    assert files == {p.name for p in (tmp_path / "reference").iterdir()} | {"README.md", "rank_per_layer.png"}
+    card = commit["files"]["README.md"].decode()
+    assert card.startswith("---\n") and "drone-hf" in card  # the Hub gets the DRONE card ...
+    assert (folder / "README.md").read_text() == "# My experiment notes\n"  # ... the user's file stays
+    assert (folder / "checkpoint-1" / "optimizer.pt").read_bytes() == b"optimizer state"  # kept locally
+    assert read_config(folder)["model_type"] == "drone"
+
+    model.save_pretrained(folder / "again", push_to_hub=True, repo_id="me/tiny-drone")  # a fresh folder: card on disk
+    assert "drone-hf" in (folder / "again" / "README.md").read_text()
+    model.save_pretrained(folder / "again", push_to_hub=True, repo_id="me/tiny-drone")  # our own card: rewritten
+    assert fake_hub.commits[-1]["files"]["README.md"] == (folder / "again" / "README.md").read_bytes()

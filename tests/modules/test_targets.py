@@ -190,8 +190,19 @@ def test_default_skips_tied_and_output_embeddings(cls) -> None:
     model = cls()
     assert list(supported_layers(model)) == ["mix", "unembed"]
     assert list(resolve_targets(model, None, None)) == ["mix"]
-    # naming it targets it anyway
-    assert list(resolve_targets(model, ["unembed"], None)) == ["unembed"]
+    if cls is OutputEmbeddingHead:  # an untied output embedding: naming it targets it
+        assert list(resolve_targets(model, ["unembed"], None)) == ["unembed"]
+    else:  # a tied one is refused even when named: factoring it unties it and breaks the reload
+        with pytest.raises(ValueError, match=r"selects 'unembed', whose weight is tied to the input embeddings"):
+            resolve_targets(model, ["unembed"], None)
+
+
+@pytest.mark.parametrize("named", [["c_attn", "lm_head"], ".*"])
+def test_a_named_tied_lm_head_is_refused_with_the_fix(named) -> None:
+    with pytest.raises(ValueError, match=r"'lm_head', whose weight is tied .*tie_word_embeddings=False"):
+        resolve_targets(tiny_gpt2_lm(), named, None)
+    targets = resolve_targets(tiny_llama_lm(tie=False), ["lm_head"], None)  # untied: an ordinary layer
+    assert list(targets) == ["lm_head"]
 
 
 @pytest.mark.parametrize("component", sorted(HEAD_COMPONENTS))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from tiny_models import CALIBRATION_TEXTS
-from trainer_helpers import classification_dataset, compressed_classifier, make_trainer
+from trainer_helpers import classification_dataset, compressed_classifier, make_trainer, training_args
 from transformers import AutoModelForSequenceClassification
 
 from drone_hf import DroneLinear
@@ -144,3 +144,29 @@ def test_compress_select_and_progressive_in_one_run(tok, tmp_path):
     assert all(m.rank == uniform_rank(m.out_features, m.in_features, 0.25) for m in layers.values())
     assert not model.bert.embeddings.word_embeddings.weight.requires_grad  # "factors" held through the cuts
     assert model.get_submodule("bert.encoder.layer.0.attention.self.query").down.weight.requires_grad
+
+
+def test_load_best_model_at_end_compares_only_checkpoints_at_the_final_ranks(tok, tmp_path, pristine):
+    """A checkpoint saved before a cut holds larger factors: it must not win "best" (loading it into the cut
+    model fails on a size mismatch at the end of the run). The first evaluation scores highest here."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    model = copy.deepcopy(pristine)
+    start = ranks_of(model)
+    cb = ProgressiveRankCallback(final_param_ratio=0.25, num_stages=1, start=0.4, end=0.5, calibration_samples=8)
+    scores = iter([3.0, 2.0, 1.0])  # evaluations at steps 2, 4, 6: each worse than the one before
+    data = classification_dataset(tok)
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                           save_steps=2, load_best_model_at_end=True, metric_for_best_model="score",
+                           greater_is_better=True, per_device_eval_batch_size=8),
+        train_dataset=data, eval_dataset=data, data_collator=DataCollatorWithPadding(tok), processing_class=tok,
+        compute_metrics=lambda _: {"score": next(scores)}, callbacks=[cb],
+    )
+    trainer.train()
+    assert cb.schedule == {3: 1}
+    final = ranks_of(model)
+    assert final != start and all(final[n] <= start[n] for n in start)
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")  # the best after the cut, not step 2's
+    assert trainer.state.best_metric == 2.0
