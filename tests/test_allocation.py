@@ -197,7 +197,8 @@ def test_a_budget_given_later_replaces_the_default_param_ratio(how) -> None:
         model = drone_hf.compress(tiny_bert(), cfg, show_progress=False)
     record = model.config.quantization_config
     assert record.param_ratio is None and record.max_loss == 10.0
-    assert record.allocation_result["budget"]["max_loss"] == 10.0 and "param_ratio" not in record.allocation_result["budget"]
+    budget = record.allocation_result["budget"]
+    assert budget["max_loss"] == 10.0 and "param_ratio" not in budget
 
 
 def test_greedy_at_param_ratio_one_keeps_everything_dense_and_is_refused() -> None:
