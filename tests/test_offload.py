@@ -129,3 +129,19 @@ def test_offloaded_fisher_weighted_svd_equals_in_memory(classifier_checkpoint, t
     got, ref, svd = (m.get_submodule(name) for m in (model, reference, plain))
     assert not torch.equal(ref.down.weight, svd.down.weight)  # the Fisher weighting changes the factors here
     assert torch.equal(got.up.weight, ref.up.weight) and torch.equal(got.down.weight, ref.down.weight)
+
+
+def test_offloaded_gradient_passes_leave_requires_grad_as_it_was(classifier_checkpoint, tmp_path):
+    """The gradient passes (loss-aware DRONE here) switch requires_grad off and back on; an offloaded
+    module gets a new placeholder tensor at each forward, so restoring the objects held at entry left
+    the module's own tensors frozen."""
+    from transformers import BertForSequenceClassification
+
+    device_map = {f"bert.{k}": v for k, v in MAP.items()} | {"classifier": "cpu"}
+    model = BertForSequenceClassification.from_pretrained(
+        classifier_checkpoint, drone_config=config(method="drone-kfac"), device_map=device_map,
+        offload_folder=tmp_path / "offload")
+    norm = model.bert.encoder.layer[2].output.LayerNorm  # not a target, still on disk
+    assert is_offloaded(norm)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == []

@@ -137,11 +137,14 @@ def _loss(
 @contextmanager
 def gradients_only_for(model: nn.Module, weights: Iterable[torch.Tensor]) -> Iterator[None]:
     """Eval mode with autograd on, only ``weights`` requiring grad (so a graph exists through their
-    layers); afterwards every parameter's ``requires_grad`` is restored and no ``.grad`` is left."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
+    layers); afterwards every parameter's ``requires_grad`` is restored and no ``.grad`` is left.
+
+    Restored by name, not by tensor object: accelerate's offload hooks put a new placeholder tensor
+    into an offloaded module at every forward pass (copying the flag of the one before), so the
+    objects held at entry are no longer the module's at exit."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
-        for p in params:
+        for p in model.parameters():
             p.requires_grad_(False)
             p.grad = None
         for w in weights:
@@ -149,8 +152,8 @@ def gradients_only_for(model: nn.Module, weights: Iterable[torch.Tensor]) -> Ite
         with _eval_mode(model), torch.enable_grad():
             yield
     finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, p.requires_grad))
             p.grad = None
 
 
