@@ -54,6 +54,7 @@ class DroneBertSelfAttention(DroneAttention):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Any = None,
+        cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         from transformers.cache_utils import EncoderDecoderCache
@@ -63,10 +64,12 @@ class DroneBertSelfAttention(DroneAttention):
         query_layer = self.query_states(hidden_states)
         key_layer = self.key_states(hidden_states)
         value_layer = self.split_heads(self.value(hidden_states), self.head_dim)
-        if past_key_values is not None:
-            cache = past_key_values
-            if isinstance(past_key_values, EncoderDecoderCache):
-                cache = past_key_values.self_attention_cache
+        # transformers >= 5.25 passes the KV cache as ``cache=``, earlier 5.x as ``past_key_values=``: a
+        # layer that read only one of them would see no cache from the other and attend to the new tokens alone
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            if isinstance(cache, EncoderDecoderCache):
+                cache = cache.self_attention_cache
             key_layer, value_layer = cache.update(key_layer, value_layer, self.layer_idx)
         attn_output, attn_weights = self.attend(
             self.config, eager_attention_forward, query_layer, key_layer, value_layer, attention_mask,

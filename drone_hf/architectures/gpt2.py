@@ -58,6 +58,7 @@ class DroneGPT2Attention(DroneAttention):
         self,
         hidden_states: torch.Tensor,
         past_key_values: Any = None,
+        cache: Any = None,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
@@ -75,10 +76,12 @@ class DroneGPT2Attention(DroneAttention):
         query_states = self.query_states(hidden_states)
         key_states = self.key_states(hidden_states)
         value_states = self.split_heads(self.value(hidden_states), self.head_dim)
-        if past_key_values is not None:
-            cache = past_key_values
-            if isinstance(past_key_values, EncoderDecoderCache):
-                cache = past_key_values.self_attention_cache
+        # transformers >= 5.25 passes the KV cache as ``cache=``, earlier 5.x as ``past_key_values=``: a
+        # layer that read only one of them would see no cache from the other and attend to the new tokens alone
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            if isinstance(cache, EncoderDecoderCache):
+                cache = cache.self_attention_cache
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
         dropout = self.attn_dropout.p if self.training else 0.0
         if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:

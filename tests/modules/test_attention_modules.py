@@ -104,6 +104,33 @@ def test_gpt2_is_causal_and_generation_with_the_cache_matches_full_recomputation
     assert torch.equal(generated, uncached)
 
 
+def bert_decoder():
+    from tiny_models import bert_config
+    from transformers import BertLMHeadModel
+
+    torch.manual_seed(0)
+    return BertLMHeadModel(bert_config(is_decoder=True, hidden_size=32, num_attention_heads=HEADS)).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert-decoder"])
+def test_decoders_fill_the_kv_cache_and_a_cached_step_equals_full_recomputation(family) -> None:
+    """Generation on a tiny random model can repeat one token with or without a cache, so the cache is
+    checked directly: after a prefix it holds the prefix, and the next token's logits from it equal
+    those of the whole sequence recomputed (transformers passes it as ``cache=``)."""
+    from transformers import DynamicCache
+
+    model = compress_by_hand(build("gpt2") if family == "gpt2" else bert_decoder(), rank=3)
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 1012]])
+    cache = DynamicCache()
+    with torch.no_grad():
+        prefix = model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
+        assert cache.get_seq_length() == ids.shape[1] - 1
+        step = model(input_ids=ids[:, -1:], cache=cache, use_cache=True).logits[:, -1]
+        full = model(input_ids=ids).logits
+    torch.testing.assert_close(prefix.logits, full[:, :-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step, full[:, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_mpnet_eager_path_with_attention_weights_matches_sdpa() -> None:
     model = compress_by_hand(build("mpnet"), rank=3)
     inputs = INPUTS
