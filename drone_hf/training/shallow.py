@@ -133,7 +133,40 @@ def shallow_student(
         cfg.layer_types = [layer_types[i] for i in keep]
     # indices into the model it was cut from (the teacher its distillation runs against)
     setattr(cfg, TEACHER_LAYERS_KEY, keep)
+    _renumber_records(student, f"{holder}.{attr}" if holder else attr, keep)
     return student
+
+
+def _renumber_records(student: nn.Module, chain: str, keep: list[int]) -> None:
+    """Key a DRONE-compressed student's records by its own layer numbers.
+
+    ``ranks``/``relative_errors`` and ``attention_ranks``/``attention_errors`` name layers by path,
+    with the teacher's indices (``encoder.layer.3.attention.self.query``); ``save_pretrained`` writes
+    them next to the student's weights, whose layer 1 is that teacher layer 3. Left as they were, the
+    reload rebuilds layer 1 at layer 1's recorded rank and refuses the mismatch. Entries of cut layers
+    are dropped; entries outside the layer chain are kept."""
+    from ..modules.targets import canonical_name
+    from .stats import quantization_record
+
+    quantizer = getattr(student, "hf_quantizer", None)
+    candidates = (quantization_record(student), getattr(quantizer, "quantization_config", None))
+    records = {id(r): r for r in candidates if r is not None}
+    prefix = canonical_name(student, chain) + "."
+    new_index = {old: new for new, old in enumerate(keep)}
+
+    def renamed(name: str) -> str | None:
+        if not name.startswith(prefix):
+            return name
+        index, _, rest = name[len(prefix):].partition(".")
+        if not index.isdigit() or int(index) not in new_index:
+            return None  # a layer the student does not have
+        return f"{prefix}{new_index[int(index)]}" + (f".{rest}" if rest else "")
+
+    for record in records.values():
+        for key in ("ranks", "relative_errors", "attention_ranks", "attention_errors"):
+            table = getattr(record, key, None)
+            if isinstance(table, dict):
+                setattr(record, key, {new: v for name, v in table.items() if (new := renamed(name)) is not None})
 
 
 def hidden_state_map(student: nn.Module) -> dict[int, int] | None:

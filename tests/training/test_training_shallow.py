@@ -120,6 +120,28 @@ def test_shallow_student_of_a_compressed_teacher_keeps_its_factors(tok):
         assert student(**sample_inputs()).logits.shape == (2, 3)
 
 
+def test_shallow_student_of_a_compressed_teacher_saves_and_reloads(tok, tmp_path):
+    """The records name layers by the teacher's numbers; the student's layer 0 is teacher layer 1, so
+    they are renumbered (cut layers dropped) or the reload rebuilds layer 0 at teacher layer 0's rank."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = drone_hf.DroneConfig(param_ratio=0.5, dataset=CALIBRATION_TEXTS, tokenizer=tok, allocation="uniform",
+                               ranks={"encoder.layer.0.attention.self.query": 2})  # layer 0 unlike layers 1 and 3
+    compressed = drone_hf.compress(bert4(), cfg, show_progress=False)
+    student = shallow_student(compressed, layers=[1, 3])
+    record = student.config.quantization_config
+    teacher_record = compressed.config.quantization_config
+    kept = [k for k in teacher_record.ranks if k.startswith(("encoder.layer.1.", "encoder.layer.3."))]
+    assert set(record.ranks) == {k.replace("layer.1.", "layer.0.").replace("layer.3.", "layer.1.") for k in kept}
+    assert record.ranks["encoder.layer.0.attention.self.query"] == teacher_record.ranks[
+        "encoder.layer.1.attention.self.query"] != 2
+    assert teacher_record.ranks["encoder.layer.0.attention.self.query"] == 2  # the teacher's record is untouched
+    student.save_pretrained(tmp_path / "student")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**sample_inputs()).logits, student(**sample_inputs()).logits)
+
+
 def test_bad_input_names_the_fix():
     teacher = bert4()
     with pytest.raises(ValueError, match="exactly one of num_layers"):
