@@ -97,6 +97,20 @@ class DroneHfQuantizer(HfQuantizer):
             model.config.quantization_config = self.quantization_config
         return model
 
+    def dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """Merge the factors back into dense layers; ``dtype=None`` keeps each layer's own dtype.
+
+        transformers' default casts the merged layers to ``model.config.dtype``, the dtype the model
+        was loaded in, which ``model.to(torch.bfloat16)`` does not update: float32 merged layers next
+        to bfloat16 ones then fail at the first matmul. The merge is computed in the factors' dtype,
+        so leaving it there is exact; an explicit ``dtype`` casts the whole model, restored attention
+        modules included, as ``model.to(dtype)`` would."""
+        model = self._dequantize(model, dtype=None)
+        if isinstance(dtype, torch.dtype):
+            model.to(dtype)
+        self.remove_quantization_config(model)
+        return model
+
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """Merge every ``up @ down`` back into a dense layer of the original kind."""
         dense = {name: m.to_dense() for name, m in model.named_modules() if isinstance(m, DroneLinear)}

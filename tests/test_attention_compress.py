@@ -185,6 +185,23 @@ def test_dequantize_restores_the_original_classes_with_identical_outputs() -> No
     torch.testing.assert_close(output_of(model, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_dequantize_after_a_cast_keeps_the_models_dtype_and_runs() -> None:
+    """The model was compressed in float32 and cast to bfloat16: config.dtype still says float32, and
+    merged layers cast to it would not run next to the bfloat16 rest."""
+    model = drone_hf.compress(build("gpt2"), config(attention_rank=3, param_ratio=0.5), show_progress=False)
+    model.config.dtype = torch.float32  # as from_pretrained records the dtype it loaded
+    model.to(torch.bfloat16)
+    inputs = sample_inputs()
+    expected = output_of(model, inputs)
+    model.dequantize()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(output_of(model, inputs), expected, rtol=0.02, atol=0.02)
+    again = drone_hf.compress(build("gpt2"), config(attention_rank=3, param_ratio=0.5), show_progress=False)
+    again.dequantize(dtype=torch.float64)  # an explicit dtype: the whole model, restored attention included
+    assert {p.dtype for p in again.parameters()} == {torch.float64}
+    output_of(again, inputs)
+
+
 def test_config_fields_are_validated_and_serialised() -> None:
     with pytest.raises(ValueError, match="compress_attention=1 must be True or False"):
         DroneConfig(compress_attention=1)
