@@ -20,13 +20,17 @@ MAP = {
 }
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-bert")
+def save_three_layer(cls, folder):
+    """A seeded 3-layer tiny ``cls`` and the tokenizer, saved into ``folder`` (returned)."""
     torch.manual_seed(0)
-    BertModel(bert_config(num_hidden_layers=3)).eval().save_pretrained(folder)
+    cls(bert_config(num_hidden_layers=3)).eval().save_pretrained(folder)
     TOK.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_three_layer(BertModel, tmp_path_factory.mktemp("tiny-bert"))
 
 
 def config(**kw) -> DroneConfig:
@@ -107,11 +111,7 @@ def test_meta_weights_without_an_offload_store_are_refused():
 def classifier_checkpoint(tmp_path_factory):
     from transformers import BertForSequenceClassification
 
-    folder = tmp_path_factory.mktemp("tiny-bert-cls")
-    torch.manual_seed(0)
-    BertForSequenceClassification(bert_config(num_hidden_layers=3)).eval().save_pretrained(folder)
-    TOK.save_pretrained(folder)
-    return folder
+    return save_three_layer(BertForSequenceClassification, tmp_path_factory.mktemp("tiny-bert-cls"))
 
 
 def test_offloaded_fisher_weighted_svd_equals_in_memory(classifier_checkpoint, tmp_path):
