@@ -139,7 +139,9 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
     return [(str(r[text_column]), r[label_column]) for r in rows]
 
 
-def _label_ids(labels: Sequence[Any], config: Any) -> list[int]:
+def label_ids(labels: Sequence[Any], config: Any) -> list[int]:
+    """Class ids for ``labels`` given as ids (``1``, ``"1"``) or as the model's label names
+    (``config.label2id``: ``"positive"``), so a labelled file can name its classes either way."""
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
     out = []
     for label in labels:
@@ -164,7 +166,7 @@ def accuracy(
     desc: str = "Accuracy",
 ) -> float:
     """Fraction of ``examples`` whose argmax logit is the label (an integer id or a name in ``label2id``)."""
-    labels = _label_ids([label for _, label in examples], model.config)
+    labels = label_ids([label for _, label in examples], model.config)
     texts = [text for text, _ in examples]
     device = _device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -85,12 +85,17 @@ def split_dataset(ds: Any, eval_fraction: float, seed: int) -> tuple[Any, Any]:
     return parts["train"], parts["test"]
 
 
-def tokenize_classification(ds: Any, tokenizer: Any, max_length: int) -> Any:
-    """``text``/``label`` rows -> ``input_ids``/``attention_mask``/``labels`` (padding left to the collator)."""
+def tokenize_classification(ds: Any, tokenizer: Any, max_length: int, config: Any = None) -> Any:
+    """``text``/``label`` rows -> ``input_ids``/``attention_mask``/``labels`` (padding left to the collator).
+
+    With the model's ``config``, labels may be its class names (``config.label2id``), as
+    ``drone-hf eval`` accepts them; they become class ids here."""
+    from ..hub.measure import label_ids
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": batch["label"]}
+        labels = batch["label"] if config is None else label_ids(batch["label"], config)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names)
 
@@ -217,8 +222,8 @@ def _load(cfg: RecipeConfig) -> tuple[nn.Module, Any, Any, Any, list[str]]:
         return (
             model,
             tokenizer,
-            tokenize_classification(train, tokenizer, cfg.max_length),
-            tokenize_classification(evals, tokenizer, cfg.max_length),
+            tokenize_classification(train, tokenizer, cfg.max_length, model.config),
+            tokenize_classification(evals, tokenizer, cfg.max_length, model.config),
             texts,
         )
     if tokenizer.pad_token is None:

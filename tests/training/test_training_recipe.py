@@ -130,3 +130,22 @@ def test_recipe_refuses_bad_input(tmp_path):
         load_labelled(bad)
     with pytest.raises(SystemExit):
         example_main()(["sequence-classification", "--model", "m", "--output", str(tmp_path / "o")])
+
+
+def test_class_names_as_labels_become_the_models_class_ids(tmp_path):
+    """A labelled file may name classes as the model does (config.label2id), as drone-hf eval accepts;
+    the recipe tokenized the names as they were and the first batch failed to become a tensor."""
+    from drone_hf.training.recipe import _load
+
+    model_dir = save_tiny("bert-seq-cls", tmp_path / "dense")  # label2id: LABEL_0, LABEL_1, LABEL_2
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\n" + "".join(f"{t.replace(',', '')},LABEL_{i % 3}\n"
+                                             for i, t in enumerate(CALIBRATION_TEXTS)))
+    cfg = RecipeConfig(task="sequence-classification", model=str(model_dir), train_file=str(data), max_length=16,
+                       output_dir=str(tmp_path / "out"))
+    _, _, train, evals, _ = _load(cfg)
+    labels = sorted(list(train["labels"]) + list(evals["labels"]))
+    assert labels == sorted(i % 3 for i in range(len(CALIBRATION_TEXTS)))
+    data.write_text("text,label\nA text.,LABEL_9\nAnother.,LABEL_0\nThird.,LABEL_1\nFourth.,LABEL_2\nFifth.,LABEL_0\n")
+    with pytest.raises(ValueError, match=r"label 'LABEL_9' is neither an integer class id nor one of the model's"):
+        _load(cfg)
