@@ -25,7 +25,7 @@ layers, is a batch mean scaled by ``items / N`` so accumulated batches average i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -144,6 +144,11 @@ class DistillationLoss:
         self._handle: Any = None
         self._teacher_flags: dict[nn.Parameter, bool] = {}
         self._layer_map: dict[int, int] | None = None  # a shallow student's hidden-state map, from attach()
+        #: Micro-batches per optimizer step, read at each training call (``distillation_trainer`` wires it to
+        #: the Trainer's). Without labels Trainer counts no ``num_items_in_batch``, so each micro-batch's
+        #: loss is its own mean; Trainer does not divide a ``compute_loss_func``'s loss by the accumulation
+        #: steps, so this loss does, or gradient accumulation would multiply the gradients by that many.
+        self.accumulation_steps: Callable[[], int] | None = None
 
     # --- wiring to the student ---------------------------------------------------------------------
     def attach(self, student: nn.Module) -> DistillationLoss:
@@ -222,7 +227,7 @@ class DistillationLoss:
     def __call__(self, outputs: Any, labels: torch.Tensor | None, num_items_in_batch: Any = None) -> torch.Tensor:
         teacher = self.teacher_outputs()
         mask = (self._inputs or {}).get("attention_mask")
-        return self.compute(
+        loss = self.compute(
             outputs,
             teacher,
             labels,
@@ -230,6 +235,9 @@ class DistillationLoss:
             num_items_in_batch=num_items_in_batch,
             hidden=self._with_hidden,
         )
+        if num_items_in_batch is None and torch.is_grad_enabled() and self.accumulation_steps is not None:
+            loss = loss / max(int(self.accumulation_steps()), 1)  # training step only: evaluation runs without grad
+        return loss
 
     def compute(
         self,
@@ -362,7 +370,9 @@ def distillation_trainer(
     """A stock ``transformers.Trainer`` whose loss distils ``teacher`` into ``model``.
 
     Same as ``Trainer(model=model, args=args, compute_loss_func=DistillationLoss(teacher,
-    ...).attach(model), **trainer_kwargs)``; the loss object is ``trainer.compute_loss_func``.
+    ...).attach(model), **trainer_kwargs)``, plus the loss's ``accumulation_steps`` wired to the
+    Trainer's (label-free data with gradient accumulation: see ``DistillationLoss.accumulation_steps``);
+    the loss object is ``trainer.compute_loss_func``.
     """
     from transformers import Trainer
 
@@ -379,4 +389,6 @@ def distillation_trainer(
         task=task,
         teacher_device=teacher_device,
     ).attach(model)
-    return Trainer(model=model, args=args, compute_loss_func=loss, **trainer_kwargs)
+    trainer = Trainer(model=model, args=args, compute_loss_func=loss, **trainer_kwargs)
+    loss.accumulation_steps = lambda: getattr(trainer, "current_gradient_accumulation_steps", 1)
+    return trainer

@@ -162,3 +162,25 @@ def test_trainer_step_loss_is_the_distillation_loss_and_the_teacher_stays_put(to
     assert prediction.predictions.shape == (8, 3) and math.isfinite(prediction.metrics["test_loss"])
     loss_obj.detach()  # done distilling: the dense model is trainable again, the student's hook is gone
     assert all(p.requires_grad for p in dense.parameters()) and not student._forward_pre_hooks
+
+
+def test_label_free_distillation_loss_does_not_grow_with_gradient_accumulation(tok, tmp_path):
+    """Without labels Trainer counts no items, so each micro-batch's loss is its own mean, and it does
+    not divide a compute_loss_func's loss by the accumulation steps: 2 x 4 rows must log the loss of
+    1 x 8 rows, not twice it."""
+    dense, student = compressed_classifier(tok)
+    with torch.no_grad():  # a student visibly unlike its teacher: a loss well above round-off
+        student.classifier.weight.add_(torch.randn(student.classifier.weight.shape, generator=torch.Generator()
+                                                   .manual_seed(0)))
+    rows = classification_dataset(tok, n=8).remove_columns("labels")
+    logged = {}
+    for accumulation, batch in ((1, 8), (2, 4)):
+        trainer = distillation_trainer(
+            copy.deepcopy(student), dense,
+            training_args(tmp_path / str(accumulation), per_device_train_batch_size=batch,
+                          gradient_accumulation_steps=accumulation, max_steps=1),
+            train_dataset=rows, data_collator=DataCollatorWithPadding(tok),
+        )
+        trainer.train()
+        logged[accumulation] = trainer.state.log_history[0]["loss"]
+    assert logged[1] > 1e-3 and logged[2] == pytest.approx(logged[1], rel=1e-3)
