@@ -36,7 +36,8 @@ from ._model import unwrap
 from .shallow import hidden_state_map
 
 #: Tasks the loss knows how to pair logits and labels for.
-TASKS = ("auto", "sequence_classification", "regression", "token_classification", "causal_lm")
+TASKS = ("auto", "sequence_classification", "regression", "multi_label_classification", "token_classification",
+         "causal_lm")
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -55,6 +56,8 @@ def infer_task(model: nn.Module) -> str:
     if name.endswith("ForTokenClassification"):
         return "token_classification"
     if name.endswith("ForSequenceClassification"):
+        if getattr(cfg, "problem_type", None) == "multi_label_classification":
+            return "multi_label_classification"
         regression = getattr(cfg, "problem_type", None) == "regression" or getattr(cfg, "num_labels", 2) == 1
         return "regression" if regression else "sequence_classification"
     raise ValueError(
@@ -86,6 +89,9 @@ class DistillationLoss:
             (the same in both models), or a dict ``{student index: teacher index}``.
         task: ``"auto"`` (from the student's class at :meth:`attach`), ``"sequence_classification"``,
             ``"regression"`` (KD = squared difference of outputs, no temperature),
+            ``"multi_label_classification"`` (independent yes/no per label, as transformers trains
+            ``problem_type="multi_label_classification"``: KD = each label's binary KL at temperature
+            ``T``, task loss = binary cross-entropy on 0/1 labels),
             ``"token_classification"`` or ``"causal_lm"`` (next-token: logits and labels shifted).
         teacher_device: where the teacher runs. ``None``: moved to the student's device on first
             use; a device (e.g. ``"cpu"`` to offload it from an accelerator): stays there, inputs go
@@ -279,10 +285,16 @@ class DistillationLoss:
             keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
         keep = keep.to(s.device).bool()
         s_items, t_items = s[keep], t[keep]  # [items, classes]
-        n_items = int(keep.sum())
+        # loss terms: rows, tokens, or for multi-label every (row, label) pair, as Trainer counts 0/1 label entries
+        n_items = int(keep.sum()) * (s.shape[-1] if task == "multi_label_classification" else 1)
         denom = float(num_items_in_batch) if num_items_in_batch is not None else float(max(n_items, 1))
         if task == "regression":
             kd = ((s_items - t_items) ** 2).sum(-1)
+        elif task == "multi_label_classification":  # one Bernoulli per label: KL of [p, 1 - p] pairs
+            T = self.temperature
+            p_t = torch.sigmoid(t_items / T)
+            kd = (p_t * (F.logsigmoid(t_items / T) - F.logsigmoid(s_items / T))
+                  + (1 - p_t) * (F.logsigmoid(-t_items / T) - F.logsigmoid(-s_items / T))).reshape(-1) * T * T
         else:
             T = self.temperature
             log_p_t = F.log_softmax(t_items / T, dim=-1)
@@ -291,6 +303,9 @@ class DistillationLoss:
             target = lab[keep]
             if task == "regression":
                 task_loss = ((s_items - target.to(s_items.dtype).view(s_items.shape)) ** 2).sum(-1)
+            elif task == "multi_label_classification":
+                task_loss = F.binary_cross_entropy_with_logits(s_items, target.to(s_items.dtype),
+                                                               reduction="none").reshape(-1)
             else:
                 task_loss = F.cross_entropy(s_items, target.long(), reduction="none")
             total = (self.alpha * kd + (1 - self.alpha) * task_loss).sum() / denom

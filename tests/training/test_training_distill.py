@@ -12,6 +12,7 @@ from trainer_helpers import classification_dataset, compressed_classifier, snaps
 from transformers import DataCollatorWithPadding
 
 from drone_hf.training import DistillationLoss, distillation_trainer
+from drone_hf.training.distill import infer_task
 
 
 def softmax(row: list[float], T: float) -> list[float]:
@@ -103,6 +104,34 @@ def test_regression_uses_squared_differences():
     assert float(got) == pytest.approx(expected)
 
 
+def test_multi_label_is_one_binary_kl_and_cross_entropy_per_label_entry():
+    """problem_type="multi_label_classification": independent yes/no per label, averaged over the
+    (row, label) entries Trainer counts; the softmax form flattened the logits and failed."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def bern_kl(s: float, t: float, T: float) -> float:
+        ps, pt = 1 / (1 + math.exp(-s / T)), 1 / (1 + math.exp(-t / T))
+        return T * T * (pt * math.log(pt / ps) + (1 - pt) * math.log((1 - pt) / (1 - ps)))
+
+    def bce(s: float, y: float) -> float:
+        p = 1 / (1 + math.exp(-s))
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    labels = [[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
+    loss = DistillationLoss(torch.nn.Linear(1, 1), temperature=2.0, alpha=0.3, task="multi_label_classification")
+    got = loss.compute(out(S), out(T_), torch.tensor(labels, dtype=torch.float64))
+    pairs = [(S[i][c], T_[i][c], labels[i][c]) for i in range(3) for c in range(3)]
+    expected = sum(0.3 * bern_kl(s, t, 2.0) + 0.7 * bce(s, y) for s, t, y in pairs) / 9
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    scaled = loss.compute(out(S), out(T_), torch.tensor(labels), num_items_in_batch=torch.tensor(18))
+    assert float(scaled) == pytest.approx(expected / 2, rel=1e-6)  # half of the step's 18 label entries
+    assert float(loss.compute(out(T_), out(T_), None)) == pytest.approx(0.0, abs=1e-12)  # KL of a model to itself
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=16, num_labels=3,
+                                                     problem_type="multi_label_classification"))
+    assert infer_task(model) == "multi_label_classification"
+
+
 def test_bad_input_names_the_fix(tok):
     dense, student = compressed_classifier(tok)
     with pytest.raises(ValueError, match="temperature=0 must be a number > 0"):
@@ -184,3 +213,14 @@ def test_label_free_distillation_loss_does_not_grow_with_gradient_accumulation(t
         trainer.train()
         logged[accumulation] = trainer.state.log_history[0]["loss"]
     assert logged[1] > 1e-3 and logged[2] == pytest.approx(logged[1], rel=1e-3)
+
+
+def test_multi_label_distillation_trains_in_a_trainer(tok, tmp_path):
+    dense, student = compressed_classifier(tok, problem_type="multi_label_classification")
+    rows = classification_dataset(tok, n=8)
+    rows = rows.map(lambda r: {"labels": [float(r["labels"] == c) for c in range(3)]})
+    trainer = distillation_trainer(student, dense, training_args(tmp_path, per_device_train_batch_size=8),
+                                   train_dataset=rows, data_collator=DataCollatorWithPadding(tok))
+    assert trainer.compute_loss_func.task == "multi_label_classification"
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"]) and trainer.state.log_history[0]["loss"] > 0
