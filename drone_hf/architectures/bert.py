@@ -57,20 +57,13 @@ class DroneBertSelfAttention(DroneAttention):
         cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from transformers.cache_utils import EncoderDecoderCache
         from transformers.models.bert.modeling_bert import eager_attention_forward
 
         input_shape = hidden_states.shape[:-1]
         query_layer = self.query_states(hidden_states)
         key_layer = self.key_states(hidden_states)
         value_layer = self.split_heads(self.value(hidden_states), self.head_dim)
-        # transformers >= 5.25 passes the KV cache as ``cache=``, earlier 5.x as ``past_key_values=``: a
-        # layer that read only one of them would see no cache from the other and attend to the new tokens alone
-        cache = cache if cache is not None else past_key_values
-        if cache is not None:
-            if isinstance(cache, EncoderDecoderCache):
-                cache = cache.self_attention_cache
-            key_layer, value_layer = cache.update(key_layer, value_layer, self.layer_idx)
+        key_layer, value_layer = self.cached_key_values(key_layer, value_layer, cache, past_key_values)
         attn_output, attn_weights = self.attend(
             self.config, eager_attention_forward, query_layer, key_layer, value_layer, attention_mask,
             dropout=0.0 if not self.training else self.dropout.p, **kwargs,

@@ -65,7 +65,6 @@ class DroneGPT2Attention(DroneAttention):
         output_attentions: bool | None = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from transformers.cache_utils import EncoderDecoderCache
         from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, eager_attention_forward
 
         if encoder_hidden_states is not None:
@@ -76,13 +75,7 @@ class DroneGPT2Attention(DroneAttention):
         query_states = self.query_states(hidden_states)
         key_states = self.key_states(hidden_states)
         value_states = self.split_heads(self.value(hidden_states), self.head_dim)
-        # transformers >= 5.25 passes the KV cache as ``cache=``, earlier 5.x as ``past_key_values=``: a
-        # layer that read only one of them would see no cache from the other and attend to the new tokens alone
-        cache = cache if cache is not None else past_key_values
-        if cache is not None:
-            if isinstance(cache, EncoderDecoderCache):
-                cache = cache.self_attention_cache
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+        key_states, value_states = self.cached_key_values(key_states, value_states, cache, past_key_values)
         dropout = self.attn_dropout.p if self.training else 0.0
         if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:
             # GPT-2's float32 eager variant works at any query/key width (it reads dk from the query)

@@ -149,6 +149,23 @@ class DroneAttention(nn.Module):
         b_full[:, :k] = b
         return w_full.reshape(h * d, -1), b_full.reshape(h * d)
 
+    def cached_key_values(
+        self, key: torch.Tensor, value: torch.Tensor, cache: Any, past_key_values: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values after the KV cache's update (as given when there is none).
+
+        transformers >= 5.25 passes the cache as ``cache=``, earlier 5.x as ``past_key_values=``: a
+        layer that read only one of them would see no cache from the other and attend to the new
+        tokens alone. An encoder-decoder cache holds this self-attention's part separately."""
+        from transformers.cache_utils import EncoderDecoderCache
+
+        cache = cache if cache is not None else past_key_values
+        if cache is None:
+            return key, value
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        return cache.update(key, value, self.layer_idx)
+
     # --- attention -------------------------------------------------------------------------------
     def _pad(self, x: torch.Tensor, width: int) -> torch.Tensor:
         return x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))

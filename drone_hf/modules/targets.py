@@ -55,6 +55,11 @@ def _excluded_by_default(model: nn.Module, canonical: str, full: str, module: nn
     out_emb = get_out() if callable(get_out) else None
     if out_emb is not None and module is out_emb:
         return True
+    return _tied_to_input_embeddings(model, module)
+
+
+def _tied_to_input_embeddings(model: nn.Module, module: nn.Module) -> bool:
+    """``module``'s weight *is* the input embeddings' (a tied LM head or output projection)."""
     get_in = getattr(model, "get_input_embeddings", None)
     in_emb = get_in() if callable(get_in) else None
     weight = getattr(module, "weight", None)
@@ -67,13 +72,8 @@ def _refuse_tied(model: nn.Module, chosen: dict[str, tuple[str, nn.Module]]) -> 
     Replacing it unties the pair in memory (the embedding matrix then stored twice, the model larger)
     and writes a checkpoint transformers cannot reload (its tied-weights list still names the head's
     ``weight``). The default targets leave such heads out; a list or pattern naming one is refused."""
-    get_in = getattr(model, "get_input_embeddings", None)
-    in_emb = get_in() if callable(get_in) else None
-    shared = getattr(in_emb, "weight", None)
-    if shared is None:
-        return
     for canonical, (_, module) in chosen.items():
-        if getattr(module, "weight", None) is shared:
+        if _tied_to_input_embeddings(model, module):
             raise ValueError(
                 f"target_modules selects {canonical!r}, whose weight is tied to the input embeddings "
                 "(tie_word_embeddings): factoring it would untie the two and write a checkpoint transformers "

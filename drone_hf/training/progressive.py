@@ -25,7 +25,7 @@ from ..modules.low_rank_linear import DroneLinear
 from ..modules.targets import canonical_name
 from ..solver import decompose
 from ._model import inner_optimizer, model_inputs
-from .stats import quantization_record
+from .stats import quantization_records
 
 
 def final_ranks_for(
@@ -153,10 +153,7 @@ def _install(layer: DroneLinear, up: torch.Tensor, down: torch.Tensor, optimizer
 
 def _record(model: nn.Module, new_ranks: dict[str, int]) -> None:
     """Write the new ranks into the DRONE record that ``save_pretrained`` serialises."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    candidates = (quantization_record(model), getattr(quantizer, "quantization_config", None))
-    records = {id(r): r for r in candidates if r is not None}
-    for record in records.values():
+    for record in quantization_records(model):
         ranks = dict(getattr(record, "ranks", None) or {})
         errors = dict(getattr(record, "relative_errors", None) or {})
         for full, k in new_ranks.items():

@@ -146,11 +146,8 @@ def _renumber_records(student: nn.Module, chain: str, keep: list[int]) -> None:
     reload rebuilds layer 1 at layer 1's recorded rank and refuses the mismatch. Entries of cut layers
     are dropped; entries outside the layer chain are kept."""
     from ..modules.targets import canonical_name
-    from .stats import quantization_record
+    from .stats import quantization_records
 
-    quantizer = getattr(student, "hf_quantizer", None)
-    candidates = (quantization_record(student), getattr(quantizer, "quantization_config", None))
-    records = {id(r): r for r in candidates if r is not None}
     prefix = canonical_name(student, chain) + "."
     new_index = {old: new for new, old in enumerate(keep)}
 
@@ -162,7 +159,7 @@ def _renumber_records(student: nn.Module, chain: str, keep: list[int]) -> None:
             return None  # a layer the student does not have
         return f"{prefix}{new_index[int(index)]}" + (f".{rest}" if rest else "")
 
-    for record in records.values():
+    for record in quantization_records(student):
         for key in ("ranks", "relative_errors", "attention_ranks", "attention_errors"):
             table = getattr(record, key, None)
             if isinstance(table, dict):

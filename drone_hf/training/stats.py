@@ -24,6 +24,14 @@ def quantization_record(model: nn.Module) -> Any:
     return getattr(getattr(unwrap(model), "config", None), "quantization_config", None)
 
 
+def quantization_records(model: nn.Module) -> list[Any]:
+    """Every distinct ``DroneConfig`` record a change of ranks must update: ``config.quantization_config``
+    (what ``save_pretrained`` writes) and the quantizer's copy, when they are not the same object."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    candidates = (quantization_record(model), getattr(quantizer, "quantization_config", None))
+    return list({id(r): r for r in candidates if r is not None}.values())
+
+
 def compression_stats(model: nn.Module, per_layer_ranks: bool = False) -> dict[str, float]:
     """Numeric statistics of a DRONE model's current state, keyed ``drone/...``.
 
