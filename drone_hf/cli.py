@@ -224,18 +224,18 @@ def _summary(path: str):
     return summarize_checkpoint(path)  # ValueError naming the problem -> exit 2
 
 
-def _auto_class(model_class: str, architecture: str | None, exact: bool = False):
-    """The class that loads a checkpoint: ``--model-class``, or with ``infer`` the Auto class its
-    architecture's name suffix calls for. ``exact`` (merge): the recorded class itself when transformers
-    has it (BertForPreTraining, T5ForConditionalGeneration, ...), for which the suffix table falls back
-    to AutoModel, whose checkpoint would drop their heads."""
+def _auto_class(model_class: str, architecture: str | None):
+    """The class that loads a checkpoint: ``--model-class``'s Auto class, or with ``infer`` the recorded
+    class itself when transformers has it (BertForPreTraining, T5ForConditionalGeneration, ...: the
+    name-suffix table would fall back to AutoModel for them and drop their heads), else the Auto class
+    the suffix calls for."""
     import transformers
 
     from drone_hf.hub.card import auto_class_and_task
 
     if model_class != "infer":
         return getattr(transformers, MODEL_CLASSES[model_class])
-    found = getattr(transformers, architecture, None) if exact and architecture else None
+    found = getattr(transformers, architecture, None) if architecture else None
     if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel):
         return found
     return getattr(transformers, auto_class_and_task(architecture)[0])
@@ -276,17 +276,25 @@ def _dense_source(args: argparse.Namespace, summary: Any) -> str:
 
 
 def _load_pair(args: argparse.Namespace):
-    """(summary, Auto class, compressed model, dense model, tokenizer) for eval and bench."""
+    """(summary, task's Auto class name, compressed model, dense model, tokenizer) for eval and bench.
+
+    Both models load as the checkpoint's recorded class (as merge does): the suffix table's AutoModel
+    fallback (BertForPreTraining, ...) would time and measure the bare encoder without the heads the
+    checkpoint holds. The Auto class name only decides which measurements apply (perplexity for
+    causal LMs, accuracy for sequence classifiers)."""
     import drone_hf  # noqa: F401  (registers DRONE before loading)
+    from drone_hf.hub.card import auto_class_and_task
 
     summary = _summary(args.checkpoint)
     dense_source = _dense_source(args, summary)
-    auto = _auto_class(args.model_class, summary.architecture)
-    compressed = auto.from_pretrained(args.checkpoint)
-    dense = auto.from_pretrained(dense_source)
+    loader = _auto_class(args.model_class, summary.architecture)
+    kind = MODEL_CLASSES[args.model_class] if args.model_class != "infer" else \
+        auto_class_and_task(summary.architecture)[0]
+    compressed = loader.from_pretrained(args.checkpoint)
+    dense = loader.from_pretrained(dense_source)
     if hasattr(dense, "hf_quantizer"):
         raise CliError(f"--dense {dense_source} is itself DRONE-compressed; give the original dense model")
-    return summary, auto, compressed, dense, _tokenizer(args.checkpoint, dense_source)
+    return summary, kind, compressed, dense, _tokenizer(args.checkpoint, dense_source)
 
 
 def _print_measurements(m: Any, as_json: bool) -> None:
@@ -417,10 +425,10 @@ def _eval(args: argparse.Namespace) -> int:
         if args.dataset is None:
             raise CliError("--label-column needs --dataset, a labelled .jsonl/.csv/.tsv file")
         labelled = read_labelled(args.dataset, args.text_column, args.label_column)
-    summary, auto, compressed, dense, tokenizer = _load_pair(args)
+    summary, kind, compressed, dense, tokenizer = _load_pair(args)
     if tokenizer is None:
         raise CliError(f"no tokenizer in {args.checkpoint} or the dense model; save one next to the checkpoint")
-    if labelled is not None and not auto.__name__.endswith("SequenceClassification"):
+    if labelled is not None and not kind.endswith("SequenceClassification"):
         raise CliError(f"accuracy needs a sequence-classification checkpoint; {args.checkpoint} is "
                        f"{summary.architecture} (use --model-class sequence-classification if it is one)")
     name = args.dataset or HELDOUT
@@ -433,7 +441,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"Evaluating {args.checkpoint} ({summary.architecture}) against {_dense_source(args, summary)}")
     result = measure_fidelity(dense, compressed, texts, tokenizer, data_name=data_name, **kw)
-    if auto.__name__ == "AutoModelForCausalLM":
+    if kind == "AutoModelForCausalLM":
         result = result.merge(measure_perplexity(dense, compressed, texts, tokenizer, data_name=data_name, **kw))
     if labelled is not None:
         result = result.merge(measure_accuracy(dense, compressed, labelled, tokenizer, data_name=f"{len(labelled)} "
@@ -471,7 +479,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     summary = _summary(args.checkpoint)
     out = _check_output(args.output, args.checkpoint, args.overwrite)
-    auto = _auto_class(args.model_class, summary.architecture, exact=True)
+    auto = _auto_class(args.model_class, summary.architecture)
     model = auto.from_pretrained(args.checkpoint)
     model.dequantize()
     if hasattr(model.config, CHECKPOINT_KEY):

@@ -230,6 +230,40 @@ def test_merge_keeps_a_head_no_auto_class_suffix_names(tmp_path, capsys):
     torch.testing.assert_close(got.prediction_logits, want.prediction_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_eval_and_bench_measure_the_recorded_class_with_its_heads(tmp_path, capsys, monkeypatch):
+    """BertForPreTraining has no entry in the suffix table: eval and bench must load that class (as
+    merge does), not AutoModel, whose bare encoder would be timed and measured without the heads."""
+    from tiny_models import bert_config, tokenizer
+    from transformers import BertForPreTraining
+
+    import drone_hf.hub
+
+    torch.manual_seed(0)
+    dense = BertForPreTraining(bert_config()).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    tokenizer().save_pretrained(tmp_path / "dense")
+    model = drone_hf.compress(BertForPreTraining.from_pretrained(tmp_path / "dense").eval(), DroneConfig(
+        dataset=CALIBRATION_TEXTS, num_samples=8, tokenizer=tokenizer(), allocation="uniform"), show_progress=False)
+    model.save_pretrained(tmp_path / "drone")
+    seen: list[tuple[str, str]] = []
+    for name in ("measure_fidelity", "measure_speed"):
+        real = getattr(drone_hf.hub, name)
+
+        def spy(dense_model, compressed_model, *a, _real=real, **kw):
+            seen.append((type(dense_model).__name__, type(compressed_model).__name__))
+            return _real(dense_model, compressed_model, *a, **kw)
+
+        monkeypatch.setattr(drone_hf.hub, name, spy)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "drone"), "--dense", str(tmp_path / "dense"), "--num-texts", "4",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fidelity_cosine"] > 0.5
+    assert main(["bench", str(tmp_path / "drone"), "--dense", str(tmp_path / "dense"), "--seq-len", "16",
+                 "--repeats", "2", "--warmup", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["compressed_latency_ms"] > 0
+    assert seen == [("BertForPreTraining", "BertForPreTraining")] * 2
+
+
 def test_merge_never_overwrites(ckpts, tmp_path, capsys):
     _, folder = ckpts["bert"]
     assert main(["merge", str(folder), "--output", str(folder)]) == 2
