@@ -19,6 +19,7 @@ from .allocation import check_fixed_rank, uniform_rank
 from .attention_stage import AttentionStage
 from .calibration import collect_grams, load_texts, tokenize_batches
 from .calibration.cache import CalibrationCache, open_cache
+from .calibration.choices import one_choice_per_text, refuse_choice_losses
 from .calibration.distributed import all_reduce_count, broadcast_object, shard_texts
 from .calibration.fisher import DEFAULT_KFAC_FISHER
 from .calibration.offload import check_materialisable, materialise
@@ -204,8 +205,15 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
     ``config`` is mutated: ``ranks`` becomes the real rank per factored layer, ``relative_errors``,
     ``calibration`` and ``allocation_result`` are filled in. Callers that must not mutate the user's
     object pass a copy. Every candidate is computed before the model is finally changed; on any
-    error the model keeps its dense layers.
+    error the model keeps its dense layers. A multiple-choice model is calibrated with one choice per
+    text (:mod:`drone_hf.calibration.choices`).
     """
+    refuse_choice_losses(model, config.method)
+    with one_choice_per_text(model):
+        return _compress_in_place(model, config, show_progress)
+
+
+def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool) -> nn.Module:
     existing = [n for n, m in model.named_modules() if isinstance(m, DroneLinear)]
     if existing:
         raise ValueError(

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibration.choices import refuse_choice_losses
 from .modules.low_rank_linear import DroneLinear
 from .modules.targets import replace_modules
 
@@ -66,6 +67,7 @@ def resolve_eval_loss(model: nn.Module, requested: str = "auto") -> str:
     """
     if requested not in EVAL_LOSSES:
         raise ValueError(f"eval_loss={requested!r} is not supported: use one of {list(EVAL_LOSSES)}.")
+    refuse_choice_losses(model, "drone", requested)  # a multiple-choice model's logit KL is constant on text
     name = type(model).__name__
     if requested == "auto":
         if _is_causal_lm(model):

@@ -32,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import CALIBRATION_TEXTS, bert_config, llama_config, save_tiny, tokenizer
-from transformers import AutoModel, BertModel, LlamaForCausalLM
+from transformers import AutoModel, BertForMultipleChoice, BertModel, LlamaForCausalLM
 
 import drone_hf
 from drone_hf import DroneConfig
@@ -163,6 +163,17 @@ def exact_fisher_on_a_causal_lm(ctx: SimpleNamespace) -> Any:
     fields = {"dataset": CALIBRATION_TEXTS, "num_samples": 8, "tokenizer": ctx.tok, "method": "drone-kfac",
               "kfac_fisher": "exact"}
     return drone_hf.compress(ctx.model, DroneConfig(**fields), show_progress=False)
+
+
+def multiple_choice(**options: Any) -> Callable[[SimpleNamespace], Any]:
+    """A loss that needs answer choices, asked of a multiple-choice model calibrated on plain text."""
+    def run(ctx: SimpleNamespace) -> Any:
+        torch.manual_seed(0)
+        ctx.model = BertForMultipleChoice(bert_config()).eval()
+        ctx.snapshot_again()
+        fields = {"dataset": CALIBRATION_TEXTS, "num_samples": 8, "tokenizer": ctx.tok, **options}
+        return drone_hf.compress(ctx.model, DroneConfig(**fields), show_progress=False)
+    return run
 
 
 def no_linear(ctx: SimpleNamespace) -> Any:
@@ -378,6 +389,12 @@ CASES: list[Case] = [
     Case("model-exact-fisher-per-token-logits", "model", exact_fisher_on_a_causal_lm, ValueError,
          r"kfac_fisher='exact' needs one prediction per text .* LlamaForCausalLM gives logits of shape",
          r"Use kfac_fisher='true' \(labels drawn from the model"),
+    Case("model-multiple-choice-loss-aware-method", "model", multiple_choice(method="fwsvd"), ValueError,
+         r"method='fwsvd' weighs layers by gradients of the model's loss, and BertForMultipleChoice scores answer "
+         r"choices, which calibration text does not have", r"Use method='drone' \(data-aware, no loss needed\)"),
+    Case("model-multiple-choice-logit-kl", "model", multiple_choice(eval_loss="logit_kl"), ValueError,
+         r"eval_loss='logit_kl' compares the answer distribution of BertForMultipleChoice, which is constant",
+         r"Use eval_loss='distortion' \(the default 'auto' picks it\) or pass loss_fn="),
     # --- checkpoints ---------------------------------------------------------------------------
     Case("ckpt-truncated-weights", "checkpoint", load, ValueError, r"model\.safetensors .* truncated or corrupt",
          r"Download or save it again", needs=("ckpt",), edit=truncate(0.5)),
