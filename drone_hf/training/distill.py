@@ -273,9 +273,9 @@ class DistillationLoss:
                 "output space."
             )
         lab = labels.to(s.device) if labels is not None else None
-        if task == "causal_lm":
-            s, t = s[:, :-1], t[:, :-1]
+        if task == "causal_lm":  # position i predicts token i + 1: kept where that token is real
             keep = lab[:, 1:] != -100 if lab is not None else _mask_like(attention_mask, s)[:, 1:]
+            s, t = s[:, :-1], t[:, :-1]
             lab = lab[:, 1:] if lab is not None else None
         elif task == "token_classification":
             keep = lab != -100 if lab is not None else _mask_like(attention_mask, s)

@@ -84,6 +84,23 @@ def test_causal_lm_shifts_and_skips_ignored_tokens():
     assert float(got) == pytest.approx(sum(items) / 5, rel=1e-6)
 
 
+def test_label_free_causal_lm_keeps_the_positions_whose_next_token_is_real():
+    """Pure distillation on raw text (no labels): position i is an item when token i+1 is real, as the
+    attention mask says; without a mask every shifted position is one."""
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 4, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    loss = DistillationLoss(torch.nn.Linear(1, 1), temperature=1.5, task="causal_lm")
+    got = loss.compute(out(s.tolist()), out(t.tolist()), None, attention_mask=mask)
+    items = [kd_by_hand(s[b, i].tolist(), t[b, i].tolist(), 1.5) for b in range(2) for i in range(3)
+             if mask[b, i + 1]]
+    assert len(items) == 5
+    assert float(got) == pytest.approx(sum(items) / 5, rel=1e-6)
+    unmasked = loss.compute(out(s.tolist()), out(t.tolist()), None)
+    every = [kd_by_hand(s[b, i].tolist(), t[b, i].tolist(), 1.5) for b in range(2) for i in range(3)]
+    assert float(unmasked) == pytest.approx(sum(every) / 6, rel=1e-6)
+
+
 def test_hidden_state_mse_over_real_tokens_and_layers():
     h_s = [torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]), torch.tensor([[[0.0, 0.0], [9.0, 9.0]]])]
     h_t = [torch.tensor([[[0.0, 2.0], [0.0, 0.0]]]), torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])]
