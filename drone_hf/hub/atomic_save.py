@@ -24,6 +24,17 @@ transformers itself drops stale shards; everything else is kept unchanged. A kil
 step 2 leaves the previous folder bit for bit as it was, plus a ``.<name>.drone-tmp-*`` folder that
 the next save into the same place removes (when its process is gone).
 
+Weights of another ``variant=`` (``model.fp16.safetensors`` next to ``model.safetensors``) are kept:
+only the variants the new save writes are superseded, as in a plain transformers folder.
+
+A folder that cannot be swapped (a mount point such as a container volume, whose rename fails with
+EBUSY, or one whose parent this process cannot write) is saved file by file instead: written complete
+into ``<folder>/.drone-tmp-<pid>-<random>``, then each entry renamed into place, ``config.json`` last.
+Each file is whole at every moment, the set of them is not (``_save_file_by_file``).
+
+A process working inside the saved folder (``save_pretrained(".")``) is moved to the new folder at the
+same path; the swap would otherwise leave it in the deleted old one.
+
 Cost: the new checkpoint is written once (no copy of the weights); kept user files are hard links.
 """
 
@@ -39,11 +50,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-#: Top-level files of an existing folder that a new save supersedes even when it does not write
-#: them itself: weights and weight indexes of any layout (single file or shards, safetensors or bin).
-STALE_WEIGHTS = re.compile(
-    r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?$"
+#: Weight files and weight indexes of any layout (single file or shards, safetensors or bin), with
+#: transformers' ``variant=`` naming (``model.fp16.safetensors``, ``model.fp16-00001-of-00002.safetensors``,
+#: ``model.safetensors.index.fp16.json``); group ``variant`` is empty for the default weights.
+WEIGHT_FILE = re.compile(
+    r"^(?:model|pytorch_model)(?:\.(?P<variant>[^.]+?))?(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)$"
+    r"|^(?:model|pytorch_model)\.(?:safetensors|bin)\.index(?:\.(?P<index_variant>[^.]+))?\.json$"
 )
+
+
+def weight_variant(name: str) -> str | None:
+    """The variant of a top-level weight file's name (``""`` for the default weights), ``None`` for any
+    other file."""
+    match = WEIGHT_FILE.match(name)
+    if match is None:
+        return None
+    return match["variant"] or match["index_variant"] or ""
 TMP_TAG = ".drone-tmp-"
 OLD_TAG = ".drone-old-"
 
@@ -76,12 +98,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_temporaries(target: Path) -> None:
-    """Delete ``.<name>.drone-tmp-<pid>-*`` siblings left by interrupted saves whose process is gone."""
-    prefix = f".{target.name}{TMP_TAG}"
-    for sibling in target.parent.glob(prefix + "*"):
-        pid = sibling.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(sibling, ignore_errors=True)
+    """Delete ``.<name>.drone-tmp-<pid>-*`` siblings (and ``.drone-tmp-<pid>-*`` folders inside a
+    folder saved file by file) left by interrupted saves whose process is gone."""
+    places = [(target.parent, f".{target.name}{TMP_TAG}")] + ([(target, TMP_TAG)] if target.is_dir() else [])
+    for folder, prefix in places:
+        for leftover in folder.glob(prefix + "*"):
+            pid = leftover.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -91,11 +115,22 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def _written_variants(new: Path) -> set[str]:
+    """The weight variants a save wrote: an existing folder's weights of those variants are stale (as
+    transformers drops its own stale shards), other variants' weights are kept beside them."""
+    return {v for entry in new.iterdir() if (v := weight_variant(entry.name)) is not None}
+
+
+def _supersedes(name: str, variants: set[str]) -> bool:
+    return weight_variant(name) in variants
+
+
 def _carry_over_user_files(old: Path, new: Path) -> None:
     """Bring into ``new`` what ``old`` holds that the new save neither wrote nor supersedes."""
+    variants = _written_variants(new)
     for entry in old.iterdir():
         dst = new / entry.name
-        if dst.exists() or dst.is_symlink() or STALE_WEIGHTS.match(entry.name):
+        if dst.exists() or dst.is_symlink() or _supersedes(entry.name, variants) or entry.name.startswith(TMP_TAG):
             continue
         if entry.is_symlink():
             os.symlink(os.readlink(entry), dst)
@@ -123,6 +158,44 @@ def atomic_save(target: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target)
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    if target.is_dir() and not _swappable(target):
+        return _save_file_by_file(target, write, token)
+    cwd = _working_directory()
+    try:
+        return _save_and_swap(target, write, token)
+    finally:
+        _return_to(cwd, target)
+
+
+def _swappable(target: Path) -> bool:
+    """Whether the folder itself can be swapped: not a mount point (a container volume, whose
+    rename fails with EBUSY), and in a parent this process may write its temporary sibling into."""
+    return not os.path.ismount(target) and os.access(target.parent, os.W_OK | os.X_OK)
+
+
+def _working_directory() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # already in a deleted folder
+        return None
+
+
+def _return_to(cwd: str | None, target: Path) -> None:
+    """A process working inside the saved folder was left in the old folder's deleted inode by the
+    swap (``save_pretrained(".")``: getcwd failing, relative paths finding nothing): re-enter the same
+    path, now the new folder. Other processes' shells in that folder need a ``cd .`` of their own."""
+    if cwd is None:
+        return
+    path = Path(cwd)
+    if path != target and target not in path.parents:
+        return
+    try:
+        os.chdir(cwd)
+    except OSError:  # a subfolder the new checkpoint does not have
+        os.chdir(target)
+
+
+def _save_and_swap(target: Path, write: Callable[[Path], Any], token: str) -> Any:
     tmp = target.parent / f".{target.name}{TMP_TAG}{token}"
     tmp.mkdir()
     try:
@@ -148,6 +221,31 @@ def atomic_save(target: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _save_file_by_file(target: Path, write: Callable[[Path], Any], token: str) -> Any:
+    """Save into a folder that cannot be swapped (a mount point, a read-only parent): the checkpoint
+    is written complete into a temporary folder inside ``target``, then each entry is renamed into
+    place (each rename atomic, the set of them not) and the stale weights are removed. A kill before
+    the renames leaves the previous checkpoint untouched; one during them can leave new files next to
+    old ones, so the weights never mix mid-file, but config and weights can disagree until the next
+    save (the loading checks refuse a recorded rank that disagrees with the tensors)."""
+    tmp = target / f"{TMP_TAG}{token}"
+    tmp.mkdir()
+    try:
+        result = write(tmp)
+        variants = _written_variants(tmp)
+        stale = [e for e in target.iterdir() if _supersedes(e.name, variants) and not (tmp / e.name).exists()]
+        for entry in sorted(tmp.iterdir(), key=lambda e: e.name == "config.json"):  # config.json last
+            dst = target / entry.name
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            os.replace(entry, dst)
+        for entry in stale:  # old shards / another layout's weights, once the new ones are in place
+            entry.unlink(missing_ok=True)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

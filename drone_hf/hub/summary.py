@@ -33,11 +33,23 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
+    """The safetensors files of the checkpoint's weights: the default ones, else those of the only
+    ``variant=`` saved there (``model.fp16.safetensors``, its shards and index)."""
+    from .atomic_save import weight_variant
+
+    variants = sorted({v for p in folder.iterdir() if p.name.endswith((".safetensors", ".json"))
+                       and (v := weight_variant(p.name)) is not None})
+    variant = "" if "" in variants or not variants else variants[0]
+    if len(variants) > 1 and variant != "":
+        raise ValueError(
+            f"{folder} holds weights of several variants ({', '.join(variants)}) and no default "
+            "model.safetensors; inspect one variant's copy in a folder of its own"
+        )
+    index = folder / ("model.safetensors.index.json" if not variant else f"model.safetensors.index.{variant}.json")
     if index.is_file():
         names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         return [folder / n for n in names]
-    single = folder / "model.safetensors"
+    single = folder / ("model.safetensors" if not variant else f"model.{variant}.safetensors")
     if single.is_file():
         return [single]
     raise ValueError(

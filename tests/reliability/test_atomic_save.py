@@ -192,3 +192,83 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_saving_the_working_directory_leaves_the_process_in_the_new_folder(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_pretrained(".") swaps the folder the process works in: the process must end up in the
+    new folder at the same path, not in the deleted old one (getcwd failing, "." empty)."""
+    monkeypatch.chdir(checkpoint / "notes")  # a subfolder of the saved folder, kept by the save
+    model = AutoModel.from_pretrained(checkpoint)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained("..")
+    assert os.getcwd() == str(checkpoint / "notes")
+    assert Path("eval.txt").read_text() == "accuracy 0.9\n"
+    monkeypatch.chdir(checkpoint)
+    model.save_pretrained(".")
+    assert "model.safetensors" in os.listdir(".")
+    assert _same_weights(AutoModel.from_pretrained("."), model)
+
+
+def test_a_folder_that_cannot_be_swapped_is_saved_file_by_file(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount point (a container volume) cannot be renamed: the save goes through a temporary folder
+    inside it, keeps the user's files, drops stale weights and leaves the folder itself in place."""
+    monkeypatch.setattr(atomic_module.os.path, "ismount", lambda p: Path(p) == checkpoint)
+    inode = checkpoint.stat().st_ino
+    (checkpoint / "model-00001-of-00002.safetensors").write_bytes(b"an old shard")
+    user_files = {k: v for k, v in folder_bytes(checkpoint).items() if not k.startswith(("model", "config.json"))}
+    model = AutoModel.from_pretrained(checkpoint)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(checkpoint)
+    assert checkpoint.stat().st_ino == inode
+    after = folder_bytes(checkpoint)
+    assert {k: after[k] for k in user_files} == user_files
+    assert not (checkpoint / "model-00001-of-00002.safetensors").exists()
+    assert not list(checkpoint.glob(f"{TMP_TAG}*")) and not list(checkpoint.parent.glob(f".{checkpoint.name}.drone-*"))
+    assert _same_weights(AutoModel.from_pretrained(checkpoint), model)
+
+
+def test_a_failing_file_by_file_save_changes_nothing(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers.modeling_utils as mu
+
+    monkeypatch.setattr(atomic_module.os.path, "ismount", lambda p: Path(p) == checkpoint)
+    before = folder_bytes(checkpoint)
+    model = AutoModel.from_pretrained(checkpoint)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mu, "safe_save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(checkpoint)
+    assert folder_bytes(checkpoint) == before
+
+
+def test_variants_live_side_by_side(checkpoint: Path) -> None:
+    """save_pretrained(variant="fp16") into a folder with the default weights keeps them, as a plain
+    transformers folder does; a later default save replaces only the default weights."""
+    from drone_hf.hub import summarize_checkpoint
+
+    model = AutoModel.from_pretrained(checkpoint)
+    half = AutoModel.from_pretrained(checkpoint).to(torch.float16)
+    half.save_pretrained(checkpoint, variant="fp16")
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "model.fp16.safetensors").is_file()
+    assert _same_weights(AutoModel.from_pretrained(checkpoint, dtype=torch.float32), model)
+    assert _same_weights(AutoModel.from_pretrained(checkpoint, variant="fp16", dtype=torch.float16), half)
+    model.save_pretrained(checkpoint, max_shard_size="100KB")  # the default weights, now sharded
+    assert not (checkpoint / "model.safetensors").exists() and (checkpoint / "model.fp16.safetensors").is_file()
+    assert (checkpoint / "model.safetensors.index.json").is_file()
+    assert _same_weights(AutoModel.from_pretrained(checkpoint, dtype=torch.float32), model)
+    only_variant = checkpoint.parent / "fp16-only"
+    half.save_pretrained(only_variant, variant="fp16")
+    summary = summarize_checkpoint(only_variant)
+    assert summary.report.model_params == summarize_checkpoint(checkpoint).report.model_params
