@@ -12,7 +12,7 @@ import gzip
 import json
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -36,10 +36,14 @@ def load_builtin_corpus(name: str) -> list[str]:
 
 
 def _read_text_file(path: Path) -> list[str]:
-    """``.txt``: one sample per line; if the file has blank lines, one sample per paragraph."""
+    """``.txt``: one sample per line; if blank lines separate the text, one sample per paragraph.
+    Blank lines before the first or after the last text line separate nothing (an editor's extra
+    newline at the end must not turn a one-per-line file into one sample)."""
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
-    if any(not line.strip() for line in lines) and any(line.strip() for line in lines):
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    lines = lines[filled[0] : filled[-1] + 1] if filled else []
+    if any(not line.strip() for line in lines):
         paragraphs, cur = [], []
         for line in lines + [""]:
             if line.strip():
@@ -93,11 +97,70 @@ def _texts_from_dataset(ds: Any, column: str) -> list[str]:
     return [t for t in ds[column]]
 
 
+def _is_dataframe(obj: Any) -> bool:
+    return type(obj).__name__ == "DataFrame" and hasattr(obj, "columns")
+
+
+def _column_of(table: Any, column: str) -> Any:
+    """The text column of a column mapping (``ds[:n]`` gives ``{"text": [...], ...}``) or a DataFrame:
+    ``column``, or the only column of strings. Iterating one would yield its column names."""
+    names = [str(n) for n in (table.columns if _is_dataframe(table) else table.keys())]
+    if column not in names:
+        strings = [n for n in names if all(isinstance(v, str) for v in list(table[n])[:100]) and len(table[n])]
+        if len(strings) != 1:
+            raise ValueError(
+                f"The dataset is a table of columns {names} with no {column!r} column and not exactly one column "
+                f"of strings; pass its text column, e.g. dataset=table['sentence'], or name it {column!r}."
+            )
+        column = strings[0]
+    values = table[column]
+    return values.tolist() if hasattr(values, "tolist") else values
+
+
+def _is_iterable_dataset(obj: Any) -> bool:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return False
+    return isinstance(obj, datasets.IterableDataset)
+
+
+def _row_text(row: Any, column: str) -> Any:
+    """One row of a streamed dataset: its ``column`` field, or its only string field."""
+    if not isinstance(row, Mapping):
+        return row
+    if column in row:
+        return row[column]
+    strings = [k for k, v in row.items() if isinstance(v, str)]
+    if len(strings) != 1:
+        raise ValueError(
+            f"The streamed dataset's rows have no {column!r} field and not exactly one string field (fields: "
+            f"{list(row)}); rename the text field, e.g. ds.rename_column('sentence', '{column}')."
+        )
+    return row[strings[0]]
+
+
+def _first_texts(stream: Iterable[Any], num_samples: int) -> list[str]:
+    """The first ``num_samples`` non-empty texts of a stream, reading no further (a streamed Hub
+    dataset is not downloaded to its end). Empty texts do not count, as in a list."""
+    texts: list[str] = []
+    for item in stream:
+        if not isinstance(item, str):
+            raise ValueError("An iterable dataset must yield strings.")
+        if item.strip():
+            texts.append(item)
+            if len(texts) == num_samples:
+                break
+    return texts
+
+
 def load_texts(dataset: Any, num_samples: int, seed: int = 0, column: str = "text") -> list[str]:
     """Resolve a calibration ``dataset`` to at most ``num_samples`` non-empty texts.
 
     Accepted forms: ``None`` (the built-in default corpus), a built-in corpus name, a path to a
-    ``.txt`` / ``.jsonl`` file, a list of strings, or a ``datasets.Dataset``. When there are more
+    ``.txt`` / ``.jsonl`` file, a list of strings, a ``datasets.Dataset``, a column mapping
+    (``ds[:n]``) or pandas DataFrame, or a stream (a ``datasets.IterableDataset``, a generator), of
+    which the first ``num_samples`` non-empty texts are read. When there are more
     texts than ``num_samples``, a seeded random subset is taken (kept in source order), so runs are
     reproducible.
 
@@ -123,6 +186,10 @@ def load_texts(dataset: Any, num_samples: int, seed: int = 0, column: str = "tex
                 texts = _read_text_file(path)
             else:
                 raise ValueError(f"Unsupported calibration file {path.name!r}: use a .txt or .jsonl file.")
+    elif _is_iterable_dataset(dataset):
+        texts = _first_texts((_row_text(row, column) for row in dataset), num_samples)
+    elif (isinstance(dataset, Mapping) and not hasattr(dataset, "column_names")) or _is_dataframe(dataset):
+        texts = list(_column_of(dataset, column))  # ds[:n], a pandas DataFrame: columns, not texts
     elif isinstance(dataset, Sequence) and not isinstance(dataset, (bytes, bytearray)):
         texts = list(dataset)
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
@@ -134,9 +201,7 @@ def load_texts(dataset: Any, num_samples: int, seed: int = 0, column: str = "tex
     elif hasattr(dataset, "column_names"):
         texts = _texts_from_dataset(dataset, column)
     elif isinstance(dataset, Iterable):
-        texts = [t for _, t in zip(range(num_samples), dataset, strict=False)]  # the first num_samples
-        if any(not isinstance(t, str) for t in texts):
-            raise ValueError("An iterable dataset must yield strings.")
+        texts = _first_texts(dataset, num_samples)
     else:
         raise ValueError(
             f"Unsupported dataset of type {type(dataset).__name__}: pass a list of strings, a datasets.Dataset, "
@@ -169,6 +234,23 @@ class CalibrationBatches:
     num_tokens: int
 
 
+def padding_id(tokenizer: Any) -> int:
+    """The id padded positions get. Their value never reaches the statistics (the attention mask
+    keeps them out), but the model must be able to embed it: a pad token added to the tokenizer and
+    not to the model (``add_special_tokens({"pad_token": "[PAD]"})``, the usual Llama recipe, id =
+    the model's vocabulary size) would index past the embedding table. Such an id, at or above the
+    tokenizer's base vocabulary, is replaced by EOS, or 0."""
+    base = getattr(tokenizer, "vocab_size", None)
+
+    def usable(i: Any) -> bool:
+        return isinstance(i, int) and i >= 0 and (not isinstance(base, int) or i < base)
+
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if usable(candidate):
+            return candidate
+    return 0
+
+
 def tokenize_batches(texts: list[str], tokenizer: Any, max_length: int, batch_size: int) -> CalibrationBatches:
     """Tokenize, drop texts with no content token, sort by length, and pad each batch to its longest.
 
@@ -195,9 +277,7 @@ def tokenize_batches(texts: list[str], tokenizer: Any, max_length: int, batch_si
             "texts and the tokenizer match the model (e.g. the text column holds sentences, not ids)."
         )
     rows.sort(key=len)
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    pad_id = padding_id(tokenizer)
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

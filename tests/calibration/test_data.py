@@ -104,6 +104,56 @@ def test_iterable_of_strings_takes_the_first_num_samples() -> None:
     assert load_texts(gen, 4) == ["text 0", "text 1", "text 2", "text 3"]
 
 
+def test_iterable_skips_empty_texts_before_counting() -> None:
+    assert load_texts(iter(["", "  ", "a", "", "b", "c"]), 2) == ["a", "b"]
+
+
+def test_a_stream_is_read_no_further_than_it_must() -> None:
+    read = []
+
+    def rows():
+        for i in range(10**6):
+            read.append(i)
+            yield {"idx": i, "text": f"text {i}"}
+
+    stream = datasets.IterableDataset.from_generator(rows)
+    assert load_texts(stream, 3) == ["text 0", "text 1", "text 2"]
+    assert len(read) < 100  # not the million rows (datasets reads a few ahead)
+    renamed = datasets.IterableDataset.from_generator(lambda: ({"idx": i, "sentence": f"s {i}"} for i in range(9)))
+    assert load_texts(renamed, 2) == ["s 0", "s 1"]  # the only string field, features undeclared
+    two = datasets.IterableDataset.from_generator(lambda: ({"a": "x", "b": "y"} for _ in range(3)))
+    with pytest.raises(ValueError, match=r"no 'text' field and not exactly one string field .*\['a', 'b'\]"):
+        load_texts(two, 2)
+
+
+class _Series(list):
+    def tolist(self) -> list:
+        return list(self)
+
+
+class DataFrame:
+    """The parts of a pandas DataFrame load_texts reads (pandas is not a dependency)."""
+
+    def __init__(self, columns: dict[str, list]) -> None:
+        self._data = columns
+        self.columns = list(columns)
+
+    def __getitem__(self, name: str) -> _Series:
+        return _Series(self._data[name])
+
+    def __iter__(self):  # iterating a DataFrame yields its column names
+        return iter(self.columns)
+
+
+def test_column_tables_give_their_text_column_not_their_column_names() -> None:
+    ds = datasets.Dataset.from_dict({"text": TEXTS[:6], "label": list(range(6))})
+    assert load_texts(ds[:6], 10) == TEXTS[:6]  # ds[:n] is a dict of columns
+    assert load_texts({"sentence": TEXTS[:3], "label": [0, 1, 2]}, 10) == TEXTS[:3]
+    assert load_texts(DataFrame({"sentence": TEXTS[:4], "label": [0, 1, 0, 1]}), 10) == TEXTS[:4]
+    with pytest.raises(ValueError, match=r"table of columns \['q', 'a'\] with no 'text' column"):
+        load_texts({"q": ["x?"], "a": ["y"]}, 10)
+
+
 def test_iterable_of_non_strings_raises() -> None:
     with pytest.raises(ValueError, match="iterable dataset must yield strings"):
         load_texts(iter([1, 2, 3]), 5)
@@ -153,6 +203,13 @@ def test_txt_with_blank_lines_gives_paragraphs(tmp_path: Path) -> None:
     text = "para one\ncontinues here\n\n\npara two\n   \n  para three  \nends\n"
     path = write(tmp_path / "calib.txt", text)
     assert load_texts(path, 10) == ["para one continues here", "para two", "para three ends"]
+
+
+@pytest.mark.parametrize("text", ["a one\nb two\nc three\n\n", "\n\na one\nb two\nc three\n",
+                                  "a one\nb two\nc three\n  \n"])
+def test_blank_lines_at_the_ends_of_a_txt_separate_nothing(tmp_path: Path, text: str) -> None:
+    """An editor's extra newline at the end must not turn a one-per-line file into one sample."""
+    assert load_texts(write(tmp_path / "calib.txt", text), 10) == ["a one", "b two", "c three"]
 
 
 @pytest.mark.parametrize("suffix", [".text", ".md"])
@@ -351,3 +408,32 @@ def test_builtin_corpus_tokenizes_end_to_end(minilm_tokenizer) -> None:
     assert data.num_texts == 6
     assert 6 * 3 <= data.num_tokens <= 6 * 32
     assert [b["input_ids"].shape[0] for b in data.batches] == [4, 2]
+
+
+def test_a_pad_token_added_to_the_tokenizer_only_never_reaches_the_model() -> None:
+    """add_special_tokens({"pad_token": ...}) without resizing the model (the usual Llama recipe) gives
+    a pad id equal to the model's vocabulary size, which its embedding cannot index. Padding takes an
+    id the model has; the statistics are those of the tokenizer without the added token."""
+    import copy
+
+    from tiny_models import CALIBRATION_TEXTS, llama_config, tokenizer
+    from transformers import LlamaForCausalLM
+
+    import drone_hf
+
+    plain = tokenizer()
+    padded = tokenizer()
+    padded.add_special_tokens({"pad_token": "<extra-pad>"})
+    assert padded.pad_token_id == plain.vocab_size == 30522
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(llama_config()).eval()
+    factors = []
+    for tok in (plain, padded):
+        model = drone_hf.compress(copy.deepcopy(dense), drone_hf.DroneConfig(
+            dataset=CALIBRATION_TEXTS, num_samples=8, batch_size=4, tokenizer=tok, allocation="uniform"),
+            show_progress=False)
+        factors.append({k: v for k, v in model.state_dict().items() if k.endswith((".down.weight", ".up.weight"))})
+    assert factors[0].keys() == factors[1].keys() and factors[0]
+    assert all(torch.equal(factors[0][k], factors[1][k]) for k in factors[0])
+    batch = tokenize_batches(CALIBRATION_TEXTS[:4], padded, 64, 4).batches[0]
+    assert int(batch["input_ids"].max()) < 30522
