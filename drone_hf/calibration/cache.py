@@ -38,6 +38,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,10 @@ SNAPSHOT_SECONDS = 60.0
 
 _MAGIC = b"DRONE-HF-CALIBRATION-CACHE 1\n"
 _MANIFEST = "manifest.json"
+#: What ``_write`` leaves behind when killed mid-write: ``.<manifest.json|entry.pt>.<random>.tmp``.
+_OWN_TEMPORARY = re.compile(rf"^\.(?:{re.escape(_MANIFEST)}|[^/]+\.pt)\.[^.]+\.tmp$")
+#: The per-process sub-folders of a cache written by several processes.
+_PROCESS_FOLDER = re.compile(r"^rank\d+-of-\d+$")
 
 #: What each fingerprint covers, for error messages.
 _WHAT = {
@@ -160,8 +165,7 @@ class CalibrationCache:
         self.hits = 0  #: entries loaded (tests and logs use it to show what was skipped)
         self.manifest = self.folder / _MANIFEST
         self._fingerprints: dict[str, str] = {}
-        for leftover in self.folder.glob(".*.tmp"):  # our own temporary files, left by a kill mid-write
-            leftover.unlink(missing_ok=True)
+        own_temporaries = [p for p in self.folder.iterdir() if _OWN_TEMPORARY.match(p.name)]
         if self.manifest.exists():
             try:
                 self._fingerprints = json.loads(self.manifest.read_text())["fingerprints"]
@@ -170,11 +174,14 @@ class CalibrationCache:
                     f"calibration_cache {os.fspath(self.root)!r} has an unreadable {_MANIFEST} ({e}); it was not "
                     "written by drone-hf or is damaged. Delete the folder or give another calibration_cache."
                 ) from e
-        elif any(p.name != _MANIFEST for p in self.folder.iterdir() if not p.name.startswith("rank")):
+        elif any(not (_OWN_TEMPORARY.match(p.name) or (p.is_dir() and _PROCESS_FOLDER.match(p.name)))
+                 for p in self.folder.iterdir()):
             raise ValueError(
                 f"calibration_cache {os.fspath(self.root)!r} is not empty and is not a drone-hf calibration cache; "
                 "give an empty or new folder (drone-hf never writes into or deletes other files)."
             )
+        for leftover in own_temporaries:  # left by a kill mid-write; only once the folder is known to be ours
+            leftover.unlink(missing_ok=True)
         self.bind(fingerprints)
 
     def bind(self, fingerprints: dict[str, str]) -> None:

@@ -264,6 +264,26 @@ def test_a_folder_that_is_not_a_cache_is_not_written_into(tmp_path):
         cache_mod.CalibrationCache(tmp_path / "sub", {})
 
 
+def test_a_refused_folder_keeps_the_users_temporary_files(tmp_path):
+    """Cleaning up after a killed write is for the cache's own files, in a folder known to be a cache:
+    a user's ".draft.tmp" or "rank-notes.txt" next to their notes is neither deleted nor overlooked."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / ".draft.tmp").write_text("unsaved work")
+    with pytest.raises(ValueError, match="not empty and is not a drone-hf calibration cache"):
+        cache_mod.CalibrationCache(tmp_path, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".draft.tmp", "notes.txt"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "rank-notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and is not a drone-hf calibration cache"):
+        cache_mod.CalibrationCache(other, {})
+    fresh = tmp_path / "fresh"  # killed while writing its first manifest: still a cache to open
+    fresh.mkdir()
+    (fresh / ".manifest.json.x1y2.tmp").write_bytes(b"partial")
+    cache_mod.CalibrationCache(fresh, {})
+    assert sorted(p.name for p in fresh.iterdir()) == ["manifest.json"]
+
+
 def test_calibration_cache_option_is_validated_and_never_serialised(tmp_path):
     for bad in (3, True, "", ["a"]):
         with pytest.raises(ValueError, match="calibration_cache=.* must be a folder path"):
