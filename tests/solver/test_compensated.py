@@ -153,3 +153,26 @@ def test_float32_round_off_directions_are_not_inverted():
     assert exact.rank == aware.rank == 4  # X̂'s rank: nothing beyond it is fitted
     assert float((aware.up @ aware.down - reference).norm() / reference.norm()) < 1e-5  # 1e-6 here
     assert float((naive.up @ naive.down - reference).norm() / reference.norm()) > 0.5  # 2.0 here
+
+
+def test_bfloat16_activations_keep_their_real_directions_and_drop_their_rounding():
+    """X̂ of rank 5 (one direction weak: eigenvalues down to 2e-3 of the largest), both inputs rounded
+    to bfloat16 as a bfloat16 model computes them, statistics summed in float64. The rounding gives
+    the null directions eigenvalues near 1e-6 of the largest (eps² scale, eps = 7.8e-3): they must be
+    dropped, the weak real ones kept. The old cut, 10 · eps = 7.8e-2, kept 3 of the 5."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(12, 10, generator=g, dtype=torch.float64)
+    basis = torch.randn(10, 5, generator=g, dtype=torch.float64)
+    z = torch.randn(5, 400, generator=g, dtype=torch.float64) * torch.tensor([1, 1, 1, 1, 0.1])[:, None]
+    x_hat = basis @ z
+    x = x_hat + 0.3 * torch.randn(10, 400, generator=g, dtype=torch.float64)
+    rounded_hat, rounded = (t.to(torch.bfloat16).to(torch.float64) for t in (x_hat, x))
+    gram, cross = rounded_hat @ rounded_hat.T, rounded @ rounded_hat.T
+    lam = torch.linalg.eigvalsh(gram) / torch.linalg.eigvalsh(gram)[-1]
+    assert float(lam[:5].max()) < 1e-5 < 1e-3 < float(lam[5])  # rounding directions vs the weakest real one
+    energy = float((w @ x).square().sum())
+    exact = decompose_compensated(w, x_hat @ x_hat.T, x @ x_hat.T, energy).factors(8)
+    got = decompose_compensated(w, gram, cross, energy, precision=torch.bfloat16).factors(8)
+    reference = exact.up @ exact.down
+    assert got.rank == exact.rank == 5
+    assert float((got.up @ got.down - reference).norm() / reference.norm()) < 0.02  # 3e-3 here; the old cut 0.59
