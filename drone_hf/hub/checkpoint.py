@@ -37,6 +37,7 @@ import inspect
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from transformers import PreTrainedConfig, PreTrainedModel
@@ -271,6 +272,7 @@ def install() -> None:
     :func:`drone_hf.loading.patch_from_pretrained`.
     """
     _patch_get_config_dict()
+    _patch_config_json()
     _patch_save_pretrained()
     _patch_push_to_hub()
 
@@ -287,6 +289,44 @@ def _patch_get_config_dict() -> None:
 
     setattr(get_config_dict, _PATCH_FLAG, True)
     PreTrainedConfig.get_config_dict = classmethod(get_config_dict)
+
+
+def _is_drone_config(config: Any) -> bool:
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method)) == QUANT_METHOD
+
+
+def _patch_config_json() -> None:
+    """Mark every ``config.json`` a DRONE config writes, not only the model's save.
+
+    ``AutoConfig.from_pretrained(ckpt)`` returns the unmarked base config; saving it back (to edit
+    ``id2label``, say: ``config.save_pretrained(ckpt)``, or ``config.push_to_hub``) wrote an unmarked
+    file that plain transformers loads as a dense model with random weights in place of the factors,
+    the failure the marker exists to prevent. The file is marked where it is written, with the shim
+    beside it; other JSON files a config is written to are left as they are."""
+    current = PreTrainedConfig.to_json_file
+    if getattr(current, _PATCH_FLAG, False):
+        return
+
+    @functools.wraps(current)
+    def to_json_file(self, json_file_path, *args, **kwargs):
+        result = current(self, json_file_path, *args, **kwargs)
+        path = Path(json_file_path)
+        if path.name != "config.json" or not _is_drone_config(self):
+            return result
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        owner = SimpleNamespace(config=self, name_or_path=getattr(self, "_name_or_path", None))
+        try:
+            marked = mark_config_dict(raw, checkpoint_info(owner, raw.get("model_type")))
+        except ValueError:  # a remote-code base config: the model's save warns about it
+            return result
+        _write_text(path, json.dumps(marked, indent=2, sort_keys=True) + "\n")
+        _write_text(path.with_name(SHIM_FILE), SHIM_SOURCE)
+        return result
+
+    setattr(to_json_file, _PATCH_FLAG, True)
+    PreTrainedConfig.to_json_file = to_json_file
 
 
 _HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "private", "revision")

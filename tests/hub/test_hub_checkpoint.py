@@ -36,6 +36,32 @@ def test_saved_checkpoint_is_marked_and_carries_the_shim(compressed, tmp_path):
     assert "pip install drone-hf" in shim and "DroneCheckpointConfig" in shim
 
 
+def test_a_config_saved_on_its_own_stays_marked(compressed, tmp_path):
+    """AutoConfig.from_pretrained gives the unmarked base config; saving it back (to edit id2label)
+    must not write a config.json that plain transformers would load as a dense model with random
+    weights in place of the factors. A dense config saved the same way stays a plain one."""
+    model, _ = compressed("bert")
+    model.save_pretrained(tmp_path / "drone")
+    before = read_config(tmp_path / "drone")
+    config = AutoConfig.from_pretrained(tmp_path / "drone")
+    assert config.model_type == "bert"
+    config.id2label, config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    config.save_pretrained(tmp_path / "drone")
+    raw = read_config(tmp_path / "drone")
+    assert raw["model_type"] == "drone" and raw["auto_map"] == before["auto_map"]
+    assert raw["drone_checkpoint"]["base_model_type"] == "bert" and raw["id2label"] == {"0": "neg", "1": "pos"}
+    assert (tmp_path / "drone" / "drone_hf_checkpoint.py").is_file()
+    config.save_pretrained(tmp_path / "elsewhere")  # a config-only folder, marked the same way
+    assert read_config(tmp_path / "elsewhere")["model_type"] == "drone"
+    reloaded = AutoModel.from_pretrained(tmp_path / "drone")
+    assert reloaded.config.id2label == {0: "neg", 1: "pos"}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**sample_inputs()).last_hidden_state,
+                                   model(**sample_inputs()).last_hidden_state)
+    type(model.config)().save_pretrained(tmp_path / "dense")
+    assert read_config(tmp_path / "dense")["model_type"] == "bert"
+
+
 def test_dense_models_are_saved_untouched(tmp_path):
     from tiny_models import save_tiny
 
@@ -155,14 +181,14 @@ def test_local_folders_are_not_hub_ids(tmp_path):
 def test_install_is_idempotent():
     def hooks():
         config_hook = PreTrainedConfig.__dict__["get_config_dict"]
-        return PreTrainedModel.save_pretrained, PreTrainedModel.push_to_hub, config_hook
+        return PreTrainedModel.save_pretrained, PreTrainedModel.push_to_hub, PreTrainedConfig.to_json_file, config_hook
 
     before = hooks()
     ckpt.install()
     ckpt.install()
     after = hooks()
-    assert before[:2] == after[:2] and before[2].__func__ is after[2].__func__
-    assert all(getattr(f, "_drone_hf_checkpoint_patched", False) for f in (*after[:2], after[2].__func__))
+    assert before[:3] == after[:3] and before[3].__func__ is after[3].__func__
+    assert all(getattr(f, "_drone_hf_checkpoint_patched", False) for f in (*after[:3], after[3].__func__))
 
 
 def test_save_pretrained_with_push_commits_the_marked_checkpoint(compressed, tmp_path, fake_hub):
