@@ -8,6 +8,7 @@ factors are computed before any layer is swapped, so a failure leaves the model 
 from __future__ import annotations
 
 import copy
+import os
 import random
 from typing import Any
 
@@ -42,6 +43,7 @@ from .solver import (
 )
 from .utils.logging import get_logger
 from .utils.positions import usable_positions
+from .utils.public_names import public_name
 
 logger = get_logger(__name__)
 
@@ -87,10 +89,12 @@ def _nothing_to_factor(config: DroneConfig, count: int) -> str:
 
 
 def _describe_dataset(dataset: Any) -> str:
+    """The calibration record's name of the data: never a local path (it is written into the
+    checkpoint and its model card)."""
     if dataset is None:
         return "builtin:sotu"
-    if isinstance(dataset, str):
-        return dataset
+    if isinstance(dataset, (str, os.PathLike)):
+        return public_name(dataset)
     return f"<{type(dataset).__name__}>"
 
 

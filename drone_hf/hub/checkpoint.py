@@ -45,6 +45,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from ..config import QUANT_METHOD
 from ..quantizer import DroneHfQuantizer
 from ..utils.logging import get_logger
+from ..utils.public_names import hub_id, public_name
 from .atomic_save import atomic_save
 
 logger = get_logger(__name__)
@@ -101,15 +102,9 @@ def is_drone_config_dict(config_dict: dict[str, Any]) -> bool:
 
 
 def _hub_id(name: str | None) -> str | None:
-    """``name`` if it looks like a Hub model id and is not a local path, else ``None``.
-
-    Local paths are never written into a checkpoint: they mean nothing on another machine and may
-    reveal a user's directory layout once pushed.
-    """
-    if not name or os.path.exists(name) or os.path.isabs(name) or name.startswith((".", "~")):
-        return None
-    parts = name.split("/")
-    return name if 1 <= len(parts) <= 2 and all(parts) else None
+    """``name`` if it looks like a Hub model id and is not a local path, else ``None``
+    (:func:`drone_hf.utils.public_names.hub_id`)."""
+    return hub_id(name)
 
 
 def checkpoint_info(model: Any, base_model_type: str) -> dict[str, Any]:
@@ -304,7 +299,8 @@ def _patch_config_json() -> None:
     ``id2label``, say: ``config.save_pretrained(ckpt)``, or ``config.push_to_hub``) wrote an unmarked
     file that plain transformers loads as a dense model with random weights in place of the factors,
     the failure the marker exists to prevent. The file is marked where it is written, with the shim
-    beside it; other JSON files a config is written to are left as they are."""
+    beside it; other JSON files a config is written to are left as they are. Local paths given as
+    ``dataset``/``tokenizer`` are written as names only (:mod:`drone_hf.utils.public_names`)."""
     current = PreTrainedConfig.to_json_file
     if getattr(current, _PATCH_FLAG, False):
         return
@@ -316,6 +312,11 @@ def _patch_config_json() -> None:
         if path.name != "config.json" or not _is_drone_config(self):
             return result
         raw = json.loads(path.read_text(encoding="utf-8"))
+        qc = raw.get("quantization_config")
+        if isinstance(qc, dict):  # the calibration data / tokenizer given as local paths: names only
+            for key in ("dataset", "tokenizer"):
+                if key in qc:
+                    qc[key] = public_name(qc[key])
         owner = SimpleNamespace(config=self, name_or_path=getattr(self, "_name_or_path", None))
         try:
             marked = mark_config_dict(raw, checkpoint_info(owner, raw.get("model_type")))

@@ -62,6 +62,35 @@ def test_a_config_saved_on_its_own_stays_marked(compressed, tmp_path):
     assert read_config(tmp_path / "dense")["model_type"] == "bert"
 
 
+def test_local_paths_are_never_written_into_the_checkpoint_or_its_card(tmp_path):
+    """Calibration data and tokenizer given as local paths: the checkpoint and card name the file,
+    never the user's directory layout (which a push would publish)."""
+    from tiny_models import CALIBRATION_TEXTS, bert_config, tokenizer
+
+    from drone_hf.hub import render_model_card
+
+    private = tmp_path / "home" / "alice" / "secret-project"
+    private.mkdir(parents=True)
+    (private / "calib.txt").write_text("\n".join(CALIBRATION_TEXTS[:8]) + "\n")
+    tokenizer().save_pretrained(private / "tok")
+    torch.manual_seed(0)
+    model = drone_hf.compress(BertModel(bert_config()).eval(), drone_hf.DroneConfig(
+        dataset=str(private / "calib.txt"), tokenizer=str(private / "tok"), num_samples=8, allocation="uniform"),
+        show_progress=False)
+    model.save_pretrained(tmp_path / "drone")
+    text = (tmp_path / "drone" / "config.json").read_text()
+    assert "alice" not in text and str(tmp_path) not in text
+    qc = json.loads(text)["quantization_config"]
+    assert qc["dataset"] == qc["calibration"]["dataset"] == "<local path: calib.txt>"
+    assert qc["tokenizer"] == "<local path: tok>"
+    assert "alice" not in render_model_card(AutoModel.from_pretrained(tmp_path / "drone"), "me/model").content
+    assert model.config.quantization_config.dataset == str(private / "calib.txt")  # the live object keeps it
+    builtin = drone_hf.compress(BertModel(bert_config()).eval(), drone_hf.DroneConfig(
+        dataset="sotu", tokenizer=tokenizer(), num_samples=8, allocation="uniform"), show_progress=False)
+    builtin.save_pretrained(tmp_path / "builtin")
+    assert read_config(tmp_path / "builtin")["quantization_config"]["dataset"] == "sotu"
+
+
 def test_dense_models_are_saved_untouched(tmp_path):
     from tiny_models import save_tiny
 
