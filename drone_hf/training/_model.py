@@ -129,8 +129,9 @@ def sync_optimizer(optimizer: Any, model: nn.Module, weight_decay: float) -> Opt
     parameters afterwards must tell the optimizer, or the new parameters are never updated. This
     removes parameters that left the model, and appends trainable ones it does not hold to the
     existing group of their kind (decayed or not, by Trainer's rule), so the learning-rate scheduler,
-    which keys on groups, is unaffected. Frozen parameters the optimizer still holds get no gradient
-    and are skipped by torch optimizers, so they are left in place.
+    which keys on groups, is unaffected. The default pair of groups is then laid out as a fresh
+    ``Trainer`` would build it for the model now (trainable parameters in model order, frozen ones
+    dropped), so the optimizer state a checkpoint saves lines up with the optimizer of a resumed run.
 
     Raises:
         ValueError: the optimizer's groups are not Trainer's default decayed / not-decayed pair, so
@@ -153,6 +154,7 @@ def sync_optimizer(optimizer: Any, model: nn.Module, weight_decay: float) -> Opt
         group["params"] = kept
     missing = [(n, p) for i, (n, p) in live.items() if i not in held and p.requires_grad]
     if not missing:
+        _in_trainer_order(inner, model, decay_parameter_names(model), update)
         return update
     groups = inner.param_groups
     decayed = [g for g in groups if g.get("weight_decay", 0.0) == weight_decay]
@@ -169,7 +171,30 @@ def sync_optimizer(optimizer: Any, model: nn.Module, weight_decay: float) -> Opt
     for name, p in missing:
         (decayed[0] if name in decay else plain[-1])["params"].append(p)
         update.added += 1
+    _in_trainer_order(inner, model, decay, update)
     return update
+
+
+def _in_trainer_order(inner: Any, model: nn.Module, decay: set[str], update: OptimizerUpdate) -> None:
+    """Lay the default decayed / not-decayed pair out as ``Trainer.create_optimizer`` would for the
+    model as it is now: trainable parameters in ``named_parameters()`` order, frozen ones left out.
+
+    ``torch.optim.Optimizer.load_state_dict`` matches saved states to parameters by position. With
+    the new parameters appended at the end (and frozen ones still held), the optimizer a checkpoint
+    saved did not line up with the one a resumed run builds: loading failed on group sizes, or put
+    Adam moments on the wrong parameters where the shapes happened to agree. States stay keyed by
+    parameter, so reordering loses nothing."""
+    groups = inner.param_groups
+    if len(groups) != 2:
+        return
+    held = {id(p) for g in groups for p in g["params"]}
+    for p in [p for g in groups for p in g["params"] if not p.requires_grad]:  # a fresh optimizer skips them
+        update.removed += 1
+        if inner.state.pop(p, None) is not None:
+            update.states_dropped += 1
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in held]
+    groups[0]["params"] = [p for n, p in trainable if n in decay]
+    groups[1]["params"] = [p for n, p in trainable if n not in decay]
 
 
 # --- calibration rows from the Trainer's training data -------------------------------------------

@@ -133,6 +133,24 @@ def test_compress_on_train_begin_then_fine_tune_and_reload(tok, tmp_path):
         torch.testing.assert_close(reloaded(**batch).logits, model.eval()(**batch).logits)
 
 
+def test_a_run_compressed_at_train_begin_resumes_exactly_from_its_checkpoint(tok, tmp_path):
+    """The callback's advice for a resume (load the checkpoint, resume without the callback) must give
+    the uninterrupted run's weights: the optimizer state saved after compression has to line up,
+    position by position, with the optimizer Trainer builds for the reloaded model (the factors were
+    appended after the departed dense weights: Adam moments landed on the wrong parameters, or the
+    load failed on their shapes)."""
+    train_ds = classification_dataset(tok, n=16)
+    config = drone_hf.DroneConfig(param_ratio=0.5, num_samples=10, allocation="uniform")
+    settings = dict(max_steps=4, learning_rate=1e-3, weight_decay=0.01, save_strategy="steps", save_steps=2)
+    model = dense_classifier()
+    make_trainer(model, tok, train_ds, tmp_path, callbacks=[CompressOnTrainBeginCallback(config)], **settings).train()
+    checkpoint = tmp_path / "trainer" / "checkpoint-2"
+    resumed = AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    make_trainer(resumed, tok, train_ds, tmp_path / "again", **settings).train(resume_from_checkpoint=str(checkpoint))
+    final = dict(model.named_parameters())
+    assert all(torch.equal(p, final[n]) for n, p in resumed.named_parameters())
+
+
 def test_compress_callback_refuses_what_it_cannot_do(tok, tmp_path, pair):
     cb = CompressOnTrainBeginCallback(drone_hf.DroneConfig(param_ratio=0.5))
     args = SimpleNamespace(

@@ -140,6 +140,27 @@ def test_callback_adds_parameters_frozen_when_the_optimizer_was_built(tok, tmp_p
     assert id(params[bias]) in no_decay
 
 
+def test_a_run_that_unfreezes_resumes_exactly_from_its_checkpoint(tok, tmp_path, compressed):
+    """The trainable set is chosen before the optimizer is built (on_init_end), so a resumed run's
+    optimizer, into which Trainer loads the saved state before on_train_begin, holds the same
+    parameters in the same order as the one that saved it."""
+    def start():
+        model = copy.deepcopy(compressed)
+        set_trainable(model, "up")  # e.g. an earlier stage trained only `up`
+        return model
+
+    settings = dict(max_steps=4, learning_rate=1e-3, weight_decay=0.01, save_strategy="steps", save_steps=2)
+    model = start()
+    make_trainer(model, tok, classification_dataset(tok), tmp_path, callbacks=[SelectTrainableCallback("factors")],
+                 **settings).train()
+    resumed = start()
+    make_trainer(resumed, tok, classification_dataset(tok), tmp_path / "again",
+                 callbacks=[SelectTrainableCallback("factors")], **settings).train(
+        resume_from_checkpoint=str(tmp_path / "trainer" / "checkpoint-2"))
+    final = dict(model.named_parameters())
+    assert all(torch.equal(p, final[n]) for n, p in resumed.named_parameters())
+
+
 def test_callback_refuses_a_peft_model(tok, tmp_path, compressed):
     from peft import LoraConfig, get_peft_model
 
