@@ -36,7 +36,13 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from .calibration import CalibrationBatches, collect_grams
-from .calibration.blocks import BlockInputs, capture_first_block_inputs, find_blocks, run_block
+from .calibration.blocks import (
+    BlockInputs,
+    capture_first_block_inputs,
+    check_uniform_blocks,
+    find_blocks,
+    run_block,
+)
 from .calibration.offload import materialise
 from .calibration.paired import PairedObserver, collect_paired, execution_groups
 from .calibration.pipeline import _eval_mode
@@ -87,6 +93,7 @@ def compress_sequentially(
     """
     full_to_c = {full: c for c, (full, _) in targets.items()}
     chosen = [full for c, (full, _) in targets.items() if c in ranks]  # module order: deterministic
+    check_uniform_blocks(model)
     blocks = find_blocks(model, set(chosen))
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     installed: dict[str, DroneLinear] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -298,3 +299,37 @@ def test_compensated_refusals():
     drone_hf.DroneConfig(sequential="compensated", method="drone-kfac")  # loss-aware DRONE has the form too
     with pytest.raises(ValueError, match="compress_attention=True is not supported yet"):
         drone_hf.DroneConfig(sequential="compensated", compress_attention=True)
+
+
+@pytest.mark.parametrize("mode", [True, "compensated"])
+def test_blocks_with_their_own_masks_are_refused_before_any_work(mode, monkeypatch):
+    """Sequential modes replay every block with the first block's attention mask. A model with
+    sliding-window and full-attention layers gives each its own: refused before calibration starts
+    (one-shot compresses it), while a model of one layer kind still runs."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def qwen(layer_types):
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, layer_types=layer_types, sliding_window=4,
+            use_sliding_window=True)).eval()
+
+    def settings(sequential):
+        return drone_hf.DroneConfig(dataset=CALIBRATION_TEXTS, num_samples=8, tokenizer=tokenizer(),
+                                    allocation="uniform", sequential=sequential)
+
+    mixed = qwen(["full_attention", "sliding_attention"])
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration started before the refusal")
+
+    monkeypatch.setattr(sys.modules["drone_hf.compress"], "collect_grams", no_calibration)
+    with pytest.raises(ValueError, match=r"blocks of several kinds \(config.layer_types: \['full_attention', "
+                                         r"'sliding_attention'\]\).*one-shot calibration \(sequential=False\)"):
+        drone_hf.compress(mixed, settings(mode), show_progress=False)
+    assert not any(isinstance(m, DroneLinear) for m in mixed.modules())
+    monkeypatch.undo()
+    assert any(isinstance(m, DroneLinear) for m in drone_hf.compress(mixed, settings(False), show_progress=False)
+               .modules())
+    uniform = drone_hf.compress(qwen(["full_attention"] * 2), settings(mode), show_progress=False)
+    assert any(isinstance(m, DroneLinear) for m in uniform.modules())

@@ -105,6 +105,37 @@ def capture_first_block_inputs(
     return stored
 
 
+#: Config fields that give each block its own kind (and so its own mask): transformers'
+#: ``layer_types`` (sliding-window / full-attention layers of Qwen2, Gemma, Mistral-style models...)
+#: and GPT-Neo's ``attention_layers``.
+_PER_BLOCK_KINDS = ("layer_types", "attention_layers")
+
+
+def check_uniform_blocks(model: nn.Module) -> None:
+    """Refuse models whose blocks are called with different side inputs.
+
+    Sequential calibration replays every block with what the *first* block received besides the
+    hidden states (attention mask, position embeddings). A model with alternating attention types
+    hands each kind of block its own mask; a replay with the first block's would silently calibrate
+    the others on the wrong attention pattern (measured by a review on a tiny Qwen2 with one
+    sliding-window layer: the second layer's Gram off by 39% at full rank, against 2e-7 with two
+    full-attention layers). Read from the config, so a resumed run needs no forward pass.
+
+    Raises:
+        ValueError: the config gives the blocks more than one kind.
+    """
+    cfg = getattr(model, "config", None)
+    for key in _PER_BLOCK_KINDS:
+        kinds = getattr(cfg, key, None)
+        distinct = sorted({str(k) for k in kinds}) if isinstance(kinds, (list, tuple)) else []
+        if len(distinct) > 1:
+            raise ValueError(
+                f"sequential calibration replays every block with the attention mask the first block received, and "
+                f"{type(model).__name__} has blocks of several kinds (config.{key}: {distinct}), each with its own "
+                "mask. Use the default one-shot calibration (sequential=False)."
+            )
+
+
 def run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
     """The block's first output (the next block's hidden states) on stored inputs."""
     if inputs.uses_keyword:
