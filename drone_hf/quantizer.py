@@ -75,6 +75,7 @@ class DroneHfQuantizer(HfQuantizer):
                     f"{len(gone)} compressed attention layer(s) recorded in the checkpoint are not part of "
                     f"{type(model).__name__} (e.g. {gone[0]!r}); they are skipped."
                 )
+                self._forget(gone, "attention_ranks", "attention_errors")
         missing = build_skeleton(model, ranks or {})
         if missing:
             logger.warning(
@@ -82,11 +83,21 @@ class DroneHfQuantizer(HfQuantizer):
                 f"{type(model).__name__} (e.g. {missing[0]!r}); they are skipped. This is expected when a task "
                 "checkpoint is loaded as its base model."
             )
+            self._forget(missing, "ranks", "relative_errors")
         validate_factored_checkpoint(model, kwargs.get("checkpoint_files"))
         errors = self.quantization_config.relative_errors or {}
         for name, module in model.named_modules():
             if isinstance(module, DroneLinear):
                 module.relative_error = errors.get(canonical_name(model, name))
+
+    def _forget(self, names: list[str], *records: str) -> None:
+        """Drop skipped layers from the loaded record: it describes this model from now on, and a
+        save would otherwise write ranks with no tensors behind them (a checkpoint that neither
+        reloads as the task model nor passes ``drone-hf inspect``)."""
+        for key in records:
+            record = getattr(self.quantization_config, key, None)
+            if isinstance(record, dict):
+                setattr(self.quantization_config, key, {k: v for k, v in record.items() if k not in names})
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if not self.pre_quantized:

@@ -91,6 +91,30 @@ def test_local_paths_are_never_written_into_the_checkpoint_or_its_card(tmp_path)
     assert read_config(tmp_path / "builtin")["quantization_config"]["dataset"] == "sotu"
 
 
+def test_a_task_checkpoint_reloaded_as_its_base_model_saves_a_consistent_checkpoint(tmp_path):
+    """A factored head is skipped when a task checkpoint loads as its base model; the loaded record
+    must forget it, or the base model's save records a rank with no tensors behind it."""
+    from tiny_models import CALIBRATION_TEXTS, bert_config, tokenizer
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    from drone_hf.hub import summarize_checkpoint
+
+    torch.manual_seed(0)
+    task = drone_hf.compress(BertForSequenceClassification(bert_config()).eval(), drone_hf.DroneConfig(
+        dataset=CALIBRATION_TEXTS, tokenizer=tokenizer(), num_samples=8, allocation="uniform",
+        target_modules=["query", "classifier"]), show_progress=False)
+    assert "classifier" in task.config.quantization_config.ranks
+    task.save_pretrained(tmp_path / "task")
+    base = AutoModel.from_pretrained(tmp_path / "task")
+    base.save_pretrained(tmp_path / "base")
+    ranks = read_config(tmp_path / "base")["quantization_config"]["ranks"]
+    assert sorted(ranks) == ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query"]
+    assert "classifier" not in read_config(tmp_path / "base")["quantization_config"]["relative_errors"]
+    assert len(summarize_checkpoint(tmp_path / "base").report) == 2
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")  # a new head, as from any base
+    assert sum(isinstance(m, DroneLinear) for m in again.modules()) == 2
+
+
 def test_dense_models_are_saved_untouched(tmp_path):
     from tiny_models import save_tiny
 
