@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._model import unwrap
-from .shallow import hidden_state_map
+from .shallow import final_norm, hidden_state_map
 
 #: Tasks the loss knows how to pair logits and labels for.
 TASKS = ("auto", "sequence_classification", "regression", "multi_label_classification", "token_classification",
@@ -150,6 +150,7 @@ class DistillationLoss:
         self._handle: Any = None
         self._teacher_flags: dict[nn.Parameter, bool] = {}
         self._layer_map: dict[int, int] | None = None  # a shallow student's hidden-state map, from attach()
+        self._teacher_norm: nn.Module | None = None  # the teacher's final norm, for that map's last pair
         #: Micro-batches per optimizer step, read at each training call (``distillation_trainer`` wires it to
         #: the Trainer's). Without labels Trainer counts no ``num_items_in_batch``, so each micro-batch's
         #: loss is its own mean; Trainer does not divide a ``compute_loss_func``'s loss by the accumulation
@@ -177,6 +178,7 @@ class DistillationLoss:
         if self.task == "auto":
             self.task = infer_task(student)
         self._layer_map = hidden_state_map(student)
+        self._teacher_norm = final_norm(self.teacher) if self._layer_map is not None else None
         self.detach()
         self._teacher_flags = {p: p.requires_grad for p in self.teacher.parameters()}
         self.teacher.requires_grad_(False)
@@ -337,6 +339,12 @@ class DistillationLoss:
                     f"returns {len(hs)} hidden states against the teacher's {len(ht)}: distil it from the model "
                     "shallow_student() was called on, or give hidden_layers={student index: teacher index}."
                 )
+            last_s, last_t = pairs[-1]
+            if self._teacher_norm is not None and last_t != len(ht) - 1:
+                # the student's last state is after its final norm, the teacher's after that layer is not
+                with torch.no_grad():
+                    normed = self._teacher_norm(ht[last_t])
+                ht = (*ht[:last_t], normed, *ht[last_t + 1:])
         elif self.hidden_layers == "all":
             if len(hs) != len(ht):
                 raise ValueError(

@@ -119,6 +119,13 @@ def shallow_student(
                 f"layers={keep} must be strictly increasing indices in [0, {total - 1}] (the teacher has {total} "
                 "layers)."
             )
+    if getattr(getattr(base, "config", None), "scale_attn_by_inverse_layer_idx", False):
+        raise ValueError(
+            f"{type(base).__name__} has scale_attn_by_inverse_layer_idx=True: each layer's attention is scaled by "
+            "1/(layer index + 1), fixed when the layer is built, so a student's renumbered layers would compute "
+            "differently once saved and reloaded. Distil into a student built with that option off, or keep all "
+            "layers."
+        )
     student = copy.deepcopy(base)
     parent = student.get_submodule(holder)
     setattr(parent, attr, nn.ModuleList([getattr(parent, attr)[i] for i in keep]))
@@ -170,10 +177,32 @@ def hidden_state_map(student: nn.Module) -> dict[int, int] | None:
     """Student ``hidden_states`` index -> teacher index for a :func:`shallow_student` (``None`` otherwise).
 
     ``hidden_states[0]`` is the embedding output in both models; the student's ``i + 1`` is the
-    output of its layer ``i``, which started as teacher layer ``kept[i]``.
+    output of its layer ``i``, which started as teacher layer ``kept[i]`` (decoders: see
+    :func:`final_norm` for the last one).
     """
     cfg = getattr(unwrap(student), "config", None)
     kept = getattr(cfg, TEACHER_LAYERS_KEY, None)
     if not isinstance(kept, list):
         return None
     return {0: 0} | {i + 1: int(t) + 1 for i, t in enumerate(kept)}
+
+
+#: Names of a final norm applied to the last layer's output before it is returned as the last
+#: hidden state (GPT-2 ``ln_f``, Llama/Qwen ``norm``, OPT/Falcon-style ``final_layer_norm``).
+_FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm")
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm a decoder applies to its last layer's output before returning it as the last hidden
+    state, ``None`` where there is none (BERT-style encoders norm inside each layer).
+
+    A shallow student's last hidden state is therefore normed while the teacher's state after the
+    same kept layer is not: :class:`~drone_hf.training.DistillationLoss` passes that teacher state
+    through the teacher's own final norm before comparing them (a student cut as the teacher's first
+    layers then matches it exactly before training)."""
+    try:
+        holder, _, _ = layer_stack(model)
+    except ValueError:
+        return None
+    parent = unwrap(model).get_submodule(holder)
+    return next((m for name in _FINAL_NORMS if isinstance(m := getattr(parent, name, None), nn.Module)), None)

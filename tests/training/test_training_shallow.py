@@ -240,3 +240,32 @@ def test_causal_lm_student_loads_through_auto_class(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(ids).logits, student(ids).logits)
     assert back.config.drone_teacher_layers == [0, 2]
+
+
+@pytest.mark.parametrize("make_config", [llama_config, gpt2_config], ids=["llama", "gpt2"])
+def test_a_decoder_students_normed_last_state_is_compared_with_the_teachers_normed_state(make_config):
+    """Decoders return their last hidden state after the final norm. A student cut as the teacher's
+    first layers is, before training, exactly those layers: the hidden-state term must be 0, so the
+    teacher's state after the student's last kept layer goes through the teacher's final norm."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    cls = LlamaForCausalLM if make_config is llama_config else GPT2LMHeadModel
+    torch.manual_seed(0)
+    teacher = cls(make_config(**({"num_hidden_layers": 4} if cls is LlamaForCausalLM else {"n_layer": 4}))).eval()
+    student = shallow_student(teacher, layers=[0, 1])
+    loss = DistillationLoss(teacher, hidden_weight=1.0, task="causal_lm").attach(student)
+    ids = torch.randint(1000, 2000, (2, 9))
+    with torch.no_grad():
+        s_out = student(input_ids=ids, output_hidden_states=True)
+        t_out = teacher(input_ids=ids, output_hidden_states=True)
+        assert float(loss._hidden_mse(s_out, t_out, None)) < 1e-10
+        assert not torch.allclose(s_out.hidden_states[2], t_out.hidden_states[2], atol=1e-3)  # normed vs not
+    loss.detach()
+
+
+def test_layer_index_scaled_attention_is_refused():
+    from transformers import GPT2LMHeadModel
+
+    teacher = GPT2LMHeadModel(gpt2_config(n_layer=4, scale_attn_by_inverse_layer_idx=True)).eval()
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx=True: each layer's attention is scaled"):
+        shallow_student(teacher, layers=[0, 3])
