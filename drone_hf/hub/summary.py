@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..report import CompressionReport, LayerRow
+from ..report import AttentionRow, CompressionReport, LayerRow
 from .checkpoint import CHECKPOINT_KEY, is_drone_config_dict, is_marked, unmark_config_dict
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -191,6 +191,7 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
         if k != rank or k2 != rank:
             raise ValueError(f"{folder}: {name!r} is recorded with rank {rank} but its factors have rank {k}/{k2}")
         rows.append(LayerRow(name, out_f, in_f, rank, out_f * in_f, rank * (out_f + in_f), errors.get(name)))
+    attention_rows = _attention_rows(base, q)
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     arch = (base.get("architectures") or [None])[0]
     return CheckpointSummary(
@@ -200,10 +201,32 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
         architecture=arch,
         info=dict(base.get(CHECKPOINT_KEY) or {}),
         quantization=q,
-        report=CompressionReport(rows=rows, model_params=total),
+        report=CompressionReport(rows=rows, model_params=total, attention_rows=attention_rows),
         dtypes=sorted(dtypes),
         files=files,
     )
+
+
+def _attention_rows(base: dict[str, Any], q: dict[str, Any]) -> list[AttentionRow]:
+    """Query-key compressed attention modules from ``attention_ranks`` and the config's shapes (the
+    query and key projections of self-attention read the hidden state; every architecture the
+    query-key stage supports has biases on them), counted as :func:`drone_hf.report` counts them."""
+    ranks = q.get("attention_ranks") or {}
+    if not ranks:
+        return []
+    heads = next((base[k] for k in ("num_attention_heads", "n_head", "n_heads") if isinstance(base.get(k), int)), None)
+    hidden = next((base[k] for k in ("hidden_size", "n_embd", "dim") if isinstance(base.get(k), int)), None)
+    if not heads or not hidden:
+        raise ValueError("config.json records compressed attention but no head count / hidden size to size it")
+    head_dim = base.get("head_dim") if isinstance(base.get("head_dim"), int) else hidden // heads
+    per_row = hidden + (1 if base.get("attention_bias", True) else 0)
+    errors = q.get("attention_errors") or {}
+    return [
+        AttentionRow(name=name, heads=heads, head_dim=head_dim, qk_rank=rank, in_features=hidden,
+                     dense_params=2 * heads * head_dim * per_row, compressed_params=2 * heads * rank * per_row,
+                     score_error=errors.get(name))
+        for name, rank in sorted(ranks.items(), key=lambda kv: _natural_key(kv[0]))
+    ]
 
 
 def _natural_key(name: str) -> list:

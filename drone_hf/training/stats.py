@@ -42,11 +42,18 @@ def compression_stats(model: nn.Module, per_layer_ranks: bool = False) -> dict[s
     ``rank/<layer name>`` entry per factored layer (names relative to the base model).
 
     A PEFT-wrapped model counts its adapters in ``params`` and ``trainable_params``, not in the
-    dense size (``params_dense``). Returns ``{}`` for a model without factored layers.
+    dense size (``params_dense``). Query-key compressed attention (``compress_attention=True``)
+    counts its query/key projections at their dense width in ``params_dense`` and adds
+    ``compressed_attention_layers``; the rank and targeted keys describe factored linear layers and
+    are left out when there are none. Returns ``{}`` for a model DRONE did not change.
     """
+    from ..modules.attention import DroneAttention
+    from ..report import _attention_row
+
     base = unwrap(model)
     layers = factored_layers(base)
-    if not layers:
+    attention = [_attention_row(n, m) for n, m in base.named_modules() if isinstance(m, DroneAttention)]
+    if not layers and not attention:
         return {}
     ranks = [m.rank for m in layers.values()]
     dense_w = sum(m.dense_parameters for m in layers.values())
@@ -54,19 +61,26 @@ def compression_stats(model: nn.Module, per_layer_ranks: bool = False) -> dict[s
     params = list(model.parameters())
     adapters = count(q for q in params if id(q) in adapter_parameter_ids(model))
     total = count(params)
-    dense_total = total - adapters - factored_w + dense_w
+    # compressed query/key projections count at their dense width before compression
+    dense_total = (total - adapters - factored_w + dense_w
+                   - sum(r.compressed_params for r in attention) + sum(r.dense_params for r in attention))
     p = LOG_PREFIX
     out = {
         f"{p}factored_layers": float(len(layers)),
         f"{p}params": float(total),
         f"{p}params_dense": float(dense_total),
         f"{p}model_param_ratio": total / dense_total if dense_total else 1.0,
-        f"{p}targeted_param_ratio": factored_w / dense_w if dense_w else 1.0,
-        f"{p}rank_mean": sum(ranks) / len(ranks),
-        f"{p}rank_min": float(min(ranks)),
-        f"{p}rank_max": float(max(ranks)),
         f"{p}trainable_params": float(count(q for q in params if q.requires_grad)),
     }
+    if layers:
+        out |= {
+            f"{p}targeted_param_ratio": factored_w / dense_w if dense_w else 1.0,
+            f"{p}rank_mean": sum(ranks) / len(ranks),
+            f"{p}rank_min": float(min(ranks)),
+            f"{p}rank_max": float(max(ranks)),
+        }
+    if attention:
+        out[f"{p}compressed_attention_layers"] = float(len(attention))
     speedup = measured_speedup(base)
     if speedup is not None:
         out[f"{p}measured_speedup"] = speedup

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import drone_hf
@@ -136,3 +137,30 @@ def test_summary_reports_query_key_compression(compressed, tmp_path):
     attention = model.config.quantization_config.attention_ranks
     assert attention and f"query-key compressed in {len(attention)} attention modules" in str(summary)
     assert summary.to_dict()["quantization_config"]["attention_ranks"] == attention
+
+
+@pytest.mark.parametrize("arch, targets", [("bert", ["value"]), ("gpt2", ["c_fc"]), ("bert", ["query", "key"])],
+                         ids=["bert", "gpt2", "bert-attention-only"])
+def test_attention_compressed_checkpoints_count_like_the_live_model(arch, targets, tmp_path):
+    """inspect (from the files) and the training stats must count the narrowed query/key projections
+    back at their dense width, as report(model) does: the dense total is the dense model's own."""
+    from tiny_models import CALIBRATION_TEXTS, bert_config, gpt2_config, tokenizer
+    from transformers import BertModel, GPT2Model
+
+    from drone_hf.training import compression_stats
+
+    cls, cfg = (BertModel, bert_config()) if arch == "bert" else (GPT2Model, gpt2_config())
+    torch.manual_seed(0)
+    dense = cls(cfg).eval()
+    dense_count = sum(p.numel() for p in dense.parameters())
+    model = drone_hf.compress(dense, drone_hf.DroneConfig(
+        dataset=CALIBRATION_TEXTS, num_samples=8, tokenizer=tokenizer(), allocation="uniform",
+        compress_attention=True, target_modules=targets), show_progress=False)
+    model.save_pretrained(tmp_path)
+    live, files = drone_hf.report(model), summarize_checkpoint(tmp_path).report
+    assert files.attention_rows == live.attention_rows and len(files.attention_rows) == 2
+    assert files.dense_model_params == live.dense_model_params == dense_count
+    assert files.model_params == live.model_params == sum(p.numel() for p in model.parameters())
+    stats = compression_stats(model)
+    assert stats["drone/params_dense"] == dense_count and stats["drone/compressed_attention_layers"] == 2
+    assert ("drone/rank_mean" in stats) == (targets != ["query", "key"])
