@@ -70,7 +70,11 @@ _WHAT = {
     "format": "the cache layout (written by another drone-hf version)",
     "model": "the model architecture (class or config)",
     "weights": "the model weights",
-    "data": "the calibration data or its tokenization (dataset, tokenizer, num_samples, max_length, batch_size, seed)",
+    # which texts calibrate also depends on whether some are held out for the evaluation loss
+    # (allocation='greedy', max_loss, target_speedup hold out eval_samples texts; uniform holds none)
+    "data": "the calibration data or its tokenization (dataset, tokenizer, num_samples, max_length, batch_size, seed, "
+            "or the texts held out for evaluation: eval_samples, and allocation='uniform' against greedy / max_loss / "
+            "target_speedup, which hold texts out)",
     "statistics": "the statistics-relevant settings (target layers, method, damp, mode)",
     "process": "the process layout (rank / world size of torch.distributed)",
     "ranks": "the ranks of the sequential pass (budget, allocation or planned ranks)",

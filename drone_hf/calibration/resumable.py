@@ -7,8 +7,10 @@ running sums. :func:`resumable_batches` is that walk: a tqdm bar, and, with a
 ``SNAPSHOT_SECONDS`` and after the last batch. A run that finds a snapshot restores it and feeds
 only the batches it does not cover. The sums are restored exactly and the remaining batches are
 added in the same order (batch-seeded label draws included), so a resumed pass ends bit-identical
-to an uninterrupted one, and a finished entry serves any later run on the same cache (another
-budget, another allocation) without a forward pass.
+to an uninterrupted one, and a finished entry serves any later run on the same cache that
+calibrates on the same texts (another budget; another allocation that holds out as many texts for
+evaluation: a uniform run holds out none, so it and a greedy run calibrate on different texts and
+do not share entries) without a forward pass.
 
 Each process of a ``torch.distributed`` run walks its own shard and keeps its own entries; the
 passes all-reduce after the walk, so processes may resume at different batches.

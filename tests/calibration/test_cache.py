@@ -165,6 +165,9 @@ def test_one_shot_run_killed_after_two_batches_feeds_only_the_rest(tmp_path):
         ({"max_length": 8}, "calibration data"),
         ({"target_modules": ["query", "value"]}, "statistics-relevant settings"),
         ({"sequential": True}, "statistics-relevant settings"),
+        # greedy holds texts out for its evaluation loss: it calibrates on other texts than uniform
+        ({"allocation": "greedy"}, "texts held out for evaluation: eval_samples, and allocation='uniform' against "
+                                   "greedy"),
     ],
 )
 def test_a_cache_from_another_run_is_refused_and_left_alone(tmp_path, change, message):
