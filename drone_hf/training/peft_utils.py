@@ -86,6 +86,26 @@ def enable_input_grads(model: nn.Module) -> None:
         target.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
 
 
+def _onto_factors(model: nn.Module, targets: Any) -> Any:
+    """LoRA target names that match a whole factored layer (``["query", "value"]``, the usual BERT
+    recipe) name their two factors instead: PEFT cannot wrap a ``DroneLinear`` itself ("Target
+    module drone.Linear(...) is not supported"), and an adapter beside a factored layer belongs on
+    its factors. Other names, and a regular expression, are passed on as given."""
+    if isinstance(targets, str) or not isinstance(targets, (list, tuple, set)):
+        return targets
+    names = [n for n, _ in unwrap(model).named_modules()]
+    factored = set(factored_layers(unwrap(model)))
+    out: list[str] = []
+    for t in targets:
+        hits = [n for n in names if n == t or n.endswith("." + t)]
+        if hits and all(n in factored for n in hits):
+            out += [f"{t}.{f}" for f in FACTORS]
+            logger.info(f"drone-hf: LoRA target {t!r} names factored layers; adapters go on its factors {t}.down/.up.")
+        else:
+            out.append(t)
+    return type(targets)(out) if isinstance(targets, (list, tuple)) else set(out)
+
+
 def prepare_lora_model(
     model: nn.Module,
     lora_config: Any,
@@ -99,7 +119,8 @@ def prepare_lora_model(
     Args:
         model: a compressed transformers model (``drone_hf.compress`` or a reloaded DRONE checkpoint).
         lora_config: a ``peft.LoraConfig``; when its ``target_modules`` is ``None`` it gets
-            :func:`lora_target_modules` (both factors of every factored layer). Not modified.
+            :func:`lora_target_modules` (both factors of every factored layer); names of factored
+            layers (``["query", "value"]``) are mapped to their factors. Not modified.
         gradient_checkpointing: turn on activation checkpointing (``gradient_checkpointing_kwargs``
             are passed on, e.g. ``{"use_reentrant": True}``).
         adapter_name: the PEFT adapter name.
@@ -115,6 +136,8 @@ def prepare_lora_model(
     config = copy.deepcopy(lora_config)
     if getattr(config, "target_modules", None) is None:
         config.target_modules = lora_target_modules(model)
+    else:
+        config.target_modules = _onto_factors(model, config.target_modules)
     if gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         kwargs = {

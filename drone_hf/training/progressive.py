@@ -92,6 +92,24 @@ def input_grams(
     return {n: obs.gram for n, obs in observers.items()}
 
 
+def _by_full_name(model: nn.Module, modules: dict[str, nn.Module], ranks: dict[str, int]) -> dict[str, int]:
+    """``ranks`` keyed by full module names: base-relative names (the record's, ``final_ranks``') are
+    translated; a name that is no factored layer either way is refused (a typo would cut nothing)."""
+    factored = {n for n, m in modules.items() if isinstance(m, DroneLinear)}
+    relative = {canonical_name(model, n): n for n in factored}
+    out: dict[str, int] = {}
+    for name, k in ranks.items():
+        full = name if name in factored else relative.get(name)
+        if full is None:
+            examples = ", ".join(repr(n) for n in sorted(factored)[:3])
+            raise ValueError(
+                f"lower_ranks got {name!r}, which is not a factored layer of {type(model).__name__} (e.g. {examples}); "
+                "name the layers by their full or base-relative module names."
+            )
+        out[full] = k
+    return out
+
+
 @torch.no_grad()
 def lower_ranks(
     model: nn.Module,
@@ -105,7 +123,8 @@ def lower_ranks(
 
     Args:
         model: the (unwrapped) transformers model holding the layers.
-        ranks: full module name -> new rank; layers whose rank would not drop are skipped.
+        ranks: module name (full, or relative to the base model as the DRONE record writes it) ->
+            new rank; layers whose rank would not drop are skipped.
         batches: training batches (dicts with ``input_ids``, optionally ``attention_mask``) for the
             data-aware re-solve; ``None`` for the truncated SVD of the current product.
         optimizer: the optimizer holding the factors; the state of every cut parameter is dropped.
@@ -117,7 +136,8 @@ def lower_ranks(
         is updated, so ``save_pretrained`` writes, and a reload rebuilds, the new ranks.
     """
     modules = dict(model.named_modules())
-    cut = {n: k for n, k in ranks.items() if isinstance(modules.get(n), DroneLinear) and k < modules[n].rank}
+    ranks = _by_full_name(model, modules, ranks)
+    cut = {n: k for n, k in ranks.items() if k < modules[n].rank}
     if not cut:
         return {}
     layers = {n: modules[n] for n in cut}

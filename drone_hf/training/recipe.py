@@ -246,6 +246,26 @@ def _metric(cfg: RecipeConfig, model: nn.Module, ds: Any, tokenizer: Any) -> flo
     return evaluate_perplexity(model, ds, tokenizer)
 
 
+def training_arguments(cfg: RecipeConfig) -> Any:
+    """The recipe's ``TrainingArguments``: its defaults, overridden by ``cfg.extra`` (any
+    ``TrainingArguments`` field, those the recipe sets included: ``save_strategy``, ``use_cpu``...
+    were a duplicate-keyword TypeError when given there)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**({
+        "output_dir": str(Path(cfg.output_dir) / "trainer"),
+        "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps,
+        "learning_rate": cfg.learning_rate,
+        "per_device_train_batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "logging_steps": cfg.logging_steps,
+        "save_strategy": "no",
+        "report_to": cfg.report_to,
+        "use_cpu": not torch.cuda.is_available(),
+    } | cfg.extra))
+
+
 def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     """Compress a copy of the dense model, distil it with ``Trainer``, evaluate, save (and push).
 
@@ -254,7 +274,7 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     checkpoint (reloads factored with ``from_pretrained`` once ``drone_hf`` is imported), the
     tokenizer and these results as ``recipe_results.json``.
     """
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, Trainer
 
     from .stats import compression_stats
 
@@ -276,19 +296,7 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
     student = compress(copy.deepcopy(dense), drone, show_progress=False)
     results["compressed_before"] = _metric(cfg, student, eval_ds, tokenizer)
 
-    args = TrainingArguments(
-        output_dir=str(Path(cfg.output_dir) / "trainer"),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_strategy="no",
-        report_to=cfg.report_to,
-        use_cpu=not torch.cuda.is_available(),
-        **cfg.extra,
-    )
+    args = training_arguments(cfg)
     loss = None
     if cfg.alpha > 0 or cfg.hidden_weight > 0:
         loss = DistillationLoss(

@@ -59,6 +59,20 @@ def test_targets_are_the_factors_of_factored_layers_only(tok):
         lora_target_modules(dense_classifier())
 
 
+def test_lora_on_factored_layer_names_goes_on_their_factors(tok):
+    """target_modules=["query", "value"], the usual BERT recipe, names factored layers PEFT cannot
+    wrap: prepare_lora_model puts the adapters on their factors, leaving the config unchanged."""
+    _, model = compressed_classifier(tok)
+    config = LoraConfig(r=2, target_modules=["query", "value"])
+    peft_model = prepare_lora_model(model, config)
+    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")
+               and not n.endswith(("lora_A", "lora_B"))}
+    expected = {f"bert.encoder.layer.{i}.attention.self.{p}.{f}" for i in range(2) for p in ("query", "value")
+                for f in ("down", "up")}
+    assert wrapped == expected
+    assert config.target_modules == {"query", "value"}  # PEFT keeps a set; the user's object is not modified
+
+
 def test_lora_round_trip_and_merge_keep_the_factored_model(tok, tmp_path, saved):
     source, folder = saved
     model = AutoModelForSequenceClassification.from_pretrained(folder)

@@ -90,6 +90,19 @@ def test_lower_ranks_without_data_is_the_svd_of_the_product(pristine):
         lower_ranks(model, {name: 2}, None, method="drone")
 
 
+def test_lower_ranks_takes_base_relative_names_and_refuses_unknown_ones(pristine):
+    """The record and final_ranks name layers relative to the base model; lower_ranks accepted only
+    full names and silently cut nothing for anything else, typos included."""
+    model = copy.deepcopy(pristine)
+    full = "bert.encoder.layer.0.attention.self.query"
+    assert model.get_submodule(full).rank > 2
+    assert set(lower_ranks(model, {"encoder.layer.0.attention.self.query": 2}, method="svd")) == {full}
+    assert model.get_submodule(full).rank == 2
+    assert model.config.quantization_config.ranks["encoder.layer.0.attention.self.query"] == 2
+    with pytest.raises(ValueError, match=r"'bert.encoder.layer.0.attention.self.qery', which is not a factored layer"):
+        lower_ranks(model, {"bert.encoder.layer.0.attention.self.qery": 2}, method="svd")
+
+
 def test_schedule_in_a_trainer_run_reaches_the_final_ranks_and_saves_them(tok, tmp_path, pristine):
     model = copy.deepcopy(pristine)
     start = ranks_of(model)

@@ -149,3 +149,15 @@ def test_class_names_as_labels_become_the_models_class_ids(tmp_path):
     data.write_text("text,label\nA text.,LABEL_9\nAnother.,LABEL_0\nThird.,LABEL_1\nFourth.,LABEL_2\nFifth.,LABEL_0\n")
     with pytest.raises(ValueError, match=r"label 'LABEL_9' is neither an integer class id nor one of the model's"):
         _load(cfg)
+
+
+def test_extra_overrides_the_recipes_own_training_arguments(tmp_path):
+    """RecipeConfig.extra takes any TrainingArguments field, including those the recipe sets."""
+    from drone_hf.training.recipe import training_arguments
+
+    cfg = RecipeConfig(task="causal-lm", model="m", train_file="t.txt", output_dir=str(tmp_path),
+                       extra={"save_strategy": "steps", "save_steps": 7, "use_cpu": True, "warmup_steps": 3})
+    args = training_arguments(cfg)
+    assert (args.save_strategy, args.save_steps, args.use_cpu, args.warmup_steps) == ("steps", 7, True, 3)
+    plain = training_arguments(RecipeConfig(task="causal-lm", model="m", train_file="t.txt", output_dir=str(tmp_path)))
+    assert plain.save_strategy == "no" and plain.learning_rate == cfg.learning_rate
