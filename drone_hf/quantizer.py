@@ -120,6 +120,10 @@ class DroneHfQuantizer(HfQuantizer):
         if isinstance(dtype, torch.dtype):
             model.to(dtype)
         self.remove_quantization_config(model)
+        from .hub.checkpoint import CHECKPOINT_KEY
+
+        if hasattr(model.config, CHECKPOINT_KEY):  # a dense model now: no DRONE provenance record to save
+            delattr(model.config, CHECKPOINT_KEY)
         return model
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

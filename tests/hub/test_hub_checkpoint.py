@@ -166,10 +166,13 @@ def test_older_unmarked_checkpoints_still_load_and_get_marked_on_save(compressed
 
 def test_merged_model_saves_as_a_plain_dense_checkpoint(compressed, tmp_path):
     model, _ = compressed("bert")
+    model.save_pretrained(tmp_path / "drone")
+    model = AutoModel.from_pretrained(tmp_path / "drone")  # carries the drone_checkpoint record
     model.dequantize()
     model.save_pretrained(tmp_path / "merged")
     raw = read_config(tmp_path / "merged")
     assert raw["model_type"] == "bert" and "quantization_config" not in raw and "auto_map" not in raw
+    assert ckpt.CHECKPOINT_KEY not in raw  # no DRONE provenance on a dense checkpoint
     assert not (tmp_path / "merged" / "drone_hf_checkpoint.py").exists()
 
 
