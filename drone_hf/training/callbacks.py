@@ -38,6 +38,7 @@ from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, T
 
 from ..compress import compress, held_out_count
 from ..config import DroneConfig
+from ..modules.attention import DroneAttention
 from ..modules.low_rank_linear import DroneLinear
 from ..utils.logging import get_logger
 from ._model import (
@@ -147,7 +148,7 @@ class SelectTrainableCallback(_LoggingCallback):
         compressed: the optimizer (and one loaded from a checkpoint when resuming, which happens
         before ``on_train_begin``) then holds exactly these parameters. A model compressed at train
         begin (:class:`CompressOnTrainBeginCallback`) is handled there."""
-        if model is not None and any(isinstance(m, DroneLinear) for m in model.modules()):
+        if model is not None and any(isinstance(m, (DroneLinear, DroneAttention)) for m in model.modules()):
             set_trainable(model, self.train, self.freeze_heads)
 
     def on_train_begin(

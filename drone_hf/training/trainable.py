@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ._model import count, head_parameter_ids, is_peft_model, require_factored
+from ._model import count, factored_layers, head_parameter_ids, is_peft_model, require_factored
 
 #: ``set_trainable`` modes: what trains besides the heads.
 TRAIN_MODES = ("factors", "all", "up", "down")
@@ -70,7 +70,8 @@ def set_trainable(model: nn.Module, train: str = "factors", freeze_heads: bool =
     Args:
         model: a compressed transformers model (not a PEFT model: PEFT chooses its own trainable set).
         train: ``"factors"``: the ``down`` and ``up`` factors of every factored layer (with the bias
-            ``up`` carries), everything else frozen; ``"all"``: every parameter; ``"up"`` / ``"down"``:
+            ``up`` carries) and the narrowed query/key projections of query-key compressed attention
+            (``compress_attention=True``), everything else frozen; ``"all"``: every parameter; ``"up"`` / ``"down"``:
             that side of each factored pair only (``up`` includes the bias). Layers kept dense,
             embeddings and norms train only with ``"all"``.
         freeze_heads: freeze the heads too (``classifier``, ``pooler``, ``lm_head``...; a head tied to
@@ -89,13 +90,19 @@ def set_trainable(model: nn.Module, train: str = "factors", freeze_heads: bool =
             "set_trainable got a PEFT model: PEFT already chose what trains (the adapters and modules_to_save). "
             "Drop the trainable-set callback, or call set_trainable on the compressed model before get_peft_model."
         )
-    layers = require_factored(model, "set_trainable")
+    from ..modules.attention import DroneAttention
+
+    attention = [m for m in model.modules() if isinstance(m, DroneAttention)]
+    layers = factored_layers(model) if attention else require_factored(model, "set_trainable")
     chosen: set[int] = set()
     for layer in layers.values():
         if train in ("factors", "down"):
             chosen.add(id(layer.down.weight))
         if train in ("factors", "up"):
             chosen.update(id(p) for p in layer.up.parameters())
+    if train == "factors":  # the narrowed query/key projections are what query-key compression changed
+        for module in attention:
+            chosen.update(id(p) for proj in (module.query_proj, module.key_proj) for p in proj.parameters())
     heads = head_parameter_ids(model)
     params = list(model.parameters())  # shared (tied) parameters appear once
     for p in params:

@@ -161,6 +161,27 @@ def test_a_run_that_unfreezes_resumes_exactly_from_its_checkpoint(tok, tmp_path,
     assert all(torch.equal(p, final[n]) for n, p in resumed.named_parameters())
 
 
+@pytest.mark.parametrize("targets", [["value"], ["query", "key"]], ids=["with-linear", "attention-only"])
+def test_query_key_compressed_attention_trains_with_the_factors(tok, targets):
+    """compress_attention=True narrows the query/key projections: "factors" trains them with the
+    factored layers, and an attention-only compressed model is a compressed model, not refused."""
+    from drone_hf.modules.attention import DroneAttention
+
+    torch.manual_seed(0)
+    model = drone_hf.compress(dense_classifier(), drone_hf.DroneConfig(
+        dataset=CALIBRATION_TEXTS, num_samples=8, tokenizer=tok, allocation="uniform", compress_attention=True,
+        target_modules=targets), show_progress=False)
+    attention = [m for m in model.modules() if isinstance(m, DroneAttention)]
+    assert len(attention) == 2
+    set_trainable(model, "factors")
+    qk = {id(p) for m in attention for proj in (m.query_proj, m.key_proj) for p in proj.parameters()}
+    factors = {id(p) for m in model.modules() if isinstance(m, DroneLinear) for p in m.parameters()}
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (id(p) in qk | factors or name in HEADS), name
+    set_trainable(model, "down")
+    assert not any(p.requires_grad for m in attention for p in m.query_proj.parameters())
+
+
 def test_callback_refuses_a_peft_model(tok, tmp_path, compressed):
     from peft import LoraConfig, get_peft_model
 
