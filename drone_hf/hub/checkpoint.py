@@ -40,6 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from ..config import QUANT_METHOD
@@ -270,6 +271,7 @@ def install() -> None:
     _patch_config_json()
     _patch_save_pretrained()
     _patch_push_to_hub()
+    _patch_dtype_casts()
 
 
 def _patch_get_config_dict() -> None:
@@ -328,6 +330,28 @@ def _patch_config_json() -> None:
 
     setattr(to_json_file, _PATCH_FLAG, True)
     PreTrainedConfig.to_json_file = to_json_file
+
+
+def _patch_dtype_casts() -> None:
+    """``model.half()`` / ``model.float()`` on a DRONE model.
+
+    transformers refuses both for every quantized model ("not supported for quantized model"), which
+    protects integer weights; DRONE's factors are ordinary float ``nn.Linear`` weights, so the casts
+    are as valid as ``model.to(torch.float16)``, which already works. Other quantized models keep
+    transformers' refusal."""
+    for name in ("half", "float"):
+        current = getattr(PreTrainedModel, name)
+        if getattr(current, _PATCH_FLAG, False):
+            continue
+
+        def cast(self, *args, _current=current, _name=name):
+            if is_drone_model(self):
+                return getattr(torch.nn.Module, _name)(self, *args)
+            return _current(self, *args)
+
+        functools.update_wrapper(cast, current)
+        setattr(cast, _PATCH_FLAG, True)
+        setattr(PreTrainedModel, name, cast)
 
 
 _HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "private", "revision")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -113,6 +114,17 @@ def test_a_task_checkpoint_reloaded_as_its_base_model_saves_a_consistent_checkpo
     assert len(summarize_checkpoint(tmp_path / "base").report) == 2
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")  # a new head, as from any base
     assert sum(isinstance(m, DroneLinear) for m in again.modules()) == 2
+
+
+def test_half_and_float_cast_a_drone_model_like_to_dtype(compressed):
+    """transformers refuses .half()/.float() for quantized models; DRONE's factors are float weights."""
+    model, _ = compressed("bert")
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        want = copy.deepcopy(model).to(torch.float16)(**sample_inputs()).last_hidden_state
+        assert model.half() is model and {p.dtype for p in model.parameters()} == {torch.float16}
+        torch.testing.assert_close(model(**sample_inputs()).last_hidden_state, want)
+        assert {p.dtype for p in model.float().parameters()} == {torch.float32}
 
 
 def test_dense_models_are_saved_untouched(tmp_path):
