@@ -66,6 +66,8 @@ def weight_variant(name: str) -> str | None:
     if match is None:
         return None
     return match["variant"] or match["index_variant"] or ""
+
+
 TMP_TAG = ".drone-tmp-"
 OLD_TAG = ".drone-old-"
 
