@@ -19,7 +19,6 @@ from transformers.utils import logging as hf_logging
 from .allocation import check_fixed_rank, uniform_rank
 from .attention_stage import AttentionStage
 from .calibration import collect_grams, load_texts, tokenize_batches
-from .calibration.blocks import check_uniform_blocks
 from .calibration.cache import CalibrationCache, open_cache
 from .calibration.choices import one_choice_per_text, refuse_choice_losses
 from .calibration.distributed import all_reduce_count, broadcast_object, shard_texts
@@ -227,8 +226,6 @@ def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: boo
         )
     config.post_init()  # overrides, and fields set on the object after it was built, are checked too
     check_method_options(config)
-    if config.sequential:
-        check_uniform_blocks(model)  # before any calibration: a replay would use the wrong masks
     targets = resolve_targets(model, config.target_modules, config.modules_to_not_convert)
     # --- attention (query-key) compression, see attention_stage.py: q/k leave the linear targets.
     attention = AttentionStage(model, config, targets) if config.compress_attention else None

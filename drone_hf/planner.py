@@ -192,6 +192,8 @@ class RankPlanner:
         SmolLM2-135M has 210 targeted projections, and 210 evaluations made greedy allocation
         many times slower than the compression itself.
         """
+        if not self.free:  # every layer's rank was given: nothing to weigh (and no graph to differentiate)
+            return {}
         if self.curvature_known():
             # drone-kfac: every rank's predicted loss comes with the decomposition (options()), no probe
             self.result["sensitivity"] = "kfac"

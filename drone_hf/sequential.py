@@ -38,8 +38,9 @@ from transformers.utils import logging as hf_logging
 from .calibration import CalibrationBatches, collect_grams
 from .calibration.blocks import (
     BlockInputs,
+    blocks_differ,
+    capture_block_side_inputs,
     capture_first_block_inputs,
-    check_uniform_blocks,
     find_blocks,
     run_block,
 )
@@ -93,7 +94,6 @@ def compress_sequentially(
     """
     full_to_c = {full: c for c, (full, _) in targets.items()}
     chosen = [full for c, (full, _) in targets.items() if c in ranks]  # module order: deterministic
-    check_uniform_blocks(model)
     blocks = find_blocks(model, set(chosen))
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     installed: dict[str, DroneLinear] = {}
@@ -151,6 +151,8 @@ def compress_sequentially(
 
     with _eval_mode(model):
         stored: list[BlockInputs] = capture_first_block_inputs(model, blocks[0][1], data.batches, device)
+        # blocks of several kinds (sliding-window and full attention): each is replayed with its own mask
+        side = capture_block_side_inputs(model, blocks, data.batches, device) if blocks_differ(model) else None
         # the dense model's stream beside the compressed one (compensated mode): same batches, own hidden states
         dense = [BlockInputs(s.hidden, s.args, s.kwargs, s.uses_keyword) for s in stored] if compensated else None
         masks = [b["attention_mask"] for b in data.batches]
@@ -167,6 +169,10 @@ def compress_sequentially(
         )
         for index in range(start, len(blocks)):
             block_name, block = blocks[index]
+            if side is not None:
+                for stream in [stored] + ([dense] if dense is not None else []):
+                    for item, (args, kwargs) in zip(stream, side[index], strict=True):
+                        item.args, item.kwargs = args, kwargs
             inside = [f for f in chosen if f.startswith(block_name + ".")]
             layers = {full_to_c[f]: model.get_submodule(f) for f in inside}
             materialise(layers.values())  # offloaded: this block's dense targets, once, not per batch

@@ -623,3 +623,17 @@ def test_page_faults_without_a_counter_are_not_recorded(monkeypatch):
     monkeypatch.setattr(page_faults_mod, "minor_page_faults", lambda: None)  # e.g. Windows
     model = drone_hf.compress(build(), config(target_speedup=1.5), show_progress=False)
     assert "page_faults_per_pass" not in model.config.quantization_config.allocation_result
+
+
+def test_greedy_with_every_rank_given_has_nothing_to_probe():
+    """ranks= naming every target leaves greedy no free layer: the LM loss's one-backward sensitivity
+    probe had no probe to differentiate and failed inside autograd."""
+    from tiny_models import CALIBRATION_TEXTS, llama_config, tokenizer
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = drone_hf.compress(LlamaForCausalLM(llama_config()).eval(), drone_hf.DroneConfig(
+        dataset=CALIBRATION_TEXTS, num_samples=8, tokenizer=tokenizer(), ranks={".*": 8}, param_ratio=0.9),
+        show_progress=False)
+    ranks = model.config.quantization_config.ranks
+    assert ranks and set(ranks.values()) == {8}

@@ -111,29 +111,50 @@ def capture_first_block_inputs(
 _PER_BLOCK_KINDS = ("layer_types", "attention_layers")
 
 
-def check_uniform_blocks(model: nn.Module) -> None:
-    """Refuse models whose blocks are called with different side inputs.
-
-    Sequential calibration replays every block with what the *first* block received besides the
-    hidden states (attention mask, position embeddings). A model with alternating attention types
-    hands each kind of block its own mask; a replay with the first block's would silently calibrate
-    the others on the wrong attention pattern (measured by a review on a tiny Qwen2 with one
-    sliding-window layer: the second layer's Gram off by 39% at full rank, against 2e-7 with two
-    full-attention layers). Read from the config, so a resumed run needs no forward pass.
-
-    Raises:
-        ValueError: the config gives the blocks more than one kind.
-    """
+def blocks_differ(model: nn.Module) -> bool:
+    """Whether the model's blocks are of several kinds, each called with its own side inputs (the
+    attention mask of a sliding-window layer differs from a full-attention layer's)."""
     cfg = getattr(model, "config", None)
     for key in _PER_BLOCK_KINDS:
         kinds = getattr(cfg, key, None)
-        distinct = sorted({str(k) for k in kinds}) if isinstance(kinds, (list, tuple)) else []
-        if len(distinct) > 1:
-            raise ValueError(
-                f"sequential calibration replays every block with the attention mask the first block received, and "
-                f"{type(model).__name__} has blocks of several kinds (config.{key}: {distinct}), each with its own "
-                "mask. Use the default one-shot calibration (sequential=False)."
-            )
+        if isinstance(kinds, (list, tuple)) and len({str(k) for k in kinds}) > 1:
+            return True
+    return False
+
+
+def capture_block_side_inputs(
+    model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+) -> list[list[tuple[tuple, dict[str, Any]]]]:
+    """What every block is called with besides its hidden states, per block and batch: ``(args,
+    kwargs)`` after the hidden states, KV caches left out.
+
+    Sequential calibration replays block ``i`` on stored hidden states; with blocks of several kinds
+    (:func:`blocks_differ`) it must replay each with its own side inputs, not the first block's: a
+    sliding-window layer replayed with the full-attention mask is calibrated on the wrong attention
+    pattern (measured by a review on a tiny Qwen2 with one sliding-window layer: the second layer's
+    Gram off by 39% at full rank). One dense forward per batch records them; blocks of one kind share
+    the same tensors, so this holds little more than one set of masks per kind."""
+    side: list[list[Any]] = [[None] * len(batches) for _ in blocks]
+    current = [0]
+    handles = []
+    for j, (_, block) in enumerate(blocks):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, j: int = j) -> None:
+            kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
+            if args:
+                side[j][current[0]] = (args[1:], dict(kwargs))
+            else:
+                side[j][current[0]] = ((), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            for i, batch in enumerate(batches):
+                current[0] = i
+                model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return side
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:

@@ -180,19 +180,6 @@ def multiple_choice(**options: Any) -> Callable[[SimpleNamespace], Any]:
     return run
 
 
-def sequential_mixed_layer_kinds(ctx: SimpleNamespace) -> Any:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    ctx.model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, layer_types=["full_attention", "sliding_attention"],
-        sliding_window=4, use_sliding_window=True)).eval()
-    ctx.snapshot_again()
-    fields = {"dataset": CALIBRATION_TEXTS, "num_samples": 8, "tokenizer": ctx.tok, "sequential": True}
-    return drone_hf.compress(ctx.model, DroneConfig(**fields), show_progress=False)
-
-
 def no_linear(ctx: SimpleNamespace) -> Any:
     ctx.model = torch.nn.Sequential(torch.nn.Embedding(10, 4))
     ctx.snapshot_again()
@@ -412,9 +399,6 @@ CASES: list[Case] = [
     Case("model-multiple-choice-logit-kl", "model", multiple_choice(eval_loss="logit_kl"), ValueError,
          r"eval_loss='logit_kl' compares the answer distribution of BertForMultipleChoice, which is constant",
          r"Use eval_loss='distortion' \(the default 'auto' picks it\) or pass loss_fn="),
-    Case("model-sequential-mixed-layer-kinds", "model", sequential_mixed_layer_kinds, ValueError,
-         r"replays every block with the attention mask the first block received, and Qwen2ForCausalLM has blocks "
-         r"of several kinds \(config\.layer_types", r"Use the default one-shot calibration \(sequential=False\)"),
     # --- checkpoints ---------------------------------------------------------------------------
     Case("ckpt-truncated-weights", "checkpoint", load, ValueError, r"model\.safetensors .* truncated or corrupt",
          r"Download or save it again", needs=("ckpt",), edit=truncate(0.5)),
