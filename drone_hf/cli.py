@@ -190,6 +190,16 @@ def _check_output(output: str, source: str, overwrite: bool) -> Path:
         raise CliError(
             f"--output {output} is the source model folder; choose a new folder (the source is never modified)"
         )
+    if Path(source).exists():
+        src = Path(source).resolve()
+        # a folder above the source would be replaced, source included, by the save's swap; one inside
+        # it would modify the source
+        if out in src.parents or src in out.parents:
+            where = "contains" if out in src.parents else "is inside"
+            raise CliError(
+                f"--output {output} {where} the source model folder {source}; choose a folder outside it (the "
+                "source is never modified)"
+            )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CliError(f"--output {output} exists and is not empty; choose a new folder or pass --overwrite")
     if out.exists() and not out.is_dir():

@@ -264,6 +264,19 @@ def test_eval_and_bench_measure_the_recorded_class_with_its_heads(tmp_path, caps
     assert seen == [("BertForPreTraining", "BertForPreTraining")] * 2
 
 
+@pytest.mark.parametrize("where", ["parent", "inside"])
+def test_output_around_the_source_is_refused_and_the_source_kept(tmp_path, capsys, where):
+    """--output above the source with --overwrite would replace the folder holding the source (the
+    swap deletes the old folder): the source model was lost. One inside it would modify the source."""
+    src = save_tiny("bert", tmp_path / "models" / "bert")
+    before = sorted(p.name for p in src.iterdir())
+    out = tmp_path / "models" if where == "parent" else src / "drone"
+    capsys.readouterr()
+    assert main(["compress", str(src), "--output", str(out), "--overwrite", "--no-eval"]) == 2
+    assert "the source model folder" in last_error_line(capsys)
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
 def test_merge_never_overwrites(ckpts, tmp_path, capsys):
     _, folder = ckpts["bert"]
     assert main(["merge", str(folder), "--output", str(folder)]) == 2
