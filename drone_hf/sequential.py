@@ -39,7 +39,7 @@ from .calibration import CalibrationBatches, collect_grams
 from .calibration.blocks import (
     BlockInputs,
     blocks_differ,
-    capture_block_side_inputs,
+    capture_all_block_inputs,
     capture_first_block_inputs,
     find_blocks,
     run_block,
@@ -150,9 +150,12 @@ def compress_sequentially(
         return states
 
     with _eval_mode(model):
-        stored: list[BlockInputs] = capture_first_block_inputs(model, blocks[0][1], data.batches, device)
         # blocks of several kinds (sliding-window and full attention): each is replayed with its own mask
-        side = capture_block_side_inputs(model, blocks, data.batches, device) if blocks_differ(model) else None
+        side = None
+        if blocks_differ(model):
+            stored, side = capture_all_block_inputs(model, blocks, data.batches, device)
+        else:
+            stored = capture_first_block_inputs(model, blocks[0][1], data.batches, device)
         # the dense model's stream beside the compressed one (compensated mode): same batches, own hidden states
         dense = [BlockInputs(s.hidden, s.args, s.kwargs, s.uses_keyword) for s in stored] if compensated else None
         masks = [b["attention_mask"] for b in data.batches]

@@ -72,6 +72,18 @@ def find_blocks(model: nn.Module, targets: set[str]) -> list[tuple[str, nn.Modul
     return blocks
 
 
+def _block_call(module: nn.Module, args: tuple, kwargs: dict) -> BlockInputs:
+    """What a block was called with, split into its hidden states and the rest; KV caches are left
+    out (replays must not append to them)."""
+    kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
+    if args:
+        return BlockInputs(hidden=args[0], args=args[1:], kwargs=dict(kwargs))
+    if "hidden_states" in kwargs:
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return BlockInputs(hidden=kwargs["hidden_states"], kwargs=rest, uses_keyword=True)
+    raise ValueError(f"{type(module).__name__} was called without hidden states; sequential mode cannot follow it.")
+
+
 def capture_first_block_inputs(
     model: nn.Module, first: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
 ) -> list[BlockInputs]:
@@ -79,16 +91,7 @@ def capture_first_block_inputs(
     stored: list[BlockInputs] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}  # replays must not append
-        if args:
-            stored.append(BlockInputs(hidden=args[0], args=args[1:], kwargs=dict(kwargs)))
-        elif "hidden_states" in kwargs:
-            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            stored.append(BlockInputs(hidden=kwargs["hidden_states"], kwargs=rest, uses_keyword=True))
-        else:
-            raise ValueError(
-                f"{type(module).__name__} was called without hidden states; sequential mode cannot follow it."
-            )
+        stored.append(_block_call(module, args, kwargs))
         raise _Captured
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -122,29 +125,25 @@ def blocks_differ(model: nn.Module) -> bool:
     return False
 
 
-def capture_block_side_inputs(
+def capture_all_block_inputs(
     model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[dict[str, torch.Tensor]],
     device: torch.device,
-) -> list[list[tuple[tuple, dict[str, Any]]]]:
-    """What every block is called with besides its hidden states, per block and batch: ``(args,
-    kwargs)`` after the hidden states, KV caches left out.
+) -> tuple[list[BlockInputs], list[list[tuple[tuple, dict[str, Any]]]]]:
+    """The first block's inputs per batch (as :func:`capture_first_block_inputs`) and what every
+    block is called with besides its hidden states, per block and batch: ``(args, kwargs)``.
 
     Sequential calibration replays block ``i`` on stored hidden states; with blocks of several kinds
     (:func:`blocks_differ`) it must replay each with its own side inputs, not the first block's: a
     sliding-window layer replayed with the full-attention mask is calibrated on the wrong attention
     pattern (measured by a review on a tiny Qwen2 with one sliding-window layer: the second layer's
-    Gram off by 39% at full rank). One dense forward per batch records them; blocks of one kind share
-    the same tensors, so this holds little more than one set of masks per kind."""
-    side: list[list[Any]] = [[None] * len(batches) for _ in blocks]
+    Gram off by 39% at full rank). One dense forward per batch records both; blocks of one kind
+    share the same tensors, so this holds little more than one set of masks per kind."""
+    calls: list[list[BlockInputs | None]] = [[None] * len(batches) for _ in blocks]
     current = [0]
     handles = []
     for j, (_, block) in enumerate(blocks):
         def hook(module: nn.Module, args: tuple, kwargs: dict, j: int = j) -> None:
-            kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
-            if args:
-                side[j][current[0]] = (args[1:], dict(kwargs))
-            else:
-                side[j][current[0]] = ((), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            calls[j][current[0]] = _block_call(module, args, kwargs)
         handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.inference_mode():
@@ -154,7 +153,10 @@ def capture_block_side_inputs(
     finally:
         for handle in handles:
             handle.remove()
-    return side
+    if any(c is None for c in calls[0]):
+        raise RuntimeError("The first block never ran; sequential calibration cannot capture its inputs.")
+    side = [[(c.args, c.kwargs) for c in per_block] for per_block in calls]  # type: ignore[union-attr]
+    return calls[0], side  # type: ignore[return-value]
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
