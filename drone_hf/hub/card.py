@@ -20,7 +20,8 @@ import torch
 
 from ..config import QUANT_METHOD
 from ..report import CompressionReport, report
-from .checkpoint import CHECKPOINT_KEY, _hub_id
+from ..utils.public_names import hub_id
+from .checkpoint import CHECKPOINT_KEY
 
 #: The template the cards are rendered from.
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "drone_model_card.md.j2"
@@ -219,7 +220,7 @@ def card_context(
     rep = report(model)
     qc = model.config.quantization_config
     info = getattr(model.config, CHECKPOINT_KEY, None) or {}
-    base_model = base_model or info.get("base_model") or _hub_id(getattr(model, "name_or_path", None))
+    base_model = base_model or info.get("base_model") or hub_id(getattr(model, "name_or_path", None))
     architecture = type(model).__name__
     auto_class, task = auto_class_and_task(architecture)
     element = next(model.parameters()).element_size()

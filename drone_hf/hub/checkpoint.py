@@ -102,12 +102,6 @@ def is_drone_config_dict(config_dict: dict[str, Any]) -> bool:
     return is_marked(config_dict) or (isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD)
 
 
-def _hub_id(name: str | None) -> str | None:
-    """``name`` if it looks like a Hub model id and is not a local path, else ``None``
-    (:func:`drone_hf.utils.public_names.hub_id`)."""
-    return hub_id(name)
-
-
 def checkpoint_info(model: Any, base_model_type: str) -> dict[str, Any]:
     """The :data:`CHECKPOINT_KEY` record for ``model``, keeping provenance already carried by its config."""
     from .. import __version__
@@ -116,7 +110,7 @@ def checkpoint_info(model: Any, base_model_type: str) -> dict[str, Any]:
     previous = previous if isinstance(previous, dict) else {}
     base_model = previous.get("base_model")
     if base_model is None:
-        base_model = _hub_id(getattr(model, "name_or_path", None))
+        base_model = hub_id(getattr(model, "name_or_path", None))
     return {
         "format_version": CHECKPOINT_FORMAT,
         "base_model_type": base_model_type,

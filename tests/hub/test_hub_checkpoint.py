@@ -15,6 +15,7 @@ from transformers.utils import logging as hf_logging
 import drone_hf
 from drone_hf import DroneLinear
 from drone_hf.hub import checkpoint as ckpt
+from drone_hf.utils import public_names
 
 
 def read_config(folder) -> dict:
@@ -231,7 +232,7 @@ def test_damaged_or_newer_markers_fail_loudly(compressed, tmp_path, damage, mess
     [("org/model", "org/model"), ("gpt2", "gpt2"), ("/abs/path", None), ("./rel", None), ("a/b/c", None), (None, None)],
 )
 def test_only_hub_ids_are_recorded_as_base_model(name, hub_id):
-    assert ckpt._hub_id(name) == hub_id
+    assert public_names.hub_id(name) == hub_id
 
 
 def test_local_folders_are_not_hub_ids(tmp_path):
@@ -241,7 +242,7 @@ def test_local_folders_are_not_hub_ids(tmp_path):
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        assert ckpt._hub_id("model") is None
+        assert public_names.hub_id("model") is None
     finally:
         os.chdir(cwd)
 
