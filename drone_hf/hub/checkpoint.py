@@ -206,6 +206,8 @@ def mark_checkpoint_folder(folder: str | os.PathLike, model: Any) -> bool:
     if not config_file.is_file():
         return False  # not the saving rank, or a caller that skipped the config
     raw = json.loads(config_file.read_text(encoding="utf-8"))
+    if is_marked(raw) and (folder / SHIM_FILE).is_file():
+        return True  # the config's own write marked it (_patch_config_json): nothing to redo
     try:
         marked = mark_config_dict(raw, checkpoint_info(model, raw.get("model_type")))
     except ValueError as e:
