@@ -20,6 +20,7 @@ from torch import nn
 from .calibration.choices import refuse_choice_losses
 from .modules.low_rank_linear import DroneLinear
 from .modules.targets import replace_modules
+from .utils.model_kinds import is_causal_lm
 
 
 class Swapper:
@@ -46,10 +47,6 @@ class Swapper:
             self.set({})
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    return type(model).__name__.endswith("ForCausalLM") or getattr(getattr(model, "config", None), "is_decoder", False)
-
-
 #: Evaluation losses :class:`LossEvaluator` knows (``DroneConfig.eval_loss``).
 EVAL_LOSSES = ("auto", "lm", "logit_kl", "distortion")
 
@@ -70,10 +67,10 @@ def resolve_eval_loss(model: nn.Module, requested: str = "auto") -> str:
     refuse_choice_losses(model, "drone", requested)  # a multiple-choice model's logit KL is constant on text
     name = type(model).__name__
     if requested == "auto":
-        if _is_causal_lm(model):
+        if is_causal_lm(model):
             return "lm"
         return "logit_kl" if name.endswith(_TASK_HEADS) else "distortion"
-    if requested == "lm" and not _is_causal_lm(model):
+    if requested == "lm" and not is_causal_lm(model):
         raise ValueError(
             f"eval_loss='lm' is next-token cross-entropy and needs a causal LM (…ForCausalLM); {name} is not one. "
             "Use eval_loss='auto', 'logit_kl' (models with logits) or 'distortion'."

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..utils.model_kinds import is_causal_lm
 from .data import CalibrationBatches
 from .distributed import all_reduce_sum
 from .pipeline import _eval_mode, _input_device
@@ -37,11 +38,6 @@ from .resumable import resumable_batches
 
 if TYPE_CHECKING:
     from .cache import CalibrationCache
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    name = type(model).__name__
-    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
 #: ``DroneConfig.kfac_fisher``'s values that every model with logits supports (labels taken or drawn).
@@ -93,7 +89,7 @@ def exact_fisher_losses(model: nn.Module, out) -> tuple[list[torch.Tensor], int]
         the ``C`` losses and the number of loss terms (texts) they cover.
     """
     logits = _logits(model, out, "drone-kfac")
-    if _is_causal_lm(model) or logits.dim() != 2:
+    if is_causal_lm(model) or logits.dim() != 2:
         raise ValueError(
             f"kfac_fisher='exact' needs one prediction per text (a sequence classifier, logits [batch, classes]); "
             f"{type(model).__name__} gives logits of shape {tuple(logits.shape)}, one per token. Use "
@@ -120,7 +116,7 @@ def _loss(
     logits = _logits(model, out, method)
     mask = batch["attention_mask"].to(logits.device).bool()
     logits = logits.float()
-    if _is_causal_lm(model):
+    if is_causal_lm(model):
         ids = batch["input_ids"].to(logits.device)
         pred, target = logits[:, :-1], ids[:, 1:]
         keep = mask[:, 1:] & mask[:, :-1]

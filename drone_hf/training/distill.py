@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.model_kinds import is_causal_lm
 from ._model import unwrap
 from .shallow import final_norm, hidden_state_map
 
@@ -40,16 +41,10 @@ TASKS = ("auto", "sequence_classification", "regression", "multi_label_classific
          "causal_lm")
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(unwrap(model)).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-
-
 def infer_task(model: nn.Module) -> str:
     """The task of a transformers model, from its class and config (what the loss pairs)."""
     base = unwrap(model)
-    if _is_causal_lm(base):
+    if is_causal_lm(base):
         return "causal_lm"
     name = type(base).__name__
     cfg = getattr(base, "config", None)
