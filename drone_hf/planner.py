@@ -457,12 +457,18 @@ class RankPlanner:
         options = self.options("time", self.sensitivities())
         allowed, best = max_loss, {}
         for _ in range(VERIFY_ROUNDS + 1):
-            ranks = dict(self.fixed) | greedy_allocate(options, max_loss=allowed).ranks
+            allocation = greedy_allocate(options, max_loss=allowed)
+            ranks = dict(self.fixed) | allocation.ranks
             measured = self.measure_loss(ranks)
             if measured <= max_loss:
                 best = ranks
                 break
-            allowed *= 0.8 * max_loss / measured  # the layers interact: predict less
+            # The layers interact, and the predicted losses (Fisher) can sit orders of magnitude below
+            # the measured one: scale the prediction this allocation reached, not the allowance, so the
+            # next round's allocation predicts proportionally less (scaling the allowance repeats the
+            # same ranks while the allowance stays above what the allocation already predicted).
+            predicted = allocation.predicted_loss if allocation.predicted_loss > 0 else allowed
+            allowed = min(allowed, predicted) * 0.8 * max_loss / measured
         return best
 
     def _paper_search(self, max_loss: float) -> dict[str, int]:

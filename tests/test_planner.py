@@ -359,8 +359,8 @@ def test_logit_divergence_is_the_kl_per_sequence_or_per_real_token():
 
 
 def test_auto_eval_loss_follows_the_models_head():
-    from tiny_models import llama_config
-    from transformers import LlamaForCausalLM
+    from tiny_models import bert_config, gpt2_config, llama_config
+    from transformers import BertModel, GPT2LMHeadModel, LlamaForCausalLM
 
     assert resolve_eval_loss(classifier()) == "logit_kl"
     assert resolve_eval_loss(classifier(BertForTokenClassification)) == "logit_kl"
@@ -368,6 +368,9 @@ def test_auto_eval_loss_follows_the_models_head():
     assert resolve_eval_loss(LlamaForCausalLM(llama_config())) == "lm"
     assert resolve_eval_loss(classifier(), "distortion") == "distortion"
     assert resolve_eval_loss(LlamaForCausalLM(llama_config()), "logit_kl") == "logit_kl"
+    gpt2 = GPT2LMHeadModel(gpt2_config())  # an …LMHeadModel, not …ForCausalLM
+    assert resolve_eval_loss(gpt2) == "lm" and resolve_eval_loss(gpt2, "lm") == "lm"
+    assert resolve_eval_loss(BertModel(bert_config(is_decoder=True))) == "distortion"  # a decoder without LM head
     with pytest.raises(ValueError, match="needs a causal LM"):
         resolve_eval_loss(classifier(), "lm")
 
@@ -429,6 +432,30 @@ def held_out_kl(dense, compressed, cfg) -> float:
     return total / items
 
 
+def test_greedy_loss_budget_recovers_when_predictions_are_far_below_the_measured_loss(monkeypatch):
+    """The predicted loss (Fisher for LMs) can sit orders of magnitude below the measured one; the
+    re-allocation must then cut the prediction it reached, not only the allowance (which left it above
+    that prediction, so every round picked the same ranks and a meetable budget was refused)."""
+    from drone_hf import planner
+
+    real = planner.RankPlanner.sensitivities
+    monkeypatch.setattr(planner.RankPlanner, "sensitivities",  # predictions 10^5 times too optimistic
+                        lambda self: {n: v * 1e-5 for n, v in real(self).items()})
+    dense = build()
+    # the budget: half of what the unconstrained allocation (every layer that gets faster, at the
+    # smallest grid rank) costs, measured here
+    everything = drone_hf.compress(copy.deepcopy(dense), config(max_loss=100.0, allocation="greedy"),
+                                   show_progress=False)
+    full = everything.config.quantization_config.allocation_result
+    assert full["factored_layers"] > 1 and full["measured_loss_increase"] > 0
+    max_loss = full["measured_loss_increase"] / 2
+    model = drone_hf.compress(copy.deepcopy(dense), config(max_loss=max_loss, allocation="greedy"),
+                              show_progress=False)
+    result = model.config.quantization_config.allocation_result
+    assert result["factored_layers"] > 0
+    assert 0 < result["measured_loss_increase"] <= max_loss
+
+
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForTokenClassification])
 def test_classifier_loss_budget_is_the_output_kl_on_held_out_texts(cls):
     dense = classifier(cls).double()
@@ -486,17 +513,24 @@ def per_sequence_loss(model, batches):
     return torch.cat(out)
 
 
-def test_fisher_sensitivity_matches_finite_differences_of_the_per_sequence_loss():
-    from tiny_models import llama_config
-    from transformers import LlamaForCausalLM
+def _tiny_lm(kind: str):
+    from tiny_models import gpt2_config, llama_config
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
+    if kind == "gpt2":  # GPT-2's layers are Conv1D (weight stored [in, out]) and its class an …LMHeadModel
+        return GPT2LMHeadModel(gpt2_config()), ["transformer.h.0.mlp.c_proj", "transformer.h.1.attn.c_attn"]
+    return LlamaForCausalLM(llama_config()), ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fisher_sensitivity_matches_finite_differences_of_the_per_sequence_loss(kind):
     from drone_hf.modules.targets import replace_modules
     from drone_hf.search import fisher_sensitivities
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config()).double().eval()
+    model, names = _tiny_lm(kind)
+    model = model.double().eval()
     batches = tokenize_batches(TEXTS[:8], TOKENIZER, 32, 4).batches
-    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
     probes = {}
     for n in names:
         dense = model.get_submodule(n)
@@ -522,14 +556,12 @@ def test_fisher_sensitivity_matches_finite_differences_of_the_per_sequence_loss(
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # no gradients left behind
 
 
-def test_greedy_uses_fisher_sensitivities_for_lms_and_measured_ones_otherwise():
-    from tiny_models import llama_config
-    from transformers import LlamaForCausalLM
-
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_greedy_uses_fisher_sensitivities_for_lms_and_measured_ones_otherwise(kind):
     torch.manual_seed(0)
-    lm = drone_hf.compress(LlamaForCausalLM(llama_config()).eval(), config(param_ratio=0.5, allocation="greedy"),
-                           show_progress=False)
-    assert lm.config.quantization_config.allocation_result["sensitivity"] == "fisher"
+    lm = drone_hf.compress(_tiny_lm(kind)[0].eval(), config(param_ratio=0.5, allocation="greedy"), show_progress=False)
+    result = lm.config.quantization_config.allocation_result
+    assert (result["sensitivity"], result["eval_loss"]) == ("fisher", "lm")
     enc = drone_hf.compress(build(), config(param_ratio=0.5, allocation="greedy"), show_progress=False)
     assert enc.config.quantization_config.allocation_result["sensitivity"] == "measured"
 
