@@ -8,6 +8,7 @@ end-to-end latency (:mod:`drone_hf.latency`), layer sensitivities and held-out l
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from .solver import Decomposition
 from .utils.allocator import KEPT, freed_memory_kept
 from .utils.logging import get_logger
 from .utils.page_faults import GLIBC_REUSE_TUNABLES, PageFaults, worth_noting
+from .utils.positions import usable_positions
 
 logger = get_logger(__name__)
 
@@ -143,7 +145,7 @@ class RankPlanner:
     def latency(self) -> LatencyModel:
         if self._latency is None:
             p = next(p for p in self.model.parameters() if p.device.type != "meta")
-            batch, seq = self.config.latency_shape
+            batch, seq = self.latency_shape
             self._latency = LatencyModel(batch * seq, p.device, p.dtype)
         return self._latency
 
@@ -151,8 +153,20 @@ class RankPlanner:
         out_f, in_f = self.shapes[c]
         return self.latency().layer_times(out_f, in_f, ranks)
 
-    def latency_inputs(self) -> dict[str, torch.Tensor]:
+    @functools.cached_property
+    def latency_shape(self) -> tuple[int, int]:
+        """``config.latency_shape``, its sequence capped at the model's positions (as ``max_length`` is):
+        a longer one cannot run (an index error deep in the position embeddings)."""
         batch, seq = self.config.latency_shape
+        limit = usable_positions(self.model)
+        if limit is not None and seq > limit:
+            logger.warning(f"latency_shape={tuple(self.config.latency_shape)} exceeds the model's {limit} positions; "
+                           f"timing at ({batch}, {limit}).")
+            seq = limit
+        return batch, seq
+
+    def latency_inputs(self) -> dict[str, torch.Tensor]:
+        batch, seq = self.latency_shape
         vocab = getattr(getattr(self.model, "config", None), "vocab_size", None) or len(self.tokenizer)
         g = torch.Generator().manual_seed(self.config.seed)
         ids = torch.randint(0, int(vocab), (batch, seq), generator=g)
@@ -277,7 +291,7 @@ class RankPlanner:
         return ranks
 
     def _speed_budget(self, target: float) -> dict[str, int]:
-        self.result["budget"] = {"target_speedup": target, "latency_shape": list(self.config.latency_shape)}
+        self.result["budget"] = {"target_speedup": target, "latency_shape": list(self.latency_shape)}
         inputs = self.latency_inputs()
         dense_total = self.end_to_end({"dense": {}}, inputs)["dense"]
         fixed_time = sum(self.layer_times(c, [self.effective_rank(c, k)])[1][self.effective_rank(c, k)]
@@ -303,7 +317,7 @@ class RankPlanner:
                 shown = max(best, measured_best)
                 raise ValueError(
                     f"target_speedup={target} is out of reach for this model on this device at batch x sequence "
-                    f"{tuple(self.config.latency_shape)}: the best reachable is about {shown:.2f}x (predicted "
+                    f"{self.latency_shape}: the best reachable is about {shown:.2f}x (predicted "
                     f"{best:.2f}x, measured {measured_best:.2f}x with every layer at its fastest rank; non-matmul "
                     f"work takes about {overhead / dense_total:.0%} of the time). Ask for at most {shown:.2f}, or "
                     "use param_ratio."
@@ -434,12 +448,27 @@ class RankPlanner:
         else:
             ranks = self._greedy_for_loss(max_loss)
         if self.free and not set(ranks) - set(self.fixed):
+            if strategy != "uniform" and not self._any_layer_faster():
+                raise ValueError(
+                    f"allocation={strategy!r} with max_loss factors only layers that get faster, and at "
+                    f"latency_shape={self.latency_shape} no rank of any layer is faster than its dense matmul on "
+                    "this device, so every layer stays dense. Time at a larger latency_shape (the batch x "
+                    "sequence you serve), or use allocation='uniform' or param_ratio to compress for size."
+                )
             raise ValueError(
                 f"max_loss={max_loss} is too small: no layer can be factored within it on the held-out texts "
                 f"(loss: {self.evaluator().kind}). Allow a larger max_loss."
             )
         self.result["measured_loss_increase"] = self.measure_loss(ranks)
         return ranks
+
+    def _any_layer_faster(self) -> bool:
+        """Whether some free layer has a grid rank faster than its dense matmul at ``latency_shape``."""
+        for c in self.free:
+            dense, times = self.layer_times(c, self.grid(c))
+            if any(t < dense for t in times.values()):
+                return True
+        return False
 
     def _uniform_for_loss(self, max_loss: float) -> dict[str, int]:
         steps = sorted(UNIFORM_STEPS)  # ascending kept fraction: loss falls along it

@@ -300,6 +300,38 @@ def test_unreachable_speedup_names_the_best_reachable(monkeypatch):
         drone_hf.compress(build(), config(target_speedup=3.0), show_progress=False)
 
 
+def test_latency_shape_beyond_the_models_positions_is_capped_like_max_length(monkeypatch, caplog):
+    """A sequence longer than the position table cannot run: timing at (1, 200) on a 128-position
+    model crashed inside the embeddings (BERT RuntimeError, GPT-2 IndexError)."""
+    seen = []
+
+    def recording(swapper, variants, inputs, **kw):
+        seen.append(tuple(inputs["input_ids"].shape))
+        return fake_end_to_end(overhead=1e-4)(swapper, variants, inputs, **kw)
+
+    monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
+    monkeypatch.setattr(planner_mod, "end_to_end_times", recording)
+    with caplog.at_level(logging.WARNING):
+        model = drone_hf.compress(build(), config(target_speedup=1.2, latency_shape=(1, 200)), show_progress=False)
+    assert "exceeds the model's 128 positions; timing at (1, 128)" in caplog.text
+    assert seen and set(seen) == {(1, 128)}
+    assert model.config.quantization_config.allocation_result["budget"]["latency_shape"] == [1, 128]
+
+
+class DenseAlwaysFaster(FlopLatency):
+    def layer_times(self, out_f, in_f, ranks):
+        dense, _ = super().layer_times(out_f, in_f, ranks)
+        return dense, {k: 2 * dense for k in ranks}
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "drone"])
+def test_loss_budget_without_a_faster_rank_names_the_latency_shape_not_max_loss(monkeypatch, strategy):
+    monkeypatch.setattr(planner_mod, "LatencyModel", DenseAlwaysFaster)
+    with pytest.raises(ValueError, match=r"no rank of any layer is faster .* larger latency_shape") as exc:
+        drone_hf.compress(build(), config(max_loss=10.0, allocation=strategy), show_progress=False)
+    assert "too small" not in str(exc.value)
+
+
 def test_rank_grid_without_a_fitting_rank_is_refused():
     with pytest.raises(ValueError, match="has no rank that fits"):
         drone_hf.compress(build(), config(param_ratio=0.5, allocation="greedy", rank_grid=[1000]), show_progress=False)
