@@ -92,9 +92,25 @@ class CompressionReport:
 
     @property
     def targeted_param_ratio(self) -> float:
-        """Factored / dense weight parameters over the factored layers only."""
+        """Factored / dense weight parameters over the factored layers only.
+
+        Layers an allocation targeted but kept dense are not rows, so they are not counted here;
+        :attr:`budgeted_param_ratio` counts them, as ``param_ratio`` does.
+        """
         dense = self.dense_targeted_params
         return self.factored_targeted_params / dense if dense else 1.0
+
+    @property
+    def dense_kept_layers(self) -> int:
+        """Targeted layers the allocation kept dense (factoring them would not have been faster)."""
+        return int((self.allocation or {}).get("dense_layers") or 0)
+
+    @property
+    def budgeted_param_ratio(self) -> float | None:
+        """Kept / dense weights over every targeted layer, dense-kept ones included: the quantity
+        ``param_ratio`` budgets (``allocation_result["targeted_param_ratio"]``); ``None`` if unrecorded."""
+        value = (self.allocation or {}).get("targeted_param_ratio")
+        return None if value is None else float(value)
 
     @property
     def dense_attention_params(self) -> int:
@@ -212,8 +228,11 @@ class CompressionReport:
             parts = [f"allocation {a.get('strategy')}", f"budget {a.get('budget')}"]
             if a.get("eval_loss"):
                 parts.append(f"evaluation loss {a['eval_loss']}")
-            if a.get("dense_layers"):
-                parts.append(f"{a['dense_layers']} targeted layers kept dense")
+            if self.dense_kept_layers:
+                kept = f"{self.dense_kept_layers} targeted layers kept dense"
+                if self.budgeted_param_ratio is not None:
+                    kept += f" ({self.budgeted_param_ratio:.1%} of all targeted weights kept, what param_ratio counts)"
+                parts.append(kept)
             if "measured_speedup" in a:
                 parts.append(f"speedup predicted {a['predicted_speedup']:.2f}x, measured {a['measured_speedup']:.2f}x")
             if "measured_loss_increase" in a:

@@ -332,6 +332,40 @@ def test_loss_budget_without_a_faster_rank_names_the_latency_shape_not_max_loss(
     assert "too small" not in str(exc.value)
 
 
+class SquareLayersOnlyFaster(FlopLatency):
+    """Factoring pays only for square layers: the 64x128 / 128x64 MLP layers stay dense."""
+
+    def layer_times(self, out_f, in_f, ranks):
+        dense, times = super().layer_times(out_f, in_f, ranks)
+        return dense, times if out_f == in_f else {k: 2 * dense for k in ranks}
+
+
+def test_report_and_card_count_the_layers_an_allocation_kept_dense(monkeypatch):
+    """``param_ratio`` budgets every targeted layer, dense-kept ones included; the report's targeted
+    ratio covers the factored ones only (greedy at 0.9: 50% there, 87.5% of all targeted weights)."""
+    from drone_hf.hub import render_model_card
+    from drone_hf.modules import resolve_targets
+
+    monkeypatch.setattr(planner_mod, "LatencyModel", SquareLayersOnlyFaster)
+    dense = build()
+    shapes = {c: tuple(m.weight.shape) for c, (_, m) in resolve_targets(dense, None, None).items()}
+    model = drone_hf.compress(dense, config(param_ratio=0.9, allocation="greedy"), show_progress=False)
+    result = model.config.quantization_config.allocation_result
+    rep = drone_hf.report(model)
+    unfactored = set(shapes) - set(model.config.quantization_config.ranks)
+    assert {c for c, (o, i) in shapes.items() if o != i} <= unfactored  # never faster: kept dense
+    assert rep.dense_kept_layers == result["dense_layers"] == len(unfactored)
+    kept_dense = sum(o * i for c, (o, i) in shapes.items() if c in unfactored)
+    by_hand = (rep.factored_targeted_params + kept_dense) / (rep.dense_targeted_params + kept_dense)
+    assert rep.budgeted_param_ratio == pytest.approx(by_hand) == pytest.approx(result["targeted_param_ratio"])
+    assert rep.budgeted_param_ratio <= 0.9 and rep.targeted_param_ratio < rep.budgeted_param_ratio
+    assert f"({rep.budgeted_param_ratio:.1%} of all targeted weights kept, what param_ratio counts)" in rep.summary()
+    card = " ".join(str(render_model_card(model, "me/x")).split())
+    assert (f"The allocation kept {rep.dense_kept_layers} more targeted layers dense, where factoring would not "
+            f"have been faster: over all targeted layers {rep.budgeted_param_ratio * 100:.1f}% of the weights are kept."
+            ) in card
+
+
 def test_rank_grid_without_a_fitting_rank_is_refused():
     with pytest.raises(ValueError, match="has no rank that fits"):
         drone_hf.compress(build(), config(param_ratio=0.5, allocation="greedy", rank_grid=[1000]), show_progress=False)

@@ -256,6 +256,8 @@ def card_context(
         "dense_targeted_params": rep.dense_targeted_params,
         "factored_targeted_params": rep.factored_targeted_params,
         "targeted_param_ratio": rep.targeted_param_ratio,
+        "dense_kept_layers": rep.dense_kept_layers,
+        "budgeted_param_ratio": rep.budgeted_param_ratio,
         "dense_model_params": rep.dense_model_params,
         "model_params": rep.model_params,
         "model_param_ratio": rep.model_param_ratio,
