@@ -8,6 +8,7 @@ factors are computed before any layer is swapped, so a failure leaves the model 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 from typing import Any
@@ -366,9 +367,37 @@ def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: boo
             replacements[targets[c][0]].factored_parameters if c in ranks else o * i for c, (o, i) in shapes.items()
         )
         config.allocation_result["targeted_param_ratio"] = kept / total
+        if config.allocation == "uniform" and config.param_ratio is not None:
+            _note_uniform_overshoot(config, shapes, fixed, kept / total)
     if attention is not None:
         attention.record(config)
     return model
+
+
+def _note_uniform_overshoot(config: DroneConfig, shapes: dict[str, tuple[int, int]], fixed: dict[str, int],
+                            achieved: float) -> None:
+    """Warn when uniform ranks keep more than ``param_ratio`` of the targeted weights, naming why.
+
+    Uniform gives every free layer the largest rank within ``param_ratio``, with a floor of rank 1,
+    and layers pinned by ``ranks=`` keep their rank: below what rank 1 keeps, or with large pinned
+    ranks, the whole comes out above the ratio asked for. Greedy refuses such a budget; uniform is a
+    per-layer rule, so it compresses and says by how much the total differs.
+    """
+    ratio = float(config.param_ratio)
+    if achieved <= ratio + 1e-9:
+        return
+    floor = [c for c in shapes if c not in fixed and ratio * math.prod(shapes[c]) < sum(shapes[c])]
+    causes, fixes = [], []
+    if floor:
+        causes.append(f"{len(floor)} layers are at the rank-1 floor (rank 1 keeps more than {ratio:g} of them)")
+        fixes.append("raise param_ratio")
+    if fixed:
+        causes.append(f"{len(fixed)} layers keep the ranks given in ranks=")
+        fixes.append("lower the ranks= entries (allocation='greedy' spends the rest of the budget around them)")
+    logger.warning(
+        f"allocation='uniform' with param_ratio={ratio:g} keeps {achieved:.3f} of the targeted weights: "
+        f"{' and '.join(causes) or 'rank rounding'}. To meet the ratio, {' or '.join(fixes) or 'raise it'}."
+    )
 
 
 def _keep_loss_budget(

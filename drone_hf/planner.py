@@ -280,10 +280,13 @@ class RankPlanner:
         if not alloc.reachable:
             fixed_cost = sum(self.params(c, k) for c, k in self.fixed.items())
             dense_cost = sum(self.params(c, None) for c in self.targets)
+            fix = "raise param_ratio or give a rank_grid with smaller ranks"
+            if fixed_cost:  # the pinned layers' share can be the whole problem
+                fix = (f"the layers pinned by ranks= keep {fixed_cost / dense_cost:.3f} of all targeted weights by "
+                       f"themselves: lower those ranks, {fix}")
             raise ValueError(
                 f"param_ratio={ratio} cannot be met with the candidate ranks (smallest reachable: "
-                f"{(alloc.cost + fixed_cost) / dense_cost:.3f}); "
-                "raise param_ratio or give a rank_grid with smaller ranks."
+                f"{(alloc.cost + fixed_cost) / dense_cost:.3f}); {fix}."
             )
         ranks = dict(self.fixed) | alloc.ranks
         self.result.update(predicted_loss_increase=alloc.predicted_loss,

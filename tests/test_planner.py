@@ -366,6 +366,31 @@ def test_report_and_card_count_the_layers_an_allocation_kept_dense(monkeypatch):
             ) in card
 
 
+@pytest.mark.parametrize(
+    "kw, cause, fix",
+    [(dict(param_ratio=0.01), "12 layers are at the rank-1 floor", "raise param_ratio"),
+     (dict(param_ratio=0.3, ranks={r".*": 16}), "12 layers keep the ranks given in ranks=", "lower the ranks= entries")],
+)
+def test_uniform_says_when_its_ranks_keep_more_than_param_ratio(caplog, kw, cause, fix):
+    with caplog.at_level(logging.WARNING):
+        model = drone_hf.compress(build(), config(allocation="uniform", **kw), show_progress=False)
+    achieved = model.config.quantization_config.allocation_result["targeted_param_ratio"]
+    assert achieved > kw["param_ratio"]
+    assert f"param_ratio={kw['param_ratio']:g} keeps {achieved:.3f} of the targeted weights: {cause}" in caplog.text
+    assert fix in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # within the ratio: nothing to say
+        drone_hf.compress(build(), config(allocation="uniform", param_ratio=0.5), show_progress=False)
+    assert "of the targeted weights" not in caplog.text
+
+
+def test_greedy_refusal_names_pinned_ranks_when_they_use_the_budget():
+    pinned = {r".*intermediate.*": 20, r".*output\.dense": 20}
+    with pytest.raises(ValueError, match=r"the layers pinned by ranks= keep 0\.\d+ of all targeted weights by "
+                                         r"themselves: lower those ranks"):
+        drone_hf.compress(build(), config(param_ratio=0.3, allocation="greedy", ranks=pinned), show_progress=False)
+
+
 def test_rank_grid_without_a_fitting_rank_is_refused():
     with pytest.raises(ValueError, match="has no rank that fits"):
         drone_hf.compress(build(), config(param_ratio=0.5, allocation="greedy", rank_grid=[1000]), show_progress=False)
