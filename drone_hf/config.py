@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import re
 from typing import Any
@@ -81,6 +82,25 @@ DEFAULT_ATTENTION_RANK = 0.5
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+#: Numeric fields, normalised to Python numbers before validation.
+_NUMBER_FIELDS = ("param_ratio", "target_speedup", "max_loss", "damp", "asvd_alpha", "kfac_damp", "num_samples",
+                  "max_length", "batch_size", "eval_samples", "seed")
+
+
+def _plain_number(x: Any) -> Any:
+    """A NumPy scalar as the Python number it holds; anything else unchanged.
+
+    Budgets often come out of NumPy (``np.linspace``, a sweep's array): ``np.float64`` is a ``float``
+    but ``np.float32`` and ``np.int64`` are not, and they were refused as "not a number", and would
+    not serialise to JSON in ``config.json`` either.
+    """
+    if isinstance(x, (bool, int, float)) or not isinstance(x, numbers.Number):
+        return x
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    return float(x) if isinstance(x, numbers.Real) else x
 
 
 class DroneConfig(QuantizationConfigMixin):
@@ -317,6 +337,11 @@ class DroneConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every field; each error names the field, the bad value and the fix."""
+        for name in _NUMBER_FIELDS:
+            setattr(self, name, _plain_number(getattr(self, name)))
+        for name in ("rank_grid", "latency_shape"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, [_plain_number(v) for v in getattr(self, name)])
         if not (isinstance(self.sequential, bool) or self.sequential in SEQUENTIAL_MODES):
             raise ValueError(
                 f"sequential={self.sequential!r} must be False (one-shot), True (sequential) or "

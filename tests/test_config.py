@@ -328,3 +328,24 @@ def test_deepcopy_inside_a_container_keeps_sharing() -> None:
     kwargs = copy.deepcopy({"quantization_config": c, "other": [1]})
     assert kwargs["quantization_config"].dataset is texts
     assert kwargs["quantization_config"] == c
+
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_hold():
+    """Budgets from a NumPy sweep: np.float32 / np.int64 are not Python float / int subclasses, and were
+    refused as "not a number" (np.float64 was accepted); the record must also serialise to JSON."""
+    import json
+
+    import numpy as np
+
+    cfg = DroneConfig(param_ratio=np.float32(0.5), num_samples=np.int64(8), batch_size=np.int32(2),
+                      damp=np.float32(0.25), rank_grid=[np.int64(4), 8], latency_shape=(np.int64(2), 16),
+                      seed=np.int64(3))
+    assert (cfg.param_ratio, cfg.num_samples, cfg.batch_size, cfg.damp, cfg.seed) == (0.5, 8, 2, 0.25, 3)
+    assert type(cfg.param_ratio) is float and type(cfg.num_samples) is int and type(cfg.rank_grid[0]) is int
+    assert cfg.latency_shape == [2, 16] and type(cfg.latency_shape[0]) is int
+    assert json.loads(json.dumps(cfg.to_dict()))["param_ratio"] == 0.5
+    assert DroneConfig(max_loss=np.float32(0.125)).max_loss == 0.125
+    with pytest.raises(ValueError, match="param_ratio"):
+        DroneConfig(param_ratio=np.float32(1.5))  # still validated after the conversion
+    with pytest.raises(ValueError, match="num_samples"):
+        DroneConfig(num_samples=np.float64(8.0))  # a float is not a count, NumPy or not
