@@ -134,6 +134,30 @@ def _needs_evaluation(config: DroneConfig) -> bool:
     return config.allocation != "uniform" or config.max_loss is not None
 
 
+def _note_unused_options(config: DroneConfig) -> None:
+    """Warn about options the chosen allocation never reads, so a setting is not believed to act.
+
+    Uniform ranks follow from the shapes (param_ratio), from measured loss at fixed kept fractions
+    (max_loss) or from timed grid ranks (target_speedup): only max_loss evaluates a loss, only
+    target_speedup searches ``rank_grid``. (A warning, not an error: sweeps switch ``allocation``
+    and keep the rest.)
+    """
+    if config.allocation != "uniform":
+        return
+    unused = []
+    if not _needs_evaluation(config):
+        unused += [f for f, v in (("loss_fn", config.loss_fn), ("eval_samples", config.eval_samples)) if v is not None]
+        unused += ["eval_loss"] if config.eval_loss != "auto" else []
+    if config.target_speedup is None and config.rank_grid is not None:
+        unused.append("rank_grid")
+    if unused:
+        budget = next(b for b in ("param_ratio", "target_speedup", "max_loss") if getattr(config, b) is not None)
+        logger.warning(
+            f"allocation='uniform' with {budget} does not use {', '.join(unused)}: they are ignored. "
+            "allocation='greedy' uses them."
+        )
+
+
 def held_out_count(model: nn.Module, config: DroneConfig) -> int:
     """Texts to draw beyond ``num_samples``: 0 when nothing is measured on held-out text, else
     ``config.eval_samples`` or, when unset, the default for the model's evaluation loss.
@@ -278,6 +302,7 @@ def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: boo
         logger.warning(f"max_length={max_length} exceeds the model's {limit} positions; calibrating at {limit}.")
         max_length = limit
     evaluate = _needs_evaluation(config)
+    _note_unused_options(config)
     held_out = held_out_count(model, config)
     texts = load_texts(config.dataset, config.num_samples + held_out, config.seed)
     if evaluate:

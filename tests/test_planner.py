@@ -369,7 +369,8 @@ def test_report_and_card_count_the_layers_an_allocation_kept_dense(monkeypatch):
 @pytest.mark.parametrize(
     "kw, cause, fix",
     [(dict(param_ratio=0.01), "12 layers are at the rank-1 floor", "raise param_ratio"),
-     (dict(param_ratio=0.3, ranks={r".*": 16}), "12 layers keep the ranks given in ranks=", "lower the ranks= entries")],
+     (dict(param_ratio=0.3, ranks={r".*": 16}), "12 layers keep the ranks given in ranks=",
+      "lower the ranks= entries")],
 )
 def test_uniform_says_when_its_ranks_keep_more_than_param_ratio(caplog, kw, cause, fix):
     with caplog.at_level(logging.WARNING):
@@ -382,6 +383,32 @@ def test_uniform_says_when_its_ranks_keep_more_than_param_ratio(caplog, kw, caus
     with caplog.at_level(logging.WARNING):  # within the ratio: nothing to say
         drone_hf.compress(build(), config(allocation="uniform", param_ratio=0.5), show_progress=False)
     assert "of the targeted weights" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "kw, unused",
+    [(dict(param_ratio=0.5, eval_loss="logit_kl", eval_samples=4), "eval_samples, eval_loss, rank_grid"),
+     (dict(param_ratio=0.5, loss_fn=len, rank_grid=None, eval_samples=None), "loss_fn"),
+     (dict(target_speedup=1.01, eval_samples=None, eval_loss="distortion"), "eval_loss"),
+     (dict(max_loss=10.0), "rank_grid")],
+)
+def test_uniform_warns_about_options_it_does_not_use(monkeypatch, caplog, kw, unused):
+    monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)  # target_speedup: modelled times, fast
+    monkeypatch.setattr(planner_mod, "end_to_end_times", fake_end_to_end(overhead=1e-4))
+    with caplog.at_level(logging.WARNING):
+        drone_hf.compress(build(), config(allocation="uniform", **kw), show_progress=False)
+    budget = next(b for b in ("param_ratio", "target_speedup", "max_loss") if b in kw)
+    assert f"allocation='uniform' with {budget} does not use {unused}: they are ignored" in caplog.text
+
+
+def test_options_the_allocation_uses_draw_no_warning(monkeypatch, caplog):
+    monkeypatch.setattr(planner_mod, "LatencyModel", FlopLatency)
+    monkeypatch.setattr(planner_mod, "end_to_end_times", fake_end_to_end(overhead=1e-4))
+    with caplog.at_level(logging.WARNING):
+        drone_hf.compress(build(), config(allocation="uniform", target_speedup=1.01, eval_samples=None),
+                          show_progress=False)
+        drone_hf.compress(build(), config(allocation="greedy", param_ratio=0.5), show_progress=False)
+    assert "does not use" not in caplog.text
 
 
 def test_greedy_refusal_names_pinned_ranks_when_they_use_the_budget():
