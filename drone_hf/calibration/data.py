@@ -12,7 +12,7 @@ import gzip
 import json
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -190,8 +190,12 @@ def load_texts(dataset: Any, num_samples: int, seed: int = 0, column: str = "tex
         texts = _first_texts((_row_text(row, column) for row in dataset), num_samples)
     elif (isinstance(dataset, Mapping) and not hasattr(dataset, "column_names")) or _is_dataframe(dataset):
         texts = list(_column_of(dataset, column))  # ds[:n], a pandas DataFrame: columns, not texts
-    elif isinstance(dataset, Sequence) and not isinstance(dataset, (bytes, bytearray)):
+    elif (isinstance(dataset, Sequence) and not isinstance(dataset, (bytes, bytearray))) or isinstance(dataset, Set):
         texts = list(dataset)
+        if isinstance(dataset, Set):
+            # no order, and a set of strings iterates in hash order, which differs between processes
+            # (PYTHONHASHSEED): sorted, every run and every process takes the same texts
+            texts.sort(key=lambda t: (not isinstance(t, str), str(t)))
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -437,3 +438,22 @@ def test_a_pad_token_added_to_the_tokenizer_only_never_reaches_the_model() -> No
     assert all(torch.equal(factors[0][k], factors[1][k]) for k in factors[0])
     batch = tokenize_batches(CALIBRATION_TEXTS[:4], padded, 64, 4).batches[0]
     assert int(batch["input_ids"].max()) < 30522
+
+
+def test_a_set_of_texts_gives_the_same_sample_in_every_process():
+    """A set of strings iterates in hash order, which PYTHONHASHSEED changes between processes: the
+    sample (and every factor calibrated on it) differed from run to run."""
+    import subprocess
+    import sys
+
+    code = ("from drone_hf.calibration.data import load_texts; "
+            "print(load_texts({f'text number {i}' for i in range(50)}, 5, 0))")
+    samples = {
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(h)},
+                       capture_output=True, text=True, check=True).stdout
+        for h in (1, 2, 3)
+    }
+    assert len(samples) == 1
+    assert load_texts(frozenset({"b text", "a text", "c text"}), 5, 0) == ["a text", "b text", "c text"]
+    with pytest.raises(ValueError, match="entries must be strings"):
+        load_texts({"a text", 3}, 5, 0)
