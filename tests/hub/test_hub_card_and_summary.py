@@ -139,6 +139,21 @@ def test_summary_reports_query_key_compression(compressed, tmp_path):
     assert summary.to_dict()["quantization_config"]["attention_ranks"] == attention
 
 
+def test_card_states_query_key_compression_and_its_settings(compressed):
+    model, _ = compressed("bert", compress_attention=True, attention_rank=4)
+    card = str(render_model_card(model, "me/x"))
+    rep = drone_hf.report(model)
+    assert "| `compress_attention` | `True` |" in card and "| `attention_rank` | `4` |" in card
+    assert f"{len(rep.attention_rows)} self-attention modules compute their scores" in card
+    section = card.split("## Query-key attention")[1].split("## Citation")[0]
+    row = re.compile(r"\| `[^`]+` \| \d+x\d+ \| 4 \| [\d,]+ \| [\d,]+ \|")
+    rows = [line for line in section.splitlines() if row.match(line)]
+    assert len(rows) == len(rep.attention_rows) > 0
+    assert f"({rep.attention_param_ratio * 100:.1f}% kept)" in " ".join(card.split())
+    plain = str(render_model_card(compressed("bert")[0], "me/x"))
+    assert "Query-key attention" not in plain and "compress_attention" not in plain
+
+
 @pytest.mark.parametrize("arch, targets", [("bert", ["value"]), ("gpt2", ["c_fc"]), ("bert", ["query", "key"])],
                          ids=["bert", "gpt2", "bert-attention-only"])
 def test_attention_compressed_checkpoints_count_like_the_live_model(arch, targets, tmp_path):
