@@ -263,7 +263,15 @@ class AttentionStage:
         config.attention_ranks = {n: p.rank for n, p in solved.items()}
         config.attention_errors = {n: p.relative_error for n, p in solved.items()}
         ranks, errors = dict(config.ranks or {}), dict(config.relative_errors or {})
+        split = {}
         for name, layer in self.layers.items():
             for child, factored in (layer.extras or {}).items():
                 ranks[f"{name}.{child}"], errors[f"{name}.{child}"] = factored.rank, factored.relative_error
+                split[f"{name}.{child}"] = factored.rank
         config.ranks, config.relative_errors = ranks, errors
+        if split and config.allocation_result is not None:
+            # GPT-2's fused c_attn leaves the allocation for this stage: its value third is factored
+            # here at the stage's rank, outside the allocation's budget, and counted as factored
+            result = config.allocation_result
+            result["split_value_layers"] = split
+            result["factored_layers"] = result.get("factored_layers", 0) + len(split)

@@ -142,6 +142,9 @@ def test_gpt2_value_split_from_c_attn_is_factored_with_the_other_layers() -> Non
     assert qc.ranks["h.0.attn.value"] == 8  # uniform rank of a 32x32 layer at param_ratio 0.5
     assert not any("c_attn" in n for n in qc.ranks) and qc.relative_errors["h.0.attn.value"] is not None
     assert isinstance(model.transformer.h[0].attn.value, DroneLinear)
+    result = qc.allocation_result  # the split values are counted with the layers the allocation factored
+    assert result["split_value_layers"] == {n: k for n, k in qc.ranks.items() if n.endswith(".attn.value")}
+    assert result["factored_layers"] == len(qc.ranks) == len(drone_hf.report(model).rows)
 
 
 def test_rotary_models_are_refused_with_the_reason_and_the_alternative() -> None:
