@@ -213,6 +213,10 @@ def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        # mkdtemp makes the folder 0700, private to this user: the checkpoint would be unreadable to the
+        # group and other users that a plain mkdir (or save_pretrained) lets read it. A replaced folder
+        # keeps its own mode; a new one gets the mode mkdir gives under the umask.
+        os.chmod(tmp, out.stat().st_mode & 0o7777 if out.is_dir() else 0o777 & ~_umask())
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -226,6 +230,12 @@ def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _summary(path: str):

@@ -1,0 +1,63 @@
+"""The drone-hf command line: folder permissions, and bad input refused with one line before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from tiny_models import CALIBRATION_TEXTS, save_tiny
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from drone_hf import DroneConfig
+from drone_hf.cli import main
+
+
+def last_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().split("\n")[-1]  # progress bars may precede it
+    assert err.startswith("drone-hf: error:"), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Saved dense + DRONE checkpoints (with tokenizers) of tiny BERT, BERT classifier and GPT-2."""
+    root = tmp_path_factory.mktemp("cli-checks")
+    autos = {"bert": AutoModel, "bert-seq-cls": AutoModelForSequenceClassification, "gpt2-lm": AutoModelForCausalLM}
+    out = {}
+    for arch, auto in autos.items():
+        dense = save_tiny(arch, root / f"{arch}-dense")
+        model = auto.from_pretrained(dense, drone_config=DroneConfig(dataset=CALIBRATION_TEXTS, num_samples=8))
+        model.save_pretrained(root / arch)
+        AutoTokenizer.from_pretrained(dense).save_pretrained(root / arch)
+        out[arch] = (dense, root / arch)
+    return out
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# --- 1. output folders get the mode the umask gives, not mkdtemp's 0700 ------------------------------
+def test_compress_and_merge_output_folders_follow_the_umask(ckpts, tmp_path, capsys, umask_022):
+    """mkdtemp's 0700 was renamed into place: a checkpoint others could not read, unlike one from mkdir
+    or save_pretrained."""
+    src = save_tiny("bert", tmp_path / "dense")
+    assert main(["compress", str(src), "--num-samples", "16", "--no-eval", "--output", str(tmp_path / "c")]) == 0
+    assert mode(tmp_path / "c") == 0o755
+    _, folder = ckpts["bert"]
+    assert main(["merge", str(folder), "--output", str(tmp_path / "m")]) == 0
+    assert mode(tmp_path / "m") == 0o755
+    # --overwrite keeps the replaced folder's own mode
+    os.chmod(tmp_path / "m", 0o750)
+    assert main(["merge", str(folder), "--output", str(tmp_path / "m"), "--overwrite"]) == 0
+    assert mode(tmp_path / "m") == 0o750
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "bert"
