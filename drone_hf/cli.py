@@ -350,6 +350,7 @@ def _compress(args: argparse.Namespace) -> int:
     from drone_hf.calibration import load_builtin_corpus, tokenize_batches
     from drone_hf.evaluation import measure_latency, output_fidelity
     from drone_hf.hub import Measurements, describe_device, set_base_model
+    from drone_hf.hub.measure import capped_length
     from drone_hf.hub.push import check_repo_id
 
     source = args.model or _default_model()
@@ -392,7 +393,9 @@ def _compress(args: argparse.Namespace) -> int:
     if not args.no_eval:
         dense = auto.from_pretrained(source)
         texts = load_builtin_corpus(HELDOUT)[: args.eval_batches * args.batch_size]
-        batches = tokenize_batches(texts, tokenizer, args.max_length, args.batch_size).batches
+        # capped at the model's positions as calibration was: longer texts crashed after the compression
+        max_length = capped_length(args.max_length, dense, model)
+        batches = tokenize_batches(texts, tokenizer, max_length, args.batch_size).batches
         fid = output_fidelity(dense, model, batches)
         print(f"\nHeld-out fidelity ({len(texts)} passages of {HELDOUT}, {fid.num_tokens:,} tokens): "
               f"embedding cosine {fid.cosine:.4f}, hidden-state relative error {fid.relative_error:.4f}")

@@ -61,3 +61,26 @@ def test_compress_and_merge_output_folders_follow_the_umask(ckpts, tmp_path, cap
     assert main(["merge", str(folder), "--output", str(tmp_path / "m"), "--overwrite"]) == 0
     assert mode(tmp_path / "m") == 0o750
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "bert"
+
+
+# --- 2. --max-length above the model's positions is capped, as calibration caps it ------------------
+@pytest.mark.parametrize("arch", ["bert", "gpt2-lm"])
+def test_eval_max_length_above_the_positions_is_capped(ckpts, capsys, arch):
+    """The held-out texts are longer than the tiny models' 128 positions: at --max-length 512 they
+    indexed past the position table (a RuntimeError traceback)."""
+    dense, folder = ckpts[arch]
+    assert main(["eval", str(folder), "--dense", str(dense), "--num-texts", "8", "--max-length", "512",
+                 "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    at_cap = main(["eval", str(folder), "--dense", str(dense), "--num-texts", "8", "--max-length", "128", "--json"])
+    assert at_cap == 0 and json.loads(capsys.readouterr().out) == measured
+
+
+def test_compress_max_length_above_the_positions_saves_the_checkpoint(tmp_path, capsys):
+    """Calibration capped the length, but the held-out fidelity step did not: it failed after the whole
+    compression and nothing was saved."""
+    src = save_tiny("bert", tmp_path / "dense")
+    out = tmp_path / "out"
+    assert main(["compress", str(src), "--num-samples", "16", "--eval-batches", "1", "--max-length", "512",
+                 "--output", str(out)]) == 0
+    assert "Held-out fidelity" in capsys.readouterr().out and (out / "model.safetensors").is_file()

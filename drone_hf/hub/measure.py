@@ -22,13 +22,27 @@ from transformers.utils import logging as hf_logging
 
 from ..calibration import tokenize_batches
 from ..evaluation import measure_latency, output_fidelity
+from ..utils.logging import get_logger
 from ..utils.page_faults import PageFaults
 from ..utils.positions import usable_positions
 from .card import Measurements, describe_device
 
+logger = get_logger(__name__)
+
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def capped_length(max_length: int, *models: nn.Module | None) -> int:
+    """``max_length`` capped at the positions every model can embed, with a warning when it is cut (as
+    calibration caps it): a longer text indexed past the position table deep inside the forward pass."""
+    limits = [limit for m in models if m is not None and (limit := usable_positions(m)) is not None]
+    if limits and max_length > min(limits):
+        logger.warning(f"max_length={max_length} exceeds the model's {min(limits)} positions; measuring at "
+                       f"{min(limits)} tokens per text.")
+        return min(limits)
+    return max_length
 
 
 def timing_device(name: str, flag: str = "--device") -> torch.device:
@@ -59,7 +73,9 @@ def measure_fidelity(
     batch_size: int = 8,
     data_name: str | None = None,
 ) -> Measurements:
-    """Hidden-state relative error and mean-pooled embedding cosine of ``compressed`` against ``dense``."""
+    """Hidden-state relative error and mean-pooled embedding cosine of ``compressed`` against ``dense``
+    (``max_length`` is capped at the models' positions)."""
+    max_length = capped_length(max_length, dense, compressed)
     batches = tokenize_batches(list(texts), tokenizer, max_length, batch_size).batches
     fid = output_fidelity(dense, compressed, batches)
     return Measurements(
@@ -104,7 +120,9 @@ def measure_perplexity(
     batch_size: int = 8,
     data_name: str | None = None,
 ) -> Measurements:
-    """Perplexity of both models on the same texts (``dense=None`` measures the compressed one only)."""
+    """Perplexity of both models on the same texts (``dense=None`` measures the compressed one only;
+    ``max_length`` is capped at the models' positions)."""
+    max_length = capped_length(max_length, dense, compressed)
     batches = tokenize_batches(list(texts), tokenizer, max_length, batch_size).batches
     return Measurements(
         perplexity_dense=None if dense is None else perplexity(dense, batches, "Perplexity (dense)"),
@@ -188,7 +206,9 @@ def measure_accuracy(
     dense: nn.Module | None, compressed: nn.Module, examples: Sequence[tuple[str, Any]], tokenizer: Any, *,
     max_length: int = 128, batch_size: int = 8, data_name: str | None = None,
 ) -> Measurements:
-    """Accuracy of both classifiers on the same labelled examples (``dense=None``: compressed only)."""
+    """Accuracy of both classifiers on the same labelled examples (``dense=None``: compressed only;
+    ``max_length`` is capped at the models' positions)."""
+    max_length = capped_length(max_length, dense, compressed)
     kw = dict(max_length=max_length, batch_size=batch_size)
     return Measurements(
         accuracy_dense=None if dense is None else accuracy(dense, examples, tokenizer, desc="Accuracy (dense)", **kw),
