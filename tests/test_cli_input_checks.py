@@ -84,3 +84,31 @@ def test_compress_max_length_above_the_positions_saves_the_checkpoint(tmp_path, 
     assert main(["compress", str(src), "--num-samples", "16", "--eval-batches", "1", "--max-length", "512",
                  "--output", str(out)]) == 0
     assert "Held-out fidelity" in capsys.readouterr().out and (out / "model.safetensors").is_file()
+
+
+# --- 3. bench --device other than cpu / an available cuda -----------------------------------------
+@pytest.mark.parametrize(
+    "device, message",
+    [("mps", "latency is measured on cpu or cuda only"), ("xpu", "latency is measured on cpu or cuda only"),
+     ("meta", "--device meta holds no data and runs nothing"), ("cpu:1", "there is one CPU device")],
+)
+def test_bench_refuses_devices_it_cannot_time(ckpts, capsys, monkeypatch, device, message):
+    """timing_device checked only cuda: mps/xpu/meta went on to load both models and raised a traceback
+    (or, where they ran, timed asynchronous launches and described the device as a CPU)."""
+    import drone_hf.cli
+
+    monkeypatch.setattr(drone_hf.cli, "_load_pair", lambda args: pytest.fail("loaded the models"))
+    dense, folder = ckpts["bert"]
+    assert main(["bench", str(folder), "--dense", str(dense), "--device", device, "--repeats", "1"]) == 2
+    line = last_error_line(capsys)
+    assert message in line and "use --device cpu" in line
+
+
+def test_bench_refuses_a_cuda_index_this_machine_lacks(ckpts, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    dense, folder = ckpts["bert"]
+    assert main(["bench", str(folder), "--dense", str(dense), "--device", "cuda:3"]) == 2
+    assert "--device cuda:3, but torch sees 1 CUDA device(s) here; use --device cuda:0" in last_error_line(capsys)

@@ -47,19 +47,35 @@ def capped_length(max_length: int, *models: nn.Module | None) -> int:
 
 def timing_device(name: str, flag: str = "--device") -> torch.device:
     """The device a speed measurement was asked to run on, refused with the fix when it is not a
-    device name or this machine has no CUDA device for it (``flag``: how the caller's option is
-    spelled in the message). Checked before any model is loaded.
+    device name, not one timings can be taken on, or this machine has no CUDA device for it (``flag``:
+    how the caller's option is spelled in the message). Checked before any model is loaded.
+
+    Only CPU and CUDA are timed: :func:`~drone_hf.evaluation.measure_latency` waits for CUDA kernels
+    to finish before reading the clock and :func:`~drone_hf.hub.describe_device` names those two; on
+    another accelerator (``mps``, ``xpu``) launches return early, so the times would be wrong, and
+    ``meta`` tensors compute nothing.
 
     Raises:
-        ValueError: not a device, or ``cuda`` without a CUDA device.
+        ValueError: not a device, a device type other than cpu/cuda, or ``cuda`` without that device.
     """
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"{flag} {name!r} is not a device ({e}); use e.g. cpu or cuda") from None
+    if device.type == "meta":
+        raise ValueError(f"{flag} meta holds no data and runs nothing, so there is no latency to measure; use "
+                         f"{flag} cpu or {flag} cuda")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag} {name}: latency is measured on cpu or cuda only (the timer waits only for CUDA "
+                         f"kernels, so {device.type} times would be wrong); use {flag} cpu or {flag} cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{flag} cuda, but torch sees no CUDA device here; use {flag} cpu (or a CUDA build of "
                          "torch on a GPU machine)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {name}, but torch sees {torch.cuda.device_count()} CUDA device(s) here; use "
+                         f"{flag} cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"{flag} {name}: there is one CPU device; use {flag} cpu")
     return device
 
 
