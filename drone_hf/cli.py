@@ -454,6 +454,10 @@ def _eval(args: argparse.Namespace) -> int:
     if labelled is not None and not kind.endswith("SequenceClassification"):
         raise CliError(f"accuracy needs a sequence-classification checkpoint; {args.checkpoint} is "
                        f"{summary.architecture} (use --model-class sequence-classification if it is one)")
+    if labelled is not None:
+        from drone_hf.hub.measure import label_ids
+
+        label_ids([label for _, label in labelled], compressed.config)  # before any measurement
     name = args.dataset or HELDOUT
     if labelled is not None:
         texts = [t for t, _ in labelled][: args.num_texts]

@@ -112,3 +112,50 @@ def test_bench_refuses_a_cuda_index_this_machine_lacks(ckpts, capsys, monkeypatc
     dense, folder = ckpts["bert"]
     assert main(["bench", str(folder), "--dense", str(dense), "--device", "cuda:3"]) == 2
     assert "--device cuda:3, but torch sees 1 CUDA device(s) here; use --device cuda:0" in last_error_line(capsys)
+
+
+# --- 4. labelled datasets: every row checked, ids in range, line numbers, BOM -----------------------
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("oor.jsonl", '{"text": "we will win", "label": 7}\n',
+         "label 7 is outside the model's 3 classes; give class ids 0 to 2"),
+        ("neg.jsonl", '{"text": "we will win", "label": -1}\n', "label -1 is outside the model's 3 classes"),
+        ("later.jsonl", '{"text": "a b", "label": 0}\n{"text": "the world is watching"}\n',
+         "later.jsonl:2 has column(s) ['label'] missing or null; give every row a text and a label"),
+        ("nulltext.jsonl", '{"text": "a b", "label": 0}\n{"text": null, "label": 1}\n',
+         "nulltext.jsonl:2 has column(s) ['text'] missing or null"),
+        ("numtext.jsonl", '{"text": 5, "label": 1}\n', "numtext.jsonl:1: 'text' is int 5, not a text"),
+        ("broken.jsonl", '{"text": "a", "label": 0}\n\n{oops\n', "broken.jsonl:3 is not valid JSON ("),
+        ("string.jsonl", '{"text": "a", "label": 0}\n"just a string"\n', "string.jsonl:2 is a JSON str, not an object"),
+        ("short.csv", "text,label\nthe budget is strong,0\nwe will win\n",
+         "short.csv:3 has column(s) ['label'] missing (the row has fewer fields)"),
+    ],
+)
+def test_eval_refuses_bad_labelled_rows(ckpts, tmp_path, capsys, monkeypatch, name, content, message):
+    """Only row 0 was checked: a later row without the label was a KeyError traceback, a null text was
+    measured as the string 'None', a broken line's error named neither file nor line, and ids outside the
+    head's classes silently never matched (accuracy 0)."""
+    import drone_hf.hub
+
+    monkeypatch.setattr(drone_hf.hub, "measure_fidelity", lambda *a, **k: pytest.fail("measured"))
+    dense, folder = ckpts["bert-seq-cls"]
+    (tmp_path / name).write_text(content)
+    assert main(["eval", str(folder), "--dense", str(dense), "--dataset", str(tmp_path / name),
+                 "--label-column", "label"]) == 2
+    assert message in last_error_line(capsys)
+
+
+def test_eval_reads_a_csv_with_a_byte_order_mark(ckpts, tmp_path, capsys):
+    """Excel's UTF-8 CSV starts with a BOM: the first column read as '\\ufefftext' and was refused."""
+    dense, folder = ckpts["bert-seq-cls"]
+    rows = "".join(f"{t.replace(',', ' ')},{i % 3}\n" for i, t in enumerate(CALIBRATION_TEXTS[:6]))
+    (tmp_path / "plain.csv").write_text("text,label\n" + rows, encoding="utf-8")
+    (tmp_path / "bom.csv").write_text("text,label\n" + rows, encoding="utf-8-sig")
+    results = []
+    for name in ("plain.csv", "bom.csv"):
+        assert main(["eval", str(folder), "--dense", str(dense), "--dataset", str(tmp_path / name),
+                     "--label-column", "label", "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[1]["accuracy_compressed"] == results[0]["accuracy_compressed"]
+    assert results[1]["accuracy_dense"] == results[0]["accuracy_dense"]

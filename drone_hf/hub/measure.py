@@ -150,33 +150,68 @@ def measure_perplexity(
 def read_labelled(path: str | Path, text_column: str = "text", label_column: str = "label") -> list[tuple[str, Any]]:
     """``(text, label)`` pairs from a ``.jsonl`` (one object per line) or ``.csv``/``.tsv`` file.
 
+    Every row is checked, not only the first: each must hold a string text and a non-null label
+    (a missing CSV field reads as null). A UTF-8 byte order mark (Excel's CSV export) is skipped.
+
     Raises:
-        ValueError: unknown file type, missing columns, or no rows (each message names the fix).
+        ValueError: unknown file type, invalid JSON, missing or null columns, or no rows; each message
+            names the file, the line where it applies, and the fix.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"labelled dataset {path} does not exist; give a .jsonl or .csv file")
+    rows: list[tuple[int, Any]] = []  # (line number, row)
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"labelled dataset {path}:{number} is not valid JSON ({e.msg}); each line must be "
+                                 f'one JSON object like {{"{text_column}": "...", "{label_column}": 0}}') from None
     elif path.suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            rows = [(reader.line_num, row) for row in reader]
     else:
         raise ValueError(f"labelled dataset {path} must be a .jsonl, .csv or .tsv file")
     if not rows:
         raise ValueError(f"labelled dataset {path} has no rows")
-    missing = [c for c in (text_column, label_column) if not isinstance(rows[0], dict) or c not in rows[0]]
+    first = rows[0][1]
+    missing = [c for c in (text_column, label_column) if not isinstance(first, dict) or c not in first]
     if missing:
-        have = sorted(rows[0]) if isinstance(rows[0], dict) else type(rows[0]).__name__
+        have = sorted(map(str, first)) if isinstance(first, dict) else type(first).__name__
         raise ValueError(f"labelled dataset {path} has no column(s) {missing} (it has {have}); "
                          "name them with --text-column / --label-column")
-    return [(str(r[text_column]), r[label_column]) for r in rows]
+    out = []
+    for number, row in rows:
+        where = f"labelled dataset {path}:{number}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is a JSON {type(row).__name__}, not an object; each line must be an object "
+                             f'like {{"{text_column}": "...", "{label_column}": 0}}')
+        missing = [c for c in (text_column, label_column) if row.get(c) is None]
+        if missing:
+            what = "missing or null" if path.suffix == ".jsonl" else "missing (the row has fewer fields)"
+            raise ValueError(f"{where} has column(s) {missing} {what}; give every row a text and a label, or "
+                             "remove the row")
+        if not isinstance(row[text_column], str):
+            raise ValueError(f"{where}: {text_column!r} is {type(row[text_column]).__name__} "
+                             f"{row[text_column]!r}, not a text; give the raw text as a string")
+        out.append((row[text_column], row[label_column]))
+    return out
 
 
 def label_ids(labels: Sequence[Any], config: Any) -> list[int]:
     """Class ids for ``labels`` given as ids (``1``, ``"1"``) or as the model's label names
-    (``config.label2id``: ``"positive"``), so a labelled file can name its classes either way."""
+    (``config.label2id``: ``"positive"``), so a labelled file can name its classes either way.
+
+    Raises:
+        ValueError: a label that is neither, or an id outside the model's ``num_labels`` classes (a
+            -1 or 7 for a 3-class head would silently never match, or fail inside the loss).
+    """
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    num_labels = getattr(config, "num_labels", None)
     out = []
     for label in labels:
         if isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
@@ -186,6 +221,9 @@ def label_ids(labels: Sequence[Any], config: Any) -> list[int]:
         else:
             raise ValueError(f"label {label!r} is neither an integer class id nor one of the model's labels "
                              f"{sorted(label2id)}")
+        if isinstance(num_labels, int) and num_labels > 0 and not 0 <= out[-1] < num_labels:
+            raise ValueError(f"label {label!r} is outside the model's {num_labels} classes; give class ids 0 to "
+                             f"{num_labels - 1} or the model's labels {sorted(label2id)}")
     return out
 
 
