@@ -278,6 +278,28 @@ def _tokenizer(*sources: str | None):
     return None
 
 
+def _load_complete(loader: Any, path: str, role: str, fix: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(path)``, refused when the checkpoint lacks weights the class needs.
+
+    transformers initialises missing weights at random and only logs it: a ``--model-class`` whose
+    head the checkpoint does not have (causal-lm on a BertModel, sequence-classification on a base
+    encoder) measured, merged and compressed against a random head, and exited 0."""
+    model, info = loader.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CliError(f"{role} {path} has no weights for {shown} of {type(model).__name__}, which would be "
+                       f"random; {fix}")
+    return model
+
+
+def _class_fix(args: argparse.Namespace, architecture: str | None, damaged: str) -> str:
+    if args.model_class not in ("infer", "auto"):
+        return (f"the checkpoint records {architecture}: drop --model-class {args.model_class} (the default loads the "
+                "recorded class) or choose the class it was saved as")
+    return damaged
+
+
 def _dense_source(args: argparse.Namespace, summary: Any) -> str:
     """The dense reference: ``--dense``, else the recorded base model (the packaged copy for the demo)."""
     if args.dense:
@@ -310,8 +332,11 @@ def _load_pair(args: argparse.Namespace):
     loader = _auto_class(args.model_class, summary.architecture)
     kind = MODEL_CLASSES[args.model_class] if args.model_class != "infer" else \
         auto_class_and_task(summary.architecture)[0]
-    compressed = loader.from_pretrained(args.checkpoint)
-    dense = loader.from_pretrained(dense_source)
+    compressed = _load_complete(loader, args.checkpoint, "checkpoint", _class_fix(
+        args, summary.architecture, "the checkpoint is incomplete or damaged; save it again"))
+    dense = _load_complete(loader, dense_source, "--dense", _class_fix(
+        args, summary.architecture,
+        f"give --dense the dense {summary.architecture} the checkpoint was compressed from"))
     if hasattr(dense, "hf_quantizer"):
         raise CliError(f"--dense {dense_source} is itself DRONE-compressed; give the original dense model")
     return summary, kind, compressed, dense, _tokenizer(args.checkpoint, dense_source)
@@ -380,6 +405,14 @@ def _compress(args: argparse.Namespace) -> int:
     calibration = config.dataset or "sotu (built-in)"
     print(f"Compressing {source}\n  with {MODEL_CLASSES[args.model_class]}, method={config.method}, "
           f"param_ratio={config.param_ratio} ({config.allocation}), damp={config.damp}, calibration={calibration}")
+    dense = None
+    if args.model_class != "auto":
+        # AutoModel is the base model, in every checkpoint; a head class needs the checkpoint to have that head,
+        # checked before compressing: calibration and greedy allocation would measure a random one. The model
+        # loaded for the check is the dense reference of the measurements below.
+        dense = _load_complete(auto, source, "model", f"its head is not {MODEL_CLASSES[args.model_class]}'s: use "
+                               "--model-class auto (the base model), or the class of the checkpoint's own head")
+        dense = None if args.no_eval else dense
     model = auto.from_pretrained(source, drone_config=config)
     if base_model is not None:
         set_base_model(model, base_model)
@@ -391,7 +424,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     measured = Measurements()
     if not args.no_eval:
-        dense = auto.from_pretrained(source)
+        dense = dense if dense is not None else auto.from_pretrained(source)
         texts = load_builtin_corpus(HELDOUT)[: args.eval_batches * args.batch_size]
         # capped at the model's positions as calibration was: longer texts crashed after the compression
         max_length = capped_length(args.max_length, dense, model)
@@ -507,7 +540,8 @@ def _merge(args: argparse.Namespace) -> int:
     summary = _summary(args.checkpoint)
     out = _check_output(args.output, args.checkpoint, args.overwrite)
     auto = _auto_class(args.model_class, summary.architecture)
-    model = auto.from_pretrained(args.checkpoint)
+    model = _load_complete(auto, args.checkpoint, "checkpoint", _class_fix(
+        args, summary.architecture, "the checkpoint is incomplete or damaged; save it again"))
     model.dequantize()
     if hasattr(model.config, CHECKPOINT_KEY):
         delattr(model.config, CHECKPOINT_KEY)  # a plain dense checkpoint: no DRONE record left

@@ -159,3 +159,41 @@ def test_eval_reads_a_csv_with_a_byte_order_mark(ckpts, tmp_path, capsys):
         results.append(json.loads(capsys.readouterr().out))
     assert results[1]["accuracy_compressed"] == results[0]["accuracy_compressed"]
     assert results[1]["accuracy_dense"] == results[0]["accuracy_dense"]
+
+
+# --- 5. a --model-class whose head the checkpoint lacks is refused, not given a random head -------
+@pytest.mark.parametrize("command", ["eval", "bench", "merge"])
+def test_a_model_class_without_its_head_in_the_checkpoint_is_refused(ckpts, tmp_path, capsys, command):
+    """--model-class causal-lm on a BertModel checkpoint loaded BertLMHeadModel with a random LM head
+    (a different one for dense and compressed): eval measured noise, merge saved it, exit code 0."""
+    dense, folder = ckpts["bert"]
+    extra = {"eval": ["--dense", str(dense)], "bench": ["--dense", str(dense), "--repeats", "1"],
+             "merge": ["--output", str(tmp_path / "merged")]}[command]
+    assert main([command, str(folder), "--model-class", "causal-lm", *extra]) == 2
+    line = last_error_line(capsys)
+    assert "has no weights for cls.predictions" in line and "of BertLMHeadModel, which would be random" in line
+    assert "the checkpoint records BertModel: drop --model-class causal-lm" in line
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_dense_model_without_the_checkpoints_head_is_refused(ckpts, capsys):
+    """A base encoder as --dense of a classifier checkpoint: the dense accuracy came from a random head."""
+    base, _ = ckpts["bert"]
+    _, folder = ckpts["bert-seq-cls"]
+    assert main(["eval", str(folder), "--dense", str(base)]) == 2
+    line = last_error_line(capsys)
+    assert f"--dense {base} has no weights for classifier.bias, classifier.weight" in line
+    assert "give --dense the dense BertForSequenceClassification the checkpoint was compressed from" in line
+
+
+def test_compress_refuses_a_model_class_whose_head_is_missing_before_compressing(tmp_path, capsys):
+    """Greedy allocation measured the output KL of a random classifier head, and the checkpoint saved it."""
+    src = save_tiny("bert", tmp_path / "dense")
+    out = tmp_path / "out"
+    assert main(["compress", str(src), "--model-class", "sequence-classification", "--num-samples", "16",
+                 "--output", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "layers factored" not in captured.out and not out.exists()
+    line = captured.err.strip().split("\n")[-1]
+    assert "has no weights for classifier.bias, classifier.weight of BertForSequenceClassification" in line
+    assert "use --model-class auto (the base model)" in line
