@@ -317,6 +317,22 @@ def _dense_source(args: argparse.Namespace, summary: Any) -> str:
     )
 
 
+def _check_dense_type(args: argparse.Namespace, summary: Any, dense_source: str) -> None:
+    """Refuse a dense reference of another model type than the checkpoint's base, before loading: the
+    checkpoint's class reads any config, so a Llama folder loaded as a BertModel of random weights."""
+    from transformers import AutoConfig
+
+    try:
+        dense_type = AutoConfig.from_pretrained(dense_source).model_type
+    except (OSError, ValueError):
+        return  # not readable here: loading it reports why
+    base_type = summary.base_model_type
+    if base_type and dense_type != base_type:
+        what = f"--dense {dense_source}" if args.dense else f"the recorded base model {dense_source}"
+        raise CliError(f"{what} is a {dense_type!r} model but {args.checkpoint} was compressed from a {base_type!r} "
+                       f"model; pass --dense the dense model it was compressed from")
+
+
 def _load_pair(args: argparse.Namespace):
     """(summary, task's Auto class name, compressed model, dense model, tokenizer) for eval and bench.
 
@@ -332,6 +348,7 @@ def _load_pair(args: argparse.Namespace):
     loader = _auto_class(args.model_class, summary.architecture)
     kind = MODEL_CLASSES[args.model_class] if args.model_class != "infer" else \
         auto_class_and_task(summary.architecture)[0]
+    _check_dense_type(args, summary, dense_source)
     compressed = _load_complete(loader, args.checkpoint, "checkpoint", _class_fix(
         args, summary.architecture, "the checkpoint is incomplete or damaged; save it again"))
     dense = _load_complete(loader, dense_source, "--dense", _class_fix(

@@ -197,3 +197,26 @@ def test_compress_refuses_a_model_class_whose_head_is_missing_before_compressing
     line = captured.err.strip().split("\n")[-1]
     assert "has no weights for classifier.bias, classifier.weight of BertForSequenceClassification" in line
     assert "use --model-class auto (the base model)" in line
+
+
+# --- 6. a --dense of another model type than the checkpoint's base ------------------------------
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_a_dense_model_of_another_type_is_refused_before_loading(ckpts, capsys, monkeypatch, command):
+    """The checkpoint's concrete class reads any config: bench timed a random BertModel built from a
+    GPT-2 folder (0.08x, exit code 0)."""
+    import transformers
+
+    gpt2, _ = ckpts["gpt2-lm"]
+    _, folder = ckpts["bert"]
+    real = transformers.BertModel.from_pretrained.__func__
+
+    def loads(cls, path, *a, **k):
+        assert str(path) != str(gpt2), "loaded the mismatched dense model"
+        return real(cls, path, *a, **k)
+
+    monkeypatch.setattr(transformers.BertModel, "from_pretrained", classmethod(loads))
+    extra = ["--repeats", "1", "--seq-len", "8"] if command == "bench" else []
+    assert main([command, str(folder), "--dense", str(gpt2), *extra]) == 2
+    line = last_error_line(capsys)
+    assert f"--dense {gpt2} is a 'gpt2' model but {folder} was compressed from a 'bert' model" in line
+    assert "pass --dense the dense model it was compressed from" in line
