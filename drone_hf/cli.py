@@ -508,7 +508,11 @@ def _eval(args: argparse.Namespace) -> int:
         from drone_hf.hub.measure import label_ids
 
         label_ids([label for _, label in labelled], compressed.config)  # before any measurement
-    name = args.dataset or HELDOUT
+    from drone_hf.utils.public_names import public_name
+
+    # the measurements' *_data fields reach a model card (Measurements.from_json): a dataset's name, never a
+    # local path that means nothing elsewhere and shows the user's directory layout
+    name = public_name(args.dataset or HELDOUT)
     if labelled is not None:
         texts = [t for t, _ in labelled][: args.num_texts]
     else:

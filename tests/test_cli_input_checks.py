@@ -220,3 +220,22 @@ def test_a_dense_model_of_another_type_is_refused_before_loading(ckpts, capsys, 
     line = last_error_line(capsys)
     assert f"--dense {gpt2} is a 'gpt2' model but {folder} was compressed from a 'bert' model" in line
     assert "pass --dense the dense model it was compressed from" in line
+
+
+# --- 7. eval --json names datasets without local paths ---------------------------------------------
+def test_eval_json_names_a_local_dataset_without_its_path(ckpts, tmp_path, capsys):
+    """fidelity_data / accuracy_data held the dataset's full local path, which reached a model card
+    rendered from the JSON (Measurements.from_json)."""
+    dense, folder = ckpts["bert-seq-cls"]
+    data = tmp_path / "private-dir" / "dev.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n" for i, t in enumerate(CALIBRATION_TEXTS)))
+    assert main(["eval", str(folder), "--dense", str(dense), "--dataset", str(data), "--label-column", "label",
+                 "--json"]) == 0
+    out = capsys.readouterr().out
+    m = json.loads(out)
+    assert "private-dir" not in out and str(tmp_path) not in out
+    assert m["fidelity_data"].endswith("texts of <local path: dev.jsonl>")
+    assert m["accuracy_data"].endswith("labelled examples of <local path: dev.jsonl>")
+    assert main(["eval", str(folder), "--dense", str(dense), "--num-texts", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fidelity_data"] == "4 texts of sotu-heldout"  # a corpus name stays
