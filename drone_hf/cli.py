@@ -392,6 +392,7 @@ def _compress(args: argparse.Namespace) -> int:
     from drone_hf.calibration import load_builtin_corpus, tokenize_batches
     from drone_hf.evaluation import measure_latency, output_fidelity
     from drone_hf.hub import Measurements, describe_device, set_base_model
+    from drone_hf.hub.checkpoint import check_base_model
     from drone_hf.hub.measure import capped_length
     from drone_hf.hub.push import check_repo_id
 
@@ -400,6 +401,11 @@ def _compress(args: argparse.Namespace) -> int:
     card_dir = _check_output(args.model_card, source, args.overwrite) if args.model_card else None
     if args.push_to_hub is not None:
         check_repo_id(args.push_to_hub)  # before minutes of compression, not after
+    if args.base_model is not None:
+        try:
+            check_base_model(args.base_model)
+        except ValueError as e:
+            raise CliError(f"--base-model: {e}") from None
     base_model = args.base_model or (DEMO_BASE_MODEL if args.model is None else None)
     auto = getattr(transformers, MODEL_CLASSES[args.model_class])
     settings: dict[str, Any] = dict(

@@ -239,3 +239,34 @@ def test_eval_json_names_a_local_dataset_without_its_path(ckpts, tmp_path, capsy
     assert m["accuracy_data"].endswith("labelled examples of <local path: dev.jsonl>")
     assert main(["eval", str(folder), "--dense", str(dense), "--num-texts", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fidelity_data"] == "4 texts of sotu-heldout"  # a corpus name stays
+
+
+# --- 8. --base-model must be a Hub id ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "base, message",
+    [("LOCAL", "is a local path, not a Hub model id"), ("a/b/c", "is not a Hub model id: use 'name' or"),
+     ("org/bad name", "is not a Hub model id"), ("../up", "is not a Hub model id")],
+)
+def test_compress_refuses_a_base_model_that_is_not_a_hub_id_before_compressing(tmp_path, capsys, base, message):
+    """A local path was written into config.json's drone_checkpoint.base_model and the card's YAML and
+    link (https://huggingface.co//work/...)."""
+    src = save_tiny("bert", tmp_path / "dense")
+    base = str(src) if base == "LOCAL" else base
+    capsys.readouterr()
+    assert main(["compress", str(src), "--no-eval", "--base-model", base, "--output", str(tmp_path / "out"),
+                 "--model-card", str(tmp_path / "card")]) == 2
+    captured = capsys.readouterr()
+    assert "Compressing" not in captured.out and not (tmp_path / "out").exists() and not (tmp_path / "card").exists()
+    line = captured.err.strip().split("\n")[-1]
+    assert line.startswith(f"drone-hf: error: --base-model: base_model {base!r}") and message in line
+
+
+def test_set_base_model_refuses_a_local_path(ckpts):
+    from drone_hf.hub import set_base_model
+
+    _, folder = ckpts["bert"]
+    model = AutoModel.from_pretrained(folder)
+    with pytest.raises(ValueError, match="is a local path, not a Hub model id"):
+        set_base_model(model, str(folder))
+    set_base_model(model, "org/tiny-bert")
+    assert model.config.drone_checkpoint["base_model"] == "org/tiny-bert"
