@@ -184,11 +184,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # --- shared helpers -----------------------------------------------------------------------------
-def _check_output(output: str, source: str, overwrite: bool) -> Path:
+def _check_output(output: str, source: str, overwrite: bool, flag: str = "--output") -> Path:
     out = Path(output).resolve()
+    # a path under a file (somefile.txt/sub) cannot be created: found here, not by the save after the work
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise CliError(f"{flag} {output} lies under {above}, which is a file, not a folder; choose a folder path")
     if Path(source).exists() and out == Path(source).resolve():
         raise CliError(
-            f"--output {output} is the source model folder; choose a new folder (the source is never modified)"
+            f"{flag} {output} is the source model folder; choose a new folder (the source is never modified)"
         )
     if Path(source).exists():
         src = Path(source).resolve()
@@ -197,13 +201,13 @@ def _check_output(output: str, source: str, overwrite: bool) -> Path:
         if out in src.parents or src in out.parents:
             where = "contains" if out in src.parents else "is inside"
             raise CliError(
-                f"--output {output} {where} the source model folder {source}; choose a folder outside it (the "
+                f"{flag} {output} {where} the source model folder {source}; choose a folder outside it (the "
                 "source is never modified)"
             )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CliError(f"--output {output} exists and is not empty; choose a new folder or pass --overwrite")
+        raise CliError(f"{flag} {output} exists and is not empty; choose a new folder or pass --overwrite")
     if out.exists() and not out.is_dir():
-        raise CliError(f"--output {output} is a file; choose a folder")
+        raise CliError(f"{flag} {output} is a file; choose a folder")
     return out
 
 
@@ -398,7 +402,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     source = args.model or _default_model()
     out = _check_output(args.output, source, args.overwrite) if args.output else None
-    card_dir = _check_output(args.model_card, source, args.overwrite) if args.model_card else None
+    card_dir = _check_output(args.model_card, source, args.overwrite, "--model-card") if args.model_card else None
     if args.push_to_hub is not None:
         check_repo_id(args.push_to_hub)  # before minutes of compression, not after
     if args.base_model is not None:

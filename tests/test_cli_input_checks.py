@@ -270,3 +270,24 @@ def test_set_base_model_refuses_a_local_path(ckpts):
         set_base_model(model, str(folder))
     set_base_model(model, "org/tiny-bert")
     assert model.config.drone_checkpoint["base_model"] == "org/tiny-bert"
+
+
+# --- 9. an --output under an existing file is refused before the work ------------------------------
+@pytest.mark.parametrize("flag", ["--output", "--model-card"])
+def test_compress_output_under_a_file_is_refused_before_compressing(tmp_path, capsys, flag):
+    """--output somefile.txt/ck compressed first, then failed to create the folder (raw errno message)."""
+    src = save_tiny("bert", tmp_path / "dense")
+    (tmp_path / "notes.txt").write_text("user data")
+    capsys.readouterr()
+    assert main(["compress", str(src), "--no-eval", flag, str(tmp_path / "notes.txt" / "ck")]) == 2
+    captured = capsys.readouterr()
+    assert "Compressing" not in captured.out and (tmp_path / "notes.txt").read_text() == "user data"
+    line = captured.err.strip().split("\n")[-1]
+    assert f"{flag} {tmp_path / 'notes.txt' / 'ck'} lies under {tmp_path / 'notes.txt'}, which is a file" in line
+
+
+def test_merge_output_under_a_file_is_refused(ckpts, tmp_path, capsys):
+    _, folder = ckpts["bert"]
+    (tmp_path / "notes.txt").write_text("user data")
+    assert main(["merge", str(folder), "--output", str(tmp_path / "notes.txt" / "a" / "b")]) == 2
+    assert "which is a file, not a folder; choose a folder path" in last_error_line(capsys)
