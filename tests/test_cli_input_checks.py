@@ -291,3 +291,77 @@ def test_merge_output_under_a_file_is_refused(ckpts, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("user data")
     assert main(["merge", str(folder), "--output", str(tmp_path / "notes.txt" / "a" / "b")]) == 2
     assert "which is a file, not a folder; choose a folder path" in last_error_line(capsys)
+
+
+# --- 10. inspect on damaged folders: one line naming the damaged file / field ----------------------
+def _damage(folder, how):
+    import struct
+
+    config = folder / "config.json"
+    weights = folder / "model.safetensors"
+
+    def edit(change):
+        c = json.loads(config.read_text())
+        change(c["quantization_config"])
+        config.write_text(json.dumps(c))
+
+    def header(value):
+        h = json.dumps(value).encode()
+        weights.write_bytes(struct.pack("<Q", len(h)) + h)
+
+    if how == "config-list":
+        config.write_text("[1, 2]")
+    elif how == "config-truncated":
+        config.write_text(config.read_text()[:40])
+    elif how == "index-without-weight-map":
+        weights.rename(folder / "model-00001-of-00001.safetensors")
+        (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    elif how == "index-missing-shard":
+        weights.unlink()
+        index = {"weight_map": {"a": "model-00001-of-00002.safetensors"}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif how == "header-without-shape":
+        header({"a.down.weight": {"dtype": "F32", "data_offsets": [0, 0]}})
+    elif how == "header-list":
+        header([1])
+    elif how == "header-truncated":
+        weights.write_bytes(weights.read_bytes()[:20])
+    elif how == "data-truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "ranks-list":
+        edit(lambda q: q.update(ranks=[1, 2]))
+    elif how == "rank-string":
+        edit(lambda q: q["ranks"].update({next(iter(q["ranks"])): "8"}))
+    elif how == "calibration-string":
+        edit(lambda q: q.update(calibration="x"))
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("config-list", "config.json holds a JSON list, not an object"),
+        ("config-truncated", "config.json is not valid JSON ("),
+        ("index-without-weight-map", "model.safetensors.index.json has no weight_map (tensor name -> shard file)"),
+        ("index-missing-shard", "names model-00001-of-00002.safetensors, missing from"),
+        ("header-without-shape", "model.safetensors: tensor 'a.down.weight' has no valid dtype / shape / data_offsets"),
+        ("header-list", "model.safetensors has a header that is a JSON list, not an object"),
+        ("header-truncated", "model.safetensors is truncated: its header is"),
+        ("data-truncated", "model.safetensors is truncated: its header describes"),
+        ("ranks-list", "config.json: quantization_config.ranks is a list, not an object"),
+        ("rank-string", "is '8', not a positive integer rank"),
+        ("calibration-string", "config.json: quantization_config.calibration is a str, not an object"),
+    ],
+)
+@pytest.mark.parametrize("as_json", [False, True])
+def test_inspect_names_the_damage(ckpts, tmp_path, capsys, how, message, as_json):
+    """Tracebacks (KeyError, AttributeError), raw JSON errors without a file name, a confusing
+    'rank 8 but its factors have rank 8/8', and a model.safetensors cut in half reported healthy."""
+    import shutil
+
+    folder = tmp_path / "ck"
+    shutil.copytree(ckpts["bert"][1], folder)
+    _damage(folder, how)
+    assert main(["inspect", str(folder), *(["--json"] if as_json else [])]) == 2
+    line = last_error_line(capsys)
+    assert message in line and str(folder) in line
+    assert "again" in line or "restore" in line
