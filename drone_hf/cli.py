@@ -66,6 +66,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
 def _add_checkpoint_args(p: argparse.ArgumentParser, dense: bool = True) -> None:
     p.add_argument("checkpoint",
                    help="folder of a saved DRONE checkpoint (from `compress --output` or save_pretrained)")
@@ -165,7 +175,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch")
     b.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence")
     b.add_argument("--repeats", type=_positive_int, default=15, help="timed runs per model (median reported)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed runs per model first")
+    b.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed runs per model first")
     b.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     b.add_argument("--device", default="cpu", help="device to run on, e.g. cpu or cuda")
     b.add_argument("--json", action="store_true", help="print the measurements as JSON (model-card fields)")

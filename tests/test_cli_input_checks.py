@@ -365,3 +365,26 @@ def test_inspect_names_the_damage(ckpts, tmp_path, capsys, how, message, as_json
     line = last_error_line(capsys)
     assert message in line and str(folder) in line
     assert "again" in line or "restore" in line
+
+
+# --- 11. bench counts ---------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, message", [(["--warmup", "-2"], "argument --warmup: -2 must be at least 0"),
+                                            (["--warmup", "x"], "argument --warmup: 'x' is not an integer")])
+def test_bench_refuses_a_negative_warmup(ckpts, capsys, extra, message):
+    """--warmup -2 with --repeats 5 timed 3 runs (the loop runs warmup + repeats passes); with
+    --repeats 1 it ended in 'no median for empty data'."""
+    dense, folder = ckpts["bert"]
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", str(folder), "--dense", str(dense), "--repeats", "5", *extra])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw", [{"warmup": -1}, {"repeats": 0}, {"seq_len": 0}, {"batch_size": 2.5}])
+def test_measure_speed_refuses_bad_counts(ckpts, kw):
+    from drone_hf.hub import measure_speed
+
+    dense, folder = ckpts["bert"]
+    model = AutoModel.from_pretrained(folder)
+    name, value = next(iter(kw.items()))
+    with pytest.raises(ValueError, match=f"{name}={value!r} must be an integer >= "):
+        measure_speed(model, model, **kw)

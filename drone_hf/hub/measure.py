@@ -287,8 +287,14 @@ def measure_speed(
     in for text; both models run on their own device (which must be the same one).
 
     Raises:
-        ValueError: the models sit on different devices, or ``seq_len`` exceeds the model's positions.
+        ValueError: a count below 1 (``warmup`` below 0), the models sit on different devices, or
+            ``seq_len`` exceeds the model's positions.
     """
+    for name, value, least in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("repeats", repeats, 1),
+                               ("warmup", warmup, 0)):
+        # a negative warmup silently ate timed runs (the loop counts warmup + repeats passes)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name}={value!r} must be an integer >= {least}")
     device = _device(compressed)
     if _device(dense) != device:
         raise ValueError(f"dense and compressed models are on {_device(dense)} and {device}; put both on one device")
