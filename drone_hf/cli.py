@@ -410,6 +410,15 @@ def _compress(args: argparse.Namespace) -> int:
     from drone_hf.hub.measure import capped_length
     from drone_hf.hub.push import check_repo_id
 
+    # Refused, not warned: both only act on what --push-to-hub / --model-card write, and alone they mean
+    # the user expects an effect that never happens (a private repository, a licensed card); a warning
+    # scrolls away under hours of compression output, a refusal costs a second and nothing is lost.
+    if args.private and args.push_to_hub is None:
+        raise CliError("--private applies to the Hub repository --push-to-hub creates, and nothing is pushed; add "
+                       "--push-to-hub REPO_ID, or drop --private")
+    if args.license is not None and args.push_to_hub is None and args.model_card is None:
+        raise CliError("--license is written into the model card only, and no card is written; add --push-to-hub "
+                       "REPO_ID or --model-card DIR, or drop --license")
     source = args.model or _default_model()
     out = _check_output(args.output, source, args.overwrite) if args.output else None
     card_dir = _check_output(args.model_card, source, args.overwrite, "--model-card") if args.model_card else None

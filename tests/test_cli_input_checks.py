@@ -388,3 +388,28 @@ def test_measure_speed_refuses_bad_counts(ckpts, kw):
     name, value = next(iter(kw.items()))
     with pytest.raises(ValueError, match=f"{name}={value!r} must be an integer >= "):
         measure_speed(model, model, **kw)
+
+
+# --- 12. --private / --license without what they apply to ------------------------------------------
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--private"], "--private applies to the Hub repository --push-to-hub creates, and nothing is pushed"),
+     (["--private", "--model-card", "CARD"], "add --push-to-hub REPO_ID, or drop --private"),
+     (["--license", "mit"], "--license is written into the model card only, and no card is written")],
+)
+def test_card_options_without_a_card_or_push_are_refused_before_compressing(tmp_path, capsys, extra, message):
+    """Accepted and ignored: the user believed the result private or licensed."""
+    src = save_tiny("bert", tmp_path / "dense")
+    extra = [str(tmp_path / "card") if x == "CARD" else x for x in extra]
+    capsys.readouterr()
+    assert main(["compress", str(src), "--no-eval", "--output", str(tmp_path / "out"), *extra]) == 2
+    captured = capsys.readouterr()
+    assert "Compressing" not in captured.out and not (tmp_path / "out").exists()
+    assert message in captured.err.strip().split("\n")[-1]
+
+
+def test_license_with_only_a_model_card_is_written_into_it(tmp_path, capsys):
+    src = save_tiny("bert", tmp_path / "dense")
+    assert main(["compress", str(src), "--no-eval", "--num-samples", "16", "--license", "mit", "--base-model",
+                 "org/tiny-bert", "--model-card", str(tmp_path / "card")]) == 0
+    assert "license: mit" in (tmp_path / "card" / "README.md").read_text()
