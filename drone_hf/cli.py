@@ -66,6 +66,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
 def _add_checkpoint_args(p: argparse.ArgumentParser, dense: bool = True) -> None:
     p.add_argument("checkpoint",
                    help="folder of a saved DRONE checkpoint (from `compress --output` or save_pretrained)")
@@ -165,7 +175,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch")
     b.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence")
     b.add_argument("--repeats", type=_positive_int, default=15, help="timed runs per model (median reported)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed runs per model first")
+    b.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed runs per model first")
     b.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     b.add_argument("--device", default="cpu", help="device to run on, e.g. cpu or cuda")
     b.add_argument("--json", action="store_true", help="print the measurements as JSON (model-card fields)")
@@ -184,11 +194,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # --- shared helpers -----------------------------------------------------------------------------
-def _check_output(output: str, source: str, overwrite: bool) -> Path:
+def _check_output(output: str, source: str, overwrite: bool, flag: str = "--output") -> Path:
     out = Path(output).resolve()
+    # a path under a file (somefile.txt/sub) cannot be created: found here, not by the save after the work
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise CliError(f"{flag} {output} lies under {above}, which is a file, not a folder; choose a folder path")
     if Path(source).exists() and out == Path(source).resolve():
         raise CliError(
-            f"--output {output} is the source model folder; choose a new folder (the source is never modified)"
+            f"{flag} {output} is the source model folder; choose a new folder (the source is never modified)"
         )
     if Path(source).exists():
         src = Path(source).resolve()
@@ -197,13 +211,13 @@ def _check_output(output: str, source: str, overwrite: bool) -> Path:
         if out in src.parents or src in out.parents:
             where = "contains" if out in src.parents else "is inside"
             raise CliError(
-                f"--output {output} {where} the source model folder {source}; choose a folder outside it (the "
+                f"{flag} {output} {where} the source model folder {source}; choose a folder outside it (the "
                 "source is never modified)"
             )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CliError(f"--output {output} exists and is not empty; choose a new folder or pass --overwrite")
+        raise CliError(f"{flag} {output} exists and is not empty; choose a new folder or pass --overwrite")
     if out.exists() and not out.is_dir():
-        raise CliError(f"--output {output} is a file; choose a folder")
+        raise CliError(f"{flag} {output} is a file; choose a folder")
     return out
 
 
@@ -213,6 +227,10 @@ def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        # mkdtemp makes the folder 0700, private to this user: the checkpoint would be unreadable to the
+        # group and other users that a plain mkdir (or save_pretrained) lets read it. A replaced folder
+        # keeps its own mode; a new one gets the mode mkdir gives under the umask.
+        os.chmod(tmp, out.stat().st_mode & 0o7777 if out.is_dir() else 0o777 & ~_umask())
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -226,6 +244,12 @@ def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _summary(path: str):
@@ -268,6 +292,28 @@ def _tokenizer(*sources: str | None):
     return None
 
 
+def _load_complete(loader: Any, path: str, role: str, fix: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(path)``, refused when the checkpoint lacks weights the class needs.
+
+    transformers initialises missing weights at random and only logs it: a ``--model-class`` whose
+    head the checkpoint does not have (causal-lm on a BertModel, sequence-classification on a base
+    encoder) measured, merged and compressed against a random head, and exited 0."""
+    model, info = loader.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CliError(f"{role} {path} has no weights for {shown} of {type(model).__name__}, which would be "
+                       f"random; {fix}")
+    return model
+
+
+def _class_fix(args: argparse.Namespace, architecture: str | None, damaged: str) -> str:
+    if args.model_class not in ("infer", "auto"):
+        return (f"the checkpoint records {architecture}: drop --model-class {args.model_class} (the default loads the "
+                "recorded class) or choose the class it was saved as")
+    return damaged
+
+
 def _dense_source(args: argparse.Namespace, summary: Any) -> str:
     """The dense reference: ``--dense``, else the recorded base model (the packaged copy for the demo)."""
     if args.dense:
@@ -285,6 +331,22 @@ def _dense_source(args: argparse.Namespace, summary: Any) -> str:
     )
 
 
+def _check_dense_type(args: argparse.Namespace, summary: Any, dense_source: str) -> None:
+    """Refuse a dense reference of another model type than the checkpoint's base, before loading: the
+    checkpoint's class reads any config, so a Llama folder loaded as a BertModel of random weights."""
+    from transformers import AutoConfig
+
+    try:
+        dense_type = AutoConfig.from_pretrained(dense_source).model_type
+    except (OSError, ValueError):
+        return  # not readable here: loading it reports why
+    base_type = summary.base_model_type
+    if base_type and dense_type != base_type:
+        what = f"--dense {dense_source}" if args.dense else f"the recorded base model {dense_source}"
+        raise CliError(f"{what} is a {dense_type!r} model but {args.checkpoint} was compressed from a {base_type!r} "
+                       f"model; pass --dense the dense model it was compressed from")
+
+
 def _load_pair(args: argparse.Namespace):
     """(summary, task's Auto class name, compressed model, dense model, tokenizer) for eval and bench.
 
@@ -300,8 +362,12 @@ def _load_pair(args: argparse.Namespace):
     loader = _auto_class(args.model_class, summary.architecture)
     kind = MODEL_CLASSES[args.model_class] if args.model_class != "infer" else \
         auto_class_and_task(summary.architecture)[0]
-    compressed = loader.from_pretrained(args.checkpoint)
-    dense = loader.from_pretrained(dense_source)
+    _check_dense_type(args, summary, dense_source)
+    compressed = _load_complete(loader, args.checkpoint, "checkpoint", _class_fix(
+        args, summary.architecture, "the checkpoint is incomplete or damaged; save it again"))
+    dense = _load_complete(loader, dense_source, "--dense", _class_fix(
+        args, summary.architecture,
+        f"give --dense the dense {summary.architecture} the checkpoint was compressed from"))
     if hasattr(dense, "hf_quantizer"):
         raise CliError(f"--dense {dense_source} is itself DRONE-compressed; give the original dense model")
     return summary, kind, compressed, dense, _tokenizer(args.checkpoint, dense_source)
@@ -340,13 +406,29 @@ def _compress(args: argparse.Namespace) -> int:
     from drone_hf.calibration import load_builtin_corpus, tokenize_batches
     from drone_hf.evaluation import measure_latency, output_fidelity
     from drone_hf.hub import Measurements, describe_device, set_base_model
+    from drone_hf.hub.checkpoint import check_base_model
+    from drone_hf.hub.measure import capped_length
     from drone_hf.hub.push import check_repo_id
 
+    # Refused, not warned: both only act on what --push-to-hub / --model-card write, and alone they mean
+    # the user expects an effect that never happens (a private repository, a licensed card); a warning
+    # scrolls away under hours of compression output, a refusal costs a second and nothing is lost.
+    if args.private and args.push_to_hub is None:
+        raise CliError("--private applies to the Hub repository --push-to-hub creates, and nothing is pushed; add "
+                       "--push-to-hub REPO_ID, or drop --private")
+    if args.license is not None and args.push_to_hub is None and args.model_card is None:
+        raise CliError("--license is written into the model card only, and no card is written; add --push-to-hub "
+                       "REPO_ID or --model-card DIR, or drop --license")
     source = args.model or _default_model()
     out = _check_output(args.output, source, args.overwrite) if args.output else None
-    card_dir = _check_output(args.model_card, source, args.overwrite) if args.model_card else None
+    card_dir = _check_output(args.model_card, source, args.overwrite, "--model-card") if args.model_card else None
     if args.push_to_hub is not None:
         check_repo_id(args.push_to_hub)  # before minutes of compression, not after
+    if args.base_model is not None:
+        try:
+            check_base_model(args.base_model)
+        except ValueError as e:
+            raise CliError(f"--base-model: {e}") from None
     base_model = args.base_model or (DEMO_BASE_MODEL if args.model is None else None)
     auto = getattr(transformers, MODEL_CLASSES[args.model_class])
     settings: dict[str, Any] = dict(
@@ -369,6 +451,14 @@ def _compress(args: argparse.Namespace) -> int:
     calibration = config.dataset or "sotu (built-in)"
     print(f"Compressing {source}\n  with {MODEL_CLASSES[args.model_class]}, method={config.method}, "
           f"param_ratio={config.param_ratio} ({config.allocation}), damp={config.damp}, calibration={calibration}")
+    dense = None
+    if args.model_class != "auto":
+        # AutoModel is the base model, in every checkpoint; a head class needs the checkpoint to have that head,
+        # checked before compressing: calibration and greedy allocation would measure a random one. The model
+        # loaded for the check is the dense reference of the measurements below.
+        dense = _load_complete(auto, source, "model", f"its head is not {MODEL_CLASSES[args.model_class]}'s: use "
+                               "--model-class auto (the base model), or the class of the checkpoint's own head")
+        dense = None if args.no_eval else dense
     model = auto.from_pretrained(source, drone_config=config)
     if base_model is not None:
         set_base_model(model, base_model)
@@ -380,9 +470,11 @@ def _compress(args: argparse.Namespace) -> int:
 
     measured = Measurements()
     if not args.no_eval:
-        dense = auto.from_pretrained(source)
+        dense = dense if dense is not None else auto.from_pretrained(source)
         texts = load_builtin_corpus(HELDOUT)[: args.eval_batches * args.batch_size]
-        batches = tokenize_batches(texts, tokenizer, args.max_length, args.batch_size).batches
+        # capped at the model's positions as calibration was: longer texts crashed after the compression
+        max_length = capped_length(args.max_length, dense, model)
+        batches = tokenize_batches(texts, tokenizer, max_length, args.batch_size).batches
         fid = output_fidelity(dense, model, batches)
         print(f"\nHeld-out fidelity ({len(texts)} passages of {HELDOUT}, {fid.num_tokens:,} tokens): "
               f"embedding cosine {fid.cosine:.4f}, hidden-state relative error {fid.relative_error:.4f}")
@@ -441,7 +533,15 @@ def _eval(args: argparse.Namespace) -> int:
     if labelled is not None and not kind.endswith("SequenceClassification"):
         raise CliError(f"accuracy needs a sequence-classification checkpoint; {args.checkpoint} is "
                        f"{summary.architecture} (use --model-class sequence-classification if it is one)")
-    name = args.dataset or HELDOUT
+    if labelled is not None:
+        from drone_hf.hub.measure import label_ids
+
+        label_ids([label for _, label in labelled], compressed.config)  # before any measurement
+    from drone_hf.utils.public_names import public_name
+
+    # the measurements' *_data fields reach a model card (Measurements.from_json): a dataset's name, never a
+    # local path that means nothing elsewhere and shows the user's directory layout
+    name = public_name(args.dataset or HELDOUT)
     if labelled is not None:
         texts = [t for t, _ in labelled][: args.num_texts]
     else:
@@ -490,7 +590,8 @@ def _merge(args: argparse.Namespace) -> int:
     summary = _summary(args.checkpoint)
     out = _check_output(args.output, args.checkpoint, args.overwrite)
     auto = _auto_class(args.model_class, summary.architecture)
-    model = auto.from_pretrained(args.checkpoint)
+    model = _load_complete(auto, args.checkpoint, "checkpoint", _class_fix(
+        args, summary.architecture, "the checkpoint is incomplete or damaged; save it again"))
     model.dequantize()
     if hasattr(model.config, CHECKPOINT_KEY):
         delattr(model.config, CHECKPOINT_KEY)  # a plain dense checkpoint: no DRONE record left

@@ -120,12 +120,36 @@ def checkpoint_info(model: Any, base_model_type: str) -> dict[str, Any]:
     }
 
 
+def check_base_model(base_model: Any) -> str:
+    """``base_model`` if it is a Hub model id (``name`` or ``namespace/name``), else a ``ValueError``
+    with the fix: the id is written into ``config.json`` and the model card's metadata and link, where
+    a local path means nothing on another machine and shows the user's directory layout."""
+    if isinstance(base_model, str) and os.path.exists(base_model):
+        raise ValueError(f"base_model {base_model!r} is a local path, not a Hub model id; it is recorded in the "
+                         "checkpoint and its model card, so give the Hub id the dense model is a copy of (like "
+                         "'org/name'), or leave it out")
+    if hub_id(base_model) is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(base_model)
+            return base_model
+        except HFValidationError:
+            pass
+    raise ValueError(f"base_model {base_model!r} is not a Hub model id: use 'name' or 'namespace/name' with letters, "
+                     "digits, '-', '_' and '.' (the dense model's id on the Hub), or leave it out")
+
+
 def set_base_model(model: Any, base_model: str) -> None:
     """Record the dense model's Hub id in ``model``'s checkpoint record (written by the next save).
 
     Needed when the model was loaded from a local folder (a local path is never recorded) but is a
     copy of a Hub model, e.g. the packaged all-MiniLM-L6-v2.
+
+    Raises:
+        ValueError: ``base_model`` is not a Hub model id (:func:`check_base_model`).
     """
+    check_base_model(base_model)
     record = dict(getattr(model.config, CHECKPOINT_KEY, None) or {})
     record["base_model"] = base_model
     setattr(model.config, CHECKPOINT_KEY, record)

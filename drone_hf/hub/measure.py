@@ -22,30 +22,60 @@ from transformers.utils import logging as hf_logging
 
 from ..calibration import tokenize_batches
 from ..evaluation import measure_latency, output_fidelity
+from ..utils.logging import get_logger
 from ..utils.page_faults import PageFaults
 from ..utils.positions import usable_positions
 from .card import Measurements, describe_device
+
+logger = get_logger(__name__)
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def capped_length(max_length: int, *models: nn.Module | None) -> int:
+    """``max_length`` capped at the positions every model can embed, with a warning when it is cut (as
+    calibration caps it): a longer text indexed past the position table deep inside the forward pass."""
+    limits = [limit for m in models if m is not None and (limit := usable_positions(m)) is not None]
+    if limits and max_length > min(limits):
+        logger.warning(f"max_length={max_length} exceeds the model's {min(limits)} positions; measuring at "
+                       f"{min(limits)} tokens per text.")
+        return min(limits)
+    return max_length
+
+
 def timing_device(name: str, flag: str = "--device") -> torch.device:
     """The device a speed measurement was asked to run on, refused with the fix when it is not a
-    device name or this machine has no CUDA device for it (``flag``: how the caller's option is
-    spelled in the message). Checked before any model is loaded.
+    device name, not one timings can be taken on, or this machine has no CUDA device for it (``flag``:
+    how the caller's option is spelled in the message). Checked before any model is loaded.
+
+    Only CPU and CUDA are timed: :func:`~drone_hf.evaluation.measure_latency` waits for CUDA kernels
+    to finish before reading the clock and :func:`~drone_hf.hub.describe_device` names those two; on
+    another accelerator (``mps``, ``xpu``) launches return early, so the times would be wrong, and
+    ``meta`` tensors compute nothing.
 
     Raises:
-        ValueError: not a device, or ``cuda`` without a CUDA device.
+        ValueError: not a device, a device type other than cpu/cuda, or ``cuda`` without that device.
     """
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"{flag} {name!r} is not a device ({e}); use e.g. cpu or cuda") from None
+    if device.type == "meta":
+        raise ValueError(f"{flag} meta holds no data and runs nothing, so there is no latency to measure; use "
+                         f"{flag} cpu or {flag} cuda")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag} {name}: latency is measured on cpu or cuda only (the timer waits only for CUDA "
+                         f"kernels, so {device.type} times would be wrong); use {flag} cpu or {flag} cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{flag} cuda, but torch sees no CUDA device here; use {flag} cpu (or a CUDA build of "
                          "torch on a GPU machine)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {name}, but torch sees {torch.cuda.device_count()} CUDA device(s) here; use "
+                         f"{flag} cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"{flag} {name}: there is one CPU device; use {flag} cpu")
     return device
 
 
@@ -59,7 +89,9 @@ def measure_fidelity(
     batch_size: int = 8,
     data_name: str | None = None,
 ) -> Measurements:
-    """Hidden-state relative error and mean-pooled embedding cosine of ``compressed`` against ``dense``."""
+    """Hidden-state relative error and mean-pooled embedding cosine of ``compressed`` against ``dense``
+    (``max_length`` is capped at the models' positions)."""
+    max_length = capped_length(max_length, dense, compressed)
     batches = tokenize_batches(list(texts), tokenizer, max_length, batch_size).batches
     fid = output_fidelity(dense, compressed, batches)
     return Measurements(
@@ -104,7 +136,9 @@ def measure_perplexity(
     batch_size: int = 8,
     data_name: str | None = None,
 ) -> Measurements:
-    """Perplexity of both models on the same texts (``dense=None`` measures the compressed one only)."""
+    """Perplexity of both models on the same texts (``dense=None`` measures the compressed one only;
+    ``max_length`` is capped at the models' positions)."""
+    max_length = capped_length(max_length, dense, compressed)
     batches = tokenize_batches(list(texts), tokenizer, max_length, batch_size).batches
     return Measurements(
         perplexity_dense=None if dense is None else perplexity(dense, batches, "Perplexity (dense)"),
@@ -116,33 +150,68 @@ def measure_perplexity(
 def read_labelled(path: str | Path, text_column: str = "text", label_column: str = "label") -> list[tuple[str, Any]]:
     """``(text, label)`` pairs from a ``.jsonl`` (one object per line) or ``.csv``/``.tsv`` file.
 
+    Every row is checked, not only the first: each must hold a string text and a non-null label
+    (a missing CSV field reads as null). A UTF-8 byte order mark (Excel's CSV export) is skipped.
+
     Raises:
-        ValueError: unknown file type, missing columns, or no rows (each message names the fix).
+        ValueError: unknown file type, invalid JSON, missing or null columns, or no rows; each message
+            names the file, the line where it applies, and the fix.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"labelled dataset {path} does not exist; give a .jsonl or .csv file")
+    rows: list[tuple[int, Any]] = []  # (line number, row)
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"labelled dataset {path}:{number} is not valid JSON ({e.msg}); each line must be "
+                                 f'one JSON object like {{"{text_column}": "...", "{label_column}": 0}}') from None
     elif path.suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            rows = [(reader.line_num, row) for row in reader]
     else:
         raise ValueError(f"labelled dataset {path} must be a .jsonl, .csv or .tsv file")
     if not rows:
         raise ValueError(f"labelled dataset {path} has no rows")
-    missing = [c for c in (text_column, label_column) if not isinstance(rows[0], dict) or c not in rows[0]]
+    first = rows[0][1]
+    missing = [c for c in (text_column, label_column) if not isinstance(first, dict) or c not in first]
     if missing:
-        have = sorted(rows[0]) if isinstance(rows[0], dict) else type(rows[0]).__name__
+        have = sorted(map(str, first)) if isinstance(first, dict) else type(first).__name__
         raise ValueError(f"labelled dataset {path} has no column(s) {missing} (it has {have}); "
                          "name them with --text-column / --label-column")
-    return [(str(r[text_column]), r[label_column]) for r in rows]
+    out = []
+    for number, row in rows:
+        where = f"labelled dataset {path}:{number}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is a JSON {type(row).__name__}, not an object; each line must be an object "
+                             f'like {{"{text_column}": "...", "{label_column}": 0}}')
+        missing = [c for c in (text_column, label_column) if row.get(c) is None]
+        if missing:
+            what = "missing or null" if path.suffix == ".jsonl" else "missing (the row has fewer fields)"
+            raise ValueError(f"{where} has column(s) {missing} {what}; give every row a text and a label, or "
+                             "remove the row")
+        if not isinstance(row[text_column], str):
+            raise ValueError(f"{where}: {text_column!r} is {type(row[text_column]).__name__} "
+                             f"{row[text_column]!r}, not a text; give the raw text as a string")
+        out.append((row[text_column], row[label_column]))
+    return out
 
 
 def label_ids(labels: Sequence[Any], config: Any) -> list[int]:
     """Class ids for ``labels`` given as ids (``1``, ``"1"``) or as the model's label names
-    (``config.label2id``: ``"positive"``), so a labelled file can name its classes either way."""
+    (``config.label2id``: ``"positive"``), so a labelled file can name its classes either way.
+
+    Raises:
+        ValueError: a label that is neither, or an id outside the model's ``num_labels`` classes (a
+            -1 or 7 for a 3-class head would silently never match, or fail inside the loss).
+    """
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    num_labels = getattr(config, "num_labels", None)
     out = []
     for label in labels:
         if isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
@@ -152,6 +221,9 @@ def label_ids(labels: Sequence[Any], config: Any) -> list[int]:
         else:
             raise ValueError(f"label {label!r} is neither an integer class id nor one of the model's labels "
                              f"{sorted(label2id)}")
+        if isinstance(num_labels, int) and num_labels > 0 and not 0 <= out[-1] < num_labels:
+            raise ValueError(f"label {label!r} is outside the model's {num_labels} classes; give class ids 0 to "
+                             f"{num_labels - 1} or the model's labels {sorted(label2id)}")
     return out
 
 
@@ -188,7 +260,9 @@ def measure_accuracy(
     dense: nn.Module | None, compressed: nn.Module, examples: Sequence[tuple[str, Any]], tokenizer: Any, *,
     max_length: int = 128, batch_size: int = 8, data_name: str | None = None,
 ) -> Measurements:
-    """Accuracy of both classifiers on the same labelled examples (``dense=None``: compressed only)."""
+    """Accuracy of both classifiers on the same labelled examples (``dense=None``: compressed only;
+    ``max_length`` is capped at the models' positions)."""
+    max_length = capped_length(max_length, dense, compressed)
     kw = dict(max_length=max_length, batch_size=batch_size)
     return Measurements(
         accuracy_dense=None if dense is None else accuracy(dense, examples, tokenizer, desc="Accuracy (dense)", **kw),
@@ -213,8 +287,14 @@ def measure_speed(
     in for text; both models run on their own device (which must be the same one).
 
     Raises:
-        ValueError: the models sit on different devices, or ``seq_len`` exceeds the model's positions.
+        ValueError: a count below 1 (``warmup`` below 0), the models sit on different devices, or
+            ``seq_len`` exceeds the model's positions.
     """
+    for name, value, least in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("repeats", repeats, 1),
+                               ("warmup", warmup, 0)):
+        # a negative warmup silently ate timed runs (the loop counts warmup + repeats passes)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name}={value!r} must be an integer >= {least}")
     device = _device(compressed)
     if _device(dense) != device:
         raise ValueError(f"dense and compressed models are on {_device(dense)} and {device}; put both on one device")

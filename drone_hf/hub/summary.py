@@ -18,8 +18,32 @@ from .checkpoint import CHECKPOINT_KEY, is_drone_config_dict, is_marked, unmark_
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
+_AGAIN = "download or save it again"
+
+
+def _read_json(path: Path, what: str = "object") -> Any:
+    """A JSON file that must hold an object, refused with its name when it is not valid JSON (a
+    truncated copy) or holds something else (an edited file)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        detail = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise ValueError(f"{path} is not valid JSON ({detail}): it is truncated or was edited; {_AGAIN}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an {what}: it was edited or is damaged; "
+                         f"{_AGAIN}")
+    return value
+
+
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors file's header."""
+    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors file's header.
+
+    Raises:
+        ValueError: the file is not a safetensors file, its header is truncated or malformed, or its
+            tensor data is shorter (or longer) than the header describes (a truncated copy whose header
+            survived); each message names the file.
+    """
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -27,9 +51,38 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         (n,) = struct.unpack("<Q", raw)
         if n > _MAX_HEADER:
             raise ValueError(f"{path} is not a safetensors file (header length {n} is implausible)")
-        header = json.loads(f.read(n))
+        text = f.read(n)
+    if len(text) != n:
+        raise ValueError(f"{path} is truncated: its header is {n} bytes but the file holds {len(text)} after the "
+                         f"length; {_AGAIN}")
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} has a header that is not valid JSON: the file is corrupt; {_AGAIN}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a header that is a JSON {type(header).__name__}, not an object: the file is "
+                         f"corrupt; {_AGAIN}")
     header.pop("__metadata__", None)
+    end = 0
+    for name, meta in header.items():
+        ok = (isinstance(meta, dict) and isinstance(meta.get("dtype"), str)
+              and isinstance(meta.get("shape"), list) and all(_is_int(d) and d >= 0 for d in meta["shape"])
+              and isinstance(meta.get("data_offsets"), list) and len(meta["data_offsets"]) == 2
+              and all(_is_int(o) and o >= 0 for o in meta["data_offsets"]))
+        if not ok:
+            raise ValueError(f"{path}: tensor {name!r} has no valid dtype / shape / data_offsets in the header: the "
+                             f"file is corrupt; {_AGAIN}")
+        end = max(end, meta["data_offsets"][1])
+    data = size - 8 - n
+    if data != end:
+        how = "truncated" if data < end else "longer than its header describes"
+        raise ValueError(f"{path} is {how}: its header describes {end:,} bytes of tensor data but the file holds "
+                         f"{data:,}; {_AGAIN}")
     return header
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -47,7 +100,15 @@ def _weight_files(folder: Path) -> list[Path]:
         )
     index = folder / ("model.safetensors.index.json" if not variant else f"model.safetensors.index.{variant}.json")
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+            raise ValueError(f"{index} has no weight_map (tensor name -> shard file): it was edited or is damaged; "
+                             f"{_AGAIN}")
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ValueError(f"{index} names {', '.join(missing)}, missing from {folder}: the checkpoint was copied "
+                             f"or downloaded incompletely; {_AGAIN}")
         return [folder / n for n in names]
     single = folder / ("model.safetensors" if not variant else f"model.{variant}.safetensors")
     if single.is_file():
@@ -150,7 +211,7 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{folder} has no config.json: not a checkpoint saved by save_pretrained")
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    raw = _read_json(config_file)
     if not is_drone_config_dict(raw):
         raise ValueError(
             f"{folder} is a dense checkpoint (model_type {raw.get('model_type')!r}, no DRONE quantization_config); "
@@ -159,6 +220,17 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
     marked = is_marked(raw)
     base = unmark_config_dict(raw)
     q = base.get("quantization_config") or {}
+    for key in ("ranks", "attention_ranks", "relative_errors", "attention_errors", "calibration"):
+        if q.get(key) is not None and not isinstance(q[key], dict):
+            raise ValueError(f"{config_file}: quantization_config.{key} is a {type(q[key]).__name__}, not an object"
+                             f"{' of layer name -> value' if key != 'calibration' else ''}: it was edited or is "
+                             f"damaged; restore config.json from the original save")
+    for key in ("ranks", "attention_ranks"):
+        for name, rank in (q.get(key) or {}).items():
+            if not _is_int(rank) or rank < 1:
+                raise ValueError(f"{config_file}: quantization_config.{key}[{name!r}] is {rank!r}, not a positive "
+                                 "integer rank: it was edited or is damaged; restore config.json from the original "
+                                 "save")
     ranks = q.get("ranks") or {}
     if not ranks and not q.get("attention_ranks"):
         raise ValueError(f"{config_file} records no ranks under quantization_config: it was edited or is damaged")
