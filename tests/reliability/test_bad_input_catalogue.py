@@ -222,6 +222,80 @@ def shim_without_drone_hf(ctx: SimpleNamespace) -> Any:
 LAYER = "encoder.layer.0.attention.self.query"
 NEWER = r"pip install -U drone-hf"
 
+def cli_command(*argv: str) -> Callable[[SimpleNamespace], Any]:
+    """A drone-hf subcommand run without main()'s catch, so its CliError / ValueError reaches the case;
+    'CKPT', 'DENSE' and 'TMP/...' are replaced by the context's folders."""
+
+    def run(ctx: SimpleNamespace) -> Any:
+        from drone_hf import cli
+
+        def place(a: str) -> str:
+            a = a.replace("CKPT", str(getattr(ctx, "ckpt", ""))).replace("DENSE", str(getattr(ctx, "dense", "")))
+            return a.replace("TMP", str(ctx.tmp))
+
+        for name, text in ctx.args.get("files", {}).items():  # the user's files: they must survive as written
+            (ctx.tmp / name).write_text(text)
+        if "gpt2" in ctx.args:
+            save_tiny("gpt2-lm", ctx.tmp / "gpt2")
+        ctx.snapshot_again()
+        args = cli._build_parser().parse_args([place(a) for a in argv])
+        return cli.COMMANDS[args.command](args)
+
+    return run
+
+
+def summarize(ctx: SimpleNamespace) -> Any:
+    from drone_hf.hub import summarize_checkpoint
+
+    return summarize_checkpoint(ctx.ckpt)
+
+
+def index_without_weight_map(folder: Path) -> None:
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+
+
+def labelled_file(name: str, text: str) -> Callable[[SimpleNamespace], Any]:
+    def run(ctx: SimpleNamespace) -> Any:
+        from drone_hf.hub import read_labelled
+
+        (ctx.tmp / name).write_text(text)
+        ctx.snapshot_again()
+        return read_labelled(ctx.tmp / name)
+
+    return run
+
+
+def labels_out_of_range(ctx: SimpleNamespace) -> Any:
+    from drone_hf.hub.measure import label_ids
+
+    return label_ids([0, 7], ctx.model.config)  # the tiny BERT config: 3 labels
+
+
+def base_model_path(ctx: SimpleNamespace) -> Any:
+    from drone_hf.hub import set_base_model
+
+    return set_base_model(ctx.model, str(ctx.tmp))
+
+
+def timing_on(device: str) -> Callable[[SimpleNamespace], Any]:
+    def run(ctx: SimpleNamespace) -> Any:
+        from drone_hf.hub.measure import timing_device
+
+        return timing_device(device)
+
+    return run
+
+
+def speed_with(**kw: Any) -> Callable[[SimpleNamespace], Any]:
+    def run(ctx: SimpleNamespace) -> Any:
+        from drone_hf.hub import measure_speed
+
+        return measure_speed(ctx.model, ctx.model, **kw)
+
+    return run
+
+
 CASES: list[Case] = [
     # --- config values -------------------------------------------------------------------------
     Case("config-param-ratio-string", "config", cfg(), ValueError, r"param_ratio='0\.5'",
@@ -447,6 +521,59 @@ CASES: list[Case] = [
     Case("env-drone-hf-not-installed", "environment", shim_without_drone_hf, ImportError,
          r"plain transformers cannot load", r"pip install drone-hf.*import drone_hf"),
 ]
+
+#: Command line, labelled data and inspect cases.
+CLI_CASES = [
+    # config
+    Case("config-bench-warmup-negative", "config", speed_with(warmup=-1), ValueError,
+         r"warmup=-1 must be an integer >= 0", r">= 0"),
+    Case("config-private-without-push", "config", cli_command("compress", "DENSE", "--no-eval", "--private"),
+         CliError, r"--private applies to the Hub repository --push-to-hub creates", r"add --push-to-hub REPO_ID, or "
+         r"drop --private", needs=("dense",)),
+    Case("config-license-without-card", "config", cli_command("compress", "DENSE", "--no-eval", "--license", "mit"),
+         CliError, r"--license is written into the model card only", r"add --push-to-hub REPO_ID or --model-card DIR",
+         needs=("dense",)),
+    # data
+    Case("data-labelled-row-missing-label", "data",
+         labelled_file("dev.jsonl", '{"text": "a b", "label": 0}\n{"text": "c d"}\n'), ValueError,
+         r"dev\.jsonl:2 has column\(s\) \['label'\] missing or null", r"give every row a text and a label"),
+    Case("data-labelled-invalid-line", "data", labelled_file("dev.jsonl", '{"text": "a", "label": 0}\n{oops\n'),
+         ValueError, r"dev\.jsonl:2 is not valid JSON", r"each line must be one JSON object"),
+    Case("data-label-out-of-range", "data", labels_out_of_range, ValueError,
+         r"label 7 is outside the model's 3 classes", r"give class ids 0 to 2 or the model's labels"),
+    # model
+    Case("model-class-without-its-head", "model",
+         cli_command("merge", "CKPT", "--model-class", "causal-lm", "--output", "TMP/merged"), CliError,
+         r"has no weights for cls\.predictions.* of BertLMHeadModel, which would be random",
+         r"drop --model-class causal-lm", needs=("ckpt",)),
+    Case("model-dense-of-another-type", "model", cli_command("eval", "CKPT", "--dense", "TMP/gpt2"), CliError,
+         r"--dense .*gpt2 is a 'gpt2' model but .* was compressed from a 'bert' model",
+         r"pass --dense the dense model it was compressed from", args={"gpt2": True}, needs=("ckpt",)),
+    # checkpoint
+    Case("ckpt-index-without-weight-map", "checkpoint", summarize, ValueError,
+         r"model\.safetensors\.index\.json has no weight_map", r"download or save it again", needs=("ckpt",),
+         edit=index_without_weight_map),
+    Case("ckpt-truncated-data-header-intact", "checkpoint", summarize, ValueError,
+         r"model\.safetensors is truncated: its header describes", r"download or save it again", needs=("ckpt",),
+         edit=truncate(0.5)),
+    Case("ckpt-rank-not-an-integer", "checkpoint", summarize, ValueError,
+         r"quantization_config\.ranks\[.*\] is '8', not a positive integer rank", r"restore config\.json",
+         needs=("ckpt",), edit=edit_qc(lambda q: q["ranks"].update({next(iter(q["ranks"])): "8"}))),
+    Case("ckpt-config-not-an-object", "checkpoint", summarize, ValueError,
+         r"config\.json holds a JSON list, not an object", r"download or save it again", needs=("ckpt",),
+         edit=lambda folder: (folder / "config.json").write_text("[1, 2]")),
+    Case("ckpt-base-model-local-path", "checkpoint", base_model_path, ValueError,
+         r"is a local path, not a Hub model id", r"give the Hub id the dense model is a copy of",
+         needs=("compressed",)),
+    Case("ckpt-output-under-a-file", "checkpoint",
+         cli_command("compress", "DENSE", "--no-eval", "--output", "TMP/notes.txt/ck"), CliError,
+         r"lies under .*notes\.txt, which is a file", r"choose a folder path",
+         args={"files": {"notes.txt": "user data"}}, needs=("dense",)),
+    # environment
+    Case("env-bench-device-not-timed", "environment", timing_on("mps"), ValueError,
+         r"--device mps: latency is measured on cpu or cuda only", r"use --device cpu or --device cuda"),
+]
+CASES += CLI_CASES
 
 
 @pytest.fixture(scope="module")
