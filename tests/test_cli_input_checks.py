@@ -244,8 +244,8 @@ def test_eval_json_names_a_local_dataset_without_its_path(ckpts, tmp_path, capsy
 # --- 8. --base-model must be a Hub id ----------------------------------------------------------------
 @pytest.mark.parametrize(
     "base, message",
-    [("LOCAL", "is a local path, not a Hub model id"), ("a/b/c", "is not a Hub model id: use 'name' or"),
-     ("org/bad name", "is not a Hub model id"), ("../up", "is not a Hub model id")],
+    [("LOCAL", "is a local path, not a Hub model id"), ("a/b/c", "is a local path, not a Hub model id"),
+     ("org/bad name", "is not a Hub model id: use 'name' or"), ("../up", "is a local path, not a Hub model id")],
 )
 def test_compress_refuses_a_base_model_that_is_not_a_hub_id_before_compressing(tmp_path, capsys, base, message):
     """A local path was written into config.json's drone_checkpoint.base_model and the card's YAML and
@@ -259,6 +259,21 @@ def test_compress_refuses_a_base_model_that_is_not_a_hub_id_before_compressing(t
     assert "Compressing" not in captured.out and not (tmp_path / "out").exists() and not (tmp_path / "card").exists()
     line = captured.err.strip().split("\n")[-1]
     assert line.startswith(f"drone-hf: error: --base-model: base_model {base!r}") and message in line
+
+
+def test_a_hub_id_is_accepted_beside_a_folder_of_the_same_name(tmp_path, monkeypatch):
+    """A clone of a Hub model in the working directory (`git clone .../gpt2`, then `--base-model gpt2`)
+    is what set_base_model is for: the id is judged by its spelling, not by whether a folder exists."""
+    from drone_hf.hub.checkpoint import check_base_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "openai-community" / "gpt2").mkdir(parents=True)
+    assert check_base_model("gpt2") == "gpt2"
+    assert check_base_model("openai-community/gpt2") == "openai-community/gpt2"
+    for local in (str(tmp_path / "gpt2"), "./gpt2", "~/models/gpt2"):
+        with pytest.raises(ValueError, match="is a local path, not a Hub model id"):
+            check_base_model(local)
 
 
 def test_set_base_model_refuses_a_local_path(ckpts):

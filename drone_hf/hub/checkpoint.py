@@ -124,11 +124,14 @@ def check_base_model(base_model: Any) -> str:
     """``base_model`` if it is a Hub model id (``name`` or ``namespace/name``), else a ``ValueError``
     with the fix: the id is written into ``config.json`` and the model card's metadata and link, where
     a local path means nothing on another machine and shows the user's directory layout."""
-    if isinstance(base_model, str) and os.path.exists(base_model):
+    # By its spelling, not by whether it exists: a clone of a Hub model in the working directory
+    # (`git clone .../gpt2`, then `--base-model gpt2`) is the use this exists for.
+    if isinstance(base_model, str) and (os.path.isabs(base_model) or base_model.startswith((".", "~"))
+                                        or base_model.count("/") > 1 or os.sep != "/" and os.sep in base_model):
         raise ValueError(f"base_model {base_model!r} is a local path, not a Hub model id; it is recorded in the "
                          "checkpoint and its model card, so give the Hub id the dense model is a copy of (like "
                          "'org/name'), or leave it out")
-    if hub_id(base_model) is not None:
+    if isinstance(base_model, str):
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
         try:
