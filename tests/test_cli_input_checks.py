@@ -428,3 +428,19 @@ def test_license_with_only_a_model_card_is_written_into_it(tmp_path, capsys):
     assert main(["compress", str(src), "--no-eval", "--num-samples", "16", "--license", "mit", "--base-model",
                  "org/tiny-bert", "--model-card", str(tmp_path / "card")]) == 0
     assert "license: mit" in (tmp_path / "card" / "README.md").read_text()
+
+
+def test_label_names_made_of_digits_are_read_as_names():
+    """A star-rating head names its classes "1".."5" (ids 0..4): "1" is the name, id 0; read as an id
+    it was silently off by one, and "5" was refused with a message listing "5" as a valid label."""
+    from types import SimpleNamespace
+
+    from drone_hf.hub.measure import label_ids
+
+    stars = SimpleNamespace(num_labels=5, label2id={str(i + 1): i for i in range(5)})
+    assert label_ids(["1", "3", "5"], stars) == [0, 2, 4]
+    assert label_ids([0, 4], stars) == [0, 4]  # JSON integers stay class ids
+    default = SimpleNamespace(num_labels=3, label2id={f"LABEL_{i}": i for i in range(3)})
+    assert label_ids(["0", "2", "LABEL_1"], default) == [0, 2, 1]  # CSV digits: ids when no name matches
+    with pytest.raises(ValueError, match="outside the model's 3 classes"):
+        label_ids(["3"], default)

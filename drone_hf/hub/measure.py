@@ -204,7 +204,8 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
 
 def label_ids(labels: Sequence[Any], config: Any) -> list[int]:
     """Class ids for ``labels`` given as ids (``1``, ``"1"``) or as the model's label names
-    (``config.label2id``: ``"positive"``), so a labelled file can name its classes either way.
+    (``config.label2id``: ``"positive"``), so a labelled file can name its classes either way. A
+    string that is a label name is read as that name, even when it is made of digits.
 
     Raises:
         ValueError: a label that is neither, or an id outside the model's ``num_labels`` classes (a
@@ -214,7 +215,10 @@ def label_ids(labels: Sequence[Any], config: Any) -> list[int]:
     num_labels = getattr(config, "num_labels", None)
     out = []
     for label in labels:
-        if isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
+        # a string is the model's label name first: star ratings named "1".."5" are ids 0..4, not 1..5
+        if isinstance(label, str) and label in label2id:
+            out.append(label2id[label])
+        elif isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
             out.append(int(label))
         elif str(label) in label2id:
             out.append(label2id[str(label)])
