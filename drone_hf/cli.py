@@ -18,6 +18,7 @@ Bad input ends with one line, ``drone-hf: error: ...``, and exit code 2; nothing
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -451,14 +452,14 @@ def _compress(args: argparse.Namespace) -> int:
     calibration = config.dataset or "sotu (built-in)"
     print(f"Compressing {source}\n  with {MODEL_CLASSES[args.model_class]}, method={config.method}, "
           f"param_ratio={config.param_ratio} ({config.allocation}), damp={config.damp}, calibration={calibration}")
-    dense = None
     if args.model_class != "auto":
         # AutoModel is the base model, in every checkpoint; a head class needs the checkpoint to have that head,
         # checked before compressing: calibration and greedy allocation would measure a random one. The model
-        # loaded for the check is the dense reference of the measurements below.
-        dense = _load_complete(auto, source, "model", f"its head is not {MODEL_CLASSES[args.model_class]}'s: use "
-                               "--model-class auto (the base model), or the class of the checkpoint's own head")
-        dense = None if args.no_eval else dense
+        # loaded for the check is dropped at once: kept as the dense reference, it doubled the peak memory of
+        # the compression (two dense copies of an LLM beside the calibration statistics).
+        _load_complete(auto, source, "model", f"its head is not {MODEL_CLASSES[args.model_class]}'s: use "
+                       "--model-class auto (the base model), or the class of the checkpoint's own head")
+        gc.collect()
     model = auto.from_pretrained(source, drone_config=config)
     if base_model is not None:
         set_base_model(model, base_model)
@@ -470,7 +471,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     measured = Measurements()
     if not args.no_eval:
-        dense = dense if dense is not None else auto.from_pretrained(source)
+        dense = auto.from_pretrained(source)
         texts = load_builtin_corpus(HELDOUT)[: args.eval_batches * args.batch_size]
         # capped at the model's positions as calibration was: longer texts crashed after the compression
         max_length = capped_length(args.max_length, dense, model)

@@ -444,3 +444,29 @@ def test_label_names_made_of_digits_are_read_as_names():
     assert label_ids(["0", "2", "LABEL_1"], default) == [0, 2, 1]  # CSV digits: ids when no name matches
     with pytest.raises(ValueError, match="outside the model's 3 classes"):
         label_ids(["3"], default)
+
+
+def test_compress_with_a_head_class_holds_one_model_while_it_compresses(tmp_path, monkeypatch):
+    """The --model-class completeness check loaded the full model and kept it as the dense reference,
+    so compression ran beside a second dense copy (an LLM's peak memory doubled)."""
+    import gc
+    import importlib
+
+    import transformers
+
+    compress_mod = importlib.import_module("drone_hf.compress")  # the module, not the function drone_hf.compress
+
+    src = save_tiny("bert-seq-cls", tmp_path / "dense")
+    others = []
+    real = compress_mod._compress_in_place
+
+    def spy(model, *args, **kwargs):
+        inside = {id(m) for m in model.modules()}
+        others.extend(type(o).__name__ for o in gc.get_objects()
+                      if isinstance(o, transformers.PreTrainedModel) and id(o) not in inside)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(compress_mod, "_compress_in_place", spy)
+    assert main(["compress", str(src), "--model-class", "sequence-classification", "--allocation", "uniform",
+                 "--num-samples", "8", "--eval-batches", "1", "--output", str(tmp_path / "out")]) == 0
+    assert others == []
