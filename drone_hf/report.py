@@ -102,7 +102,8 @@ class CompressionReport:
 
     @property
     def dense_kept_layers(self) -> int:
-        """Targeted layers the allocation kept dense (factoring them would not have been faster)."""
+        """Targeted layers the allocation kept dense: under a size budget because it allowed them to stay
+        dense, under a speed or loss budget because factoring them would not have been faster."""
         return int((self.allocation or {}).get("dense_layers") or 0)
 
     @property

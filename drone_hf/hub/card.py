@@ -265,6 +265,9 @@ def card_context(
         "factored_targeted_params": rep.factored_targeted_params,
         "targeted_param_ratio": rep.targeted_param_ratio,
         "dense_kept_layers": rep.dense_kept_layers,
+        "dense_kept_reason": ("the size budget allowed them to stay dense" if "param_ratio" in
+                              ((qc.allocation_result or {}).get("budget") or {})
+                              else "factoring them would not have been faster"),
         "budgeted_param_ratio": rep.budgeted_param_ratio,
         "dense_model_params": rep.dense_model_params,
         "model_params": rep.model_params,
