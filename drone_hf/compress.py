@@ -415,13 +415,15 @@ def _note_uniform_overshoot(config: DroneConfig, shapes: dict[str, tuple[int, in
     causes, fixes = [], []
     if floor:
         causes.append(f"{len(floor)} layers are at the rank-1 floor (rank 1 keeps more than {ratio:g} of them)")
-        fixes.append("raise param_ratio")
+        fixes.append("accept the larger total (rank 1 is the least a factored layer keeps) or leave those "
+                     "layers out (modules_to_not_convert)")
     if fixed:
         causes.append(f"{len(fixed)} layers keep the ranks given in ranks=")
         fixes.append("lower the ranks= entries (allocation='greedy' spends the rest of the budget around them)")
+    fix = "; or ".join(fixes) or "raise param_ratio"
     logger.warning(
         f"allocation='uniform' with param_ratio={ratio:g} keeps {achieved:.3f} of the targeted weights: "
-        f"{' and '.join(causes) or 'rank rounding'}. To meet the ratio, {' or '.join(fixes) or 'raise it'}."
+        f"{' and '.join(causes) or 'rank rounding'}. {fix[:1].upper() + fix[1:]}."
     )
 
 

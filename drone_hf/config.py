@@ -86,7 +86,7 @@ def _is_int(x: Any) -> bool:
 
 #: Numeric fields, normalised to Python numbers before validation.
 _NUMBER_FIELDS = ("param_ratio", "target_speedup", "max_loss", "damp", "asvd_alpha", "kfac_damp", "num_samples",
-                  "max_length", "batch_size", "eval_samples", "seed")
+                  "max_length", "batch_size", "eval_samples", "seed", "attention_rank")
 
 
 def _plain_number(x: Any) -> Any:
@@ -342,6 +342,8 @@ class DroneConfig(QuantizationConfigMixin):
         for name in ("rank_grid", "latency_shape"):
             if isinstance(getattr(self, name), list):
                 setattr(self, name, [_plain_number(v) for v in getattr(self, name)])
+        if isinstance(getattr(self, "ranks", None), dict):
+            self.ranks = {k: _plain_number(v) for k, v in self.ranks.items()}
         if not (isinstance(self.sequential, bool) or self.sequential in SEQUENTIAL_MODES):
             raise ValueError(
                 f"sequential={self.sequential!r} must be False (one-shot), True (sequential) or "

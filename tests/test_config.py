@@ -345,6 +345,9 @@ def test_numpy_scalars_are_taken_as_the_numbers_they_hold():
     assert cfg.latency_shape == [2, 16] and type(cfg.latency_shape[0]) is int
     assert json.loads(json.dumps(cfg.to_dict()))["param_ratio"] == 0.5
     assert DroneConfig(max_loss=np.float32(0.125)).max_loss == 0.125
+    attn = DroneConfig(compress_attention=True, attention_rank=np.int64(4), ranks={"query": np.int64(8)})
+    assert type(attn.attention_rank) is int and type(attn.ranks["query"]) is int
+    assert DroneConfig(compress_attention=True, attention_rank=np.float32(0.5)).attention_rank == 0.5
     with pytest.raises(ValueError, match="param_ratio"):
         DroneConfig(param_ratio=np.float32(1.5))  # still validated after the conversion
     with pytest.raises(ValueError, match="num_samples"):

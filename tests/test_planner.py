@@ -368,9 +368,9 @@ def test_report_and_card_count_the_layers_an_allocation_kept_dense(monkeypatch):
 
 @pytest.mark.parametrize(
     "kw, cause, fix",
-    [(dict(param_ratio=0.01), "12 layers are at the rank-1 floor", "raise param_ratio"),
+    [(dict(param_ratio=0.01), "12 layers are at the rank-1 floor", "Accept the larger total (rank 1 is the least"),
      (dict(param_ratio=0.3, ranks={r".*": 16}), "12 layers keep the ranks given in ranks=",
-      "lower the ranks= entries")],
+      "Lower the ranks= entries")],
 )
 def test_uniform_says_when_its_ranks_keep_more_than_param_ratio(caplog, kw, cause, fix):
     with caplog.at_level(logging.WARNING):
