@@ -547,7 +547,10 @@ def _eval(args: argparse.Namespace) -> int:
         texts = [t for t, _ in labelled][: args.num_texts]
     else:
         texts = load_texts(args.dataset or HELDOUT, args.num_texts, args.seed, column=args.text_column)
-    kw = dict(max_length=args.max_length, batch_size=args.batch_size)
+    from drone_hf.hub.measure import capped_length
+
+    # capped once here (one warning), not in each of the up to three measurements below
+    kw = dict(max_length=capped_length(args.max_length, dense, compressed), batch_size=args.batch_size)
     data_name = f"{len(texts)} texts of {name}"
     if not args.json:
         print(f"Evaluating {args.checkpoint} ({summary.architecture}) against {_dense_source(args, summary)}")

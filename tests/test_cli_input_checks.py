@@ -76,6 +76,16 @@ def test_eval_max_length_above_the_positions_is_capped(ckpts, capsys, arch):
     assert at_cap == 0 and json.loads(capsys.readouterr().out) == measured
 
 
+def test_eval_warns_once_about_a_capped_max_length(ckpts, capsys, caplog):
+    import logging
+
+    dense, folder = ckpts["gpt2-lm"]  # fidelity and perplexity: two measurements, one warning
+    with caplog.at_level(logging.WARNING):
+        assert main(["eval", str(folder), "--dense", str(dense), "--num-texts", "4", "--max-length", "512",
+                     "--json"]) == 0
+    assert caplog.text.count("max_length=512 exceeds the model's") == 1
+
+
 def test_compress_max_length_above_the_positions_saves_the_checkpoint(tmp_path, capsys):
     """Calibration capped the length, but the held-out fidelity step did not: it failed after the whole
     compression and nothing was saved."""
