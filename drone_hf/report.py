@@ -238,6 +238,9 @@ class CompressionReport:
                 parts.append(f"speedup predicted {a['predicted_speedup']:.2f}x, measured {a['measured_speedup']:.2f}x")
             if "measured_loss_increase" in a:
                 parts.append(f"held-out loss increase {a['measured_loss_increase']:.4g}")
+            if a.get("sequential_kept") is False:
+                parts.append(f"sequential={a.get('sequential')!r} re-solve exceeded the budget "
+                             f"({a['sequential_loss_increase']:.4g}): one-shot factors kept")
             text += "\n" + "; ".join(parts) + "."
         return text
 

@@ -373,5 +373,11 @@ def test_a_loss_budget_holds_for_the_sequentially_solved_model(monkeypatch, capl
     assert result.get("sequential_kept", True) is not exceeded
     assert ("keeping the one-shot factors" in caplog.text) is exceeded
     assert exceeded is exceeds  # both branches are taken
+    from drone_hf.hub import render_model_card
+
+    summary, card = drone_hf.report(model).summary(), str(render_model_card(model, "me/x"))
+    assert ("one-shot factors kept" in summary) is exceeded
+    assert ("re-solve exceeded max_loss: the one-shot factors were kept" in card) is exceeded
+    assert "| `sequential` | `compensated" in card
     factored = [m for m in model.modules() if isinstance(m, DroneLinear)]
     assert len(factored) == len(model.config.quantization_config.ranks) > 0

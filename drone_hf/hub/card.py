@@ -208,6 +208,16 @@ def _fmt_bytes(n: int) -> str:
     return f"{n:.1f} GB"  # pragma: no cover
 
 
+def _sequential_setting(qc: Any) -> Any:
+    """The ``sequential`` setting as the card shows it; ``None`` (not shown) for one-shot calibration."""
+    mode = getattr(qc, "sequential", False)
+    if not mode:
+        return None
+    if (qc.allocation_result or {}).get("sequential_kept") is False:  # compress._keep_loss_budget fell back
+        return f"{mode} (its re-solve exceeded max_loss: the one-shot factors were kept)"
+    return mode
+
+
 def card_context(
     model: Any,
     repo_id: str | None = None,
@@ -232,7 +242,7 @@ def card_context(
         "max_loss": getattr(qc, "max_loss", None),
         "allocation": getattr(qc, "allocation", None),
         "damp": qc.damp,
-        "sequential": getattr(qc, "sequential", False) or None,
+        "sequential": _sequential_setting(qc),
         "compress_attention": True if getattr(qc, "compress_attention", False) else None,
         "attention_rank": getattr(qc, "attention_rank", None) if getattr(qc, "compress_attention", False) else None,
         "target_modules": qc.target_modules or "all linear layers of the base model except heads",
