@@ -63,13 +63,25 @@ logger = get_logger(__name__)
 def add_callbacks(trainer: Any, *callbacks: TrainerCallback) -> Any:
     """Add ``callbacks`` to ``trainer`` ahead of its ``report_to`` integrations (right after
     ``DefaultFlowCallback``), so the ``drone/...`` entries they add to the logs reach them; returns
-    the trainer. Order among ``callbacks`` is kept (put compression before the others)."""
+    the trainer. Order among ``callbacks`` is kept (put compression before the others).
+
+    The Trainer fired ``on_init_end`` before they were added, so it is fired here for drone-hf's own
+    callbacks: what they do there (arm the checkpoint-load hooks a resumed run needs, choose the
+    trainable set before the optimizer exists) must not depend on how they were attached."""
     handler = trainer.callback_handler
     at = next((i + 1 for i, cb in enumerate(handler.callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
-    for offset, cb in enumerate(callbacks):
+    for cb in callbacks:
         if not isinstance(cb, TrainerCallback):
             raise ValueError(f"add_callbacks takes TrainerCallback instances, got {type(cb).__name__}.")
+    for offset, cb in enumerate(callbacks):
         handler.callbacks.insert(at + offset, cb)
+    for cb in callbacks:
+        if isinstance(cb, _LoggingCallback):
+            cb.on_init_end(
+                trainer.args, trainer.state, trainer.control, model=trainer.model,
+                processing_class=getattr(trainer, "processing_class", None), optimizer=trainer.optimizer,
+                lr_scheduler=trainer.lr_scheduler,
+            )
     return trainer
 
 
@@ -373,8 +385,9 @@ class ProgressiveRankCallback(_LoggingCallback, ExportableState):
     **Resuming.** ``trainer.train(resume_from_checkpoint=...)`` with the same model (as compressed at
     the start of the run) and the same callback continues the schedule exactly: the checkpoint's
     ``trainer_state.json`` records the schedule's progress (:meth:`state`), the factors take the
-    checkpoint's ranks as Trainer loads its weights (armed in :meth:`on_init_end`, so pass the
-    callback in ``Trainer(callbacks=[...])``), and only the stages still to come run.
+    checkpoint's ranks as Trainer loads its weights (armed in :meth:`on_init_end`: pass the
+    callback in ``Trainer(callbacks=[...])`` or with :func:`add_callbacks`, which fires it), and
+    only the stages still to come run.
     ``from_pretrained(checkpoint)`` in place of the starting model works too. The schedule is the
     one fixed at the first train begin (a changed ``max_steps`` does not move it); resuming with
     other arguments, or from a checkpoint without a schedule, is refused.

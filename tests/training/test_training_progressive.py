@@ -241,6 +241,17 @@ def test_a_progressive_run_resumes_exactly_from_any_checkpoint(tok, tmp_path, pr
     assert not model._load_state_dict_pre_hooks  # the resize-on-load hook does not outlive the resume
 
 
+def test_a_progressive_run_added_with_add_callbacks_resumes_too(tok, tmp_path, pristine, uninterrupted):
+    """add_callbacks attaches after the Trainer's on_init_end, where the resize-on-load hook is armed."""
+    checkpoints, final_model, _, _ = uninterrupted
+    model = copy.deepcopy(pristine)
+    trainer = make_trainer(model, tok, classification_dataset(tok), tmp_path, **RESUME)
+    add_callbacks(trainer, schedule_2_4(), CompressionStatsCallback())
+    trainer.train(resume_from_checkpoint=str(checkpoints / "checkpoint-3"))
+    final = dict(final_model.named_parameters())
+    assert all(torch.equal(p, final[n]) for n, p in model.named_parameters())
+
+
 def test_a_progressive_run_resumes_from_the_checkpoint_model_as_well(tok, tmp_path, uninterrupted):
     """from_pretrained(checkpoint) already has the cut ranks: the schedule continues from the state it saved."""
     checkpoints, final_model, _, _ = uninterrupted
