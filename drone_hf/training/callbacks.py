@@ -90,9 +90,9 @@ def add_callbacks(trainer: Any, *callbacks: TrainerCallback) -> Any:
 # ``Trainer.train(resume_from_checkpoint=...)`` loads the checkpoint's weights into ``trainer.model``
 # (``model.load_state_dict(state_dict, strict=False)``) as the very first thing it does, before any
 # callback event of that call: the last event a callback sees before the load is ``on_init_end``.
-# So a callback whose run changes the model's shapes (a progressive cut) arms a ``load_state_dict``
-# pre-hook on the model there, which sees the checkpoint's tensors just before they are copied in,
-# and disarms it at ``on_train_begin``. The handles live with the model,
+# So a callback whose run changes the model's shapes (a progressive cut; compression at train begin)
+# arms a ``load_state_dict`` pre-hook on the model there, which sees the checkpoint's tensors just
+# before they are copied in, and disarms it at ``on_train_begin``. The handles live with the model,
 # not the callback: with ``restore_callback_states_from_checkpoint=True`` Trainer replaces the
 # callback by a new instance after the load, and that instance must still find and remove them.
 
@@ -117,6 +117,22 @@ def _follow_checkpoint_ranks(module: nn.Module, state_dict: dict, prefix: str, *
     cut = follow_saved_ranks(module, state_dict, prefix)
     if cut:
         logger.info(f"drone-hf: resuming a progressive run: {len(cut)} layer(s) set to the checkpoint's ranks.")
+
+
+def _refuse_factored_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Pre-hook on a dense model: a DRONE checkpoint cannot load into it (CompressOnTrainBeginCallback resume)."""
+    names = {n for n, _ in module.named_modules()}
+    for key in state_dict:
+        if key.startswith(prefix) and key.endswith(".down.weight"):
+            layer = key[len(prefix) : -len(".down.weight")]
+            if layer in names and f"{prefix}{layer}.weight" not in state_dict:
+                raise ValueError(
+                    f"Trainer is resuming from a DRONE-compressed checkpoint (e.g. {layer!r} is factored) into the "
+                    "dense model CompressOnTrainBeginCallback would compress at train begin; the checkpoint's "
+                    "weights and optimizer state belong to the compressed model. Load the checkpoint with "
+                    "from_pretrained(checkpoint), and resume from it without CompressOnTrainBeginCallback (keep "
+                    "the other drone-hf callbacks)."
+                )
 
 
 class _LoggingCallback(TrainerCallback):
@@ -280,6 +296,11 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
     and spacing normalisation aside). After compression the optimizer is re-pointed at the factors
     (see the module docstring); the model becomes a DRONE model, so ``trainer.save_model`` writes a
     factored checkpoint. Put it first among the drone-hf callbacks.
+
+    **Resuming.** The run's checkpoints are compressed, so a resumed run starts from one:
+    ``from_pretrained(checkpoint)``, then ``train(resume_from_checkpoint=checkpoint)`` without this
+    callback (keep the others: a progressive schedule continues). Resumed with the dense model and
+    this callback attached, the weight load is refused with that advice (:meth:`on_init_end`).
     """
 
     def __init__(self, config: DroneConfig | None = None, tokenizer: Any = None, seed: int | None = None) -> None:
@@ -313,6 +334,15 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
                     texts.append(text)
         return texts
 
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: Any = None, **kwargs: Any) -> None:
+        """Arm the refusal of a compressed checkpoint: ``train(resume_from_checkpoint=...)`` loads the
+        checkpoint's weights before any event of that call, and into the dense model they do not fit
+        (most keys silently unmatched under Trainer's ``strict=False``; the run then failed in torch's
+        optimizer load, on group sizes). The load now stops with what to do instead."""
+        if model is not None and not factored_layers(unwrap(model)):
+            _arm_load_hook(model, "compress", _refuse_factored_checkpoint)
+
     def on_train_begin(
         self,
         args: TrainingArguments,
@@ -324,6 +354,8 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
+        if model is not None:
+            _disarm_load_hook(model, "compress")
         if is_peft_model(model):
             raise ValueError(
                 "CompressOnTrainBeginCallback got a PEFT model: compress first (drone_hf.compress), then attach "
