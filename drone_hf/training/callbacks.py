@@ -32,9 +32,12 @@ entries still reach the console and ``trainer.state.log_history``.
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
+from torch import nn
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from ..compress import compress, held_out_count
 from ..config import DroneConfig
@@ -50,7 +53,7 @@ from ._model import (
     sync_optimizer,
     unwrap,
 )
-from .progressive import final_ranks_for, lower_ranks, stage_ranks
+from .progressive import final_ranks_for, follow_saved_ranks, lower_ranks, stage_ranks
 from .stats import LOG_PREFIX, compression_stats
 from .trainable import TrainableSummary, check_mode, set_trainable
 
@@ -60,14 +63,76 @@ logger = get_logger(__name__)
 def add_callbacks(trainer: Any, *callbacks: TrainerCallback) -> Any:
     """Add ``callbacks`` to ``trainer`` ahead of its ``report_to`` integrations (right after
     ``DefaultFlowCallback``), so the ``drone/...`` entries they add to the logs reach them; returns
-    the trainer. Order among ``callbacks`` is kept (put compression before the others)."""
+    the trainer. Order among ``callbacks`` is kept (put compression before the others).
+
+    The Trainer fired ``on_init_end`` before they were added, so it is fired here for drone-hf's own
+    callbacks: what they do there (arm the checkpoint-load hooks a resumed run needs, choose the
+    trainable set before the optimizer exists) must not depend on how they were attached."""
     handler = trainer.callback_handler
     at = next((i + 1 for i, cb in enumerate(handler.callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
-    for offset, cb in enumerate(callbacks):
+    for cb in callbacks:
         if not isinstance(cb, TrainerCallback):
             raise ValueError(f"add_callbacks takes TrainerCallback instances, got {type(cb).__name__}.")
+    for offset, cb in enumerate(callbacks):
         handler.callbacks.insert(at + offset, cb)
+    for cb in callbacks:
+        if isinstance(cb, _LoggingCallback):
+            cb.on_init_end(
+                trainer.args, trainer.state, trainer.control, model=trainer.model,
+                processing_class=getattr(trainer, "processing_class", None), optimizer=trainer.optimizer,
+                lr_scheduler=trainer.lr_scheduler,
+            )
     return trainer
+
+
+# --- before Trainer loads a checkpoint's weights -----------------------------------------------
+#
+# ``Trainer.train(resume_from_checkpoint=...)`` loads the checkpoint's weights into ``trainer.model``
+# (``model.load_state_dict(state_dict, strict=False)``) as the very first thing it does, before any
+# callback event of that call: the last event a callback sees before the load is ``on_init_end``.
+# So a callback whose run changes the model's shapes (a progressive cut; compression at train begin)
+# arms a ``load_state_dict`` pre-hook on the model there, which sees the checkpoint's tensors just
+# before they are copied in, and disarms it at ``on_train_begin``. The handles live with the model,
+# not the callback: with ``restore_callback_states_from_checkpoint=True`` Trainer replaces the
+# callback by a new instance after the load, and that instance must still find and remove them.
+
+_LOAD_HOOKS: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _arm_load_hook(model: nn.Module, key: str, hook: Any) -> None:
+    hooks = _LOAD_HOOKS.setdefault(model, {})
+    if key in hooks:  # a second Trainer on the same model: one hook per kind
+        hooks.pop(key).remove()
+    hooks[key] = model.register_load_state_dict_pre_hook(hook)
+
+
+def _disarm_load_hook(model: nn.Module, key: str) -> None:
+    handle = _LOAD_HOOKS.get(model, {}).pop(key, None)
+    if handle is not None:
+        handle.remove()
+
+
+def _follow_checkpoint_ranks(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Pre-hook: reshape the factors to the ranks of the checkpoint being loaded (progressive cuts)."""
+    cut = follow_saved_ranks(module, state_dict, prefix)
+    if cut:
+        logger.info(f"drone-hf: resuming a progressive run: {len(cut)} layer(s) set to the checkpoint's ranks.")
+
+
+def _refuse_factored_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Pre-hook on a dense model: a DRONE checkpoint cannot load into it (CompressOnTrainBeginCallback resume)."""
+    names = {n for n, _ in module.named_modules()}
+    for key in state_dict:
+        if key.startswith(prefix) and key.endswith(".down.weight"):
+            layer = key[len(prefix) : -len(".down.weight")]
+            if layer in names and f"{prefix}{layer}.weight" not in state_dict:
+                raise ValueError(
+                    f"Trainer is resuming from a DRONE-compressed checkpoint (e.g. {layer!r} is factored) into the "
+                    "dense model CompressOnTrainBeginCallback would compress at train begin; the checkpoint's "
+                    "weights and optimizer state belong to the compressed model. Load the checkpoint with "
+                    "from_pretrained(checkpoint), and resume from it without CompressOnTrainBeginCallback (keep "
+                    "the other drone-hf callbacks)."
+                )
 
 
 class _LoggingCallback(TrainerCallback):
@@ -231,6 +296,11 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
     and spacing normalisation aside). After compression the optimizer is re-pointed at the factors
     (see the module docstring); the model becomes a DRONE model, so ``trainer.save_model`` writes a
     factored checkpoint. Put it first among the drone-hf callbacks.
+
+    **Resuming.** The run's checkpoints are compressed, so a resumed run starts from one:
+    ``from_pretrained(checkpoint)``, then ``train(resume_from_checkpoint=checkpoint)`` without this
+    callback (keep the others: a progressive schedule continues). Resumed with the dense model and
+    this callback attached, the weight load is refused with that advice (:meth:`on_init_end`).
     """
 
     def __init__(self, config: DroneConfig | None = None, tokenizer: Any = None, seed: int | None = None) -> None:
@@ -264,6 +334,15 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
                     texts.append(text)
         return texts
 
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: Any = None, **kwargs: Any) -> None:
+        """Arm the refusal of a compressed checkpoint: ``train(resume_from_checkpoint=...)`` loads the
+        checkpoint's weights before any event of that call, and into the dense model they do not fit
+        (most keys silently unmatched under Trainer's ``strict=False``; the run then failed in torch's
+        optimizer load, on group sizes). The load now stops with what to do instead."""
+        if model is not None and not factored_layers(unwrap(model)):
+            _arm_load_hook(model, "compress", _refuse_factored_checkpoint)
+
     def on_train_begin(
         self,
         args: TrainingArguments,
@@ -275,6 +354,8 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
+        if model is not None:
+            _disarm_load_hook(model, "compress")
         if is_peft_model(model):
             raise ValueError(
                 "CompressOnTrainBeginCallback got a PEFT model: compress first (drone_hf.compress), then attach "
@@ -304,7 +385,7 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
         self._queue(compression_stats(model))
 
 
-class ProgressiveRankCallback(_LoggingCallback):
+class ProgressiveRankCallback(_LoggingCallback, ExportableState):
     """Lower the ranks in ``num_stages`` steps during training toward a final budget.
 
     Stage ``i`` (of ``n``) runs at the optimizer step ``round(max_steps·(start + (end-start)·i/n))``
@@ -332,6 +413,16 @@ class ProgressiveRankCallback(_LoggingCallback):
     best-checkpoint record (``best_metric``, ``best_model_checkpoint``), so ``load_best_model_at_end``
     and early stopping compare only evaluations at the current ranks; with no evaluation after the
     last cut the run ends on the model as trained.
+
+    **Resuming.** ``trainer.train(resume_from_checkpoint=...)`` with the same model (as compressed at
+    the start of the run) and the same callback continues the schedule exactly: the checkpoint's
+    ``trainer_state.json`` records the schedule's progress (:meth:`state`), the factors take the
+    checkpoint's ranks as Trainer loads its weights (armed in :meth:`on_init_end`: pass the
+    callback in ``Trainer(callbacks=[...])`` or with :func:`add_callbacks`, which fires it), and
+    only the stages still to come run.
+    ``from_pretrained(checkpoint)`` in place of the starting model works too. The schedule is the
+    one fixed at the first train begin (a changed ``max_steps`` does not move it); resuming with
+    other arguments, or from a checkpoint without a schedule, is refused.
     """
 
     def __init__(
@@ -368,16 +459,61 @@ class ProgressiveRankCallback(_LoggingCallback):
         self._start_ranks: dict[str, int] = {}
         self._final: dict[str, int] = {}
 
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "final_param_ratio": self.final_param_ratio,
+            "final_ranks": self.final_ranks,
+            "num_stages": self.num_stages,
+            "start": self.start,
+            "end": self.end,
+            "calibration_samples": self.calibration_samples,
+            "method": self.method,
+            "damp": self.damp,
+            "seed": self.seed,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """The schedule's progress, which Trainer writes into each checkpoint's ``trainer_state.json``
+        (``stateful_callbacks``): a resumed run reads it back at train begin, because the ranks the
+        schedule started from are no longer visible in a model that has been cut (``transformers``'
+        ``ExportableState`` protocol; ``args`` rebuild the callback where Trainer restores it)."""
+        return {
+            "args": self._settings(),
+            "attributes": {
+                "progress": {
+                    "start_ranks": dict(self._start_ranks),
+                    "final_ranks": dict(self._final),
+                    "schedule": {str(step): stage for step, stage in self.schedule.items()},  # JSON keys
+                    "history": copy.deepcopy(self.history),
+                }
+            },
+        }
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: Any = None, **kwargs: Any) -> None:
+        """Let a resumed run load a checkpoint saved after a cut. ``train(resume_from_checkpoint=...)``
+        loads its weights into the model as built, at the starting ranks, before any event of that call
+        fires (a size mismatch, before this callback could do anything). The hook armed here gives each
+        factored layer the rank of the checkpoint's factors just before the load; Trainer then builds
+        the optimizer on those shapes and loads its saved state, so the run continues exactly."""
+        if model is not None and not is_peft_model(model):
+            _arm_load_hook(model, "progressive", _follow_checkpoint_ranks)
+
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
     ) -> None:
+        if model is not None:
+            _disarm_load_hook(model, "progressive")
         if is_peft_model(model):
             raise ValueError(
                 "ProgressiveRankCallback changes factor shapes, which PEFT adapters on those factors cannot follow; "
                 "run the schedule before attaching adapters."
             )
-        _check_plain_run(args, state, "ProgressiveRankCallback")
+        _check_plain_run(args, state, "ProgressiveRankCallback", resuming_ok=True)
         layers = require_factored(model, "ProgressiveRankCallback")
+        if state.global_step > 0:
+            self._resume(state, layers)
+            return
         self._start_ranks = {n: m.rank for n, m in layers.items()}
         self._final = final_ranks_for(layers, model, self.final_param_ratio, self.final_ranks)
         max_steps = max(int(state.max_steps), 1)
@@ -386,6 +522,54 @@ class ProgressiveRankCallback(_LoggingCallback):
             frac = self.start + (self.end - self.start) * stage / self.num_stages
             self.schedule[min(max(1, round(max_steps * frac)), max_steps)] = stage  # later stages win ties
         logger.info(f"drone-hf: progressive rank schedule, stage by step: {self.schedule}")
+
+    def _resume(self, state: TrainerState, layers: dict[str, DroneLinear]) -> None:
+        """Take the schedule back from the checkpoint's ``trainer_state.json`` and check the model is
+        where it left off: the ranks of the last stage done (the checkpoint's, which the load hook of
+        :meth:`on_init_end` gave it, or which ``from_pretrained(checkpoint)`` built)."""
+        step = state.global_step
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            raise ValueError(
+                "The checkpoint records several ProgressiveRankCallbacks; a resumed run cannot tell their schedules "
+                "apart. Use one ProgressiveRankCallback per Trainer."
+            )
+        progress = ((saved or {}).get("attributes") or {}).get("progress") or {}
+        if not progress.get("start_ranks"):
+            raise ValueError(
+                f"This run resumes at step {step} from a checkpoint that holds no ProgressiveRankCallback schedule "
+                "(saved by a run without this callback, or by drone-hf before schedules were saved), so the stages "
+                "already done are unknown. Start a new run from that checkpoint's model instead: "
+                "from_pretrained(checkpoint), train() without resume_from_checkpoint, with the callback attached."
+            )
+        settings = (saved or {}).get("args") or {}
+        differ = sorted(k for k, v in self._settings().items() if k in settings and settings[k] != v)
+        if differ:
+            shown = ", ".join(f"{k}={settings[k]!r} (now {getattr(self, k)!r})" for k in differ)
+            raise ValueError(
+                f"The checkpoint's progressive schedule was made with {shown}; a resumed run continues that schedule. "
+                "Resume with the same ProgressiveRankCallback arguments, or start a new run from the checkpoint's "
+                "model (from_pretrained(checkpoint), no resume_from_checkpoint)."
+            )
+        self._start_ranks = {n: int(k) for n, k in progress["start_ranks"].items()}
+        self._final = {n: int(k) for n, k in progress["final_ranks"].items()}
+        self.schedule = {int(s): int(stage) for s, stage in progress["schedule"].items()}
+        self.history = list(progress.get("history") or [])
+        done = max((stage for s, stage in self.schedule.items() if s <= step), default=0)
+        expected = stage_ranks(self._start_ranks, self._final, done, self.num_stages) if done else self._start_ranks
+        current = {n: m.rank for n, m in layers.items()}
+        if current != expected:
+            wrong = sorted(n for n in set(current) | set(expected) if current.get(n) != expected.get(n))
+            raise ValueError(
+                f"At step {step} the progressive schedule has done {done} of {self.num_stages} stage(s), but the "
+                f"model's ranks differ from that stage's (e.g. {wrong[0]!r}: {current.get(wrong[0])} instead of "
+                f"{expected.get(wrong[0])}). Resume with the model the run started from (the same compression, "
+                "same Trainer) or with from_pretrained(checkpoint)."
+            )
+        logger.info(
+            f"drone-hf: progressive schedule resumed at step {step} after {done} of {self.num_stages} stage(s); "
+            f"stage by step: {self.schedule}"
+        )
 
     def on_step_end(
         self,

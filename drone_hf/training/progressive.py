@@ -157,6 +157,55 @@ def lower_ranks(
     return errors
 
 
+@torch.no_grad()
+def follow_saved_ranks(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, int]:
+    """Give each factored layer of ``model`` the rank its factors have in ``state_dict``, so loading
+    that state dict (a checkpoint saved after a progressive cut) finds factors of the right shape.
+
+    Only the shapes change: the new factors are zeros until the load fills them, the parameter
+    objects are kept (as in a cut), and the DRONE record is updated so ``save_pretrained`` writes the
+    ranks the model now has. Layers whose saved factors are absent or already match are left alone.
+
+    Returns:
+        Full name -> new rank of every layer reshaped.
+
+    Raises:
+        ValueError: a saved factor does not fit the layer (other widths), or holds a *higher* rank
+            than the model: a progressive schedule only lowers ranks, so that checkpoint was not
+            written by a run that started from this model.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, DroneLinear)}
+    new: dict[str, int] = {}
+    for name, layer in layers.items():
+        down, up = state_dict.get(f"{prefix}{name}.down.weight"), state_dict.get(f"{prefix}{name}.up.weight")
+        if down is None or up is None or int(down.shape[0]) == layer.rank:
+            continue
+        k = int(down.shape[0])
+        if tuple(down.shape) != (k, layer.in_features) or tuple(up.shape) != (layer.out_features, k):
+            raise ValueError(
+                f"The checkpoint's factors of {name!r} have shapes {tuple(down.shape)} and {tuple(up.shape)}, which "
+                f"do not fit a {layer.in_features} -> {layer.out_features} layer: it is not a checkpoint of this model."
+            )
+        if k > layer.rank:
+            raise ValueError(
+                f"The checkpoint holds {name!r} at rank {k}, above the model's rank {layer.rank}; a progressive "
+                "schedule only lowers ranks. Resume with the model the run started from (compressed the same way)."
+            )
+        new[name] = k
+    for name, k in new.items():
+        layer = layers[name]
+        like = layer.down.weight
+        _install(
+            layer,
+            torch.zeros(layer.out_features, k, dtype=like.dtype, device=like.device),
+            torch.zeros(k, layer.in_features, dtype=like.dtype, device=like.device),
+            None,
+        )
+    if new:
+        _record(model, new)
+    return new
+
+
 def _install(layer: DroneLinear, up: torch.Tensor, down: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
     """Give ``layer`` new factors, keeping its ``nn.Parameter`` objects (the optimizer holds them)."""
     k = int(down.shape[0])

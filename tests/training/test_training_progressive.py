@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import copy
+import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tiny_models import CALIBRATION_TEXTS
-from trainer_helpers import classification_dataset, compressed_classifier, make_trainer, training_args
+from trainer_helpers import (
+    classification_dataset,
+    compressed_classifier,
+    dense_classifier,
+    make_trainer,
+    training_args,
+)
 from transformers import AutoModelForSequenceClassification
 
 from drone_hf import DroneLinear
@@ -137,8 +145,6 @@ def test_callback_validates_its_arguments():
 
 def test_compress_select_and_progressive_in_one_run(tok, tmp_path):
     """Dense model in, factored model at the final budget out: the three callbacks compose in order."""
-    from trainer_helpers import dense_classifier
-
     import drone_hf
     from drone_hf.training import CompressOnTrainBeginCallback, SelectTrainableCallback
 
@@ -183,3 +189,128 @@ def test_load_best_model_at_end_compares_only_checkpoints_at_the_final_ranks(tok
     assert final != start and all(final[n] <= start[n] for n in start)
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")  # the best after the cut, not step 2's
     assert trainer.state.best_metric == 2.0
+
+
+# --- resuming a progressive run from its Trainer checkpoints ----------------------------------------------------
+
+RESUME = dict(max_steps=6, learning_rate=1e-3, weight_decay=0.01, save_strategy="steps", save_steps=1)
+
+
+def schedule_2_4() -> ProgressiveRankCallback:
+    return ProgressiveRankCallback(final_param_ratio=0.25, num_stages=2, start=0.2, end=0.6, calibration_samples=8)
+
+
+def losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tok, tmp_path_factory, pristine):
+    """A 6-step run cutting at steps 2 and 4, with a checkpoint after every step."""
+    folder = tmp_path_factory.mktemp("progressive")
+    model, cb = copy.deepcopy(pristine), schedule_2_4()
+    trainer = make_trainer(model, tok, classification_dataset(tok), folder, callbacks=[cb], **RESUME)
+    trainer.train()
+    assert cb.schedule == {2: 1, 4: 2}
+    return folder / "trainer", model, cb, losses(trainer)
+
+
+@pytest.mark.parametrize(
+    ("step", "restore"),
+    [(1, False), (2, False), (3, False), (5, False), (3, True)],
+    ids=["before-the-cuts", "at-a-cut", "between-cuts", "after-the-cuts", "between-cuts-restore-callback-states"],
+)
+def test_a_progressive_run_resumes_exactly_from_any_checkpoint(tok, tmp_path, pristine, uninterrupted, step, restore):
+    """Resuming with the same model and callback gives the uninterrupted run, bit for bit. After a cut
+    Trainer loaded the thinner factors into the model at its starting ranks (a size mismatch before any
+    callback event); before a cut the callback refused, and its advice (resume without it) skipped the
+    cuts still to come."""
+    checkpoints, final_model, cb, final_losses = uninterrupted
+    model, resumed_cb = copy.deepcopy(pristine), schedule_2_4()
+    trainer = make_trainer(model, tok, classification_dataset(tok), tmp_path, callbacks=[resumed_cb],
+                           **RESUME | {"restore_callback_states_from_checkpoint": restore})
+    trainer.train(resume_from_checkpoint=str(checkpoints / f"checkpoint-{step}"))
+    final = dict(final_model.named_parameters())
+    params = dict(model.named_parameters())
+    assert params.keys() == final.keys() and all(torch.equal(p, final[n]) for n, p in params.items())
+    assert ranks_of(model) == ranks_of(final_model)
+    assert model.config.quantization_config.ranks == final_model.config.quantization_config.ranks  # saves right
+    assert losses(trainer) == final_losses
+    live = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressiveRankCallback))
+    assert live.history == cb.history and live.schedule == cb.schedule
+    assert not model._load_state_dict_pre_hooks  # the resize-on-load hook does not outlive the resume
+
+
+def test_a_progressive_run_added_with_add_callbacks_resumes_too(tok, tmp_path, pristine, uninterrupted):
+    """add_callbacks attaches after the Trainer's on_init_end, where the resize-on-load hook is armed."""
+    checkpoints, final_model, _, _ = uninterrupted
+    model = copy.deepcopy(pristine)
+    trainer = make_trainer(model, tok, classification_dataset(tok), tmp_path, **RESUME)
+    add_callbacks(trainer, schedule_2_4(), CompressionStatsCallback())
+    trainer.train(resume_from_checkpoint=str(checkpoints / "checkpoint-3"))
+    final = dict(final_model.named_parameters())
+    assert all(torch.equal(p, final[n]) for n, p in model.named_parameters())
+
+
+def test_a_progressive_run_resumes_from_the_checkpoint_model_as_well(tok, tmp_path, uninterrupted):
+    """from_pretrained(checkpoint) already has the cut ranks: the schedule continues from the state it saved."""
+    checkpoints, final_model, _, _ = uninterrupted
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoints / "checkpoint-3")
+    make_trainer(model, tok, classification_dataset(tok), tmp_path, callbacks=[schedule_2_4()], **RESUME).train(
+        resume_from_checkpoint=str(checkpoints / "checkpoint-3"))
+    final = dict(final_model.named_parameters())
+    assert all(torch.equal(p, final[n]) for n, p in model.named_parameters())
+
+
+def test_a_resume_refuses_what_would_not_continue_the_same_schedule(tok, tmp_path, pristine, uninterrupted):
+    checkpoints = uninterrupted[0]
+    data = classification_dataset(tok)
+    other = ProgressiveRankCallback(final_param_ratio=0.25, num_stages=3, start=0.2, end=0.6, calibration_samples=8)
+    with pytest.raises(ValueError, match=r"made with num_stages=2 \(now 3\).*same ProgressiveRankCallback arguments"):
+        make_trainer(copy.deepcopy(pristine), tok, data, tmp_path / "a", callbacks=[other], **RESUME).train(
+            resume_from_checkpoint=str(checkpoints / "checkpoint-1"))
+    # a checkpoint of a run without the schedule: the stages done are unknown
+    make_trainer(copy.deepcopy(pristine), tok, data, tmp_path / "plain", **RESUME | {"max_steps": 1}).train()
+    with pytest.raises(ValueError, match="holds no ProgressiveRankCallback schedule.*from_pretrained"):
+        make_trainer(copy.deepcopy(pristine), tok, data, tmp_path / "b", callbacks=[schedule_2_4()], **RESUME).train(
+            resume_from_checkpoint=str(tmp_path / "plain" / "trainer" / "checkpoint-1"))
+    # a model compressed below the checkpoint's ranks cannot be the one the run started from
+    thinner = compressed_classifier(tok, param_ratio=0.2)[1]
+    with pytest.raises(ValueError, match="above the model's rank.*a progressive schedule only lowers ranks"):
+        make_trainer(thinner, tok, data, tmp_path / "c", callbacks=[schedule_2_4()], **RESUME).train(
+            resume_from_checkpoint=str(checkpoints / "checkpoint-1"))
+
+
+def test_a_resume_checks_the_model_is_at_the_ranks_of_the_stages_done(pristine, uninterrupted):
+    """The model's ranks must be those of the last stage done (here: the starting ranks, one stage later)."""
+    checkpoints = uninterrupted[0]
+    saved = json.loads((checkpoints / "checkpoint-3" / "trainer_state.json").read_text())["stateful_callbacks"]
+    state = SimpleNamespace(global_step=3, stateful_callbacks=saved)
+    layers = {n: m for n, m in copy.deepcopy(pristine).named_modules() if isinstance(m, DroneLinear)}
+    with pytest.raises(ValueError, match=r"done 1 of 2 stage\(s\), but the model's ranks differ"):
+        schedule_2_4()._resume(state, layers)
+
+
+@pytest.mark.parametrize("step", [1, 3], ids=["before-the-cut", "after-the-cut"])
+def test_a_run_compressed_at_train_begin_with_a_schedule_resumes_from_the_checkpoint_model(tok, tmp_path, step):
+    """CompressOnTrainBeginCallback's resume route (from_pretrained(checkpoint), without that callback) keeps
+    the schedule: the other callbacks stay attached and it continues, cut included, as the uninterrupted run."""
+    import drone_hf
+    from drone_hf.training import CompressOnTrainBeginCallback, SelectTrainableCallback
+
+    def callbacks():
+        return [SelectTrainableCallback("factors"),
+                ProgressiveRankCallback(final_param_ratio=0.25, num_stages=1, start=0.0, end=0.5, method="svd")]
+
+    config = drone_hf.DroneConfig(param_ratio=0.5, num_samples=8, allocation="uniform")
+    settings = dict(max_steps=4, learning_rate=1e-3, weight_decay=0.01, save_strategy="steps", save_steps=1)
+    data = classification_dataset(tok)
+    model = dense_classifier()
+    make_trainer(model, tok, data, tmp_path, callbacks=[CompressOnTrainBeginCallback(config), *callbacks()],
+                 **settings).train()
+    checkpoint = tmp_path / "trainer" / f"checkpoint-{step}"  # compressed; the cut is at step 2
+    resumed = AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    make_trainer(resumed, tok, data, tmp_path / "again", callbacks=callbacks(), **settings).train(
+        resume_from_checkpoint=str(checkpoint))
+    final = dict(model.named_parameters())
+    assert ranks_of(resumed) == ranks_of(model) and all(torch.equal(p, final[n]) for n, p in resumed.named_parameters())

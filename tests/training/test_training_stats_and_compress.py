@@ -151,6 +151,25 @@ def test_a_run_compressed_at_train_begin_resumes_exactly_from_its_checkpoint(tok
     assert all(torch.equal(p, final[n]) for n, p in resumed.named_parameters())
 
 
+def test_resuming_with_the_callback_still_attached_is_refused_before_the_load(tok, tmp_path):
+    """Resumed with the setup that started the run (a dense model, the callback attached), Trainer loads
+    the compressed checkpoint into the dense model (most keys unmatched under its strict=False), and the
+    run died in torch's optimizer load on group sizes. It now stops at the load, saying what to do, with
+    the dense model untouched."""
+    config = drone_hf.DroneConfig(param_ratio=0.5, num_samples=8, allocation="uniform")
+    settings = dict(max_steps=1, save_strategy="steps", save_steps=1)
+    make_trainer(dense_classifier(), tok, classification_dataset(tok), tmp_path,
+                 callbacks=[CompressOnTrainBeginCallback(config)], **settings).train()
+    model = dense_classifier()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = make_trainer(model, tok, classification_dataset(tok), tmp_path / "again",
+                           callbacks=[CompressOnTrainBeginCallback(config)], **settings)
+    with pytest.raises(ValueError, match=r"DRONE-compressed checkpoint.*from_pretrained\(checkpoint\).*without "
+                                         "CompressOnTrainBeginCallback"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "trainer" / "checkpoint-1"))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_compress_callback_refuses_what_it_cannot_do(tok, tmp_path, pair):
     cb = CompressOnTrainBeginCallback(drone_hf.DroneConfig(param_ratio=0.5))
     args = SimpleNamespace(

@@ -161,6 +161,25 @@ def test_a_run_that_unfreezes_resumes_exactly_from_its_checkpoint(tok, tmp_path,
     assert all(torch.equal(p, final[n]) for n, p in resumed.named_parameters())
 
 
+def test_a_run_that_unfreezes_resumes_exactly_when_added_with_add_callbacks(tok, tmp_path, compressed):
+    """add_callbacks attaches after the Trainer fired on_init_end, where the trainable set is chosen before
+    the optimizer exists: it fires it, so the resumed optimizer matches the saved one here too."""
+    from drone_hf.training import add_callbacks
+
+    def run(folder, **resume):
+        model = copy.deepcopy(compressed)
+        set_trainable(model, "up")
+        trainer = make_trainer(model, tok, classification_dataset(tok), folder, max_steps=4, learning_rate=1e-3,
+                               weight_decay=0.01, save_strategy="steps", save_steps=2)
+        add_callbacks(trainer, SelectTrainableCallback("factors"))
+        trainer.train(**resume)
+        return dict(model.named_parameters())
+
+    final = run(tmp_path)
+    resumed = run(tmp_path / "again", resume_from_checkpoint=str(tmp_path / "trainer" / "checkpoint-2"))
+    assert all(torch.equal(p, final[n]) for n, p in resumed.items())
+
+
 @pytest.mark.parametrize("targets", [["value"], ["query", "key"]], ids=["with-linear", "attention-only"])
 def test_query_key_compressed_attention_trains_with_the_factors(tok, targets):
     """compress_attention=True narrows the query/key projections: "factors" trains them with the
