@@ -13,7 +13,7 @@ import pytest
 import torch
 from hub.fake_hub import FakeHub
 from tiny_models import CALIBRATION_TEXTS, sample_inputs, save_tiny
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 import drone_hf
 from drone_hf import DroneConfig, DroneLinear
@@ -116,21 +116,6 @@ def last_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().split("\n")[-1]  # progress bars may precede it
     assert err.startswith("drone-hf: error:")
     return err
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    """Saved dense + DRONE checkpoints (with tokenizers) of tiny BERT, BERT classifier and GPT-2."""
-    root = tmp_path_factory.mktemp("cli")
-    autos = {"bert": AutoModel, "bert-seq-cls": AutoModelForSequenceClassification, "gpt2-lm": AutoModelForCausalLM}
-    out = {}
-    for arch, auto in autos.items():
-        dense = save_tiny(arch, root / f"{arch}-dense")
-        model = auto.from_pretrained(dense, drone_config=DroneConfig(dataset=CALIBRATION_TEXTS, num_samples=8))
-        model.save_pretrained(root / arch)
-        AutoTokenizer.from_pretrained(dense).save_pretrained(root / arch)
-        out[arch] = (dense, root / arch)
-    return out
 
 
 def test_compress_push_to_hub_commits_the_checkpoint_and_a_measured_card(tmp_path, capsys, monkeypatch):

@@ -7,32 +7,11 @@ import os
 import stat
 
 import pytest
+from test_cli import last_error_line
 from tiny_models import CALIBRATION_TEXTS, save_tiny
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel
 
-from drone_hf import DroneConfig
 from drone_hf.cli import main
-
-
-def last_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().split("\n")[-1]  # progress bars may precede it
-    assert err.startswith("drone-hf: error:"), err
-    return err
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    """Saved dense + DRONE checkpoints (with tokenizers) of tiny BERT, BERT classifier and GPT-2."""
-    root = tmp_path_factory.mktemp("cli-checks")
-    autos = {"bert": AutoModel, "bert-seq-cls": AutoModelForSequenceClassification, "gpt2-lm": AutoModelForCausalLM}
-    out = {}
-    for arch, auto in autos.items():
-        dense = save_tiny(arch, root / f"{arch}-dense")
-        model = auto.from_pretrained(dense, drone_config=DroneConfig(dataset=CALIBRATION_TEXTS, num_samples=8))
-        model.save_pretrained(root / arch)
-        AutoTokenizer.from_pretrained(dense).save_pretrained(root / arch)
-        out[arch] = (dense, root / arch)
-    return out
 
 
 @pytest.fixture
