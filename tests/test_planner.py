@@ -366,6 +366,18 @@ def test_report_and_card_count_the_layers_an_allocation_kept_dense(monkeypatch):
             ) in card
 
 
+def test_card_gives_speed_as_the_reason_under_a_loss_budget(monkeypatch):
+    from drone_hf.hub import render_model_card
+
+    monkeypatch.setattr(planner_mod, "LatencyModel", SquareLayersOnlyFaster)  # the MLP layers never pay
+    model = drone_hf.compress(build(), config(max_loss=100.0, allocation="greedy"), show_progress=False)
+    rep = drone_hf.report(model)
+    card = " ".join(str(render_model_card(model, "me/x")).split())
+    assert rep.dense_kept_layers > 0
+    assert (f"kept {rep.dense_kept_layers} more targeted layers dense (factoring them would not have been "
+            "faster)") in card
+
+
 @pytest.mark.parametrize(
     "kw, cause, fix",
     [(dict(param_ratio=0.01), "12 layers are at the rank-1 floor", "Accept the larger total (rank 1 is the least"),
