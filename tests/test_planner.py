@@ -501,6 +501,11 @@ def test_auto_eval_loss_follows_the_models_head():
     gpt2 = GPT2LMHeadModel(gpt2_config())  # an …LMHeadModel, not …ForCausalLM
     assert resolve_eval_loss(gpt2) == "lm" and resolve_eval_loss(gpt2, "lm") == "lm"
     assert resolve_eval_loss(BertModel(bert_config(is_decoder=True))) == "distortion"  # a decoder without LM head
+    from transformers import XLMConfig, XLMWithLMHeadModel
+
+    xlm = dict(vocab_size=64, emb_dim=32, n_layers=1, n_heads=2, max_position_embeddings=32)
+    assert resolve_eval_loss(XLMWithLMHeadModel(XLMConfig(**xlm))) == "distortion"  # masked LM by default
+    assert resolve_eval_loss(XLMWithLMHeadModel(XLMConfig(causal=True, **xlm))) == "lm"
     with pytest.raises(ValueError, match="needs a causal LM"):
         resolve_eval_loss(classifier(), "lm")
 

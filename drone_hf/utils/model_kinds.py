@@ -22,5 +22,8 @@ def is_causal_lm(model: nn.Module) -> bool:
 
     from ..training._model import unwrap  # PEFT / torch.compile / DDP wrappers
 
-    name = type(unwrap(model)).__name__
+    base = unwrap(model)
+    name = type(base).__name__
+    if name.endswith("WithLMHeadModel"):  # XLM / Flaubert: one head for both objectives, causal only if set so
+        return bool(getattr(getattr(base, "config", None), "causal", False))
     return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith(_CAUSAL_LM_SUFFIXES)
