@@ -16,6 +16,7 @@ import os
 import re
 from typing import Any
 
+import numpy as np
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .calibration.fisher import DEFAULT_KFAC_FISHER, FISHER_LABELS
@@ -339,7 +340,14 @@ class DroneConfig(QuantizationConfigMixin):
         """Validate every field; each error names the field, the bad value and the fix."""
         for name in _NUMBER_FIELDS:
             setattr(self, name, _plain_number(getattr(self, name)))
+        for name in ("sequential", "compress_attention"):
+            if isinstance(getattr(self, name), np.bool_):
+                setattr(self, name, bool(getattr(self, name)))
         for name in ("rank_grid", "latency_shape"):
+            if isinstance(getattr(self, name), np.ndarray):
+                setattr(self, name, getattr(self, name).tolist())
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
             if isinstance(getattr(self, name), list):
                 setattr(self, name, [_plain_number(v) for v in getattr(self, name)])
         if isinstance(getattr(self, "ranks", None), dict):

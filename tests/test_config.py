@@ -348,6 +348,10 @@ def test_numpy_scalars_are_taken_as_the_numbers_they_hold():
     attn = DroneConfig(compress_attention=True, attention_rank=np.int64(4), ranks={"query": np.int64(8)})
     assert type(attn.attention_rank) is int and type(attn.ranks["query"]) is int
     assert DroneConfig(compress_attention=True, attention_rank=np.float32(0.5)).attention_rank == 0.5
+    arrays = DroneConfig(sequential=np.bool_(True), compress_attention=np.bool_(False),
+                         latency_shape=np.array([2, 16]), rank_grid=np.arange(4, 12, 4))
+    assert arrays.sequential is True and arrays.compress_attention is False
+    assert arrays.latency_shape == [2, 16] and arrays.rank_grid == [4, 8] and type(arrays.rank_grid[0]) is int
     with pytest.raises(ValueError, match="param_ratio"):
         DroneConfig(param_ratio=np.float32(1.5))  # still validated after the conversion
     with pytest.raises(ValueError, match="num_samples"):
