@@ -198,8 +198,9 @@ def load_texts(dataset: Any, num_samples: int, seed: int = 0, column: str = "tex
             texts.sort(key=lambda t: (not isinstance(t, str), str(t)))
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
+            where = f"entry {bad[0]}" if not isinstance(dataset, Set) else f"the set holds {texts[bad[0]]!r}, which"
             raise ValueError(
-                f"dataset entries must be strings; entry {bad[0]} is {type(texts[bad[0]]).__name__}. "
+                f"dataset entries must be strings; {where} is {type(texts[bad[0]]).__name__}. "
                 "Pass raw texts (the tokenizer is applied by drone-hf)."
             )
     elif hasattr(dataset, "column_names"):

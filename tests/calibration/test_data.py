@@ -455,5 +455,5 @@ def test_a_set_of_texts_gives_the_same_sample_in_every_process():
     }
     assert len(samples) == 1
     assert load_texts(frozenset({"b text", "a text", "c text"}), 5, 0) == ["a text", "b text", "c text"]
-    with pytest.raises(ValueError, match="entries must be strings"):
-        load_texts({"a text", 3}, 5, 0)
+    with pytest.raises(ValueError, match="entries must be strings; the set holds 3, which is int"):
+        load_texts({"a text", 3}, 5, 0)  # a set has no entry numbers to name
