@@ -225,13 +225,15 @@ def _check_output(output: str, source: str, overwrite: bool, flag: str = "--outp
 def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:
     """Write into a temporary sibling folder, then swap it in: an interrupted save never leaves a
     half-written checkpoint at ``out``."""
+    from drone_hf.hub.atomic_save import current_umask
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         # mkdtemp makes the folder 0700, private to this user: the checkpoint would be unreadable to the
         # group and other users that a plain mkdir (or save_pretrained) lets read it. A replaced folder
         # keeps its own mode; a new one gets the mode mkdir gives under the umask.
-        os.chmod(tmp, out.stat().st_mode & 0o7777 if out.is_dir() else 0o777 & ~_umask())
+        os.chmod(tmp, out.stat().st_mode & 0o7777 if out.is_dir() else 0o777 & ~current_umask())
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -245,12 +247,6 @@ def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _summary(path: str):
@@ -534,11 +530,11 @@ def _eval(args: argparse.Namespace) -> int:
     if labelled is not None and not kind.endswith("SequenceClassification"):
         raise CliError(f"accuracy needs a sequence-classification checkpoint; {args.checkpoint} is "
                        f"{summary.architecture} (use --model-class sequence-classification if it is one)")
-    if labelled is not None:
-        from drone_hf.hub.measure import label_ids
-
-        label_ids([label for _, label in labelled], compressed.config)  # before any measurement
+    from drone_hf.hub.measure import capped_length, label_ids
     from drone_hf.utils.public_names import public_name
+
+    if labelled is not None:
+        label_ids([label for _, label in labelled], compressed.config)  # before any measurement
 
     # the measurements' *_data fields reach a model card (Measurements.from_json): a dataset's name, never a
     # local path that means nothing elsewhere and shows the user's directory layout
@@ -547,8 +543,6 @@ def _eval(args: argparse.Namespace) -> int:
         texts = [t for t, _ in labelled][: args.num_texts]
     else:
         texts = load_texts(args.dataset or HELDOUT, args.num_texts, args.seed, column=args.text_column)
-    from drone_hf.hub.measure import capped_length
-
     # capped once here (one warning), not in each of the up to three measurements below
     kw = dict(max_length=capped_length(args.max_length, dense, compressed), batch_size=args.batch_size)
     data_name = f"{len(texts)} texts of {name}"

@@ -344,12 +344,11 @@ class DroneConfig(QuantizationConfigMixin):
             if isinstance(getattr(self, name), np.bool_):
                 setattr(self, name, bool(getattr(self, name)))
         for name in ("rank_grid", "latency_shape"):
-            if isinstance(getattr(self, name), np.ndarray):
-                setattr(self, name, getattr(self, name).tolist())
-            if isinstance(getattr(self, name), tuple):
-                setattr(self, name, list(getattr(self, name)))
-            if isinstance(getattr(self, name), list):
-                setattr(self, name, [_plain_number(v) for v in getattr(self, name)])
+            value = getattr(self, name)
+            value = value.tolist() if isinstance(value, np.ndarray) else value  # a 0-d array: a scalar, refused below
+            if isinstance(value, (tuple, list)):
+                value = [_plain_number(v) for v in value]
+            setattr(self, name, value)
         if isinstance(getattr(self, "ranks", None), dict):
             self.ranks = {k: _plain_number(v) for k, v in self.ranks.items()}
         if not (isinstance(self.sequential, bool) or self.sequential in SEQUENTIAL_MODES):

@@ -217,7 +217,7 @@ def _save_and_swap(target: Path, write: Callable[[Path], Any], token: str) -> An
                 raise
             shutil.rmtree(aside, ignore_errors=True)
         else:
-            os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(tmp, 0o777 & ~current_umask())
             tmp.rename(target)
         return result
     except BaseException:
@@ -250,7 +250,10 @@ def _save_file_by_file(target: Path, write: Callable[[Path], Any], token: str) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: os has no getter), which the mode of a
+    folder from ``tempfile.mkdtemp`` (always 0700) must be brought back to before it is renamed into
+    place, so a saved checkpoint can be read by whoever a plain ``mkdir`` would let read it."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

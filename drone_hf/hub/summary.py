@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import _is_int
 from ..report import AttentionRow, CompressionReport, LayerRow
 from .checkpoint import CHECKPOINT_KEY, is_drone_config_dict, is_marked, unmark_config_dict
 
@@ -79,10 +80,6 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         raise ValueError(f"{path} is {how}: its header describes {end:,} bytes of tensor data but the file holds "
                          f"{data:,}; {_AGAIN}")
     return header
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _weight_files(folder: Path) -> list[Path]:
