@@ -142,5 +142,10 @@ def test_layer_timings_run_with_freed_memory_kept(monkeypatch):
         yield KEPT
 
     monkeypatch.setattr(latency_mod, "freed_memory_kept", recording)
-    dense, factored = latency_mod.LatencyModel(16, repeats=1, warmup=0, cache_dir=False).layer_times(8, 8, [2])
-    assert entered == [True] and dense > 0 and factored[2] > 0
+    model = latency_mod.LatencyModel(16, repeats=1, warmup=0, cache_dir=False)
+    runs = []
+    measure = model._measure
+    monkeypatch.setattr(model, "_measure", lambda *a: runs.append(a) or measure(*a))
+    dense, factored = model.layer_times(8, 8, [2])
+    # one timed run, or two where a single repeat came out implausible and was measured again
+    assert runs and len(entered) == len(runs) and dense > 0 and factored[2] > 0
