@@ -39,6 +39,7 @@ from torch import nn
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from ..architectures import compressed_attention_in_checkpoint
 from ..compress import compress, held_out_count
 from ..config import DroneConfig
 from ..modules.attention import DroneAttention
@@ -119,20 +120,41 @@ def _follow_checkpoint_ranks(module: nn.Module, state_dict: dict, prefix: str, *
         logger.info(f"drone-hf: resuming a progressive run: {len(cut)} layer(s) set to the checkpoint's ranks.")
 
 
-def _refuse_factored_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
-    """Pre-hook on a dense model: a DRONE checkpoint cannot load into it (CompressOnTrainBeginCallback resume)."""
+def _factored_in_checkpoint(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
+    """Names of ``module``'s layers that ``state_dict`` holds factored (``DroneLinear``): a layer of
+    the model whose ``weight`` is replaced by the ``down``/``up`` factors in the checkpoint."""
     names = {n for n, _ in module.named_modules()}
+    found = []
     for key in state_dict:
         if key.startswith(prefix) and key.endswith(".down.weight"):
             layer = key[len(prefix) : -len(".down.weight")]
             if layer in names and f"{prefix}{layer}.weight" not in state_dict:
-                raise ValueError(
-                    f"Trainer is resuming from a DRONE-compressed checkpoint (e.g. {layer!r} is factored) into the "
-                    "dense model CompressOnTrainBeginCallback would compress at train begin; the checkpoint's "
-                    "weights and optimizer state belong to the compressed model. Load the checkpoint with "
-                    "from_pretrained(checkpoint), and resume from it without CompressOnTrainBeginCallback (keep "
-                    "the other drone-hf callbacks)."
-                )
+                found.append(layer)
+    return found
+
+
+def _refuse_drone_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Pre-hook on a dense model: a DRONE checkpoint cannot load into it (CompressOnTrainBeginCallback resume).
+
+    Every kind of DRONE checkpoint is recognised from its saved tensors, the only record of the
+    checkpoint this hook is given (Trainer hands ``load_state_dict`` the weights file alone; its
+    ``config.json`` and the path are out of reach here): factored linear layers (``down``/``up``
+    in place of ``weight``) and compressed attention (query/key narrowed to ``k``-wide heads, or
+    GPT-2's fused ``c_attn`` split), alone or together. Attention-only checkpoints used to pass
+    this check and then fail in torch's ``load_state_dict`` on query/key size mismatches (after
+    copying the tensors that did fit into the dense model) or, for GPT-2 (whose split keys go
+    unmatched under ``strict=False``), in the optimizer load."""
+    factored = _factored_in_checkpoint(module, state_dict, prefix)
+    attention = [] if factored else compressed_attention_in_checkpoint(module, state_dict, prefix)
+    if factored or attention:
+        what = f"{factored[0]!r} is factored" if factored else f"{attention[0]!r} has compressed query/key heads"
+        raise ValueError(
+            f"Trainer is resuming from a DRONE-compressed checkpoint (e.g. {what}) into the "
+            "dense model CompressOnTrainBeginCallback would compress at train begin; the checkpoint's "
+            "weights and optimizer state belong to the compressed model. Load the checkpoint with "
+            "from_pretrained(checkpoint), and resume from it without CompressOnTrainBeginCallback (keep "
+            "the other drone-hf callbacks)."
+        )
 
 
 class _LoggingCallback(TrainerCallback):
@@ -341,7 +363,7 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
         (most keys silently unmatched under Trainer's ``strict=False``; the run then failed in torch's
         optimizer load, on group sizes). The load now stops with what to do instead."""
         if model is not None and not factored_layers(unwrap(model)):
-            _arm_load_hook(model, "compress", _refuse_factored_checkpoint)
+            _arm_load_hook(model, "compress", _refuse_drone_checkpoint)
 
     def on_train_begin(
         self,
