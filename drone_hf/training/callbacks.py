@@ -272,9 +272,18 @@ class CompressionStatsCallback(_LoggingCallback):
 
     Args:
         per_layer_ranks: also log ``drone/rank/<layer>`` for every factored layer.
-        every_log: add the entries to every log; by default only to the first log and to the first
-            log after they change (a progressive schedule), which keeps console logs readable while
-            TensorBoard/W&B still get a point at every change.
+        every_log: add the entries to every log; by default only to the first log of each
+            ``train()`` call and to the first log after they change (a progressive schedule), which
+            keeps console logs readable while TensorBoard/W&B still get a point at every change.
+
+    **Resuming.** A run resumed from a checkpoint (``train(resume_from_checkpoint=...)``) logs the
+    stats again at its first log, although the checkpoint's ``log_history`` already holds them
+    unchanged. That is deliberate, not a duplicate to suppress: the resumed run is usually a new
+    process whose sinks start empty (its console, a new W&B run unless the user resumes that run,
+    a new TensorBoard event file), and the stats describe the model it trains, so each run shows
+    them once; where the old sinks continue, the cost is one repeated point of equal value, while
+    skipping it would leave a fresh sink with no stats at all. The same holds for a resume on the
+    same Trainer in the same process: each ``train()`` call starts over (:meth:`on_train_begin`).
 
     To reach ``report_to`` integrations add it with :func:`add_callbacks` (see the module docstring).
     """
@@ -283,6 +292,13 @@ class CompressionStatsCallback(_LoggingCallback):
         self.per_layer_ranks = per_layer_ranks
         self.every_log = every_log
         self.last: dict[str, float] = {}
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        """Forget what an earlier ``train()`` call logged, so this one logs the stats at its first log
+        whether it runs in a new process or on the same Trainer (see **Resuming** above): which
+        process runs a resume must not decide whether its logs show the stats."""
+        self.last = {}
 
     def on_log(
         self,

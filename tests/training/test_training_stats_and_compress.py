@@ -97,6 +97,34 @@ def test_every_log_repeats_the_stats(tok, tmp_path, pair):
     assert sum("drone/params" in h for h in trainer.state.log_history) == len(trainer.state.log_history)
 
 
+def test_a_resumed_run_logs_the_stats_once_at_its_first_log(tok, tmp_path, pair):
+    """The decision in CompressionStatsCallback's docstring: each train() call, fresh or resumed, shows
+    the stats once, at its first log, whether the resume runs on a new Trainer (a new process) or on the
+    same one. On the same Trainer the callback remembered the first call's entries and the resumed
+    run's logs had none."""
+    settings = dict(max_steps=3, save_strategy="steps", save_steps=1)
+    data = classification_dataset(tok)
+    checkpoint = str(tmp_path / "trainer" / "checkpoint-1")
+
+    def stats_logs(recorder: Recorder) -> list[int]:
+        return [i for i, logs in enumerate(recorder.logs) if "drone/params" in logs]
+
+    trainer, recorder = make_trainer(copy.deepcopy(pair[1]), tok, data, tmp_path, **settings), Recorder()
+    add_callbacks(trainer, CompressionStatsCallback(), recorder)
+    trainer.train()
+    assert stats_logs(recorder) == [0]
+    recorder.logs.clear()
+    trainer.train(resume_from_checkpoint=checkpoint)  # the same Trainer, the same callback
+    assert stats_logs(recorder) == [0]
+    # the checkpoint's history (step 1) and this run's first log (step 2) both hold them
+    assert [h["step"] for h in trainer.state.log_history if "drone/params" in h] == [1, 2]
+
+    fresh, recorder = make_trainer(copy.deepcopy(pair[1]), tok, data, tmp_path / "again", **settings), Recorder()
+    add_callbacks(fresh, CompressionStatsCallback(), recorder)
+    fresh.train(resume_from_checkpoint=checkpoint)  # as a new process would
+    assert stats_logs(recorder) == [0]
+
+
 def test_compress_on_train_begin_then_fine_tune_and_reload(tok, tmp_path):
     model = dense_classifier()
     train_ds = classification_dataset(tok, n=12)
