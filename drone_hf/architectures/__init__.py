@@ -71,6 +71,49 @@ def find_attention_layers(model: nn.Module) -> dict[str, tuple[str, nn.Module, A
     return found
 
 
+def compressed_attention_in_checkpoint(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> list[str]:
+    """Full names of ``model``'s supported (dense) self-attention modules whose tensors in
+    ``state_dict`` are those of a DRONE-compressed module, i.e. a checkpoint that does not load into
+    them. Meant for a ``load_state_dict`` pre-hook (``prefix``: the module's key prefix there).
+
+    The test reads what the compression changes in the saved state, per module, from its adapter's
+    :attr:`~AttentionAdapter.absorbed` children (those query-key compression replaces): a
+    ``DroneAttention`` saves its query/key as ``nn.Linear(n, H·k)``, so an absorbed child's
+    ``weight`` is either saved with the same input width, fewer rows and a multiple of the head
+    count (BERT, RoBERTa, DistilBERT, MPNet: ``[H·k, n]`` under the dense ``[H·d, n]`` key), or not
+    saved at all while the module's keys hold tensors the dense module has no place for (GPT-2:
+    its fused ``c_attn`` is saved as ``query``/``key``/``value``). A dense checkpoint of the same
+    model matches on every key and shape; one of a model of another size differs in input widths
+    too, so neither is taken for a compressed one. A rank equal to the head width saves the dense
+    shapes and is not seen (it loads, and is exactly the dense attention)."""
+    found = []
+    for full, module in model.named_modules():
+        adapter = _adapter_of(module)
+        if adapter is None:
+            continue
+        base = f"{prefix}{full}." if full else prefix
+        own = {f"{base}{n}": t.shape for n, t in module.state_dict(keep_vars=True).items()}
+        heads = adapter.num_heads(module)
+        for child in adapter.absorbed:
+            key = f"{base}{child}.weight"
+            dense = own.get(key)
+            saved = state_dict.get(key)
+            if dense is None:
+                continue
+            if saved is None:
+                narrowed = any(k.startswith(base) and k not in own for k in state_dict)
+            else:
+                shape = tuple(saved.shape)
+                narrowed = (
+                    len(shape) == len(dense) == 2 and shape[1] == dense[1] and shape[0] < dense[0]
+                    and shape[0] % heads == 0
+                )
+            if narrowed:
+                found.append(full)
+                break
+    return found
+
+
 def rebuild_attention(
     model: nn.Module, attention_ranks: dict[str, int], errors: dict[str, Any] | None = None
 ) -> list[str]:
@@ -116,6 +159,7 @@ __all__ = [
     "ADAPTERS",
     "AttentionAdapter",
     "adapter_by_family",
+    "compressed_attention_in_checkpoint",
     "find_attention_layers",
     "rebuild_attention",
     "register_adapter",

@@ -39,6 +39,7 @@ from torch import nn
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from ..architectures import compressed_attention_in_checkpoint
 from ..compress import compress, held_out_count
 from ..config import DroneConfig
 from ..modules.attention import DroneAttention
@@ -119,20 +120,41 @@ def _follow_checkpoint_ranks(module: nn.Module, state_dict: dict, prefix: str, *
         logger.info(f"drone-hf: resuming a progressive run: {len(cut)} layer(s) set to the checkpoint's ranks.")
 
 
-def _refuse_factored_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
-    """Pre-hook on a dense model: a DRONE checkpoint cannot load into it (CompressOnTrainBeginCallback resume)."""
+def _factored_in_checkpoint(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
+    """Names of ``module``'s layers that ``state_dict`` holds factored (``DroneLinear``): a layer of
+    the model whose ``weight`` is replaced by the ``down``/``up`` factors in the checkpoint."""
     names = {n for n, _ in module.named_modules()}
+    found = []
     for key in state_dict:
         if key.startswith(prefix) and key.endswith(".down.weight"):
             layer = key[len(prefix) : -len(".down.weight")]
             if layer in names and f"{prefix}{layer}.weight" not in state_dict:
-                raise ValueError(
-                    f"Trainer is resuming from a DRONE-compressed checkpoint (e.g. {layer!r} is factored) into the "
-                    "dense model CompressOnTrainBeginCallback would compress at train begin; the checkpoint's "
-                    "weights and optimizer state belong to the compressed model. Load the checkpoint with "
-                    "from_pretrained(checkpoint), and resume from it without CompressOnTrainBeginCallback (keep "
-                    "the other drone-hf callbacks)."
-                )
+                found.append(layer)
+    return found
+
+
+def _refuse_drone_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Pre-hook on a dense model: a DRONE checkpoint cannot load into it (CompressOnTrainBeginCallback resume).
+
+    Every kind of DRONE checkpoint is recognised from its saved tensors, the only record of the
+    checkpoint this hook is given (Trainer hands ``load_state_dict`` the weights file alone; its
+    ``config.json`` and the path are out of reach here): factored linear layers (``down``/``up``
+    in place of ``weight``) and compressed attention (query/key narrowed to ``k``-wide heads, or
+    GPT-2's fused ``c_attn`` split), alone or together. Attention-only checkpoints used to pass
+    this check and then fail in torch's ``load_state_dict`` on query/key size mismatches (after
+    copying the tensors that did fit into the dense model) or, for GPT-2 (whose split keys go
+    unmatched under ``strict=False``), in the optimizer load."""
+    factored = _factored_in_checkpoint(module, state_dict, prefix)
+    attention = [] if factored else compressed_attention_in_checkpoint(module, state_dict, prefix)
+    if factored or attention:
+        what = f"{factored[0]!r} is factored" if factored else f"{attention[0]!r} has compressed query/key heads"
+        raise ValueError(
+            f"Trainer is resuming from a DRONE-compressed checkpoint (e.g. {what}) into the "
+            "dense model CompressOnTrainBeginCallback would compress at train begin; the checkpoint's "
+            "weights and optimizer state belong to the compressed model. Load the checkpoint with "
+            "from_pretrained(checkpoint), and resume from it without CompressOnTrainBeginCallback (keep "
+            "the other drone-hf callbacks)."
+        )
 
 
 class _LoggingCallback(TrainerCallback):
@@ -250,9 +272,18 @@ class CompressionStatsCallback(_LoggingCallback):
 
     Args:
         per_layer_ranks: also log ``drone/rank/<layer>`` for every factored layer.
-        every_log: add the entries to every log; by default only to the first log and to the first
-            log after they change (a progressive schedule), which keeps console logs readable while
-            TensorBoard/W&B still get a point at every change.
+        every_log: add the entries to every log; by default only to the first log of each
+            ``train()`` call and to the first log after they change (a progressive schedule), which
+            keeps console logs readable while TensorBoard/W&B still get a point at every change.
+
+    **Resuming.** A run resumed from a checkpoint (``train(resume_from_checkpoint=...)``) logs the
+    stats again at its first log, although the checkpoint's ``log_history`` already holds them
+    unchanged. That is deliberate, not a duplicate to suppress: the resumed run is usually a new
+    process whose sinks start empty (its console, a new W&B run unless the user resumes that run,
+    a new TensorBoard event file), and the stats describe the model it trains, so each run shows
+    them once; where the old sinks continue, the cost is one repeated point of equal value, while
+    skipping it would leave a fresh sink with no stats at all. The same holds for a resume on the
+    same Trainer in the same process: each ``train()`` call starts over (:meth:`on_train_begin`).
 
     To reach ``report_to`` integrations add it with :func:`add_callbacks` (see the module docstring).
     """
@@ -261,6 +292,13 @@ class CompressionStatsCallback(_LoggingCallback):
         self.per_layer_ranks = per_layer_ranks
         self.every_log = every_log
         self.last: dict[str, float] = {}
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        """Forget what an earlier ``train()`` call logged, so this one logs the stats at its first log
+        whether it runs in a new process or on the same Trainer (see **Resuming** above): which
+        process runs a resume must not decide whether its logs show the stats."""
+        self.last = {}
 
     def on_log(
         self,
@@ -341,7 +379,7 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
         (most keys silently unmatched under Trainer's ``strict=False``; the run then failed in torch's
         optimizer load, on group sizes). The load now stops with what to do instead."""
         if model is not None and not factored_layers(unwrap(model)):
-            _arm_load_hook(model, "compress", _refuse_factored_checkpoint)
+            _arm_load_hook(model, "compress", _refuse_drone_checkpoint)
 
     def on_train_begin(
         self,

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from attention_models import build
 from tiny_models import CALIBRATION_TEXTS
 from trainer_helpers import classification_dataset, compressed_classifier, dense_classifier, make_trainer
 from transformers import AutoModelForSequenceClassification, DefaultFlowCallback, TrainerCallback
 
 import drone_hf
 from drone_hf import DroneLinear
+from drone_hf.modules.attention import drone_attention_modules
 from drone_hf.training import (
     CompressionStatsCallback,
     CompressOnTrainBeginCallback,
@@ -94,6 +97,34 @@ def test_every_log_repeats_the_stats(tok, tmp_path, pair):
     assert sum("drone/params" in h for h in trainer.state.log_history) == len(trainer.state.log_history)
 
 
+def test_a_resumed_run_logs_the_stats_once_at_its_first_log(tok, tmp_path, pair):
+    """The decision in CompressionStatsCallback's docstring: each train() call, fresh or resumed, shows
+    the stats once, at its first log, whether the resume runs on a new Trainer (a new process) or on the
+    same one. On the same Trainer the callback remembered the first call's entries and the resumed
+    run's logs had none."""
+    settings = dict(max_steps=3, save_strategy="steps", save_steps=1)
+    data = classification_dataset(tok)
+    checkpoint = str(tmp_path / "trainer" / "checkpoint-1")
+
+    def stats_logs(recorder: Recorder) -> list[int]:
+        return [i for i, logs in enumerate(recorder.logs) if "drone/params" in logs]
+
+    trainer, recorder = make_trainer(copy.deepcopy(pair[1]), tok, data, tmp_path, **settings), Recorder()
+    add_callbacks(trainer, CompressionStatsCallback(), recorder)
+    trainer.train()
+    assert stats_logs(recorder) == [0]
+    recorder.logs.clear()
+    trainer.train(resume_from_checkpoint=checkpoint)  # the same Trainer, the same callback
+    assert stats_logs(recorder) == [0]
+    # the checkpoint's history (step 1) and this run's first log (step 2) both hold them
+    assert [h["step"] for h in trainer.state.log_history if "drone/params" in h] == [1, 2]
+
+    fresh, recorder = make_trainer(copy.deepcopy(pair[1]), tok, data, tmp_path / "again", **settings), Recorder()
+    add_callbacks(fresh, CompressionStatsCallback(), recorder)
+    fresh.train(resume_from_checkpoint=checkpoint)  # as a new process would
+    assert stats_logs(recorder) == [0]
+
+
 def test_compress_on_train_begin_then_fine_tune_and_reload(tok, tmp_path):
     model = dense_classifier()
     train_ds = classification_dataset(tok, n=12)
@@ -168,6 +199,94 @@ def test_resuming_with_the_callback_still_attached_is_refused_before_the_load(to
                                          "CompressOnTrainBeginCallback"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "trainer" / "checkpoint-1"))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_resuming_an_attention_only_run_with_the_callback_attached_is_refused_too(tok, tmp_path):
+    """A run that compressed only attention (query/key heads narrowed, no linear layer factored) writes
+    checkpoints with no factor keys at all: the refusal missed them, and torch's load then died on
+    query/key size mismatches, after copying every tensor that did fit into the dense model. Refused at
+    the load now, with the same advice, which works: from_pretrained(checkpoint) resumes without it."""
+    config = drone_hf.DroneConfig(num_samples=8, compress_attention=True, attention_rank=4,
+                                  target_modules=["query", "key"])
+    settings = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    data = classification_dataset(tok)
+    make_trainer(dense_classifier(), tok, data, tmp_path, callbacks=[CompressOnTrainBeginCallback(config)],
+                 **settings).train()
+    checkpoint = tmp_path / "trainer" / "checkpoint-1"
+    record = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    assert record["attention_ranks"] and not record["ranks"]  # attention alone, as the checkpoint records it
+    model = dense_classifier()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = make_trainer(model, tok, data, tmp_path / "again", callbacks=[CompressOnTrainBeginCallback(config)],
+                           **settings)
+    with pytest.raises(ValueError, match=r"DRONE-compressed checkpoint \(e.g. 'bert.encoder.layer.0.attention.self' "
+                                         r"has compressed query/key heads\).*from_pretrained\(checkpoint\).*without "
+                                         "CompressOnTrainBeginCallback"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    resumed = AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    make_trainer(resumed, tok, data, tmp_path / "advised", **settings).train(resume_from_checkpoint=str(checkpoint))
+
+
+#: case -> (family, DroneConfig fields): every kind of DRONE checkpoint, attention alone in every family
+#: (GPT-2's target is its fused c_attn, which the attention stage splits; its value is then factored).
+CHECKPOINT_KINDS = {
+    "bert-factored": ("bert", dict(param_ratio=0.5)),
+    "bert-factored+attention": ("bert", dict(param_ratio=0.5, compress_attention=True)),
+    "gpt2-factored+attention": ("gpt2", dict(param_ratio=0.5, compress_attention=True)),
+    **{f"{family}-attention": (family, dict(compress_attention=True, target_modules=list(absorbed)))
+       for family, absorbed in {"bert": ("query", "key"), "roberta": ("query", "key"),
+                                "distilbert": ("q_lin", "k_lin"), "mpnet": ("q", "k"), "gpt2": ("c_attn",)}.items()},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_KINDS))
+def test_the_load_refusal_knows_every_kind_of_drone_checkpoint(tok, case):
+    """What Trainer's resume does (model.load_state_dict(checkpoint's tensors, strict=False)) on the dense
+    model the callback armed: every kind of compressed checkpoint stops before a tensor is copied."""
+    family, fields = CHECKPOINT_KINDS[case]
+    cfg = drone_hf.DroneConfig(dataset=CALIBRATION_TEXTS, tokenizer=tok, num_samples=8, **fields)
+    compressed = drone_hf.compress(build(family), cfg, show_progress=False)
+    assert bool(drone_attention_modules(compressed)) == ("attention" in case)
+    assert any(isinstance(m, DroneLinear) for m in compressed.modules()) == ("factored" in case or family == "gpt2")
+    saved = compressed.state_dict()
+    dense = build(family)
+    before = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    CompressOnTrainBeginCallback(cfg).on_init_end(None, None, None, model=dense)
+    with pytest.raises(ValueError, match=r"DRONE-compressed checkpoint \(e.g. '.+' (is factored|has compressed "
+                                         r"query/key heads)\).*without CompressOnTrainBeginCallback"):
+        dense.load_state_dict(saved, strict=False)
+    assert all(torch.equal(p, before[n]) for n, p in dense.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_the_load_refusal_lets_a_dense_checkpoint_load(family):
+    """The refusal must not take a dense checkpoint of the same model (every key and shape fitting) for a
+    compressed one: its tensors load through the armed hook as they would without it."""
+    dense, other = build(family), build(family, seed=1)
+    CompressOnTrainBeginCallback(drone_hf.DroneConfig(compress_attention=True)).on_init_end(None, None, None,
+                                                                                          model=dense)
+    result = dense.load_state_dict(other.state_dict(), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    theirs = dict(other.named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in dense.named_parameters())
+
+
+def test_a_dense_checkpoint_is_not_refused_as_a_drone_one_on_resume(tok, tmp_path):
+    """Resumed from a dense run's checkpoint with the callback attached, the weights load (no DRONE refusal)
+    and the run stops at train begin on the callback's own rule: it compresses at the start of a fresh run."""
+    settings = dict(max_steps=1, save_strategy="steps", save_steps=1)
+    data = classification_dataset(tok)
+    trained = dense_classifier(seed=1)
+    make_trainer(trained, tok, data, tmp_path, **settings).train()
+    model = dense_classifier()
+    trainer = make_trainer(model, tok, data, tmp_path / "again",
+                           callbacks=[CompressOnTrainBeginCallback(drone_hf.DroneConfig(compress_attention=True))],
+                           **settings)
+    with pytest.raises(ValueError, match="runs at the start of a fresh training run, but this run resumes at step 1"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "trainer" / "checkpoint-1"))
+    theirs = dict(trained.named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in model.named_parameters())
 
 
 def test_compress_callback_refuses_what_it_cannot_do(tok, tmp_path, pair):
