@@ -27,6 +27,7 @@ from .calibration.fisher import DEFAULT_KFAC_FISHER
 from .calibration.offload import check_materialisable, materialise
 from .calibration.paired import PairedObserver
 from .config import QUANT_METHOD, DroneConfig
+from .modules.attention import DroneAttention
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
 from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
 from .planner import RankPlanner
@@ -242,11 +243,26 @@ def compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool
         return _compress_in_place(model, config, show_progress)
 
 
+def already_compressed(model: nn.Module) -> str | None:
+    """What makes ``model`` DRONE-compressed (``"12 factored layers, e.g. 'x'"``), ``None`` for a dense one.
+
+    Factored linear layers and compressed attention both count: compressing an attention-only
+    compressed model again factored the narrowed query/key inside its ``DroneAttention`` modules and
+    recorded a second compression over the first."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, DroneLinear)]
+    attention = [n for n, m in model.named_modules() if isinstance(m, DroneAttention)]
+    if not linear and not attention:
+        return None
+    parts = ([f"{len(linear)} factored layers"] if linear else []) + (
+        [f"{len(attention)} compressed attention modules"] if attention else [])
+    return f"{' and '.join(parts)}, e.g. {(linear or attention)[0]!r}"
+
+
 def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool) -> nn.Module:
-    existing = [n for n, m in model.named_modules() if isinstance(m, DroneLinear)]
+    existing = already_compressed(model)
     if existing:
         raise ValueError(
-            f"The model is already DRONE-compressed ({len(existing)} factored layers, e.g. {existing[0]!r}). "
+            f"The model is already DRONE-compressed ({existing}). "
             "Compress the dense model, or call model.dequantize() first to merge the factors."
         )
     config.post_init()  # overrides, and fields set on the object after it was built, are checked too

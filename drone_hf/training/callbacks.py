@@ -40,13 +40,12 @@ from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, T
 from transformers.trainer_callback import ExportableState
 
 from ..architectures import compressed_attention_in_checkpoint
-from ..compress import compress, held_out_count
+from ..compress import already_compressed, compress, held_out_count
 from ..config import DroneConfig
 from ..modules.attention import DroneAttention
 from ..modules.low_rank_linear import DroneLinear
 from ..utils.logging import get_logger
 from ._model import (
-    factored_layers,
     inner_optimizer,
     is_peft_model,
     require_factored,
@@ -378,7 +377,7 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
         checkpoint's weights before any event of that call, and into the dense model they do not fit
         (most keys silently unmatched under Trainer's ``strict=False``; the run then failed in torch's
         optimizer load, on group sizes). The load now stops with what to do instead."""
-        if model is not None and not factored_layers(unwrap(model)):
+        if model is not None and not already_compressed(unwrap(model)):
             _arm_load_hook(model, "compress", _refuse_drone_checkpoint)
 
     def on_train_begin(
@@ -399,10 +398,11 @@ class CompressOnTrainBeginCallback(_LoggingCallback):
                 "CompressOnTrainBeginCallback got a PEFT model: compress first (drone_hf.compress), then attach "
                 "adapters (drone_hf.training.prepare_lora_model)."
             )
-        if factored_layers(unwrap(model)):
+        existing = already_compressed(unwrap(model))
+        if existing:
             raise ValueError(
-                "The model is already DRONE-compressed; CompressOnTrainBeginCallback compresses a dense model. Drop "
-                "the callback to fine-tune the compressed model as it is."
+                f"The model is already DRONE-compressed ({existing}); CompressOnTrainBeginCallback compresses a "
+                "dense model. Drop the callback to fine-tune the compressed model as it is."
             )
         _check_plain_run(args, state, "CompressOnTrainBeginCallback")
         tokenizer = self._tokenizer(processing_class)

@@ -37,6 +37,7 @@ from transformers import AutoModel, BertForMultipleChoice, BertModel, LlamaForCa
 import drone_hf
 from drone_hf import DroneConfig
 from drone_hf.cli import CliError
+from drone_hf.modules.attention import DroneAttention
 from drone_hf.modules.low_rank_linear import DroneLinear
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "bad_input.md"
@@ -48,7 +49,7 @@ class Case:
 
     ``needs``: what the context must provide (``"ckpt"``: a copy of a DRONE checkpoint folder, edited by
     ``edit``; ``"dense"``: a copy of a dense model folder; ``"compressed"``: ctx.model is already
-    compressed). ctx.model is always a fresh tiny BertModel (or the compressed one).
+    compressed; ``"attention-compressed"``: its query/key heads only). ctx.model is always a fresh tiny BertModel (or the compressed one).
     """
 
     id: str
@@ -456,6 +457,9 @@ CASES: list[Case] = [
          r"Use names relative to the base model", args={"ranks": {"nope": 4}}),
     Case("model-already-compressed", "model", comp(), ValueError, r"already DRONE-compressed \(12 factored layers",
          r"call model\.dequantize\(\) first", needs=("compressed",)),
+    Case("model-attention-already-compressed", "model", comp(), ValueError,
+         r"already DRONE-compressed \(2 compressed attention modules", r"call model\.dequantize\(\) first",
+         needs=("attention-compressed",)),
     Case("model-eval-loss-lm-on-encoder", "model", comp(), ValueError, r"needs a causal LM .*BertModel is not one",
          r"Use eval_loss='auto', 'logit_kl' \(models with logits\) or 'distortion'", args={"eval_loss": "lm"}),
     Case("model-eval-loss-logit-kl-without-logits", "model", comp(), ValueError, r"BertModel returns none",
@@ -600,17 +604,18 @@ def assert_model_unchanged(model: torch.nn.Module, before: dict[str, torch.Tenso
     for key, value in before.items():
         if value.device.type != "meta":
             assert torch.equal(after[key], value), f"{key} changed"
-    factored = any(isinstance(m, DroneLinear) for m in model.modules())
-    assert factored == was_compressed
+    compressed = any(isinstance(m, (DroneLinear, DroneAttention)) for m in model.modules())
+    assert compressed == was_compressed
     if not was_compressed:
         assert getattr(model, "hf_quantizer", None) is None
 
 
-def make_compressed(tok: Any) -> torch.nn.Module:
+def make_compressed(tok: Any, attention_only: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = BertModel(bert_config()).eval()
+    extra = dict(compress_attention=True, attention_rank=4, target_modules=["query", "key"]) if attention_only else {}
     return drone_hf.compress(
-        model, DroneConfig(dataset=CALIBRATION_TEXTS, num_samples=8, tokenizer=tok), show_progress=False
+        model, DroneConfig(dataset=CALIBRATION_TEXTS, num_samples=8, tokenizer=tok, **extra), show_progress=False
     )
 
 
@@ -627,6 +632,8 @@ def test_bad_input(case: Case, sources: SimpleNamespace, tmp_path: Path, monkeyp
         shutil.copytree(sources.dense, ctx.dense)
     if "compressed" in case.needs:
         ctx.model = make_compressed(sources.tok)
+    elif "attention-compressed" in case.needs:
+        ctx.model = make_compressed(sources.tok, attention_only=True)
     else:
         torch.manual_seed(0)
         ctx.model = BertModel(bert_config()).eval()
@@ -649,7 +656,8 @@ def test_bad_input(case: Case, sources: SimpleNamespace, tmp_path: Path, monkeyp
     assert re.search(case.fix, message, re.S), f"the fix is not named: {message}"
     # nothing changed: files, model, arguments
     assert folder_bytes(tmp_path) == snap["files"], "a file was written or changed"
-    assert_model_unchanged(ctx.model, snap["model"], was_compressed="compressed" in case.needs)
+    assert_model_unchanged(ctx.model, snap["model"],
+                           was_compressed=bool({"compressed", "attention-compressed"} & set(case.needs)))
     assert repr(case.args) == args_before
 
 

@@ -295,8 +295,13 @@ def test_compress_callback_refuses_what_it_cannot_do(tok, tmp_path, pair):
         world_size=1, deepspeed=None, fsdp="", torch_compile=False, disable_tqdm=True, weight_decay=0.0
     )
     state = SimpleNamespace(global_step=0)
-    with pytest.raises(ValueError, match="already DRONE-compressed"):
+    with pytest.raises(ValueError, match=r"already DRONE-compressed \(\d+ factored layers"):
         cb.on_train_begin(args, state, None, model=copy.deepcopy(pair[1]))
+    attention_only = drone_hf.compress(dense_classifier(), drone_hf.DroneConfig(
+        num_samples=8, dataset=CALIBRATION_TEXTS, tokenizer=tok, compress_attention=True, attention_rank=4,
+        target_modules=["query", "key"]), show_progress=False)
+    with pytest.raises(ValueError, match=r"already DRONE-compressed \(\d+ compressed attention modules"):
+        cb.on_train_begin(args, state, None, model=attention_only)  # compressed a second time before
     with pytest.raises(ValueError, match="needs a tokenizer"):
         cb.on_train_begin(args, state, None, model=dense_classifier(), train_dataloader=None, processing_class=None)
     with pytest.raises(ValueError, match="torch_compile=True captured them"):
