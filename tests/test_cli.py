@@ -161,6 +161,49 @@ def test_inspect_prints_ranks_sizes_and_settings(ckpts, capsys):
     assert data["model_params"] == rep.model_params
 
 
+def test_inspect_lists_layers_in_the_models_order(tmp_path, capsys):
+    """inspect sorted the layers by name: within a block attention.output.dense came before
+    attention.self.query, and key before query, and the JSON's ranks put layer.10 before layer.2.
+    They are listed now as the model holds them, the order compress printed."""
+    from tiny_models import CALIBRATION_TEXTS, bert_config, tokenizer
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    model = drone_hf.compress(BertModel(bert_config(num_hidden_layers=11)).eval(), DroneConfig(
+        dataset=CALIBRATION_TEXTS, num_samples=4, tokenizer=tokenizer(), allocation="uniform",
+        target_modules=["query", "key", "output.dense"]), show_progress=False)
+    model.save_pretrained(tmp_path / "drone")
+    in_model = [r.name for r in drone_hf.report(model)]
+    assert in_model.index("encoder.layer.2.attention.self.query") < in_model.index("encoder.layer.10.output.dense")
+    assert main(["inspect", str(tmp_path / "drone")]) == 0
+    table = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("encoder.")]
+    assert table == in_model
+    assert main(["inspect", str(tmp_path / "drone"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in data["layers"]] == in_model
+    assert list(data["quantization_config"]["ranks"]) == in_model
+    assert list(data["quantization_config"]["relative_errors"]) == in_model
+
+
+def test_inspect_orders_by_layer_index_when_the_architecture_cannot_be_built():
+    """A class transformers lacks (remote code), or one that does not hold every recorded layer (not the
+    model that was compressed), gives no module order: layers are then in name order with the indices
+    compared as numbers, block 10 after block 2."""
+    from tiny_models import bert_config
+
+    from drone_hf.hub.summary import _layer_order
+
+    names = ["encoder.layer.10.output.dense", "encoder.layer.2.attention.self.query",
+             "encoder.layer.2.attention.output.dense"]
+    by_index = [names[2], names[1], names[0]]
+    remote = bert_config().to_dict() | {"architectures": ["RemoteCodeBertModel"]}
+    assert sorted(names, key=_layer_order(remote, names)) == by_index
+    two_blocks = bert_config().to_dict() | {"architectures": ["BertModel"]}  # it has no encoder.layer.10
+    assert sorted(names, key=_layer_order(two_blocks, names)) == by_index
+    held = ["encoder.layer.1.attention.output.dense", "encoder.layer.1.attention.self.query"]
+    assert sorted(held, key=_layer_order(two_blocks, held)) == held[::-1]  # all held: the model's order
+
+
 @pytest.mark.parametrize("which, message", [("dense", "is a dense checkpoint"), ("missing", "is not a folder")])
 def test_inspect_errors(ckpts, tmp_path, capsys, which, message):
     path = ckpts["bert"][0] if which == "dense" else tmp_path / "nope"
