@@ -159,7 +159,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    "calibration), a .txt/.jsonl file, or a labelled .jsonl/.csv/.tsv file (with --label-column)")
     e.add_argument("--text-column", default="text", help="text column of a .jsonl/.csv dataset")
     e.add_argument("--label-column", default=None,
-                   help="label column of a labelled dataset: turns on accuracy (labels are class ids or names)")
+                   help="label column of a labelled dataset: turns on accuracy (labels are class ids, 1.0 read as "
+                   "1, or the model's label names; true/false only where the model names classes so)")
     e.add_argument("--num-texts", type=_positive_int, default=32, help="texts drawn (seeded) from the dataset")
     e.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="texts per forward pass")
@@ -517,13 +518,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from drone_hf.calibration import load_texts
-    from drone_hf.hub import measure_accuracy, measure_fidelity, measure_perplexity, read_labelled
+    from drone_hf.hub import measure_accuracy, measure_fidelity, measure_perplexity
+    from drone_hf.hub.measure import read_labelled_rows
 
     labelled = None
     if args.label_column is not None:
         if args.dataset is None:
             raise CliError("--label-column needs --dataset, a labelled .jsonl/.csv/.tsv file")
-        labelled = read_labelled(args.dataset, args.text_column, args.label_column)
+        rows = read_labelled_rows(args.dataset, args.text_column, args.label_column)  # before loading any model
+        labelled = [(text, label) for _, text, label in rows]
     summary, kind, compressed, dense, tokenizer = _load_pair(args)
     if tokenizer is None:
         raise CliError(f"no tokenizer in {args.checkpoint} or the dense model; save one next to the checkpoint")
@@ -534,7 +537,9 @@ def _eval(args: argparse.Namespace) -> int:
     from drone_hf.utils.public_names import public_name
 
     if labelled is not None:
-        label_ids([label for _, label in labelled], compressed.config)  # before any measurement
+        # every row's label, named by file:line when refused
+        label_ids([label for _, _, label in rows], compressed.config,
+                  where=[f"labelled dataset {args.dataset}:{line}" for line, _, _ in rows])  # before measuring
 
     # the measurements' *_data fields reach a model card (Measurements.from_json): a dataset's name, never a
     # local path that means nothing elsewhere and shows the user's directory layout
