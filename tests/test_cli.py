@@ -360,6 +360,55 @@ def test_eval_reports_accuracy_on_a_labelled_set(ckpts, tmp_path, capsys):
     assert 0 <= m["accuracy_compressed"] <= 1
 
 
+def test_eval_draws_the_labelled_rows_by_seed_for_fidelity_and_accuracy(ckpts, tmp_path, capsys, monkeypatch):
+    """Fidelity measured the first --num-texts labelled texts whatever --seed said, and accuracy every row,
+    ignoring both options. Now both measure the same rows: every row by default, a seeded draw by
+    load_texts' rule with --num-texts, named with its count."""
+    import drone_hf.hub
+    from drone_hf.calibration import load_texts
+
+    seen: dict[str, list] = {}
+
+    def recording(name, measure):
+        def run(dense, compressed, data, tokenizer, **kw):
+            seen[name] = list(data)
+            return measure(dense, compressed, data, tokenizer, **kw)
+        return run
+
+    monkeypatch.setattr(drone_hf.hub, "measure_fidelity", recording("fidelity", drone_hf.hub.measure_fidelity))
+    monkeypatch.setattr(drone_hf.hub, "measure_accuracy", recording("accuracy", drone_hf.hub.measure_accuracy))
+    dense, folder = ckpts["bert-seq-cls"]
+    data = tmp_path / "dev.jsonl"
+    rows = [(t, i % 3) for i, t in enumerate(CALIBRATION_TEXTS)]
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    base = ["eval", str(folder), "--dense", str(dense), "--dataset", str(data), "--label-column", "label", "--json"]
+    draws = {}
+    for seed in ("1", "2"):
+        assert main([*base, "--num-texts", "3", "--seed", seed]) == 0
+        m = json.loads(capsys.readouterr().out)
+        expected = load_texts(str(data), 3, int(seed))  # the unlabelled path's draw of the same file
+        assert seen["fidelity"] == expected
+        assert seen["accuracy"] == [r for r in rows if r[0] in expected]  # the same rows, with their labels
+        assert m["fidelity_data"] == "3 texts of <local path: dev.jsonl>"
+        assert m["accuracy_data"] == f"3 of 8 labelled examples of <local path: dev.jsonl>, drawn with seed {seed}"
+        draws[seed] = expected
+    assert draws["1"] != draws["2"] and draws["1"] != list(CALIBRATION_TEXTS[:3])  # not the first rows
+    # the default: accuracy on the whole file (no draw, so no seed to name)
+    assert main(base) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert seen["accuracy"] == rows and seen["fidelity"] == [t for t, _ in rows]
+    assert m["accuracy_data"] == "8 labelled examples of <local path: dev.jsonl>"
+
+
+def test_eval_help_states_what_num_texts_draws(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "texts drawn (seeded by --seed, kept in file order) from the dataset (default 32)" in text
+    assert "With --label-column the default is every labelled row" in text
+    assert "fidelity and accuracy always measure the same rows" in text
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
