@@ -40,6 +40,8 @@ MODEL_CLASSES = {
 #: The Hub model the packaged demo model is a copy of (recorded as the checkpoint's base model).
 DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 HELDOUT = "sotu-heldout"
+#: Texts `eval` draws from an unlabelled dataset when --num-texts is not given.
+EVAL_TEXTS = 32
 
 
 class CliError(Exception):
@@ -159,8 +161,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    "calibration), a .txt/.jsonl file, or a labelled .jsonl/.csv/.tsv file (with --label-column)")
     e.add_argument("--text-column", default="text", help="text column of a .jsonl/.csv dataset")
     e.add_argument("--label-column", default=None,
-                   help="label column of a labelled dataset: turns on accuracy (labels are class ids or names)")
-    e.add_argument("--num-texts", type=_positive_int, default=32, help="texts drawn (seeded) from the dataset")
+                   help="label column of a labelled dataset: turns on accuracy (labels are class ids, 1.0 read as "
+                   "1, or the model's label names; true/false only where the model names classes so)")
+    e.add_argument("--num-texts", type=_positive_int, default=None,
+                   help=f"texts drawn (seeded by --seed, kept in file order) from the dataset (default {EVAL_TEXTS}). "
+                   "With --label-column the default is every labelled row, so accuracy covers the whole file unless "
+                   "--num-texts caps it; fidelity and accuracy always measure the same rows")
     e.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="texts per forward pass")
     e.add_argument("--seed", type=int, default=0, help="seed of the text subset")
@@ -517,32 +523,44 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from drone_hf.calibration import load_texts
-    from drone_hf.hub import measure_accuracy, measure_fidelity, measure_perplexity, read_labelled
+    from drone_hf.calibration.data import seeded_draw
+    from drone_hf.hub import measure_accuracy, measure_fidelity, measure_perplexity
+    from drone_hf.hub.measure import read_labelled_rows
 
-    labelled = None
+    rows = None
     if args.label_column is not None:
         if args.dataset is None:
             raise CliError("--label-column needs --dataset, a labelled .jsonl/.csv/.tsv file")
-        labelled = read_labelled(args.dataset, args.text_column, args.label_column)
+        rows = read_labelled_rows(args.dataset, args.text_column, args.label_column)  # before loading any model
     summary, kind, compressed, dense, tokenizer = _load_pair(args)
     if tokenizer is None:
         raise CliError(f"no tokenizer in {args.checkpoint} or the dense model; save one next to the checkpoint")
-    if labelled is not None and not kind.endswith("SequenceClassification"):
+    if rows is not None and not kind.endswith("SequenceClassification"):
         raise CliError(f"accuracy needs a sequence-classification checkpoint; {args.checkpoint} is "
                        f"{summary.architecture} (use --model-class sequence-classification if it is one)")
     from drone_hf.hub.measure import capped_length, label_ids
     from drone_hf.utils.public_names import public_name
 
-    if labelled is not None:
-        label_ids([label for _, label in labelled], compressed.config)  # before any measurement
-
     # the measurements' *_data fields reach a model card (Measurements.from_json): a dataset's name, never a
     # local path that means nothing elsewhere and shows the user's directory layout
     name = public_name(args.dataset or HELDOUT)
-    if labelled is not None:
-        texts = [t for t, _ in labelled][: args.num_texts]
+    labelled = None
+    if rows is not None:
+        # every row's label, not only the drawn ones: a bad label anywhere is a bad file, named by file:line
+        label_ids([label for _, _, label in rows], compressed.config,
+                  where=[f"labelled dataset {args.dataset}:{line}" for line, _, _ in rows])  # before measuring
+        # Accuracy defaults to every labelled row: a dev set's accuracy is the number a user compares with
+        # published ones, and 32 rows of it would be noise. --num-texts, when given, draws a seeded subset by
+        # the rule load_texts uses (seeded_draw: reproducible, --seed changes it, file order kept), and
+        # fidelity and accuracy both measure exactly those rows.
+        drawn = rows if args.num_texts is None else seeded_draw(rows, args.num_texts, args.seed)
+        labelled = [(text, label) for _, text, label in drawn]
+        texts = [text for text, _ in labelled]
+        accuracy_data = f"{len(labelled)} labelled examples of {name}"
+        if len(drawn) < len(rows):
+            accuracy_data = f"{len(drawn)} of {len(rows)} labelled examples of {name}, drawn with seed {args.seed}"
     else:
-        texts = load_texts(args.dataset or HELDOUT, args.num_texts, args.seed, column=args.text_column)
+        texts = load_texts(args.dataset or HELDOUT, args.num_texts or EVAL_TEXTS, args.seed, column=args.text_column)
     # capped once here (one warning), not in each of the up to three measurements below
     kw = dict(max_length=capped_length(args.max_length, dense, compressed), batch_size=args.batch_size)
     data_name = f"{len(texts)} texts of {name}"
@@ -552,8 +570,7 @@ def _eval(args: argparse.Namespace) -> int:
     if kind == "AutoModelForCausalLM":
         result = result.merge(measure_perplexity(dense, compressed, texts, tokenizer, data_name=data_name, **kw))
     if labelled is not None:
-        result = result.merge(measure_accuracy(dense, compressed, labelled, tokenizer, data_name=f"{len(labelled)} "
-                                               f"labelled examples of {name}", **kw))
+        result = result.merge(measure_accuracy(dense, compressed, labelled, tokenizer, data_name=accuracy_data, **kw))
     _print_measurements(result, args.json)
     return 0
 

@@ -161,6 +161,49 @@ def test_inspect_prints_ranks_sizes_and_settings(ckpts, capsys):
     assert data["model_params"] == rep.model_params
 
 
+def test_inspect_lists_layers_in_the_models_order(tmp_path, capsys):
+    """inspect sorted the layers by name: within a block attention.output.dense came before
+    attention.self.query, and key before query, and the JSON's ranks put layer.10 before layer.2.
+    They are listed now as the model holds them, the order compress printed."""
+    from tiny_models import CALIBRATION_TEXTS, bert_config, tokenizer
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    model = drone_hf.compress(BertModel(bert_config(num_hidden_layers=11)).eval(), DroneConfig(
+        dataset=CALIBRATION_TEXTS, num_samples=4, tokenizer=tokenizer(), allocation="uniform",
+        target_modules=["query", "key", "output.dense"]), show_progress=False)
+    model.save_pretrained(tmp_path / "drone")
+    in_model = [r.name for r in drone_hf.report(model)]
+    assert in_model.index("encoder.layer.2.attention.self.query") < in_model.index("encoder.layer.10.output.dense")
+    assert main(["inspect", str(tmp_path / "drone")]) == 0
+    table = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("encoder.")]
+    assert table == in_model
+    assert main(["inspect", str(tmp_path / "drone"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in data["layers"]] == in_model
+    assert list(data["quantization_config"]["ranks"]) == in_model
+    assert list(data["quantization_config"]["relative_errors"]) == in_model
+
+
+def test_inspect_orders_by_layer_index_when_the_architecture_cannot_be_built():
+    """A class transformers lacks (remote code), or one that does not hold every recorded layer (not the
+    model that was compressed), gives no module order: layers are then in name order with the indices
+    compared as numbers, block 10 after block 2."""
+    from tiny_models import bert_config
+
+    from drone_hf.hub.summary import _layer_order
+
+    names = ["encoder.layer.10.output.dense", "encoder.layer.2.attention.self.query",
+             "encoder.layer.2.attention.output.dense"]
+    by_index = [names[2], names[1], names[0]]
+    remote = bert_config().to_dict() | {"architectures": ["RemoteCodeBertModel"]}
+    assert sorted(names, key=_layer_order(remote, names)) == by_index
+    two_blocks = bert_config().to_dict() | {"architectures": ["BertModel"]}  # it has no encoder.layer.10
+    assert sorted(names, key=_layer_order(two_blocks, names)) == by_index
+    held = ["encoder.layer.1.attention.output.dense", "encoder.layer.1.attention.self.query"]
+    assert sorted(held, key=_layer_order(two_blocks, held)) == held[::-1]  # all held: the model's order
+
+
 @pytest.mark.parametrize("which, message", [("dense", "is a dense checkpoint"), ("missing", "is not a folder")])
 def test_inspect_errors(ckpts, tmp_path, capsys, which, message):
     path = ckpts["bert"][0] if which == "dense" else tmp_path / "nope"
@@ -315,6 +358,55 @@ def test_eval_reports_accuracy_on_a_labelled_set(ckpts, tmp_path, capsys):
         preds = [int(model(**tok(r["sentence"], return_tensors="pt")).logits.argmax()) for r in rows]
     assert m["accuracy_dense"] == sum(p == i % 3 for i, p in enumerate(preds)) / len(rows)
     assert 0 <= m["accuracy_compressed"] <= 1
+
+
+def test_eval_draws_the_labelled_rows_by_seed_for_fidelity_and_accuracy(ckpts, tmp_path, capsys, monkeypatch):
+    """Fidelity measured the first --num-texts labelled texts whatever --seed said, and accuracy every row,
+    ignoring both options. Now both measure the same rows: every row by default, a seeded draw by
+    load_texts' rule with --num-texts, named with its count."""
+    import drone_hf.hub
+    from drone_hf.calibration import load_texts
+
+    seen: dict[str, list] = {}
+
+    def recording(name, measure):
+        def run(dense, compressed, data, tokenizer, **kw):
+            seen[name] = list(data)
+            return measure(dense, compressed, data, tokenizer, **kw)
+        return run
+
+    monkeypatch.setattr(drone_hf.hub, "measure_fidelity", recording("fidelity", drone_hf.hub.measure_fidelity))
+    monkeypatch.setattr(drone_hf.hub, "measure_accuracy", recording("accuracy", drone_hf.hub.measure_accuracy))
+    dense, folder = ckpts["bert-seq-cls"]
+    data = tmp_path / "dev.jsonl"
+    rows = [(t, i % 3) for i, t in enumerate(CALIBRATION_TEXTS)]
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    base = ["eval", str(folder), "--dense", str(dense), "--dataset", str(data), "--label-column", "label", "--json"]
+    draws = {}
+    for seed in ("1", "2"):
+        assert main([*base, "--num-texts", "3", "--seed", seed]) == 0
+        m = json.loads(capsys.readouterr().out)
+        expected = load_texts(str(data), 3, int(seed))  # the unlabelled path's draw of the same file
+        assert seen["fidelity"] == expected
+        assert seen["accuracy"] == [r for r in rows if r[0] in expected]  # the same rows, with their labels
+        assert m["fidelity_data"] == "3 texts of <local path: dev.jsonl>"
+        assert m["accuracy_data"] == f"3 of 8 labelled examples of <local path: dev.jsonl>, drawn with seed {seed}"
+        draws[seed] = expected
+    assert draws["1"] != draws["2"] and draws["1"] != list(CALIBRATION_TEXTS[:3])  # not the first rows
+    # the default: accuracy on the whole file (no draw, so no seed to name)
+    assert main(base) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert seen["accuracy"] == rows and seen["fidelity"] == [t for t, _ in rows]
+    assert m["accuracy_data"] == "8 labelled examples of <local path: dev.jsonl>"
+
+
+def test_eval_help_states_what_num_texts_draws(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "texts drawn (seeded by --seed, kept in file order) from the dataset (default 32)" in text
+    assert "With --label-column the default is every labelled row" in text
+    assert "fidelity and accuracy always measure the same rows" in text
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -119,6 +120,17 @@ def test_bench_refuses_a_cuda_index_this_machine_lacks(ckpts, capsys, monkeypatc
         ("string.jsonl", '{"text": "a", "label": 0}\n"just a string"\n', "string.jsonl:2 is a JSON str, not an object"),
         ("short.csv", "text,label\nthe budget is strong,0\nwe will win\n",
          "short.csv:3 has column(s) ['label'] missing (the row has fewer fields)"),
+        # a label refused for its value is named by file:line too, and every row is checked
+        ("half.jsonl", '{"text": "a b", "label": 0}\n{"text": "c d", "label": 0.5}\n',
+         "half.jsonl:2: label 0.5 is not a whole number, so it is no class id"),
+        ("half.csv", "text,label\na b,0\nc d,0.5\n", "half.csv:3: label '0.5' is not a whole number"),
+        ("nan.jsonl", '{"text": "a b", "label": NaN}\n', "nan.jsonl:1: label nan is not a whole number"),
+        ("bool.jsonl", '{"text": "a b", "label": 0}\n{"text": "c d", "label": true}\n',
+         "bool.jsonl:2: label True is a JSON boolean, not a class: class ids are integers and the model names no "
+         "class true/false, so which class it means would be a guess; write class ids 0 to 2 or the model's labels"),
+        ("bool.csv", "text,label\na b,False\n", "bool.csv:2: label 'False' is a boolean word, not a class"),
+        ("name.tsv", "text\tlabel\na b\tLABEL_1\nc d\tpositive\n",
+         "name.tsv:3: label 'positive' is neither an integer class id nor one of the model's labels"),
     ],
 )
 def test_eval_refuses_bad_labelled_rows(ckpts, tmp_path, capsys, monkeypatch, name, content, message):
@@ -133,6 +145,47 @@ def test_eval_refuses_bad_labelled_rows(ckpts, tmp_path, capsys, monkeypatch, na
     assert main(["eval", str(folder), "--dense", str(dense), "--dataset", str(tmp_path / name),
                  "--label-column", "label"]) == 2
     assert message in last_error_line(capsys)
+
+
+def test_eval_reads_whole_number_float_labels_as_their_class(ckpts, tmp_path, capsys):
+    """A JSON 1.0 or a CSV "1.0" (pandas writes an int column with a gap as floats) was refused as
+    neither a class id nor a label name; it is the integer class, so accuracy matches the int file."""
+    dense, folder = ckpts["bert-seq-cls"]
+    texts = [t.replace(",", " ") for t in CALIBRATION_TEXTS[:6]]
+    (tmp_path / "int.jsonl").write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n"
+                                                for i, t in enumerate(texts)))
+    (tmp_path / "float.jsonl").write_text("".join(json.dumps({"text": t, "label": float(i % 3)}) + "\n"
+                                                  for i, t in enumerate(texts)))
+    (tmp_path / "float.csv").write_text("text,label\n" + "".join(f"{t},{i % 3}.0\n" for i, t in enumerate(texts)))
+    results = []
+    for name in ("int.jsonl", "float.jsonl", "float.csv"):
+        assert main(["eval", str(folder), "--dense", str(dense), "--dataset", str(tmp_path / name),
+                     "--label-column", "label", "--json"]) == 0, last_error_line(capsys)
+        m = json.loads(capsys.readouterr().out)
+        results.append((m["accuracy_dense"], m["accuracy_compressed"]))
+    assert results[1] == results[0] and results[2] == results[0]
+
+
+def test_label_ids_reads_floats_and_booleans_deliberately():
+    """Whole-number floats are their class, other numbers are refused; booleans are never int(True) == 1
+    (a ClassLabel is never a bool), only a class the model names true/false."""
+    from types import SimpleNamespace
+
+    from drone_hf.hub.measure import label_ids
+
+    default = SimpleNamespace(num_labels=3, label2id={f"LABEL_{i}": i for i in range(3)})
+    assert label_ids([1.0, 0.0, "2.0", " 1.0 ", "+1", 2], default) == [1, 0, 2, 1, 1, 2]
+    for bad, message in [(0.5, "label 0.5 is not a whole number"), ("2.5", "label '2.5' is not a whole number"),
+                         (float("inf"), "label inf is not a whole number"), (3.0, "label 3.0 is outside the model's 3"),
+                         (True, "label True is a JSON boolean"), ("true", "label 'true' is a boolean word")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            label_ids([bad], default)
+    with pytest.raises(ValueError, match=re.escape("dev.jsonl:4: label 0.5 is not")):
+        label_ids([0, 0.5], default, where=["dev.jsonl:3", "dev.jsonl:4"])
+    boolq = SimpleNamespace(num_labels=2, label2id={"False": 0, "True": 1})
+    assert label_ids([True, False, "true", "FALSE", "True"], boolq) == [1, 0, 1, 0, 1]
+    reversed_names = SimpleNamespace(num_labels=2, label2id={"true": 0, "false": 1})
+    assert label_ids([True, False], reversed_names) == [0, 1]  # the model's names decide, not int(True)
 
 
 def test_eval_reads_a_csv_with_a_byte_order_mark(ckpts, tmp_path, capsys):

@@ -16,9 +16,11 @@ from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+_T = TypeVar("_T")
 
 #: Built-in corpora shipped inside the package (public domain: U.S. State of the Union addresses,
 #: CC0). ``"sotu"`` (1990-2012) is the default calibration text; ``"sotu-heldout"`` (2013-2021)
@@ -218,10 +220,22 @@ def load_texts(dataset: Any, num_samples: int, seed: int = 0, column: str = "tex
             "The calibration dataset is empty (no non-empty text). Pass texts representative of the model's "
             f"use, or leave dataset=None for the built-in corpus {DEFAULT_CORPUS!r}."
         )
-    if len(texts) > num_samples:
-        keep = sorted(random.Random(seed).sample(range(len(texts)), num_samples))
-        texts = [texts[i] for i in keep]
-    return texts
+    return seeded_draw(texts, num_samples, seed)
+
+
+def seeded_draw(items: Sequence[_T], num_samples: int, seed: int = 0) -> list[_T]:
+    """At most ``num_samples`` of ``items``: all of them when there are that few, else a seeded random
+    subset kept in source order.
+
+    The one rule every seeded subset follows (:func:`load_texts`, the labelled rows of ``drone-hf
+    eval``): the same items, count and seed always give the same subset, on any machine and in any
+    process (``random.Random(seed)``, not the global generator), and another seed gives another one.
+    Source order is kept so a subset of a file reads in the file's order.
+    """
+    if len(items) <= num_samples:
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), num_samples))
+    return [items[i] for i in keep]
 
 
 @dataclass

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -152,11 +154,22 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
 
     Every row is checked, not only the first: each must hold a string text and a non-null label
     (a missing CSV field reads as null). A UTF-8 byte order mark (Excel's CSV export) is skipped.
+    Labels are returned as read (a JSON ``1.0`` stays a float, a CSV field a string):
+    :func:`label_ids` turns them into class ids, since that needs the model's label names.
 
     Raises:
         ValueError: unknown file type, invalid JSON, missing or null columns, or no rows; each message
             names the file, the line where it applies, and the fix.
     """
+    return [(text, label) for _, text, label in read_labelled_rows(path, text_column, label_column)]
+
+
+def read_labelled_rows(
+    path: str | Path, text_column: str = "text", label_column: str = "label"
+) -> list[tuple[int, str, Any]]:
+    """:func:`read_labelled` with each row's line number first, ``(line, text, label)``: the labels are
+    converted later (:func:`label_ids`, once the model's label names are known), and a label refused
+    then is named by ``file:line`` as the reader's own errors are."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"labelled dataset {path} does not exist; give a .jsonl or .csv file")
@@ -198,36 +211,82 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
         if not isinstance(row[text_column], str):
             raise ValueError(f"{where}: {text_column!r} is {type(row[text_column]).__name__} "
                              f"{row[text_column]!r}, not a text; give the raw text as a string")
-        out.append((row[text_column], row[label_column]))
+        out.append((number, row[text_column], row[label_column]))
     return out
 
 
-def label_ids(labels: Sequence[Any], config: Any) -> list[int]:
-    """Class ids for ``labels`` given as ids (``1``, ``"1"``) or as the model's label names
-    (``config.label2id``: ``"positive"``), so a labelled file can name its classes either way. A
+#: A number as a CSV field or JSON string spells it: an integer ("1", "-2") and any decimal ("1.0", ".5", "1e0").
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_BOOLEANS = ("true", "false")
+
+
+def _boolean_name(label: bool | str, label2id: dict[str, int]) -> int | None:
+    """The class of a boolean label, when the model names exactly one class ``true``/``false`` in any
+    case (``"True"``, as BoolQ-style heads name theirs); else ``None``."""
+    word = str(label).strip().casefold()
+    hits = [i for name, i in label2id.items() if name.strip().casefold() == word]
+    return hits[0] if len(hits) == 1 else None
+
+
+def label_ids(labels: Sequence[Any], config: Any, where: Sequence[str] | None = None) -> list[int]:
+    """Class ids for ``labels`` given as ids (``1``, ``"1"``, ``1.0``, ``"1.0"``) or as the model's label
+    names (``config.label2id``: ``"positive"``), so a labelled file can name its classes either way. A
     string that is a label name is read as that name, even when it is made of digits.
 
+    A whole-number float (``1.0``: pandas writes an int column with a missing value as floats, and a
+    JSON writer may do the same) is that integer class; ``0.5``, ``nan`` or ``inf`` is refused, as a
+    probability or a regression target is not a class to compare an argmax with.
+
+    Booleans are deliberately not ids. A Hugging Face ``ClassLabel`` is an integer and never a bool,
+    so a JSON ``true`` (or a CSV ``true``/``False``) in a labelled file is most likely a mistake, and
+    reading it as ``int(True) == 1`` would silently guess which class it means. It is read as a class
+    name when the model names exactly one class true/false in any case (a BoolQ-style head labelled
+    ``"False"``/``"True"``), and refused otherwise, with the fix.
+
+    Args:
+        where: optional, one location per label (``"labelled dataset dev.jsonl:3"``), put in front of
+            each message so a refused label is found in its file.
+
     Raises:
-        ValueError: a label that is neither, or an id outside the model's ``num_labels`` classes (a
-            -1 or 7 for a 3-class head would silently never match, or fail inside the loss).
+        ValueError: a label that is neither, a non-integral number, a boolean the model does not name,
+            or an id outside the model's ``num_labels`` classes (a -1 or 7 for a 3-class head would
+            silently never match, or fail inside the loss).
     """
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
     num_labels = getattr(config, "num_labels", None)
+    names = f"the model's labels {sorted(label2id)}"
+    ids = f"class ids 0 to {num_labels - 1}" if isinstance(num_labels, int) and num_labels > 0 else "class ids"
     out = []
-    for label in labels:
+    for index, label in enumerate(labels):
+        at = f"{where[index]}: " if where is not None else ""
+        text = label.strip() if isinstance(label, str) else None
         # a string is the model's label name first: star ratings named "1".."5" are ids 0..4, not 1..5
         if isinstance(label, str) and label in label2id:
             out.append(label2id[label])
-        elif isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
+        elif isinstance(label, bool) or (text is not None and text.casefold() in _BOOLEANS):
+            found = _boolean_name(label, label2id)
+            if found is None:
+                kind = "a JSON boolean" if isinstance(label, bool) else "a boolean word"
+                raise ValueError(f"{at}label {label!r} is {kind}, not a class: class ids are integers and the model "
+                                 "names no class true/false, so which class it means would be a guess; write "
+                                 f"{ids} or {names}")
+            out.append(found)
+        elif isinstance(label, numbers.Integral) or (text is not None and _INTEGER.fullmatch(text)):
             out.append(int(label))
+        elif isinstance(label, numbers.Real) or (text is not None and _NUMBER.fullmatch(text)):
+            value = float(label)
+            if not (math.isfinite(value) and value.is_integer()):
+                raise ValueError(f"{at}label {label!r} is not a whole number, so it is no class id (a probability "
+                                 f"or a score is not a class); write {ids} or {names}")
+            out.append(int(value))  # 1.0 -> 1: the integer class written as a float
         elif str(label) in label2id:
             out.append(label2id[str(label)])
         else:
-            raise ValueError(f"label {label!r} is neither an integer class id nor one of the model's labels "
-                             f"{sorted(label2id)}")
+            raise ValueError(f"{at}label {label!r} is neither an integer class id nor one of {names}")
         if isinstance(num_labels, int) and num_labels > 0 and not 0 <= out[-1] < num_labels:
-            raise ValueError(f"label {label!r} is outside the model's {num_labels} classes; give class ids 0 to "
-                             f"{num_labels - 1} or the model's labels {sorted(label2id)}")
+            raise ValueError(f"{at}label {label!r} is outside the model's {num_labels} classes; give class ids 0 to "
+                             f"{num_labels - 1} or {names}")
     return out
 
 

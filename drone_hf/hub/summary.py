@@ -1,13 +1,17 @@
 """What a saved DRONE checkpoint holds, read from ``config.json`` and the safetensors headers.
 
-No weight is loaded and no model is built, so inspecting a multi-gigabyte LLM checkpoint costs a
-few kilobytes of reading; the shapes come from the safetensors headers (the first bytes of each file).
+No weight is loaded, so inspecting a multi-gigabyte LLM checkpoint costs a few kilobytes of reading;
+the shapes come from the safetensors headers (the first bytes of each file). Only the layer order
+needs the architecture: neither file keeps the model's module order (``config.json`` is written with
+sorted keys, safetensors sorts its tensors by name), so the recorded class is built empty on the
+``meta`` device (no memory, no weights) to list the layers as the model runs them.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,8 +251,8 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
         total += n
 
     rows = []
-    # config.json stores ranks with sorted keys; natural order puts block 10 after block 9.
-    for name, rank in sorted(ranks.items(), key=lambda kv: _natural_key(kv[0])):
+    order = _layer_order(base, [*ranks, *(q.get("attention_ranks") or {})])
+    for name, rank in sorted(ranks.items(), key=lambda kv: order(kv[0])):
         down = _find(shapes, name + ".down.weight")
         up = _find(shapes, name + ".up.weight")
         if down is None or up is None:
@@ -260,7 +264,7 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
         if k != rank or k2 != rank:
             raise ValueError(f"{folder}: {name!r} is recorded with rank {rank} but its factors have rank {k}/{k2}")
         rows.append(LayerRow(name, out_f, in_f, rank, out_f * in_f, rank * (out_f + in_f), errors.get(name)))
-    attention_rows = _attention_rows(base, q)
+    attention_rows = _attention_rows(base, q, order)
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     arch = (base.get("architectures") or [None])[0]
     return CheckpointSummary(
@@ -269,14 +273,14 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
         base_model_type=base.get("model_type"),
         architecture=arch,
         info=dict(base.get(CHECKPOINT_KEY) or {}),
-        quantization=q,
+        quantization=_in_layer_order(q, [r.name for r in rows], [r.name for r in attention_rows]),
         report=CompressionReport(rows=rows, model_params=total, attention_rows=attention_rows),
         dtypes=sorted(dtypes),
         files=files,
     )
 
 
-def _attention_rows(base: dict[str, Any], q: dict[str, Any]) -> list[AttentionRow]:
+def _attention_rows(base: dict[str, Any], q: dict[str, Any], order: Callable[[str], Any]) -> list[AttentionRow]:
     """Query-key compressed attention modules from ``attention_ranks`` and the config's shapes (the
     query and key projections of self-attention read the hidden state; every architecture the
     query-key stage supports has biases on them), counted as :func:`drone_hf.report` counts them."""
@@ -294,12 +298,70 @@ def _attention_rows(base: dict[str, Any], q: dict[str, Any]) -> list[AttentionRo
         AttentionRow(name=name, heads=heads, head_dim=head_dim, qk_rank=rank, in_features=hidden,
                      dense_params=2 * heads * head_dim * per_row, compressed_params=2 * heads * rank * per_row,
                      score_error=errors.get(name))
-        for name, rank in sorted(ranks.items(), key=lambda kv: _natural_key(kv[0]))
+        for name, rank in sorted(ranks.items(), key=lambda kv: order(kv[0]))
     ]
 
 
 def _natural_key(name: str) -> list:
+    """Name order with layer indices compared as numbers: block 10 after block 9, not after block 1."""
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
+def _module_order(base: dict[str, Any]) -> dict[str, int] | None:
+    """Position of each module of the recorded architecture in ``named_modules()``, from the class
+    built empty on the ``meta`` device (no memory, no weights); ``None`` when transformers has no such
+    class (remote code) or the config does not build, and the caller falls back to name order."""
+    arch = (base.get("architectures") or [None])[0]
+    try:
+        import torch
+        import transformers
+        from transformers.utils import logging as hf_logging
+
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        model_type = base.get("model_type")
+        # the lazy mapping's .get() is dict.get and answers None for every type: membership, then []
+        if model_type not in transformers.CONFIG_MAPPING:
+            return None
+        config_class = transformers.CONFIG_MAPPING[model_type]
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            return None
+        plain = {k: v for k, v in base.items() if k not in ("quantization_config", CHECKPOINT_KEY)}
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # building the skeleton is not news to the user
+        try:
+            with torch.device("meta"):
+                model = cls(config_class.from_dict(plain))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except Exception:  # noqa: BLE001  (any failure only costs the order, never the summary)
+        return None
+    return {name: i for i, (name, _) in enumerate(model.named_modules())}
+
+
+def _layer_order(base: dict[str, Any], names: list[str]) -> Callable[[str], Any]:
+    """The sort key that lists layers in the model's own order (query, key, value, attention output,
+    then the MLP, block by block, as ``drone_hf.report(model)`` prints them after ``compress``), or in
+    natural name order when the architecture cannot be built or does not hold every recorded layer
+    (it is then not the model that was compressed, and its order would mix with name order)."""
+    if not names:
+        return _natural_key
+    position = _module_order(base)
+    if position is None or any(name not in position for name in names):
+        return _natural_key
+    return position.__getitem__
+
+
+def _in_layer_order(q: dict[str, Any], layers: list[str], attention: list[str]) -> dict[str, Any]:
+    """``quantization_config`` with its per-layer maps in the table's order: as saved (sorted keys) they
+    put ``layer.10`` before ``layer.2`` in ``inspect --json``. Only key order changes; a key the table
+    lacks keeps its place after the others."""
+    out = dict(q)
+    for key, names in (("ranks", layers), ("relative_errors", layers), ("attention_ranks", attention),
+                       ("attention_errors", attention)):
+        if isinstance(q.get(key), dict):
+            first = {name: q[key][name] for name in names if name in q[key]}
+            out[key] = first | {name: v for name, v in q[key].items() if name not in first}
+    return out
 
 
 def _find(shapes: dict[str, list[int]], suffix: str) -> list[int] | None:
