@@ -126,8 +126,9 @@ def test_bench_refuses_a_cuda_index_this_machine_lacks(ckpts, capsys, monkeypatc
         ("half.csv", "text,label\na b,0\nc d,0.5\n", "half.csv:3: label '0.5' is not a whole number"),
         ("nan.jsonl", '{"text": "a b", "label": NaN}\n', "nan.jsonl:1: label nan is not a whole number"),
         ("bool.jsonl", '{"text": "a b", "label": 0}\n{"text": "c d", "label": true}\n',
-         "bool.jsonl:2: label True is a JSON boolean, not a class: class ids are integers and the model names no "
-         "class true/false, so which class it means would be a guess; write class ids 0 to 2 or the model's labels"),
+         "bool.jsonl:2: label True is a JSON boolean, not a class: the model names no class true/false and has 3 "
+         "classes (only a 2-class head reads False as 0 and True as 1), so which class it means would be a guess; "
+         "write class ids 0 to 2 or the model's labels"),
         ("bool.csv", "text,label\na b,False\n", "bool.csv:2: label 'False' is a boolean word, not a class"),
         ("name.tsv", "text\tlabel\na b\tLABEL_1\nc d\tpositive\n",
          "name.tsv:3: label 'positive' is neither an integer class id nor one of the model's labels"),
@@ -167,8 +168,8 @@ def test_eval_reads_whole_number_float_labels_as_their_class(ckpts, tmp_path, ca
 
 
 def test_label_ids_reads_floats_and_booleans_deliberately():
-    """Whole-number floats are their class, other numbers are refused; booleans are never int(True) == 1
-    (a ClassLabel is never a bool), only a class the model names true/false."""
+    """Whole-number floats are their class, other numbers are refused; booleans are the class the model
+    names true/false, else False = 0 / True = 1 on a 2-class head, else refused (which of 3 is True?)."""
     from types import SimpleNamespace
 
     from drone_hf.hub.measure import label_ids
@@ -186,6 +187,12 @@ def test_label_ids_reads_floats_and_booleans_deliberately():
     assert label_ids([True, False, "true", "FALSE", "True"], boolq) == [1, 0, 1, 0, 1]
     reversed_names = SimpleNamespace(num_labels=2, label2id={"true": 0, "false": 1})
     assert label_ids([True, False], reversed_names) == [0, 1]  # the model's names decide, not int(True)
+    # a 2-class head naming neither: False = 0, True = 1, as datasets and BoolQ-style scripts read them
+    fresh_head = SimpleNamespace(num_labels=2, label2id={"LABEL_0": 0, "LABEL_1": 1})
+    assert label_ids([True, False, "true", " False "], fresh_head) == [1, 0, 1, 0]
+    one_named = SimpleNamespace(num_labels=2, label2id={"True": 0, "other": 1})
+    with pytest.raises(ValueError, match=re.escape("label False is a JSON boolean")):
+        label_ids([False], one_named)  # names "True" only: False is no convention's class here
 
 
 def test_eval_reads_a_csv_with_a_byte_order_mark(ckpts, tmp_path, capsys):

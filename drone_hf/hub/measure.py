@@ -221,12 +221,20 @@ _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _BOOLEANS = ("true", "false")
 
 
-def _boolean_name(label: bool | str, label2id: dict[str, int]) -> int | None:
-    """The class of a boolean label, when the model names exactly one class ``true``/``false`` in any
-    case (``"True"``, as BoolQ-style heads name theirs); else ``None``."""
+def _boolean_class(label: bool | str, label2id: dict[str, int], num_labels: Any) -> int | None:
+    """The class of a boolean label, else ``None``: the class the model names ``true``/``false`` (in
+    any case, as BoolQ-style heads name theirs ``"False"``/``"True"``) when it names exactly one;
+    on a 2-class head that names neither, ``False`` is 0 and ``True`` is 1, the convention of
+    Python's ``int(bool)``, of ``datasets``' cast of a bool column to int, and of every BoolQ-style
+    script (``label = int(answer)``), so such a dataset fine-tunes and evaluates as written."""
     word = str(label).strip().casefold()
     hits = [i for name, i in label2id.items() if name.strip().casefold() == word]
-    return hits[0] if len(hits) == 1 else None
+    if len(hits) == 1:
+        return hits[0]
+    named = any(name.strip().casefold() in _BOOLEANS for name in label2id)
+    if num_labels == 2 and not named:
+        return int(word == "true")
+    return None
 
 
 def label_ids(labels: Sequence[Any], config: Any, where: Sequence[str] | None = None) -> list[int]:
@@ -238,11 +246,11 @@ def label_ids(labels: Sequence[Any], config: Any, where: Sequence[str] | None = 
     JSON writer may do the same) is that integer class; ``0.5``, ``nan`` or ``inf`` is refused, as a
     probability or a regression target is not a class to compare an argmax with.
 
-    Booleans are deliberately not ids. A Hugging Face ``ClassLabel`` is an integer and never a bool,
-    so a JSON ``true`` (or a CSV ``true``/``False``) in a labelled file is most likely a mistake, and
-    reading it as ``int(True) == 1`` would silently guess which class it means. It is read as a class
-    name when the model names exactly one class true/false in any case (a BoolQ-style head labelled
-    ``"False"``/``"True"``), and refused otherwise, with the fix.
+    Booleans (a JSON ``true``, a CSV ``true``/``False``) are read deliberately, not as whatever
+    ``int(True) == 1`` happens to mean: as the class the model names true/false in any case (a
+    BoolQ-style head labelled ``"False"``/``"True"``), else, on a 2-class head, ``False`` = 0 and
+    ``True`` = 1 (the convention of ``datasets`` and of BoolQ-style scripts). On a head of another size
+    a boolean names no class (which of 3 classes is ``True``?), and is refused with the fix.
 
     Args:
         where: optional, one location per label (``"labelled dataset dev.jsonl:3"``), put in front of
@@ -265,12 +273,12 @@ def label_ids(labels: Sequence[Any], config: Any, where: Sequence[str] | None = 
         if isinstance(label, str) and label in label2id:
             out.append(label2id[label])
         elif isinstance(label, bool) or (text is not None and text.casefold() in _BOOLEANS):
-            found = _boolean_name(label, label2id)
+            found = _boolean_class(label, label2id, num_labels)
             if found is None:
                 kind = "a JSON boolean" if isinstance(label, bool) else "a boolean word"
-                raise ValueError(f"{at}label {label!r} is {kind}, not a class: class ids are integers and the model "
-                                 "names no class true/false, so which class it means would be a guess; write "
-                                 f"{ids} or {names}")
+                raise ValueError(f"{at}label {label!r} is {kind}, not a class: the model names no class true/false "
+                                 f"and has {num_labels} classes (only a 2-class head reads False as 0 and True as "
+                                 f"1), so which class it means would be a guess; write {ids} or {names}")
             out.append(found)
         elif isinstance(label, numbers.Integral) or (text is not None and _INTEGER.fullmatch(text)):
             out.append(int(label))

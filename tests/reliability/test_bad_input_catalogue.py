@@ -49,7 +49,8 @@ class Case:
 
     ``needs``: what the context must provide (``"ckpt"``: a copy of a DRONE checkpoint folder, edited by
     ``edit``; ``"dense"``: a copy of a dense model folder; ``"compressed"``: ctx.model is already
-    compressed; ``"attention-compressed"``: its query/key heads only). ctx.model is always a fresh tiny BertModel (or the compressed one).
+    compressed; ``"attention-compressed"``: its query/key heads only). ctx.model is always a fresh tiny
+    BertModel (or the compressed one).
     """
 
     id: str
