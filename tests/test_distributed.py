@@ -117,3 +117,84 @@ def test_two_processes_sum_the_peer_statistics(tmp_path):
             torch.testing.assert_close(f, shard_fishers[0][name] + shard_fishers[1][name], rtol=1e-10, atol=1e-20)
     for name in results[0][1]:
         assert torch.equal(results[0][1][name], results[1][1][name])
+
+
+#: Seconds two processes may take before the test calls it a hang: starting them alone takes 10-20 s on a
+#: loaded machine, and gloo's own timeout, which would end a real hang, is 30 minutes.
+HANG_AFTER = 180.0
+
+
+def _spawn_or_fail(fn, args: tuple, nprocs: int = 2) -> None:
+    """``mp.spawn(fn, args)``, but a run still going after ``HANG_AFTER`` seconds fails the test instead of
+    blocking it: a process left alone in a collective waits ~30 minutes for gloo's own timeout."""
+    import time
+
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + HANG_AFTER
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the {nprocs} processes did not finish within {HANG_AFTER:g}s: one waits in a collective")
+
+
+class _NeedsTwoArguments(Exception):
+    """An exception pickle cannot rebuild (``__init__`` takes more than its ``args``)."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"{what}: {why}")
+
+
+#: case -> (what process 0 ends with, what process 1 ends with); None: a message checked apart
+_HELPER_CASES = {
+    "one raises": (("value", "decided on process 0"), ("value", "decided on process 0")),
+    # process 0 keeps its own exception; the others cannot rebuild it and get its type and message
+    "unpicklable error": (("error", "_NeedsTwoArguments", "budget: out of reach"),
+                          ("error", "RuntimeError", "_NeedsTwoArguments: budget: out of reach")),
+    "unpicklable value": (("error", "RuntimeError", None), ("error", "RuntimeError", None)),
+}
+
+
+def _helper_worker(rank: int, size: int, init_file: str, out_dir: str) -> None:
+    """Every case of ``_HELPER_CASES`` in one process group (one spawn: starting processes is the slow part)."""
+    from drone_hf.calibration.distributed import decided_by_process_zero
+
+    def decide(case: str):
+        if case == "one raises" and rank == 1:
+            raise ValueError("process 1's own measurement")
+        if case == "unpicklable error" and rank == 0:
+            raise _NeedsTwoArguments("budget", "out of reach")
+        if case == "unpicklable value":
+            return lambda: rank  # a local function cannot be pickled
+        return f"decided on process {rank}"
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        outcomes = {}
+        for case in _HELPER_CASES:
+            try:
+                outcomes[case] = ("value", decided_by_process_zero(lambda c=case: decide(c), "testing"))
+            except Exception as e:  # noqa: BLE001 - what each process raised is the outcome
+                outcomes[case] = ("error", type(e).__name__, str(e))
+        torch.save(outcomes, os.path.join(out_dir, f"helper{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_decided_by_process_zero_never_leaves_a_process_waiting(tmp_path):
+    """What process 0 cannot send (an exception pickle cannot rebuild, a value it cannot pickle) still
+    reaches the others as an error; a process whose own decision raised takes process 0's value."""
+    _spawn_or_fail(_helper_worker, (2, str(tmp_path / "init"), str(tmp_path)))
+    got = [torch.load(tmp_path / f"helper{r}.pt") for r in range(2)]
+    for case, expected in _HELPER_CASES.items():
+        for rank in range(2):
+            outcome, want = got[rank][case], expected[rank]
+            assert outcome[:2] == want[:2], (case, rank, outcome)
+            if len(want) == 3 and want[2] is not None:
+                assert outcome[2] == want[2], (case, rank, outcome)
+            elif len(want) == 3:
+                # then the pickling error's own type and text, which differ between Python versions
+                assert outcome[2].startswith("Process 0 cannot send the outcome of testing to the other "
+                                             "processes: "), (case, rank, outcome)
+    assert got[0]["unpicklable value"] == got[1]["unpicklable value"]
