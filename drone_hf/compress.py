@@ -22,7 +22,7 @@ from .attention_stage import AttentionStage
 from .calibration import collect_grams, load_texts, tokenize_batches
 from .calibration.cache import CalibrationCache, open_cache
 from .calibration.choices import one_choice_per_text, refuse_choice_losses
-from .calibration.distributed import all_reduce_count, broadcast_object, shard_texts
+from .calibration.distributed import all_reduce_count, decided_by_process_zero, shard_texts
 from .calibration.fisher import DEFAULT_KFAC_FISHER
 from .calibration.offload import check_materialisable, materialise
 from .calibration.paired import PairedObserver
@@ -361,9 +361,15 @@ def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: boo
         bar = hf_logging.tqdm(targets, desc="Solving", unit="layer", disable=not show_progress or None)
         for c in bar:
             plan.decompositions[c] = solve(c, grams.pop(c).gram)
-        ranks = plan.choose() if targets else {}  # no linear target left: attention-only compression
-        # timings differ between processes: every process takes process 0's decision
-        ranks, plan.result = broadcast_object((ranks, plan.result))
+        def choose() -> tuple[dict[str, int], dict[str, Any]]:
+            """The ranks and the planner's record; no ranks without a linear target (attention-only)."""
+            return (plan.choose() if targets else {}), plan.result
+
+        # Timings (and a user loss_fn) differ between processes, and the planner refuses a budget from what
+        # its own process measured: a target_speedup out of reach, no rank faster than its dense matmul or a
+        # max_loss too small (greedy and drone factor only layers that time faster), a loss_fn that fails.
+        # Every process takes process 0's ranks, or raises process 0's error (decided_by_process_zero).
+        ranks, plan.result = decided_by_process_zero(choose, "choosing ranks")
         if targets and not ranks and attention is None:
             raise ValueError(_nothing_to_factor(config, len(targets)))
     else:  # uniform ranks are known from the shapes alone
@@ -454,8 +460,12 @@ def _keep_loss_budget(
     planned, 0.00208 after the re-solve) the loss rises past the budget. The budget is the promise,
     so the one-shot factors, measured within it, are installed instead, with a warning.
     """
-    measured = plan.evaluator().increase(model)
-    measured, keep = broadcast_object((measured, measured <= max_loss))  # process 0 decides for all
+    def measure() -> tuple[float, bool]:
+        measured = plan.evaluator().increase(model)
+        return measured, measured <= max_loss
+
+    # process 0 decides for all: a loss_fn may measure (or fail) differently per process
+    measured, keep = decided_by_process_zero(measure, "measuring the sequentially solved model")
     plan.result["sequential_loss_increase"] = measured
     if keep:
         plan.result["measured_loss_increase"] = measured

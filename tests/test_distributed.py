@@ -117,3 +117,180 @@ def test_two_processes_sum_the_peer_statistics(tmp_path):
             torch.testing.assert_close(f, shard_fishers[0][name] + shard_fishers[1][name], rtol=1e-10, atol=1e-20)
     for name in results[0][1]:
         assert torch.equal(results[0][1][name], results[1][1][name])
+
+
+#: Seconds two processes may take before the test calls it a hang: starting them alone takes 10-20 s on a
+#: loaded machine, and gloo's own timeout, which would end a real hang, is 30 minutes.
+HANG_AFTER = 180.0
+
+
+def _spawn_or_fail(fn, args: tuple, nprocs: int = 2) -> None:
+    """``mp.spawn(fn, args)``, but a run still going after ``HANG_AFTER`` seconds fails the test instead of
+    blocking it: a process left alone in a collective waits ~30 minutes for gloo's own timeout."""
+    import time
+
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + HANG_AFTER
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the {nprocs} processes did not finish within {HANG_AFTER:g}s: one waits in a collective")
+
+
+def _time_per_process(slow: bool, target: float) -> None:
+    """Fake this process's timings (no real timing: fast and deterministic). ``slow``: no rank of any layer
+    beats its dense matmul and the fastest allocation runs at the dense speed, so ``target`` is out of
+    reach; else every allocation is measured just above ``target``. Patched in a spawned process only."""
+    from drone_hf.planner import RankPlanner
+
+    def layer_times(self, c: str, ranks: list[int]) -> tuple[float, dict[int, float]]:
+        out_f, in_f = self.shapes[c]
+        return 1.0, {k: 2.0 if slow else k / min(out_f, in_f) for k in ranks}
+
+    def end_to_end(self, variants: dict, inputs: dict) -> dict[str, float]:
+        return {name: 1.0 if name == "dense" or slow else 1.0 / (target * 1.02) for name in variants}
+
+    RankPlanner.layer_times, RankPlanner.end_to_end = layer_times, end_to_end
+
+
+def _disagreeing_worker(rank: int, size: int, init_file: str, out_dir: str, slow_rank: int) -> None:
+    """Compress for a speed budget that this process's (faked) timings reach unless it is ``slow_rank``;
+    write what came out: the ranks, or the error."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        _time_per_process(rank == slow_rank, target=1.5)
+        try:
+            model = drone_hf.compress(build("bert"), config(param_ratio=None, target_speedup=1.5, allocation="uniform"),
+                                      show_progress=False)
+            outcome = {"ranks": model.config.quantization_config.ranks}
+        except ValueError as e:
+            outcome = {"error": f"{type(e).__name__}: {e}"}
+        torch.save(outcome, os.path.join(out_dir, f"outcome{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("slow_rank", [0, 1])
+def test_process_zero_decides_when_only_one_planner_raises(tmp_path, slow_rank):
+    """Timings differ between processes, so a speed budget can be out of reach on one process only. Process
+    0's outcome is every process's: its error raised everywhere (slow_rank=0), or its ranks taken by a
+    process whose own planner raised (slow_rank=1). Never one process left waiting for the other."""
+    _spawn_or_fail(_disagreeing_worker, (2, str(tmp_path / "init"), str(tmp_path), slow_rank))
+    outcomes = [torch.load(tmp_path / f"outcome{r}.pt") for r in range(2)]
+    assert outcomes[0] == outcomes[1]
+    if slow_rank == 0:
+        assert "target_speedup=1.5 is out of reach" in outcomes[0]["error"], outcomes[0]
+        assert "the best reachable is about 1.00x" in outcomes[0]["error"]
+    else:
+        assert outcomes[0].get("ranks"), outcomes[0]
+
+
+def _failing_loss_worker(rank: int, size: int, init_file: str, out_dir: str, failing_rank: int) -> None:
+    """Compress sequentially within a loss budget, with a ``loss_fn`` that raises on ``failing_rank`` when
+    the sequentially solved model is measured (the check that may keep the one-shot factors instead)."""
+    import sys
+
+    engine = sys.modules["drone_hf.compress"]  # the module: drone_hf.compress is also the function's name
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        solved = []
+        sequentially = engine.compress_sequentially
+
+        def compress_sequentially(*args, **kwargs):
+            out = sequentially(*args, **kwargs)
+            solved.append(True)
+            return out
+
+        engine.compress_sequentially = compress_sequentially
+
+        def loss_fn(model) -> float:
+            if solved and rank == failing_rank:
+                raise RuntimeError(f"no evaluation data on process {rank}")
+            return 0.0
+
+        try:
+            model = drone_hf.compress(build("bert"), config(param_ratio=None, max_loss=0.1, allocation="uniform",
+                                                            loss_fn=loss_fn, sequential=True), show_progress=False)
+            record = model.config.quantization_config
+            outcome = {"ranks": record.ranks, "loss": record.allocation_result["sequential_loss_increase"]}
+        except ValueError as e:
+            outcome = {"error": f"{type(e).__name__}: {e}"}
+        torch.save(outcome, os.path.join(out_dir, f"outcome{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_process_zero_decides_when_only_one_process_cannot_measure_the_sequential_model(tmp_path, failing_rank):
+    """The sequential re-solve's loss check is process 0's for all as well: a loss_fn failing on one process
+    only ends in process 0's outcome on both (its error, or its measured loss and kept factors)."""
+    _spawn_or_fail(_failing_loss_worker, (2, str(tmp_path / "init"), str(tmp_path), failing_rank))
+    outcomes = [torch.load(tmp_path / f"outcome{r}.pt") for r in range(2)]
+    assert outcomes[0] == outcomes[1]
+    if failing_rank == 0:
+        assert "loss_fn raised RuntimeError: no evaluation data on process 0" in outcomes[0]["error"], outcomes[0]
+    else:
+        assert outcomes[0].get("ranks") and outcomes[0]["loss"] == 0.0, outcomes[0]
+
+
+class _NeedsTwoArguments(Exception):
+    """An exception pickle cannot rebuild (``__init__`` takes more than its ``args``)."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"{what}: {why}")
+
+
+#: case -> (what process 0 ends with, what process 1 ends with); None: a message checked apart
+_HELPER_CASES = {
+    "one raises": (("value", "decided on process 0"), ("value", "decided on process 0")),
+    # process 0 keeps its own exception; the others cannot rebuild it and get its type and message
+    "unpicklable error": (("error", "_NeedsTwoArguments", "budget: out of reach"),
+                          ("error", "RuntimeError", "_NeedsTwoArguments: budget: out of reach")),
+    "unpicklable value": (("error", "RuntimeError", None), ("error", "RuntimeError", None)),
+}
+
+
+def _helper_worker(rank: int, size: int, init_file: str, out_dir: str) -> None:
+    """Every case of ``_HELPER_CASES`` in one process group (one spawn: starting processes is the slow part)."""
+    from drone_hf.calibration.distributed import decided_by_process_zero
+
+    def decide(case: str):
+        if case == "one raises" and rank == 1:
+            raise ValueError("process 1's own measurement")
+        if case == "unpicklable error" and rank == 0:
+            raise _NeedsTwoArguments("budget", "out of reach")
+        if case == "unpicklable value":
+            return lambda: rank  # a local function cannot be pickled
+        return f"decided on process {rank}"
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        outcomes = {}
+        for case in _HELPER_CASES:
+            try:
+                outcomes[case] = ("value", decided_by_process_zero(lambda c=case: decide(c), "testing"))
+            except Exception as e:  # noqa: BLE001 - what each process raised is the outcome
+                outcomes[case] = ("error", type(e).__name__, str(e))
+        torch.save(outcomes, os.path.join(out_dir, f"helper{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_decided_by_process_zero_never_leaves_a_process_waiting(tmp_path):
+    """What process 0 cannot send (an exception pickle cannot rebuild, a value it cannot pickle) still
+    reaches the others as an error; a process whose own decision raised takes process 0's value."""
+    _spawn_or_fail(_helper_worker, (2, str(tmp_path / "init"), str(tmp_path)))
+    got = [torch.load(tmp_path / f"helper{r}.pt") for r in range(2)]
+    for case, expected in _HELPER_CASES.items():
+        for rank in range(2):
+            outcome, want = got[rank][case], expected[rank]
+            assert outcome[:2] == want[:2], (case, rank, outcome)
+            if len(want) == 3 and want[2] is not None:
+                assert outcome[2] == want[2], (case, rank, outcome)
+            elif len(want) == 3:
+                # then the pickling error's own type and text, which differ between Python versions
+                assert outcome[2].startswith("Process 0 cannot send the outcome of testing to the other "
+                                             "processes: "), (case, rank, outcome)
+    assert got[0]["unpicklable value"] == got[1]["unpicklable value"]

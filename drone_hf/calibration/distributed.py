@@ -8,9 +8,18 @@ order of floating-point sums. Nothing happens in a single process.
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 
+from ..utils.logging import get_logger
 from .observer import GramObserver
+
+logger = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 def world() -> tuple[int, int]:
@@ -107,10 +116,72 @@ def _device() -> torch.device:
 
 
 def broadcast_object(obj):
-    """Process 0's ``obj`` on every process (e.g. ranks chosen from timings, which differ per process)."""
+    """Process 0's ``obj`` on every process. Only for a value every process reaches: for a decision that can
+    raise on one process and not another (from timings, a user ``loss_fn``), use
+    :func:`decided_by_process_zero`, or the others wait for a broadcast that never comes."""
     _, size = world()
     if size == 1:
         return obj
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def decided_by_process_zero(decide: Callable[[], T], what: str = "deciding") -> T:
+    """Run ``decide`` on every process and give every process process 0's outcome: its value, or the
+    exception it raised, raised on every process.
+
+    For decisions taken from per-process measurements (timings, a user ``loss_fn``): each process may
+    decide differently, and a process that *raises* (a speed budget out of reach on its timings only)
+    would otherwise leave the others waiting in the broadcast for a value that never comes. ``decide``
+    runs on every process, not on process 0 alone, because it may run collectives of its own (a user
+    ``loss_fn`` under accelerate can gather); every process takes part in the one broadcast that follows.
+
+    Decision for a process other than 0 whose own ``decide`` raised while process 0's did not: it takes
+    process 0's value (logged as a warning), as it takes process 0's value over its own when both succeed.
+    What it measured is discarded either way, and failing every process would let the slowest or
+    noisiest process veto process 0's decision. Only :class:`Exception` is caught: a
+    ``KeyboardInterrupt`` propagates at once (the launcher stops the other processes).
+
+    In one process this is ``decide()``: same value, same exception, same traceback.
+    """
+    rank, size = world()
+    if size == 1:
+        return decide()
+    error: Exception | None = None
+    try:
+        outcome: tuple[str, Any] = ("value", decide())
+    except Exception as e:  # noqa: BLE001 - broadcast, then re-raised on every process
+        error, outcome = e, ("error", _portable(e))
+    if rank == 0:
+        try:  # a value that cannot be sent is an error of process 0, not a hang of the others
+            pickle.dumps(outcome)
+        except Exception as e:  # noqa: BLE001 - sent as an error instead
+            error = RuntimeError(f"Process 0 cannot send the outcome of {what} to the other processes: "
+                                 f"{type(e).__name__}: {e}")
+            error.__cause__ = e
+            outcome = ("error", error)
+    box = [outcome if rank == 0 else None]  # only process 0's is sent
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, payload = box[0]
+    if kind == "error":
+        # process 0 raises its own exception, traceback and all; the others its copy (the same type and
+        # message, or a RuntimeError naming both when the exception cannot be pickled: _portable)
+        raise error if rank == 0 else payload
+    if error is not None:
+        logger.warning(
+            f"Process {rank} of {size} raised {type(error).__name__} while {what} ({error}); taking process 0's "
+            "decision, as every process does."
+        )
+    return payload
+
+
+def _portable(error: Exception) -> Exception:
+    """``error`` if it survives pickling (what the broadcast does to it), else a ``RuntimeError`` with its
+    type and message: an exception whose ``__init__`` takes other arguments than its ``args`` cannot be
+    rebuilt on the receiving side, and a broadcast that fails on process 0 would hang the others."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - replaced by a plain error carrying the same text
+        return RuntimeError(f"{type(error).__name__}: {error}")
