@@ -39,7 +39,7 @@ from .allocation import uniform_rank
 from .architectures import AttentionAdapter, find_attention_layers
 from .calibration import GramObserver
 from .config import DEFAULT_ATTENTION_RANK, DroneConfig
-from .modules.attention import DroneAttention, drone_attention_modules
+from .modules.attention import DroneAttention
 from .modules.low_rank_linear import DroneLinear
 from .modules.targets import _within, replace_modules
 from .solver import decompose
@@ -123,17 +123,13 @@ class AttentionStage:
 
     Raises:
         ValueError: rotary or unsupported model, an ``attention_rank`` wider than the heads, a ``ranks``
-            entry naming a query/key layer, every attention layer excluded, or a model that is already
-            compressed. Nothing has been changed when it raises.
+            entry naming a query/key layer, or every attention layer excluded. Nothing has been changed
+            when it raises.
     """
 
     def __init__(self, model: nn.Module, config: DroneConfig, targets: dict[str, tuple[str, nn.Module]]) -> None:
-        existing = drone_attention_modules(model)
-        if existing:
-            raise ValueError(
-                f"The model already has {len(existing)} DRONE-compressed attention layer(s) (e.g. "
-                f"{next(iter(existing))!r}). Compress the dense model, or call model.dequantize() first."
-            )
+        # a model already compressed (attention or linear layers) is refused before this stage is built:
+        # compress.already_compressed
         if getattr(config, "sequential", False):
             raise ValueError(
                 "compress_attention=True does not support sequential=True yet: the attention stage solves from "

@@ -168,8 +168,10 @@ def test_bad_inputs_fail_before_anything_changes() -> None:
         drone_hf.compress(model, config(modules_to_not_convert=["attention"]), show_progress=False)
     assert set(model.state_dict()) == keys and not drone_attention_modules(model)
     drone_hf.compress(model, config(target_modules=["query", "key"]), show_progress=False)
-    with pytest.raises(ValueError, match="already has 2 DRONE-compressed attention"):
+    with pytest.raises(ValueError, match=r"already DRONE-compressed \(2 compressed attention modules"):
         drone_hf.compress(model, config(target_modules=["value"]), show_progress=False)
+    with pytest.raises(ValueError, match=r"already DRONE-compressed \(2 compressed attention modules"):
+        drone_hf.compress(model, config(compress_attention=False), show_progress=False)  # linear layers alone too
 
 
 def test_modules_to_not_convert_keeps_a_layer_dense() -> None:
