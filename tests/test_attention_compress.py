@@ -226,14 +226,16 @@ def test_config_fields_are_validated_and_serialised() -> None:
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_compressing_an_attention_compressed_model_again_is_refused(family) -> None:
-    """Only factored linear layers counted as compressed: an attention-only model was compressed a
-    second time, factoring the narrowed query/key inside its DroneAttention modules."""
+    """Only factored linear layers counted as compressed: compressing the linear layers of an
+    attention-only model (compress_attention=False) factored the narrowed query/key inside its
+    DroneAttention modules. One check and message now, whatever the second config asks."""
     only = {"target_modules": ONLY_ATTENTION[family]} if family in ONLY_ATTENTION else {}
     model = drone_hf.compress(build(family), config(attention_rank=4, **only), show_progress=False)
     assert drone_attention_modules(model)
-    with pytest.raises(ValueError, match=r"already DRONE-compressed \((\d+ factored layers and )?\d+ compressed "
-                                         r"attention modules, e\.g\. '.*'\).*dequantize\(\)"):
-        drone_hf.compress(model, config(attention_rank=4, **only), show_progress=False)
+    refusal = r"already DRONE-compressed \((\d+ factored layers and )?\d+ compressed attention modules, e\.g\. '.*'\)"
+    for again in (config(compress_attention=False), config(attention_rank=4, **only)):
+        with pytest.raises(ValueError, match=refusal + r".*dequantize\(\)"):
+            drone_hf.compress(model, again, show_progress=False)
     restored = model.dequantize()  # the advised fix works: dense again, and compressible
     assert not drone_attention_modules(restored)
     assert drone_attention_modules(drone_hf.compress(restored, config(attention_rank=4, **only), show_progress=False))
