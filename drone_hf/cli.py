@@ -162,7 +162,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text-column", default="text", help="text column of a .jsonl/.csv dataset")
     e.add_argument("--label-column", default=None,
                    help="label column of a labelled dataset: turns on accuracy (labels are class ids, 1.0 read as "
-                   "1, or the model's label names; true/false only where the model names classes so)")
+                   "1, or the model's label names; true/false: the classes the model names so, else 0/1 on a "
+                   "2-class head)")
     e.add_argument("--num-texts", type=_positive_int, default=None,
                    help=f"texts drawn (seeded by --seed, kept in file order) from the dataset (default {EVAL_TEXTS}). "
                    "With --label-column the default is every labelled row, so accuracy covers the whole file unless "
