@@ -161,15 +161,18 @@ def test_inspect_prints_ranks_sizes_and_settings(ckpts, capsys):
     assert data["model_params"] == rep.model_params
 
 
-def test_inspect_lists_layers_in_the_models_order(tmp_path, capsys):
+@pytest.mark.parametrize("architecture", ["BertModel", "BertForSequenceClassification"])
+def test_inspect_lists_layers_in_the_models_order(tmp_path, capsys, architecture):
     """inspect sorted the layers by name: within a block attention.output.dense came before
     attention.self.query, and key before query, and the JSON's ranks put layer.10 before layer.2.
-    They are listed now as the model holds them, the order compress printed."""
+    They are listed now as the model holds them, the order compress printed; a task model too, whose
+    modules carry the base-model prefix (bert.) that the recorded layer names do not."""
+    import transformers
     from tiny_models import CALIBRATION_TEXTS, bert_config, tokenizer
-    from transformers import BertModel
 
     torch.manual_seed(0)
-    model = drone_hf.compress(BertModel(bert_config(num_hidden_layers=11)).eval(), DroneConfig(
+    dense = getattr(transformers, architecture)(bert_config(num_hidden_layers=11)).eval()
+    model = drone_hf.compress(dense, DroneConfig(
         dataset=CALIBRATION_TEXTS, num_samples=4, tokenizer=tokenizer(), allocation="uniform",
         target_modules=["query", "key", "output.dense"]), show_progress=False)
     model.save_pretrained(tmp_path / "drone")

@@ -335,7 +335,10 @@ def _module_order(base: dict[str, Any]) -> dict[str, int] | None:
             hf_logging.set_verbosity(verbosity)
     except Exception:  # noqa: BLE001  (any failure only costs the order, never the summary)
         return None
-    return {name: i for i, (name, _) in enumerate(model.named_modules())}
+    from ..modules.targets import canonical_name
+
+    # recorded layer names are relative to the base model (bert.encoder... is saved as encoder...)
+    return {canonical_name(model, name): i for i, (name, _) in enumerate(model.named_modules())}
 
 
 def _layer_order(base: dict[str, Any], names: list[str]) -> Callable[[str], Any]:
