@@ -22,7 +22,7 @@ from .attention_stage import AttentionStage
 from .calibration import collect_grams, load_texts, tokenize_batches
 from .calibration.cache import CalibrationCache, open_cache
 from .calibration.choices import one_choice_per_text, refuse_choice_losses
-from .calibration.distributed import all_reduce_count, decided_by_process_zero, shard_texts
+from .calibration.distributed import all_reduce_count, decided_by_process_zero, on_every_process, shard_texts
 from .calibration.fisher import DEFAULT_KFAC_FISHER
 from .calibration.offload import check_materialisable, materialise
 from .calibration.paired import PairedObserver
@@ -343,7 +343,9 @@ def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: boo
     plan = RankPlanner(model, config, targets, shapes, {}, fixed, tokenizer, show_progress)
     if evaluate and targets:
         plan.evaluation_batches = tokenize_batches(eval_texts, tokenizer, max_length, config.batch_size).batches
-        plan.evaluator()  # the dense model's reference outputs, now: a loss it cannot give fails before calibration
+        # the dense model's reference outputs, now: a loss it cannot give fails before calibration, on every
+        # process (a loss_fn failing on one process alone left the others waiting in the calibration's all_reduce)
+        on_every_process(plan.evaluator, "measuring the dense model's evaluation loss")
         plan.result["eval_samples"] = len(eval_texts)
     if one_shot:  # statistics of the dense model for every layer at once
         materialise(layer for _, layer in targets.values())  # offloaded targets: their dense weights, all at once

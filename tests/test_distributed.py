@@ -294,3 +294,38 @@ def test_decided_by_process_zero_never_leaves_a_process_waiting(tmp_path):
                 assert outcome[2].startswith("Process 0 cannot send the outcome of testing to the other "
                                              "processes: "), (case, rank, outcome)
     assert got[0]["unpicklable value"] == got[1]["unpicklable value"]
+
+
+def _dense_loss_failing_worker(rank: int, size: int, init_file: str, out_dir: str, failing_rank: int) -> None:
+    """Compress within a loss budget with a ``loss_fn`` that fails on ``failing_rank`` from its first call,
+    the dense model's reference loss, taken before calibration; write what each process raised."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        def loss_fn(model) -> float:
+            if rank == failing_rank:
+                raise RuntimeError(f"no evaluation data on process {rank}")
+            return 0.0
+
+        try:
+            drone_hf.compress(build("bert"), config(param_ratio=None, max_loss=0.1, allocation="uniform",
+                                                    loss_fn=loss_fn), show_progress=False)
+            outcome = {"error": None}
+        except (ValueError, RuntimeError) as e:
+            outcome = {"error": f"{type(e).__name__}: {e}"}
+        torch.save(outcome, os.path.join(out_dir, f"outcome{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_dense_loss_failing_on_one_process_stops_every_process(tmp_path, failing_rank):
+    """Each process needs its own dense reference loss, so no process can take another's: when loss_fn fails
+    on one process, that one raised and the others went on into the calibration's all_reduce, waiting for it.
+    Now the failing process raises its own error and every other one an error naming it, before calibration."""
+    _spawn_or_fail(_dense_loss_failing_worker, (2, str(tmp_path / "init"), str(tmp_path), failing_rank))
+    outcomes = [torch.load(tmp_path / f"outcome{r}.pt") for r in range(2)]
+    own, other = outcomes[failing_rank]["error"], outcomes[1 - failing_rank]["error"]
+    assert own.startswith("ValueError: loss_fn raised RuntimeError: no evaluation data on process"), own
+    assert other.startswith(f"RuntimeError: Process {failing_rank} of 2 failed while measuring the dense model's "
+                            f"evaluation loss (ValueError: loss_fn raised RuntimeError: no evaluation data"), other
+    assert "every process stops with it" in other

@@ -176,6 +176,37 @@ def decided_by_process_zero(decide: Callable[[], T], what: str = "deciding") -> 
     return payload
 
 
+def on_every_process(step: Callable[[], T], what: str) -> T:
+    """Run ``step`` on every process and go on only if it succeeded on all of them.
+
+    For a step each process needs for itself (its own result, not process 0's) that can fail on one
+    process only: the dense model's reference loss, where a user ``loss_fn`` fails on one process's
+    device or data. Without this the failing process stops while the others go on into the next
+    collective (the calibration's ``all_reduce``) and wait there for it. Every process then raises: the
+    failing ones their own exception, the others a ``RuntimeError`` naming the first failing process
+    and its error. In one process this is ``step()``.
+    """
+    rank, size = world()
+    if size == 1:
+        return step()
+    error: Exception | None = None
+    value: Any = None
+    try:
+        value = step()
+    except Exception as e:  # noqa: BLE001 - reported to every process, then re-raised here
+        error = e
+    reports: list[str | None] = [None] * size
+    torch.distributed.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, message) for r, message in enumerate(reports) if message is not None]
+    if failed:
+        first, message = failed[0]
+        raise RuntimeError(f"Process {first} of {size} failed while {what} ({message}); every process stops with "
+                           "it. Fix the cause there (its error is raised on that process).")
+    return value
+
+
 def _portable(error: Exception) -> Exception:
     """``error`` if it survives pickling (what the broadcast does to it), else a ``RuntimeError`` with its
     type and message: an exception whose ``__init__`` takes other arguments than its ``args`` cannot be
