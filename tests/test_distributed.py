@@ -139,6 +139,20 @@ def _spawn_or_fail(fn, args: tuple, nprocs: int = 2) -> None:
             pytest.fail(f"the {nprocs} processes did not finish within {HANG_AFTER:g}s: one waits in a collective")
 
 
+def _record_outcome(rank: int, size: int, init_file: str, out_dir: str, run) -> None:
+    """In a spawned process: join the group, ``run()``, and save what came out as ``outcome<rank>.pt``, its
+    dict or the error it raised (``{"error": "Type: message"}``), for the test to compare across processes."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        try:
+            outcome = run()
+        except (ValueError, RuntimeError) as e:
+            outcome = {"error": f"{type(e).__name__}: {e}"}
+        torch.save(outcome, os.path.join(out_dir, f"outcome{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def _time_per_process(slow: bool, target: float) -> None:
     """Fake this process's timings (no real timing: fast and deterministic). ``slow``: no rank of any layer
     beats its dense matmul and the fastest allocation runs at the dense speed, so ``target`` is out of
@@ -158,18 +172,13 @@ def _time_per_process(slow: bool, target: float) -> None:
 def _disagreeing_worker(rank: int, size: int, init_file: str, out_dir: str, slow_rank: int) -> None:
     """Compress for a speed budget that this process's (faked) timings reach unless it is ``slow_rank``;
     write what came out: the ranks, or the error."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
-    try:
+    def run() -> dict:
         _time_per_process(rank == slow_rank, target=1.5)
-        try:
-            model = drone_hf.compress(build("bert"), config(param_ratio=None, target_speedup=1.5, allocation="uniform"),
-                                      show_progress=False)
-            outcome = {"ranks": model.config.quantization_config.ranks}
-        except ValueError as e:
-            outcome = {"error": f"{type(e).__name__}: {e}"}
-        torch.save(outcome, os.path.join(out_dir, f"outcome{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        model = drone_hf.compress(build("bert"), config(param_ratio=None, target_speedup=1.5, allocation="uniform"),
+                                  show_progress=False)
+        return {"ranks": model.config.quantization_config.ranks}
+
+    _record_outcome(rank, size, init_file, out_dir, run)
 
 
 @pytest.mark.parametrize("slow_rank", [0, 1])
@@ -193,33 +202,28 @@ def _failing_loss_worker(rank: int, size: int, init_file: str, out_dir: str, fai
     import sys
 
     engine = sys.modules["drone_hf.compress"]  # the module: drone_hf.compress is also the function's name
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
-    try:
-        solved = []
-        sequentially = engine.compress_sequentially
+    solved = []
+    sequentially = engine.compress_sequentially
 
-        def compress_sequentially(*args, **kwargs):
-            out = sequentially(*args, **kwargs)
-            solved.append(True)
-            return out
+    def compress_sequentially(*args, **kwargs):
+        out = sequentially(*args, **kwargs)
+        solved.append(True)
+        return out
 
-        engine.compress_sequentially = compress_sequentially
+    engine.compress_sequentially = compress_sequentially
 
-        def loss_fn(model) -> float:
-            if solved and rank == failing_rank:
-                raise RuntimeError(f"no evaluation data on process {rank}")
-            return 0.0
+    def loss_fn(model) -> float:
+        if solved and rank == failing_rank:
+            raise RuntimeError(f"no evaluation data on process {rank}")
+        return 0.0
 
-        try:
-            model = drone_hf.compress(build("bert"), config(param_ratio=None, max_loss=0.1, allocation="uniform",
-                                                            loss_fn=loss_fn, sequential=True), show_progress=False)
-            record = model.config.quantization_config
-            outcome = {"ranks": record.ranks, "loss": record.allocation_result["sequential_loss_increase"]}
-        except ValueError as e:
-            outcome = {"error": f"{type(e).__name__}: {e}"}
-        torch.save(outcome, os.path.join(out_dir, f"outcome{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    def run() -> dict:
+        model = drone_hf.compress(build("bert"), config(param_ratio=None, max_loss=0.1, allocation="uniform",
+                                                        loss_fn=loss_fn, sequential=True), show_progress=False)
+        record = model.config.quantization_config
+        return {"ranks": record.ranks, "loss": record.allocation_result["sequential_loss_increase"]}
+
+    _record_outcome(rank, size, init_file, out_dir, run)
 
 
 @pytest.mark.parametrize("failing_rank", [0, 1])
@@ -299,22 +303,17 @@ def test_decided_by_process_zero_never_leaves_a_process_waiting(tmp_path):
 def _dense_loss_failing_worker(rank: int, size: int, init_file: str, out_dir: str, failing_rank: int) -> None:
     """Compress within a loss budget with a ``loss_fn`` that fails on ``failing_rank`` from its first call,
     the dense model's reference loss, taken before calibration; write what each process raised."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
-    try:
-        def loss_fn(model) -> float:
-            if rank == failing_rank:
-                raise RuntimeError(f"no evaluation data on process {rank}")
-            return 0.0
+    def loss_fn(model) -> float:
+        if rank == failing_rank:
+            raise RuntimeError(f"no evaluation data on process {rank}")
+        return 0.0
 
-        try:
-            drone_hf.compress(build("bert"), config(param_ratio=None, max_loss=0.1, allocation="uniform",
-                                                    loss_fn=loss_fn), show_progress=False)
-            outcome = {"error": None}
-        except (ValueError, RuntimeError) as e:
-            outcome = {"error": f"{type(e).__name__}: {e}"}
-        torch.save(outcome, os.path.join(out_dir, f"outcome{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    def run() -> dict:
+        drone_hf.compress(build("bert"), config(param_ratio=None, max_loss=0.1, allocation="uniform", loss_fn=loss_fn),
+                          show_progress=False)
+        return {"error": None}
+
+    _record_outcome(rank, size, init_file, out_dir, run)
 
 
 @pytest.mark.parametrize("failing_rank", [0, 1])
