@@ -30,7 +30,9 @@ only the variants the new save writes are superseded, as in a plain transformers
 A folder that cannot be swapped (a mount point such as a container volume, whose rename fails with
 EBUSY, or one whose parent this process cannot write) is saved file by file instead: written complete
 into ``<folder>/.drone-tmp-<pid>-<random>``, then each entry renamed into place, ``config.json`` last.
-Each file is whole at every moment, the set of them is not (``_save_file_by_file``).
+Each file is whole at every moment, the set of them is not; while it is not, the folder has no
+``config.json`` (the old one is moved aside first), so a kill then leaves a folder that refuses to
+load rather than one that loads a mix of two saves (``_save_file_by_file``).
 
 A process working inside the saved folder (``save_pretrained(".")``) is moved to the new folder at the
 same path; the swap would otherwise leave it in the deleted old one.
@@ -100,14 +102,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_temporaries(target: Path) -> None:
-    """Delete ``.<name>.drone-tmp-<pid>-*`` siblings (and ``.drone-tmp-<pid>-*`` folders inside a
-    folder saved file by file) left by interrupted saves whose process is gone."""
-    places = [(target.parent, f".{target.name}{TMP_TAG}")] + ([(target, TMP_TAG)] if target.is_dir() else [])
+    """Delete ``.<name>.drone-tmp-<pid>-*`` siblings (and, inside a folder saved file by file,
+    ``.drone-tmp-<pid>-*`` folders and ``.drone-old-<pid>-*-config.json`` files) left by interrupted
+    saves whose process is gone."""
+    places = [(target.parent, f".{target.name}{TMP_TAG}")]
+    if target.is_dir():
+        places += [(target, TMP_TAG), (target, OLD_TAG)]
     for folder, prefix in places:
         for leftover in folder.glob(prefix + "*"):
             pid = leftover.name[len(prefix):].split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                shutil.rmtree(leftover, ignore_errors=True)
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -132,7 +140,8 @@ def _carry_over_user_files(old: Path, new: Path) -> None:
     variants = _written_variants(new)
     for entry in old.iterdir():
         dst = new / entry.name
-        if dst.exists() or dst.is_symlink() or _supersedes(entry.name, variants) or entry.name.startswith(TMP_TAG):
+        if (dst.exists() or dst.is_symlink() or _supersedes(entry.name, variants)
+                or entry.name.startswith((TMP_TAG, OLD_TAG))):  # an interrupted file-by-file save's leftovers
             continue
         if entry.is_symlink():
             os.symlink(os.readlink(entry), dst)
@@ -229,15 +238,20 @@ def _save_file_by_file(target: Path, write: Callable[[Path], Any], token: str) -
     """Save into a folder that cannot be swapped (a mount point, a read-only parent): the checkpoint
     is written complete into a temporary folder inside ``target``, then each entry is renamed into
     place (each rename atomic, the set of them not) and the stale weights are removed. A kill before
-    the renames leaves the previous checkpoint untouched; one during them can leave new files next to
-    old ones, so the weights never mix mid-file, but config and weights can disagree until the next
-    save (the loading checks refuse a recorded rank that disagrees with the tensors)."""
+    the renames leaves the previous checkpoint untouched. During them the folder has no
+    ``config.json``: the previous one is moved aside first (``.drone-old-<pid>-<random>-config.json``,
+    removed by the save's end or by the next save once this process is gone) and the new one comes
+    last, so a kill there leaves a folder that does not load (transformers: no config.json) instead of
+    one that loads old shards beside new ones, or new weights under the old config."""
     tmp = target / f"{TMP_TAG}{token}"
     tmp.mkdir()
+    aside = target / f"{OLD_TAG}{token}-config.json"
     try:
         result = write(tmp)
         variants = _written_variants(tmp)
         stale = [e for e in target.iterdir() if _supersedes(e.name, variants) and not (tmp / e.name).exists()]
+        if (tmp / "config.json").is_file() and (target / "config.json").is_file():
+            os.replace(target / "config.json", aside)
         for entry in sorted(tmp.iterdir(), key=lambda e: e.name == "config.json"):  # config.json last
             dst = target / entry.name
             if dst.is_dir() and not dst.is_symlink():
@@ -245,6 +259,7 @@ def _save_file_by_file(target: Path, write: Callable[[Path], Any], token: str) -
             os.replace(entry, dst)
         for entry in stale:  # old shards / another layout's weights, once the new ones are in place
             entry.unlink(missing_ok=True)
+        aside.unlink(missing_ok=True)
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

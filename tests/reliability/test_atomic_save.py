@@ -23,7 +23,7 @@ from transformers import AutoModel, BertModel
 
 import drone_hf
 from drone_hf.hub import atomic_save as atomic_module
-from drone_hf.hub.atomic_save import TMP_TAG
+from drone_hf.hub.atomic_save import OLD_TAG, TMP_TAG
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -239,6 +239,48 @@ def test_a_folder_that_cannot_be_swapped_is_saved_file_by_file(
     assert not (checkpoint / "model-00001-of-00002.safetensors").exists()
     assert not list(checkpoint.glob(f"{TMP_TAG}*")) and not list(checkpoint.parent.glob(f".{checkpoint.name}.drone-*"))
     assert _same_weights(AutoModel.from_pretrained(checkpoint), model)
+
+
+def test_a_file_by_file_save_stopped_midway_leaves_a_folder_that_does_not_load_not_a_mix(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renaming entries into a mount point one by one is not atomic as a set: a kill after some shards
+    left new shards beside old ones under a config that loaded them silently. The old config.json is
+    moved aside before the first rename and the new one comes last, so such a folder has none and
+    refuses to load; the next save (the stopped process gone) completes the folder and removes the
+    moved-aside config."""
+    monkeypatch.setattr(atomic_module.os.path, "ismount", lambda p: Path(p) == checkpoint)
+    model = AutoModel.from_pretrained(checkpoint)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(checkpoint, max_shard_size="100KB")  # several shards: a set to rename
+    old_config = (checkpoint / "config.json").read_bytes()
+    real_replace, calls = os.replace, []
+
+    def stopped_after_two(src, dst):
+        if Path(dst).parent == checkpoint and Path(src).parent.name.startswith(TMP_TAG):
+            calls.append(Path(dst).name)
+            if len(calls) > 2:
+                raise KeyboardInterrupt  # the kill, after two new shards are in place
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic_module.os, "replace", stopped_after_two)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(checkpoint, max_shard_size="100KB")
+    monkeypatch.setattr(atomic_module.os, "replace", real_replace)
+    assert len(calls) == 3 and "config.json" not in calls
+    assert not (checkpoint / "config.json").exists()
+    with pytest.raises((OSError, ValueError), match="config.json"):  # transformers: "Unrecognized model"
+        AutoModel.from_pretrained(checkpoint)  # refuses, instead of loading two saves' shards
+    aside = list(checkpoint.glob(f"{OLD_TAG}*-config.json"))
+    assert [a.read_bytes() for a in aside] == [old_config]  # the previous config, kept for a hand repair
+    dead = checkpoint / aside[0].name.replace(f"{OLD_TAG}{os.getpid()}-", f"{OLD_TAG}999999999-")
+    aside[0].rename(dead)  # as a later process finds it: the stopped one is gone
+    model.save_pretrained(checkpoint, max_shard_size="100KB")
+    assert _same_weights(AutoModel.from_pretrained(checkpoint), model)
+    assert not list(checkpoint.glob(f"{OLD_TAG}*")) and not list(checkpoint.glob(f"{TMP_TAG}*"))
 
 
 def test_variants_live_side_by_side(checkpoint: Path) -> None:
