@@ -27,7 +27,7 @@ from .calibration.fisher import DEFAULT_KFAC_FISHER
 from .calibration.offload import check_materialisable, materialise
 from .calibration.paired import PairedObserver
 from .config import QUANT_METHOD, DroneConfig
-from .modules.attention import DroneAttention
+from .modules.attention import drone_attention_modules
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
 from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
 from .planner import RankPlanner
@@ -250,7 +250,7 @@ def already_compressed(model: nn.Module) -> str | None:
     compressed model again factored the narrowed query/key inside its ``DroneAttention`` modules and
     recorded a second compression over the first."""
     linear = [n for n, m in model.named_modules() if isinstance(m, DroneLinear)]
-    attention = [n for n, m in model.named_modules() if isinstance(m, DroneAttention)]
+    attention = list(drone_attention_modules(model))
     if not linear and not attention:
         return None
     parts = ([f"{len(linear)} factored layers"] if linear else []) + (

@@ -191,6 +191,12 @@ class LatencyModel:
         self._table[f"{shape}@dense"] = measured.pop("dense")
         self._table.update({f"{shape}@{k}": t for k, t in measured.items()})
 
+    def _implausible(self, out_features: int, in_features: int) -> str | None:
+        """:func:`implausible` of the shape's whole table as it is held now."""
+        shape = f"{out_features}x{in_features}"
+        held = {k: self._table[f"{shape}@{k}"] for k in self._cached_ranks(shape)}
+        return implausible(self._table[f"{shape}@dense"], held, out_features, in_features)
+
     def layer_times(self, out_features: int, in_features: int, ranks: list[int]) -> tuple[float, dict[int, float]]:
         """(dense time, {rank: factored time}) for one shape, measuring only what is not cached.
 
@@ -204,15 +210,13 @@ class LatencyModel:
             self._save()
         if shape not in self._checked:
             self._checked.add(shape)
-            held = {k: self._table[f"{shape}@{k}"] for k in self._cached_ranks(shape)}
-            reason = implausible(self._table[f"{shape}@dense"], held, out_features, in_features)
+            reason = self._implausible(out_features, in_features)
             if reason is not None:
                 logger.info(f"Latency of {shape} at {self.tokens} tokens re-measured: {reason}, "
                             "which the device cannot explain (the run was disturbed by other load).")
-                self._measure_shape(out_features, in_features, sorted(held))
+                self._measure_shape(out_features, in_features, self._cached_ranks(shape))
                 self._save()
-                held = {k: self._table[f"{shape}@{k}"] for k in self._cached_ranks(shape)}
-                again = implausible(self._table[f"{shape}@dense"], held, out_features, in_features)
+                again = self._implausible(out_features, in_features)
                 if again is not None:
                     logger.warning(f"Latency of {shape} at {self.tokens} tokens is still implausible after "
                                    f"re-measuring ({again}): this machine is busy, and ranks allocated "
