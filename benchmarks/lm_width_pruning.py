@@ -266,7 +266,8 @@ def _body(rec: dict) -> str:
     return (
         f"## Low-rank vs low-rank + MLP width pruning ({rec['model']}, one-shot, no fine-tuning)\n\n" + partial
         + f"Held-out perplexity on {rec['eval_windows'][0]} windows of {rec['eval_windows'][1]} tokens (dense "
-        f"{dense:.2f}; target at a 20% cut: {TARGET_FACTOR}x dense), {rec['calibration_texts']} calibration passages. "
+        f"{dense:.2f}; target at a 20% cut: {TARGET_FACTOR}x dense), {rec['calibration_texts']} calibration passages; "
+        f"neurons removed {rec.get('step', STEP)} per elimination step (the width grid). "
         "`kept`: fraction of the q/k/v/o/gate/up/down parameters left. MLP blocks: width-pruned / factored / dense. "
         "The width-pruning row is a prototype in this script, not a library option.\n\n"
         + markdown_table(["cut", "allocation", "perplexity", "x dense", "kept", "MLP blocks", "dense attention layers"],
