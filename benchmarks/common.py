@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import os
 import platform
 import re
 import shlex
 import subprocess
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -420,6 +422,19 @@ def write_markdown(path: Path, header: str, body: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + "\n" + body.rstrip() + "\n", encoding="utf-8")
     return path
+
+
+def results_writer(out: Path, stem: str, title: str, command: str, info: dict[str, str]
+                   ) -> Callable[[str, dict], None]:
+    """``save(body, record)``: writes ``out/{stem}.md`` (header with the run time since this call) and
+    ``out/{stem}.json``. Benchmarks call it after every finished row, so a stopped run keeps its rows."""
+    start = time.perf_counter()
+
+    def save(body: str, record: dict) -> None:
+        write_markdown(out / f"{stem}.md", results_header(title, command, info, time.perf_counter() - start), body)
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+
+    return save
 
 
 def pyplot():

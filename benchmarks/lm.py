@@ -43,7 +43,6 @@ few texts: every code path in well under a minute, for the test suite.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -65,8 +64,7 @@ from benchmarks.common import (  # noqa: E402
     machine_info,
     markdown_table,
     pyplot,
-    results_header,
-    write_markdown,
+    results_writer,
 )
 from drone_hf.allocation import uniform_rank  # noqa: E402
 from drone_hf.calibration import collect_grams, load_texts, tokenize_batches  # noqa: E402
@@ -490,16 +488,13 @@ def main(argv: list[str] | None = None) -> int:
         "update the method list of this benchmark")
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     torch.set_num_threads(args.threads)  # before machine_info, so the header records the threads actually used
     info = machine_info(("minilm",) if args.quick else ("smollm2",))  # --quick: the packaged MiniLM tokenizer
+    write = results_writer(out, "lm", "LM perplexity vs parameter cut, DRONE and peer methods",
+                           command_line(__file__, argv if argv is not None else sys.argv[1:]), info)
 
     def save(body: str, record: dict) -> None:
-        header = results_header("LM perplexity vs parameter cut, DRONE and peer methods",
-                                command_line(__file__, argv if argv is not None else sys.argv[1:]), info,
-                                time.perf_counter() - start)
-        write_markdown(out / "lm.md", header, body)
-        (out / "lm.json").write_text(json.dumps(record, indent=1))
+        write(body, record)
         _plot(record, out)
 
     save(*run(args.quick, args.calib_texts, args.fisher_texts, save, kfac_fisher=args.kfac_fisher))

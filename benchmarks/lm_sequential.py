@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -51,8 +50,7 @@ from benchmarks.common import (  # noqa: E402
     load_average,
     machine_info,
     markdown_table,
-    results_header,
-    write_markdown,
+    results_writer,
 )
 from benchmarks.lm import CALIB_TEXTS, GREEDY_EVAL_TEXTS, TARGET_CUT, _load, eval_windows, perplexity  # noqa: E402
 from drone_hf.calibration import load_texts  # noqa: E402
@@ -170,14 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     info = machine_info(("minilm",) if args.quick else ("smollm2",))
-    start = time.perf_counter()
-    command = command_line(__file__, argv if argv is not None else sys.argv[1:])
-
-    def save(body: str, record: dict) -> None:
-        header = results_header("LM calibration modes: one-shot, sequential, compensated", command, info,
-                                time.perf_counter() - start)
-        write_markdown(out / f"{stem}.md", header, body)
-        (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    save = results_writer(out, stem, "LM calibration modes: one-shot, sequential, compensated",
+                          command_line(__file__, argv if argv is not None else sys.argv[1:]), info)
 
     save(*run(args.quick, args.method, tuple(args.allocations), tuple(args.modes), save=save,
               kfac_fisher=args.kfac_fisher, calib_texts=args.calib_texts))
