@@ -202,15 +202,20 @@ def run(quick: bool, save=None, step: int = STEP) -> tuple[str, dict]:
     record = {"model": model_name, "dense_ppl": dense_ppl, "calibration_texts": data.num_texts,
               "eval_windows": list(windows.shape), "timings_s": timings, "rows": {}, "partial": True,
               "step": step}
+    # the candidates do not depend on the cut: built once per allocation, walked once per cut
+    candidates = {}
+    for prune in (False, True):
+        options, labels = [], {}
+        for i in range(blocks):
+            o, lab = _block_options(i, curves[i], decs, width, hidden, prune, step)
+            options.append(o)
+            labels[o.name] = lab
+        options += [_rank_options(c, decs[c], ATTENTION_RANK_STEP) for c in targets if ".self_attn." in c]
+        candidates[prune] = options, labels
     for cut in CUTS:
         for prune in (False, True):
             label = "low-rank + width pruning" if prune else "low-rank only"
-            options, labels = [], {}
-            for i in range(blocks):
-                o, lab = _block_options(i, curves[i], decs, width, hidden, prune, step)
-                options.append(o)
-                labels[o.name] = lab
-            options += [_rank_options(c, decs[c], ATTENTION_RANK_STEP) for c in targets if ".self_attn." in c]
+            options, labels = candidates[prune]
             alloc = greedy_allocate(options, max_cost=(1 - cut) * total)
             compressed, repl, plan = copy.deepcopy(model), {}, []
             for i in range(blocks):
