@@ -103,3 +103,12 @@ def test_another_step_writes_its_own_files(tmp_path):
     assert not (tmp_path / "lm_width_pruning.json").exists()
     rec = json.loads((tmp_path / "lm_width_pruning_step2.json").read_text())
     assert rec["step"] == 2 and "removed 2 per elimination step" in (tmp_path / "lm_width_pruning_step2.md").read_text()
+
+
+def test_a_step_below_one_is_refused_before_anything_runs(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--quick", "--out", str(tmp_path), "--step", "0"])
+    assert "--step must be a positive number of neurons, got 0" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
