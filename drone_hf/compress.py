@@ -45,6 +45,7 @@ from .solver import (
 )
 from .utils.logging import get_logger
 from .utils.positions import usable_positions
+from .width_stage import WidthStage
 from .utils.public_names import public_name
 
 logger = get_logger(__name__)
@@ -251,11 +252,20 @@ def already_compressed(model: nn.Module) -> str | None:
     recorded a second compression over the first."""
     linear = [n for n, m in model.named_modules() if isinstance(m, DroneLinear)]
     attention = list(drone_attention_modules(model))
-    if not linear and not attention:
+    pruned = list(recorded_mlp_widths(model))  # narrowed MLPs are plain layers: only the record knows
+    if not linear and not attention and not pruned:
         return None
     parts = ([f"{len(linear)} factored layers"] if linear else []) + (
-        [f"{len(attention)} compressed attention modules"] if attention else [])
-    return f"{' and '.join(parts)}, e.g. {(linear or attention)[0]!r}"
+        [f"{len(attention)} compressed attention modules"] if attention else []) + (
+        [f"{len(pruned)} pruned MLP blocks"] if pruned else [])
+    return f"{' and '.join(parts)}, e.g. {(linear or attention or pruned)[0]!r}"
+
+
+def recorded_mlp_widths(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The ``mlp_widths`` record of a compressed model's ``quantization_config`` (empty when none)."""
+    record = getattr(getattr(model, "config", None), "quantization_config", None)
+    widths = record.get("mlp_widths") if isinstance(record, dict) else getattr(record, "mlp_widths", None)
+    return dict(widths or {})
 
 
 def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool) -> nn.Module:
@@ -281,9 +291,13 @@ def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: boo
     fixed = {c: k for c, (full, _) in targets.items() if (k := rank_for(c, full, config.ranks)) is not None}
     for c, k in fixed.items():
         check_fixed_rank(c, k, *shapes[c])
+    # --- MLP width pruning, see width_stage.py: block outputs are observed on their input (the neurons)
+    width = WidthStage(model, config, targets, fixed) if config.prune_mlp else None
+    pruned_outputs = width.outputs if width is not None else set()
     # Layers that narrow (out < in) are observed through their output Gram: out² per token instead
     # of in², the same optimum (solver.decompose_output_gram). Damping needs the input Gram.
-    observe_output = {c for c, (o, i) in shapes.items() if config.method == "drone" and config.damp == 0 and o < i}
+    observe_output = {c for c, (o, i) in shapes.items()
+                      if config.method == "drone" and config.damp == 0 and o < i and c not in pruned_outputs}
     widths = {c: shapes[c][0] if c in observe_output else shapes[c][1] for c in targets}
 
     peer_stats: dict[str, dict[str, Any]] = {}  # asvd/fwsvd/drone-kfac statistics, filled after tokenising
@@ -360,6 +374,9 @@ def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: boo
         )
         if attention is not None:
             attention.take_statistics(grams)
+        if width is not None:
+            width.take_statistics({c: grams[c].gram for c in pruned_outputs}, peer_stats, show_progress)
+            plan.width = width
         bar = hf_logging.tqdm(targets, desc="Solving", unit="layer", disable=not show_progress or None)
         for c in bar:
             plan.decompositions[c] = solve(c, grams.pop(c).gram)
@@ -372,7 +389,8 @@ def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: boo
         # max_loss too small (greedy and drone factor only layers that time faster), a loss_fn that fails.
         # Every process takes process 0's ranks, or raises process 0's error (decided_by_process_zero).
         ranks, plan.result = decided_by_process_zero(choose, "choosing ranks")
-        if targets and not ranks and attention is None:
+        plan.width_steps = plan.result.pop("mlp_width_steps", {})  # process 0's widths, like its ranks
+        if targets and not ranks and not plan.width_steps and attention is None:
             raise ValueError(_nothing_to_factor(config, len(targets)))
     else:  # uniform ranks are known from the shapes alone
         ranks = dict(fixed) | {c: uniform_rank(*shapes[c], config.param_ratio) for c in targets if c not in fixed}
@@ -395,6 +413,8 @@ def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: boo
             replacements = _keep_loss_budget(model, plan, targets, ranks, replacements, config.max_loss)
     else:
         replacements = {targets[c][0]: plan.factored(c, k) for c, k in ranks.items()}
+        if width is not None:
+            replacements |= width.replacements(plan.width_steps)
         if attention is not None:
             attention.solve(show_progress)  # all math before anything is swapped
         replace_modules(model, replacements)
@@ -412,14 +432,18 @@ def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: boo
     config.allocation_result = plan.result if targets else None
     if targets:
         total = sum(o * i for o, i in shapes.values())
+        narrowed = width.parameters(plan.width_steps) if width is not None else {}
         kept = sum(
-            replacements[targets[c][0]].factored_parameters if c in ranks else o * i for c, (o, i) in shapes.items()
+            replacements[targets[c][0]].factored_parameters if c in ranks else narrowed.get(c, o * i)
+            for c, (o, i) in shapes.items()
         )
         config.allocation_result["targeted_param_ratio"] = kept / total
         if config.allocation == "uniform" and config.param_ratio is not None:
             _note_uniform_overshoot(config, shapes, fixed, kept / total)
     if attention is not None:
         attention.record(config)
+    if width is not None:
+        width.record(config, plan.width_steps)
     return model
 
 

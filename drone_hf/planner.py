@@ -25,6 +25,7 @@ from .utils.allocator import KEPT, freed_memory_kept
 from .utils.logging import get_logger
 from .utils.page_faults import GLIBC_REUSE_TUNABLES, PageFaults, worth_noting
 from .utils.positions import usable_positions
+from .width_stage import WidthStage
 
 logger = get_logger(__name__)
 
@@ -97,6 +98,9 @@ class RankPlanner:
         self._evaluator: LossEvaluator | None = None
         self._latency: LatencyModel | None = None
         self._faults_per_pass: list[float] = []
+        #: ``prune_mlp=True``: the width stage, and the elimination steps of the blocks the plan prunes
+        self.width: WidthStage | None = None
+        self.width_steps: dict[str, int] = {}
 
     # --- building blocks -------------------------------------------------------------------------
     def effective_rank(self, c: str, k: int) -> int:
@@ -192,7 +196,11 @@ class RankPlanner:
         return times
 
     def full(self, ranks: dict[str, int]) -> dict[str, nn.Module]:
-        return {self.targets[c][0]: self.factored(c, k) for c, k in ranks.items()}
+        """Full name -> replacement for ``ranks``, plus the narrowed layers of the planned widths."""
+        layers = {self.targets[c][0]: self.factored(c, k) for c, k in ranks.items()}
+        if self.width is not None and self.width_steps:
+            layers |= self.width.replacements(self.width_steps)
+        return layers
 
     def measure_loss(self, ranks: dict[str, int]) -> float:
         with self._swapper.trying(self.full(ranks)):
@@ -262,7 +270,10 @@ class RankPlanner:
         else:
             ranks = self._loss_budget(float(cfg.max_loss))  # type: ignore[arg-type]
         total = sum(self.params(c, None) for c in self.targets)
-        kept = sum(self.params(c, ranks.get(c)) for c in self.targets)
+        narrowed = self.width.parameters(self.width_steps) if self.width is not None else {}
+        kept = sum(narrowed.get(c, self.params(c, ranks.get(c))) for c in self.targets)
+        if self.width is not None:
+            self.result.update(pruned_mlp_blocks=len(self.width_steps), mlp_width_steps=dict(self.width_steps))
         self.result.update(
             strategy=cfg.allocation, factored_layers=len(ranks), dense_layers=len(self.targets) - len(ranks),
             targeted_param_ratio=kept / total,
@@ -276,7 +287,11 @@ class RankPlanner:
         max_cost = ratio * sum(self.params(c, None) for c in self.targets) - sum(
             self.params(c, k) for c, k in self.fixed.items()
         )
-        alloc = greedy_allocate(self.options("params", self.sensitivities()), max_cost=max_cost)
+        weights = self.sensitivities()
+        options = self.options("params", weights)
+        if self.width is not None:  # MLP blocks become single units: pruned widths or factored projections
+            options = self.width.merge(options, weights, self.curvature_known())
+        alloc = greedy_allocate(options, max_cost=max_cost)
         if not alloc.reachable:
             fixed_cost = sum(self.params(c, k) for c, k in self.fixed.items())
             dense_cost = sum(self.params(c, None) for c in self.targets)
@@ -288,7 +303,10 @@ class RankPlanner:
                 f"param_ratio={ratio} cannot be met with the candidate ranks (smallest reachable: "
                 f"{(alloc.cost + fixed_cost) / dense_cost:.3f}); {fix}."
             )
-        ranks = dict(self.fixed) | alloc.ranks
+        chosen = alloc.ranks
+        if self.width is not None:
+            chosen, self.width_steps = self.width.decode(chosen)
+        ranks = dict(self.fixed) | chosen
         self.result.update(predicted_loss_increase=alloc.predicted_loss,
                            measured_loss_increase=self.measure_loss(ranks))
         return ranks

@@ -4,7 +4,8 @@
   load as usual; after loading, :func:`~drone_hf.compress.compress_in_place` calibrates and factors.
 * Reload (``from_pretrained(drone_checkpoint)``): before the weights load, every layer recorded in
   ``quantization_config.ranks`` becomes an empty :class:`~drone_hf.modules.DroneLinear`, so the
-  checkpoint's ``down``/``up`` keys match one to one. Attention layers recorded in
+  checkpoint's ``down``/``up`` keys match one to one, and every MLP block in ``mlp_widths`` gets
+  empty layers of its pruned width. Attention layers recorded in
   ``quantization_config.attention_ranks`` (query-key compression) are rebuilt first, the same way.
 
 Tested against transformers 5.x (the ``HfQuantizer`` hooks changed between 4.x and 5.x).
@@ -21,9 +22,10 @@ from transformers.quantizers.base import HfQuantizer
 
 from .config import DroneConfig
 from .modules.low_rank_linear import DroneLinear
+from .modules.mlp_blocks import narrow_skeleton, restore_widths
 from .modules.targets import build_skeleton, canonical_name, replace_modules
 from .utils.logging import get_logger
-from .validation import validate_factored_checkpoint
+from .validation import validate_factored_checkpoint, validate_narrowed_checkpoint
 
 logger = get_logger(__name__)
 
@@ -61,7 +63,8 @@ class DroneHfQuantizer(HfQuantizer):
             return
         ranks = self.quantization_config.ranks
         attention_ranks = self.quantization_config.attention_ranks
-        if not ranks and not attention_ranks:
+        widths = self.quantization_config.mlp_widths
+        if not ranks and not attention_ranks and not widths:
             raise ValueError(
                 "This checkpoint's quantization_config says 'drone' but records no ranks, so its factored layers "
                 "cannot be rebuilt. It was not written by drone-hf's save_pretrained, or config.json was edited."
@@ -76,6 +79,17 @@ class DroneHfQuantizer(HfQuantizer):
                     f"{type(model).__name__} (e.g. {gone[0]!r}); they are skipped."
                 )
                 self._forget(gone, "attention_ranks", "attention_errors")
+        narrowed: list[str] = []
+        if widths:  # pruned MLP blocks: narrowed dense layers, recorded by block
+            before = {n: m for n, m in model.named_modules()}
+            gone = narrow_skeleton(model, widths)
+            if gone:
+                logger.warning(
+                    f"{len(gone)} pruned MLP block(s) recorded in the checkpoint are not part of "
+                    f"{type(model).__name__} (e.g. {gone[0]!r}); they are skipped."
+                )
+                self._forget(gone, "mlp_widths")
+            narrowed = [n for n, m in model.named_modules() if n in before and before[n] is not m]
         missing = build_skeleton(model, ranks or {})
         if missing:
             logger.warning(
@@ -85,6 +99,7 @@ class DroneHfQuantizer(HfQuantizer):
             )
             self._forget(missing, "ranks", "relative_errors")
         validate_factored_checkpoint(model, kwargs.get("checkpoint_files"))
+        validate_narrowed_checkpoint(model, narrowed, kwargs.get("checkpoint_files"))
         errors = self.quantization_config.relative_errors or {}
         for name, module in model.named_modules():
             if isinstance(module, DroneLinear):
@@ -136,6 +151,9 @@ class DroneHfQuantizer(HfQuantizer):
         from .architectures import restore_attention
 
         restore_attention(model)  # after the merge: restored modules take dense value layers
+        widths = self.quantization_config.mlp_widths
+        if widths:  # pruned MLPs back to the architecture's width (zero neurons: the same function)
+            restore_widths(model, widths)
         return model
 
     def is_serializable(self, **kwargs: Any) -> bool:

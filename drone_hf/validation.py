@@ -79,3 +79,32 @@ def validate_factored_checkpoint(model: nn.Module, checkpoint_files: Sequence[st
                     f"{module.rank} ({part} {list(shape)}) but the weights hold {part} {list(got)}. Fix "
                     "quantization_config.ranks in config.json or re-save the model; nothing was loaded."
                 )
+
+
+def validate_narrowed_checkpoint(model: nn.Module, narrowed: Sequence[str],
+                                 checkpoint_files: Sequence[str] | None) -> None:
+    """Check every narrowed MLP layer (full names, built by ``narrow_skeleton``) against the
+    checkpoint's tensor shapes, before any weight is used.
+
+    Raises:
+        ValueError: a layer's weight is missing, or its width disagrees with ``mlp_widths``.
+    """
+    if not checkpoint_files or not narrowed:
+        return
+    shapes = _checkpoint_shapes(checkpoint_files)
+    if not shapes:
+        return
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    by_canonical = {_strip_prefix(k, [prefix]): v for k, v in shapes.items()}
+    for full in narrowed:
+        c = canonical_name(model, full)
+        expected = tuple(model.get_submodule(full).weight.shape)
+        got = by_canonical.get(f"{c}.weight")
+        if got is None or tuple(got) != expected:
+            held = "no such tensor" if got is None else f"{list(got)}"
+            raise ValueError(
+                f"The checkpoint's config.json records {c!r} as a pruned MLP layer of weight shape {list(expected)} "
+                f"(quantization_config.mlp_widths) but the weights hold {held}. The config.json belongs to another "
+                "checkpoint or was edited: download or save it again, keeping config.json and the weights together; "
+                "nothing was loaded."
+            )

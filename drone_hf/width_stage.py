@@ -1,0 +1,180 @@
+"""The width stage of the engine: MLP width pruning allocated with the low-rank ranks
+(``DroneConfig(prune_mlp=True)``).
+
+:func:`drone_hf.compress.compress_in_place` runs it beside its linear stage:
+
+1. :class:`WidthStage` (before calibration): find the MLP blocks whose projections are all free
+   targets (:func:`~drone_hf.modules.mlp_blocks.find_mlp_blocks`); their output layers are observed
+   on their input (the intermediate activations), whatever their shape.
+2. :meth:`~WidthStage.take_statistics` (after the calibration pass): per block, the neuron
+   elimination of :mod:`drone_hf.solver.width` on the output layer's input Gram (and, for
+   ``method="drone-kfac"``, its output-gradient Gram: predicted loss increases).
+3. :meth:`~WidthStage.merge` (inside the planner's greedy walk): each block becomes one allocation
+   unit in place of its projections' layer options. Its options are the pruned widths and the
+   factored combinations of its projections (their own greedy walk over the layers' hulls), and
+   the block takes the better of the two on their lower convex hull. One walk then spreads the
+   budget over attention ranks, factored MLPs and pruned MLPs by predicted loss per parameter.
+4. :meth:`~WidthStage.replacements` and :meth:`~WidthStage.record`: narrowed ``nn.Linear`` /
+   ``Conv1D`` layers, the output layer least-squares compensated, and ``mlp_widths`` in the config.
+
+Predicted losses: with ``drone-kfac`` pruning and ranks are on one scale (K-FAC), with ``drone`` a
+pruned width's squared output error relative to the output layer's energy is weighed by that
+layer's sensitivity, like its ranks' errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from .allocation import LayerOptions
+from .config import DroneConfig
+from .modules.low_rank_linear import dense_weight_of
+from .modules.mlp_blocks import MlpBlock, find_mlp_blocks, narrow_block
+from .solver.width import WidthCurve, compensated_weight, eliminate_neurons
+
+#: Marks an allocation unit that stands for a whole MLP block (never a layer name).
+UNIT_PREFIX = "mlp-block:"
+
+
+class WidthStage:
+    """Width pruning of one compression run (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, config: DroneConfig, targets: dict[str, tuple[str, nn.Module]],
+                 fixed: dict[str, int]) -> None:
+        self.model, self.config, self.targets = model, config, targets
+        free = {c for c in targets if c not in fixed}
+        self.blocks: dict[str, MlpBlock] = {b.name: b for b in find_mlp_blocks(model, free)}
+        if not self.blocks:
+            pinned = list(fixed)
+            raise ValueError(
+                "prune_mlp=True found no MLP block to prune: it needs each block's projections (gate_proj/up_proj/"
+                "down_proj, intermediate.dense/output.dense, lin1/lin2, c_fc/c_proj or fc1/fc2) all targeted"
+                + (f" and none pinned by ranks= (pinned: {pinned[:3]})" if pinned else "")
+                + ". Target them (target_modules) or drop prune_mlp."
+            )
+        self.curves: dict[str, WidthCurve] = {}
+        self._grams: dict[str, torch.Tensor] = {}
+        self._labels: dict[str, list[tuple[str, Any]]] = {}
+        self._layers: dict[tuple[str, int], dict[str, nn.Module]] = {}
+
+    @property
+    def outputs(self) -> set[str]:
+        """The blocks' output layers: observed on their input (the neurons), never on their output."""
+        return {b.output for b in self.blocks.values()}
+
+    def take_statistics(self, grams: dict[str, torch.Tensor], peer_stats: dict[str, dict[str, Any]],
+                        show_progress: bool = True) -> None:
+        """The elimination curve of every block, from its output layer's input Gram ``grams``."""
+        kfac = self.config.method == "drone-kfac"
+        bar = hf_logging.tqdm(list(self.blocks.values()), desc="Pruning MLP widths", unit="block",
+                              disable=not show_progress or None)
+        for block in bar:
+            layer = self._layer(block.output)
+            stats = peer_stats.get(block.output, {}) if kfac else {}
+            self._grams[block.name] = grams[block.output]
+            self.curves[block.name] = eliminate_neurons(
+                dense_weight_of(layer), grams[block.output], out_gram=stats.get("out_gram"),
+                loss_scale=stats.get("loss_scale", 1.0), kfac_damp=self.config.kfac_damp,
+            )
+
+    # --- allocation ------------------------------------------------------------------------------
+    def merge(self, options: list[LayerOptions], weights: dict[str, float], curvature: bool) -> list[LayerOptions]:
+        """``options`` with each block's projections replaced by one unit for the whole block."""
+        by_name = {o.name: o for o in options}
+        members = {m for b in self.blocks.values() for m in b.members}
+        out = [o for o in options if o.name not in members]
+        for block in self.blocks.values():
+            out.append(self._unit(block, [by_name[m] for m in block.members], weights, curvature))
+        return out
+
+    def _unit(self, block: MlpBlock, member_options: list[LayerOptions], weights: dict[str, float],
+              curvature: bool) -> LayerOptions:
+        labels: list[tuple[str, Any]] = []
+        costs: list[float] = []
+        losses: list[float] = []
+        curve = self.curves[block.name]
+        scale = 1.0 if curvature else weights.get(block.output, 1.0) / max(curve.energy, 1e-300)
+        per_neuron = sum(self._shape(m)[1] for m in block.inputs) + self._shape(block.output)[0]
+        for s, loss in enumerate(curve.losses, 1):
+            labels.append(("width", s))
+            costs.append(float(per_neuron * (block.width - s * curve.step)))
+            losses.append(loss * scale)
+        # the factored block: walk the projections' hulls together, cheapest loss per parameter first
+        hulls = {o.name: o.hull() for o in member_options}
+        pos = dict.fromkeys(hulls, 0)
+        cost, loss = sum(h[0][0] for h in hulls.values()), 0.0
+        while True:
+            moves = [((h[pos[n] + 1][1] - h[pos[n]][1]) / (h[pos[n]][0] - h[pos[n] + 1][0]), n)
+                     for n, h in hulls.items() if pos[n] + 1 < len(h)]
+            if not moves:
+                break
+            n = min(moves)[1]
+            h = hulls[n]
+            cost -= h[pos[n]][0] - h[pos[n] + 1][0]
+            loss += h[pos[n] + 1][1] - h[pos[n]][1]
+            pos[n] += 1
+            labels.append(("ranks", {m: hulls[m][pos[m]][2] for m in hulls if hulls[m][pos[m]][2] is not None}))
+            costs.append(cost)
+            losses.append(loss)
+        unit = UNIT_PREFIX + block.name
+        self._labels[unit] = labels
+        dense = float(sum(o.dense_cost for o in member_options))
+        return LayerOptions(unit, dense, list(range(len(labels))), costs, losses, 1.0)
+
+    def decode(self, chosen: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+        """A greedy allocation over merged units -> (layer ranks, pruned blocks' elimination steps)."""
+        ranks, steps = {}, {}
+        for name, k in chosen.items():
+            if not name.startswith(UNIT_PREFIX):
+                ranks[name] = k
+                continue
+            kind, value = self._labels[name][k]
+            if kind == "width":
+                steps[name[len(UNIT_PREFIX):]] = value
+            else:
+                ranks.update(value)
+        return ranks, steps
+
+    # --- the narrowed layers ---------------------------------------------------------------------
+    def width(self, block: str, steps: int) -> int:
+        return self.blocks[block].width - steps * self.curves[block].step
+
+    def replacements(self, steps: dict[str, int]) -> dict[str, nn.Module]:
+        """Full name -> narrowed layer for every block pruned by ``steps`` elimination steps (cached)."""
+        out: dict[str, nn.Module] = {}
+        for name, s in steps.items():
+            if (name, s) not in self._layers:
+                block = self.blocks[name]
+                keep = self.curves[name].kept(s)
+                weight = compensated_weight(dense_weight_of(self._layer(block.output)), self._grams[name],
+                                            keep)
+                self._layers[(name, s)] = narrow_block(self.targets, block, keep, weight)
+            out.update(self._layers[(name, s)])
+        return out
+
+    def parameters(self, steps: dict[str, int]) -> dict[str, int]:
+        """Canonical name -> weight parameters of each narrowed layer."""
+        out = {}
+        for name, s in steps.items():
+            block, width = self.blocks[name], self.width(name, s)
+            for m in block.inputs:
+                out[m] = width * self._shape(m)[1]
+            out[block.output] = self._shape(block.output)[0] * width
+        return out
+
+    def _layer(self, canonical: str) -> nn.Module:
+        return self.targets[canonical][1]  # the dense layer, whatever is swapped in right now
+
+    def _shape(self, canonical: str) -> tuple[int, int]:
+        out_f, in_f = dense_weight_of(self._layer(canonical)).shape
+        return int(out_f), int(in_f)
+
+    def record(self, config: DroneConfig, steps: dict[str, int]) -> None:
+        config.mlp_widths = {
+            name: {"width": self.width(name, s), "original": self.blocks[name].width} for name, s in steps.items()
+        }
+
