@@ -306,9 +306,11 @@ def _damp_sweep(model, targets, shapes, weights, grams, eigs, kfac, windows, def
 
 
 def _greedy(model, tok, pool: list[str], calib_texts: int, eval_texts: int, ratio: float, windows, max_length: int,
-            method: str = "drone", kfac_fisher: str = DEFAULT_KFAC_FISHER, cache: str | None = None):
+            method: str = "drone", kfac_fisher: str = DEFAULT_KFAC_FISHER, cache: str | None = None,
+            prune_mlp: bool = False):
     """Perplexity, kept fraction and dense-layer count of a copy of ``model`` compressed by
-    ``drone_hf.compress`` with greedy ranks (calibrating through the ``cache`` folder, if given)."""
+    ``drone_hf.compress`` with greedy ranks (calibrating through the ``cache`` folder, if given;
+    ``prune_mlp``: MLP widths allocated with the ranks)."""
     import copy
 
     import drone_hf
@@ -316,7 +318,7 @@ def _greedy(model, tok, pool: list[str], calib_texts: int, eval_texts: int, rati
     cfg = drone_hf.DroneConfig(param_ratio=ratio, allocation="greedy", method=method, kfac_fisher=kfac_fisher,
                                dataset=pool,
                                tokenizer=tok, num_samples=calib_texts, eval_samples=eval_texts, max_length=max_length,
-                               calibration_cache=cache)
+                               calibration_cache=cache, prune_mlp=prune_mlp)
     comp = drone_hf.compress(copy.deepcopy(model), cfg, show_progress=False)
     result = comp.config.quantization_config.allocation_result
     ppl = perplexity(comp, windows)
