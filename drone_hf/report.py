@@ -25,6 +25,27 @@ from .modules.targets import canonical_name
 
 
 @dataclass(frozen=True)
+class PrunedRow:
+    """One width-pruned MLP block (``prune_mlp=True``): its name, width now and before, and the
+    parameters (weights and biases) of its projections now and before."""
+
+    name: str
+    width: int
+    original: int
+    params: int
+    dense_params: int
+
+    @classmethod
+    def from_layers(cls, name: str, width: int, original: int, inputs: list[tuple[int, int]],
+                    output: tuple[int, int]) -> PrunedRow:
+        """From the narrowed layers' ``(weight parameters per neuron, has bias)`` for each input layer
+        and ``(outputs, has bias)`` for the output layer: both scale with the width, the output bias not."""
+        per_neuron = sum(n + b for n, b in inputs) + output[0]
+        fixed = output[0] if output[1] else 0
+        return cls(name, width, original, per_neuron * width + fixed, per_neuron * original + fixed)
+
+
+@dataclass(frozen=True)
 class LayerRow:
     """One factored layer: its name (relative to the base model), shape, rank, sizes and error."""
 
@@ -81,6 +102,7 @@ class CompressionReport:
     model_params: int
     allocation: dict | None = None
     attention_rows: list[AttentionRow] = field(default_factory=list)
+    pruned_rows: list[PrunedRow] = field(default_factory=list)
 
     @property
     def dense_targeted_params(self) -> int:
@@ -151,6 +173,8 @@ class CompressionReport:
             + self.dense_targeted_params
             - self.compressed_attention_params
             + self.dense_attention_params
+            - sum(r.params for r in self.pruned_rows)
+            + sum(r.dense_params for r in self.pruned_rows)
         )
 
     @property
@@ -219,6 +243,15 @@ class CompressionReport:
                 f"{'/'.join(map(str, ranks))}); query/key parameters {self.dense_attention_params:,} -> "
                 f"{self.compressed_attention_params:,} ({self.attention_param_ratio:.1%} kept), score products "
                 f"{self.score_macs_ratio:.1%} of the multiply-adds; "
+            )
+        if self.pruned_rows:
+            widths = "/".join(str(r.width) for r in self.pruned_rows)
+            before = sum(r.dense_params for r in self.pruned_rows)
+            after = sum(r.params for r in self.pruned_rows)
+            text += (
+                f"{len(self.pruned_rows)} MLP blocks width-pruned (widths {widths} of "
+                f"{'/'.join(sorted({str(r.original) for r in self.pruned_rows}))}); their parameters {before:,} -> "
+                f"{after:,} ({after / before:.1%} kept); "
             )
         text += (
             f"whole model {self.dense_model_params:,} -> {self.model_params:,} parameters "
@@ -290,17 +323,46 @@ def report(model: nn.Module) -> CompressionReport:
     ]
     attention_rows = [_attention_row(canonical_name(model, name), m) for name, m in model.named_modules()
                       if isinstance(m, DroneAttention)]
-    if not rows and not attention_rows:
+    record = getattr(getattr(model, "config", None), "quantization_config", None)
+    pruned_rows = _pruned_rows(model, record)
+    if not rows and not attention_rows and not pruned_rows:
         raise ValueError(
             "The model has no DRONE-factored layer: compress it first with drone_hf.compress(model, config) or "
             "from_pretrained(..., drone_config=DroneConfig(...))."
         )
-    record = getattr(getattr(model, "config", None), "quantization_config", None)
     allocation = getattr(record, "allocation_result", None)
     return CompressionReport(
         rows=rows, model_params=sum(p.numel() for p in model.parameters()), allocation=allocation,
-        attention_rows=attention_rows,
+        attention_rows=attention_rows, pruned_rows=pruned_rows,
     )
+
+
+def _pruned_rows(model: nn.Module, record: object) -> list[PrunedRow]:
+    """One row per block in the record's ``mlp_widths``, from the model's narrowed layers."""
+    from .modules.low_rank_linear import dense_weight_of
+    from .modules.mlp_blocks import find_mlp_blocks
+    from .modules.targets import supported_layers
+
+    widths = (record.get("mlp_widths") if isinstance(record, dict) else getattr(record, "mlp_widths", None)) or {}
+    if not widths:
+        return []
+    blocks = {b.name: b for b in find_mlp_blocks(model)}
+    layers = supported_layers(model)
+    rows = []
+    for name, w in widths.items():
+        block = blocks.get(name)
+        if block is None:
+            continue
+
+        def shape(member: str) -> tuple[int, int, int]:
+            layer = layers[member][1]
+            out_f, in_f = dense_weight_of(layer).shape
+            return int(out_f), int(in_f), int(getattr(layer, "bias", None) is not None)
+
+        inputs = [(shape(m)[1], shape(m)[2]) for m in block.inputs]
+        output = shape(block.output)
+        rows.append(PrunedRow.from_layers(name, int(w["width"]), int(w["original"]), inputs, (output[0], output[2])))
+    return rows
 
 
 def _fixed(cells: list[str], widths: list[int]) -> str:

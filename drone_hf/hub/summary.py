@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import _is_int
-from ..report import AttentionRow, CompressionReport, LayerRow
+from ..report import AttentionRow, CompressionReport, LayerRow, PrunedRow
 from .checkpoint import CHECKPOINT_KEY, is_drone_config_dict, is_marked, unmark_config_dict
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -195,6 +195,10 @@ class CheckpointSummary:
             per_head = sorted(set(attention.values()))
             lines.append(f"  attention:   query-key compressed in {len(attention)} attention modules, per-head rank "
                          f"{', '.join(map(str, per_head))}")
+        pruned = self.report.pruned_rows
+        if pruned:
+            lines.append(f"  mlp widths:  {len(pruned)} MLP blocks width-pruned: "
+                         + ", ".join(f"{r.name} {r.width}/{r.original}" for r in pruned))
         lines += ["", str(self.report)]
         return "\n".join(lines)
 
@@ -221,7 +225,7 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
     marked = is_marked(raw)
     base = unmark_config_dict(raw)
     q = base.get("quantization_config") or {}
-    for key in ("ranks", "attention_ranks", "relative_errors", "attention_errors", "calibration"):
+    for key in ("ranks", "attention_ranks", "relative_errors", "attention_errors", "calibration", "mlp_widths"):
         if q.get(key) is not None and not isinstance(q[key], dict):
             raise ValueError(f"{config_file}: quantization_config.{key} is a {type(q[key]).__name__}, not an object"
                              f"{' of layer name -> value' if key != 'calibration' else ''}: it was edited or is "
@@ -233,7 +237,7 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
                                  "integer rank: it was edited or is damaged; restore config.json from the original "
                                  "save")
     ranks = q.get("ranks") or {}
-    if not ranks and not q.get("attention_ranks"):
+    if not ranks and not q.get("attention_ranks") and not q.get("mlp_widths"):
         raise ValueError(f"{config_file} records no ranks under quantization_config: it was edited or is damaged")
     errors = q.get("relative_errors") or {}
 
@@ -265,6 +269,7 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
             raise ValueError(f"{folder}: {name!r} is recorded with rank {rank} but its factors have rank {k}/{k2}")
         rows.append(LayerRow(name, out_f, in_f, rank, out_f * in_f, rank * (out_f + in_f), errors.get(name)))
     attention_rows = _attention_rows(base, q, order)
+    pruned_rows = _pruned_rows(folder, q.get("mlp_widths") or {}, shapes)
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     arch = (base.get("architectures") or [None])[0]
     return CheckpointSummary(
@@ -274,7 +279,8 @@ def summarize_checkpoint(folder: str | Path) -> CheckpointSummary:
         architecture=arch,
         info=dict(base.get(CHECKPOINT_KEY) or {}),
         quantization=_in_layer_order(q, [r.name for r in rows], [r.name for r in attention_rows]),
-        report=CompressionReport(rows=rows, model_params=total, attention_rows=attention_rows),
+        report=CompressionReport(rows=rows, model_params=total, attention_rows=attention_rows,
+                                 pruned_rows=pruned_rows),
         dtypes=sorted(dtypes),
         files=files,
     )
@@ -373,3 +379,32 @@ def _find(shapes: dict[str, list[int]], suffix: str) -> list[int] | None:
         return shapes[suffix]
     hits = [s for n, s in shapes.items() if n.endswith("." + suffix)]
     return hits[0] if len(hits) == 1 else None
+
+
+def _pruned_rows(folder: Path, widths: dict[str, Any], shapes: dict[str, list[int]]) -> list[PrunedRow]:
+    """One row per block of ``mlp_widths``, its projections found in the weights by the block patterns
+    of :mod:`drone_hf.modules.mlp_blocks`; a block whose tensors do not match its record is refused."""
+    from ..modules.mlp_blocks import PATTERNS
+
+    rows = []
+    for name, record in widths.items():
+        if not (isinstance(record, dict) and _is_int(record.get("width")) and _is_int(record.get("original"))):
+            raise ValueError(f"{folder}: quantization_config.mlp_widths[{name!r}] is {record!r}, not "
+                             "{'width': int, 'original': int}: config.json was edited or is damaged")
+        width, original = int(record["width"]), int(record["original"])
+        for inputs, output in PATTERNS:
+            found = [_find(shapes, f"{name}.{m}.weight") for m in (*inputs, output)]
+            if all(f is not None for f in found):
+                break
+        else:
+            raise ValueError(f"{folder}: mlp_widths records the MLP block {name!r} but the weights have no layers of "
+                             "it; the weights and config.json do not belong together")
+        conv = inputs == ("c_fc",)  # GPT-2's Conv1D layers store [in, out]
+        dims = [(f[1], f[0]) if conv else (f[0], f[1]) for f in found]  # [out, in] each
+        if any(d[0] != width for d in dims[:-1]) or dims[-1][1] != width:
+            raise ValueError(f"{folder}: {name!r} is recorded with MLP width {width} but its layers hold "
+                             f"{[list(f) for f in found]}; the weights and config.json do not belong together")
+        has_bias = [_find(shapes, f"{name}.{m}.bias") is not None for m in (*inputs, output)]
+        rows.append(PrunedRow.from_layers(name, width, original, [(d[1], b) for d, b in zip(dims[:-1], has_bias[:-1], strict=True)],
+                                          (dims[-1][0], has_bias[-1])))
+    return rows
