@@ -117,6 +117,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="drone (data-aware), drone-kfac (loss-aware DRONE), plain svd, or a peer method: asvd, "
                         "fwsvd, svdllm (docs/methods.md)")
     c.add_argument("--damp", type=float, default=None, help="ridge regularisation (default: the library's)")
+    c.add_argument("--prune-mlp", action="store_true",
+                   help="also prune MLP widths, allocated with the ranks (greedy allocation, drone or drone-kfac)")
     c.add_argument("--num-samples", type=int, default=128, help="calibration texts")
     c.add_argument("--max-length", type=int, default=128, help="tokens per calibration text")
     c.add_argument("--batch-size", type=int, default=8, help="texts per calibration batch")
@@ -446,6 +448,7 @@ def _compress(args: argparse.Namespace) -> int:
         method=args.method,
         seed=args.seed,
         target_modules=args.target_modules,
+        prune_mlp=args.prune_mlp,
     )
     if args.damp is not None:
         settings["damp"] = args.damp

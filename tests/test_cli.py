@@ -95,11 +95,24 @@ def test_eval_loss_option_reaches_the_allocation(tmp_path, capsys):
     assert "evaluation loss logit_kl" in capsys.readouterr().out  # auto: the classifier's output distribution
 
 
+def test_compress_prune_mlp_writes_pruned_widths(tmp_path, capsys):
+    src = save_tiny("llama-gqa-lm", tmp_path / "dense")
+    out = tmp_path / "pruned"
+    args = ["compress", str(src), "--model-class", "causal-lm", "--num-samples", "24", "--param-ratio", "0.6",
+            "--method", "drone-kfac", "--prune-mlp", "--no-eval", "--output", str(out)]
+    assert main(args) == 0
+    assert "MLP blocks width-pruned" in capsys.readouterr().out
+    widths = json.loads((out / "config.json").read_text())["quantization_config"]["mlp_widths"]
+    assert widths and all(w["width"] < w["original"] for w in widths.values())
+    assert main(["inspect", str(out)]) == 0
+    assert "mlp widths:" in capsys.readouterr().out
+
+
 def test_help_explains_every_option():
     out = subprocess.run([sys.executable, "-m", "drone_hf", "compress", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for option in ("--param-ratio", "--allocation", "--eval-loss", "--dataset", "--method", "--damp", "--output",
-                   "--target-modules", "--no-eval"):
+                   "--target-modules", "--no-eval", "--prune-mlp"):
         assert option in out.stdout
 
 

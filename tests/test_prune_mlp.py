@@ -163,3 +163,16 @@ def test_lora_trains_on_a_narrowed_layer(tmp_path):
     assert lora and lora[0].shape[1] == width and lora[0].grad is not None
     merged = peft_model.merge_and_unload()
     assert torch.allclose(_out(merged), before, atol=1e-5)
+
+
+def test_model_card_lists_pruned_blocks_and_skips_an_empty_rank_plot(tmp_path):
+    from drone_hf.hub.push import write_card_files
+
+    dense_dir = save_tiny("gpt2-lm", tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, drone_config=_config())
+    assert not model.config.quantization_config.ranks  # every MLP block pruned, nothing factored
+    written = write_card_files(model, tmp_path / "card")
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert written == ["README.md"] and "## MLP widths" in card and "| `prune_mlp` | `True` |" in card
+    for name, record in model.config.quantization_config.mlp_widths.items():
+        assert f"| `{name}` | {record['width']} | {record['original']} |" in card

@@ -82,9 +82,11 @@ def write_card_files(
     folder = Path(folder)
     written = []
     try:
-        plot_ranks(_report(model), folder / RANK_PLOT_FILE)
-        written.append(RANK_PLOT_FILE)
-        plot = RANK_PLOT_FILE
+        plot = None
+        if _report(model).rows:  # a model whose only change is pruned MLP widths has no ranks to plot
+            plot_ranks(_report(model), folder / RANK_PLOT_FILE)
+            written.append(RANK_PLOT_FILE)
+            plot = RANK_PLOT_FILE
     except ImportError:
         logger.warning("matplotlib is not installed: the model card has no rank plot (`pip install matplotlib`).")
         plot = None
