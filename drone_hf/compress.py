@@ -45,8 +45,8 @@ from .solver import (
 )
 from .utils.logging import get_logger
 from .utils.positions import usable_positions
-from .width_stage import WidthStage
 from .utils.public_names import public_name
+from .width_stage import WidthStage
 
 logger = get_logger(__name__)
 

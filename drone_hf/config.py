@@ -562,7 +562,8 @@ class DroneConfig(QuantizationConfigMixin):
             elif self.allocation != "greedy":
                 problem = f"allocation={self.allocation!r}: use allocation='greedy'"
             elif self.param_ratio is None:
-                problem = "a target_speedup or max_loss budget (narrowed layers have no latency model yet): use param_ratio"
+                problem = ("a target_speedup or max_loss budget (narrowed layers have no latency model yet): "
+                           "use param_ratio")
             elif self.sequential:
                 problem = f"sequential={self.sequential!r}: use one-shot calibration (sequential=False)"
             if problem:

@@ -275,7 +275,8 @@ class RankPlanner:
         if self.width is not None:
             self.result.update(pruned_mlp_blocks=len(self.width_steps), mlp_width_steps=dict(self.width_steps))
         self.result.update(
-            strategy=cfg.allocation, factored_layers=len(ranks), dense_layers=len(self.targets) - len(ranks) - len(narrowed),
+            strategy=cfg.allocation, factored_layers=len(ranks),
+            dense_layers=len(self.targets) - len(ranks) - len(narrowed),
             targeted_param_ratio=kept / total,
         )
         return ranks

@@ -90,7 +90,8 @@ def test_an_all_pruned_model_is_compressed_and_refused_a_second_time(tmp_path):
         drone_hf.compress(model, _config())
     report = drone_hf.report(model)
     assert len(report.pruned_rows) == len(qc.mlp_widths) and not report.rows
-    assert report.dense_model_params == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(dense_dir).parameters())
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
+    assert report.dense_model_params == sum(p.numel() for p in dense.parameters())
 
 
 def _llama():

@@ -405,6 +405,6 @@ def _pruned_rows(folder: Path, widths: dict[str, Any], shapes: dict[str, list[in
             raise ValueError(f"{folder}: {name!r} is recorded with MLP width {width} but its layers hold "
                              f"{[list(f) for f in found]}; the weights and config.json do not belong together")
         has_bias = [_find(shapes, f"{name}.{m}.bias") is not None for m in (*inputs, output)]
-        rows.append(PrunedRow.from_layers(name, width, original, [(d[1], b) for d, b in zip(dims[:-1], has_bias[:-1], strict=True)],
-                                          (dims[-1][0], has_bias[-1])))
+        inputs_ = [(d[1], b) for d, b in zip(dims[:-1], has_bias[:-1], strict=True)]
+        rows.append(PrunedRow.from_layers(name, width, original, inputs_, (dims[-1][0], has_bias[-1])))
     return rows

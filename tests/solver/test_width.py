@@ -16,7 +16,8 @@ from drone_hf.solver.width import WIDTH_DAMP, _damped, compensated_weight, elimi
 def _problem(seed: int = 0, out_f: int = 6, width: int = 12, tokens: int = 40):
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_f, width, generator=g, dtype=torch.float64)
-    h = torch.randn(tokens, width, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, width, dtype=torch.float64)
+    scale = torch.linspace(0.2, 2.0, width, dtype=torch.float64)  # unequal neurons
+    h = torch.randn(tokens, width, generator=g, dtype=torch.float64) * scale
     a = torch.randn(out_f, out_f, generator=g, dtype=torch.float64)
     return weight, h.T @ h, a @ a.T
 
