@@ -1,6 +1,8 @@
 """Prototype study: would MLP width pruning, allocated together with loss-aware DRONE, close the
-SmolLM2 20% gap? Measured before building it into the library (it is **not** a ``DroneConfig``
-option yet).
+SmolLM2 20% gap? Measured before building it into the library; the library option it became,
+``DroneConfig(prune_mlp=True)``, is measured by ``benchmarks/lm_prune_mlp.py``. The neuron
+elimination and compensation are now the library's (:mod:`drone_hf.solver.width`); the allocation
+walk here stays the prototype's (its own rank grids).
 
     python benchmarks/lm_width_pruning.py [--quick] [--out DIR] [--threads N] [--step N]
 
@@ -13,7 +15,7 @@ subset problem with a closed form of the same kind as DRONE's:
 
 * **Compensation** (given the kept neurons ``S``): ``W'_S = W G[:, S] G[S, S]⁻¹`` minimises
   ``||W h - W'_S h_S||`` over the calibration activations ``h`` (``G = Σ h hᵀ``, damped by
-  ``DAMP · mean(diag G)``), for any output weighting: the loss-aware metric changes *which* neurons
+  ``WIDTH_DAMP · mean(diag G)``), for any output weighting: the loss-aware metric changes *which* neurons
   go, not the compensation.
 * **Selection**: Optimal Brain Surgeon on that quadratic, ``--step`` neurons at a time (default 8): with
   ``P = G⁻¹`` over the kept set and ``H`` the damped output-gradient Gram of ``down`` (the K-FAC
@@ -61,70 +63,44 @@ from benchmarks.common import (  # noqa: E402
     results_writer,
 )
 from benchmarks.lm import CALIB_TEXTS, GREEDY_EVAL_TEXTS, TARGET_FACTOR, _load, eval_windows, perplexity  # noqa: E402
-from drone_hf.allocation import LayerOptions, greedy_allocate  # noqa: E402
+from drone_hf.allocation import LayerOptions, greedy_allocate, walk_hulls  # noqa: E402
 from drone_hf.calibration import collect_grams, load_texts, tokenize_batches  # noqa: E402
 from drone_hf.calibration.output_gradients import collect_output_grams  # noqa: E402
 from drone_hf.compress import _split_texts  # noqa: E402
 from drone_hf.modules.low_rank_linear import DroneLinear  # noqa: E402
 from drone_hf.modules.targets import replace_modules, resolve_targets  # noqa: E402
 from drone_hf.solver import DEFAULT_KFAC_DAMP, decompose_kfac  # noqa: E402
+from drone_hf.solver import width as width_solver  # noqa: E402
 
 CUTS = (0.2, 0.1)
-#: Relative damping of the intermediate-activation Gram (its inverse drives selection and compensation).
-DAMP = 0.01
 #: Neurons removed per OBS step (the width grid), attention and MLP rank grids.
 STEP, ATTENTION_RANK_STEP, MLP_RANK_STEP = 8, 8, 16
-#: At most this fraction of one block's neurons can go (the search range of the elimination).
-MAX_PRUNED = 0.8
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-def _damped(matrix: torch.Tensor, damp: float) -> torch.Tensor:
-    m = 0.5 * (matrix + matrix.T).double()
-    return m + damp * m.diagonal().mean() * torch.eye(m.shape[0], dtype=m.dtype)
 
 
 def eliminate_neurons(weight: torch.Tensor, gram: torch.Tensor, out_gram: torch.Tensor, loss_scale: float,
                       step: int, max_removed: int) -> tuple[list[int], list[float]]:
     """Removal order of ``down``'s input neurons, ``step`` at a time, and the predicted loss after
-    each step (cumulative; exact for the quadratic model, see the module docstring)."""
-    w = weight.double().clone()
-    p = torch.linalg.inv(_damped(gram, DAMP))
-    h = _damped(out_gram, DEFAULT_KFAC_DAMP)
-    hw = h @ w
-    alive = torch.ones(w.shape[1], dtype=torch.bool)
-    order, losses, total = [], [], 0.0
-    while len(order) + step <= max_removed:
-        single = (hw * w).sum(0) / p.diagonal()
-        single[~alive] = float("inf")
-        block = torch.topk(single, step, largest=False).indices
-        inv = torch.linalg.inv(p[block][:, block])
-        total += float(torch.trace(w[:, block].T @ hw[:, block] @ inv)) * loss_scale
-        p_rows = p[block]  # the Schur downdate of the inverse and of the compensated weight
-        w -= w[:, block] @ inv @ p_rows
-        hw -= hw[:, block] @ inv @ p_rows
-        p -= p[:, block] @ inv @ p_rows
-        alive[block] = False
-        order.extend(int(j) for j in block)
-        losses.append(max(total, 0.0))
-    return order, losses
+    each step: the library's solver (:func:`drone_hf.solver.width.eliminate_neurons`, damping
+    ``WIDTH_DAMP``), which ``DroneConfig(prune_mlp=True)`` uses too."""
+    curve = width_solver.eliminate_neurons(weight, gram, out_gram=out_gram, loss_scale=loss_scale, step=step,
+                                           max_removed=max_removed)
+    return curve.order, curve.losses
 
 
 def prune_mlp(mlp: nn.Module, removed: list[int], gram: torch.Tensor) -> None:
     """Narrow ``mlp``'s gate/up/down in place to the neurons not in ``removed``; ``down`` is the
-    least-squares compensation on the kept neurons, recomputed from the Gram (not the OBS running one)."""
+    least-squares compensation on the kept neurons (:func:`drone_hf.solver.width.compensated_weight`)."""
     width = mlp.down_proj.in_features
-    keep = torch.tensor(sorted(set(range(width)) - set(removed)))
-    g = _damped(gram, DAMP)
-    down = mlp.down_proj.weight.detach().double()
-    compensated = torch.linalg.solve(g[keep][:, keep], (down @ g[:, keep]).T).T
+    keep = sorted(set(range(width)) - set(removed))
+    compensated = width_solver.compensated_weight(mlp.down_proj.weight, gram, keep)
     for name in ("gate_proj", "up_proj"):
         old = getattr(mlp, name)
         new = nn.Linear(old.in_features, len(keep), bias=False)
         new.weight.data = old.weight.detach()[keep].clone()
         setattr(mlp, name, new)
     new = nn.Linear(len(keep), mlp.down_proj.out_features, bias=False)
-    new.weight.data = compensated.to(mlp.down_proj.weight.dtype)
+    new.weight.data = compensated
     mlp.down_proj = new
 
 
@@ -146,19 +122,8 @@ def _block_options(i: int, curve, decs: dict, width: int, hidden: int, prune: bo
             costs.append(float(3 * hidden * (width - s * step)))
             losses.append(loss)
     hulls = {p: _rank_options(p, decs[f"layers.{i}.mlp.{p}"], MLP_RANK_STEP).hull() for p in PROJECTIONS}
-    pos = dict.fromkeys(hulls, 0)
-    cost, loss = sum(h[0][0] for h in hulls.values()), 0.0
-    while True:  # walk the three hulls together, cheapest loss per parameter first
-        moves = [((h[pos[p] + 1][1] - h[pos[p]][1]) / (h[pos[p]][0] - h[pos[p] + 1][0]), p)
-                 for p, h in hulls.items() if pos[p] + 1 < len(h)]
-        if not moves:
-            break
-        p = min(moves)[1]
-        h = hulls[p]
-        cost -= h[pos[p]][0] - h[pos[p] + 1][0]
-        loss += h[pos[p] + 1][1] - h[pos[p]][1]
-        pos[p] += 1
-        labels.append(("factor", {q: hulls[q][pos[q]][2] for q in hulls}))
+    for cost, loss, ranks in walk_hulls(hulls):  # the three hulls together, cheapest loss per parameter first
+        labels.append(("factor", {q: ranks.get(q) for q in hulls}))
         costs.append(cost)
         losses.append(loss)
     return LayerOptions(f"block{i}", float(3 * hidden * width), list(range(len(labels))), costs, losses, 1.0), labels
@@ -197,7 +162,7 @@ def run(quick: bool, save=None, step: int = STEP) -> tuple[str, dict]:
     curves = timed("OBS neuron elimination", lambda: [eliminate_neurons(
         layers[f"layers.{i}.mlp.down_proj"].weight.detach(), grams[f"layers.{i}.mlp.down_proj"],
         kfac[f"layers.{i}.mlp.down_proj"]["out_gram"], kfac[f"layers.{i}.mlp.down_proj"]["loss_scale"],
-        step, int(MAX_PRUNED * width)) for i in range(blocks)])
+        step, int(width_solver.MAX_PRUNED * width)) for i in range(blocks)])
     total = sum(layer.weight.numel() for layer in layers.values())
     record = {"model": model_name, "dense_ppl": dense_ppl, "calibration_texts": data.num_texts,
               "eval_windows": list(windows.shape), "timings_s": timings, "rows": {}, "partial": True,
@@ -272,7 +237,8 @@ def _body(rec: dict) -> str:
         f"{dense:.2f}; target at a 20% cut: {TARGET_FACTOR}x dense), {rec['calibration_texts']} calibration passages; "
         f"neurons removed {rec.get('step', STEP)} per elimination step (the width grid). "
         "`kept`: fraction of the q/k/v/o/gate/up/down parameters left. MLP blocks: width-pruned / factored / dense. "
-        "The width-pruning row is a prototype in this script, not a library option.\n\n"
+        "The width-pruning row is this script's prototype allocation (`prune_mlp=True` in the library: "
+        "`lm_prune_mlp.md`).\n\n"
         + markdown_table(["cut", "allocation", "perplexity", "x dense", "kept", "MLP blocks", "dense attention layers"],
                          rows)
         + "\n\nSeconds on this machine: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items())

@@ -122,6 +122,27 @@ class LayerOptions:
         return self._hull
 
 
+def walk_hulls(hulls: dict[str, list[tuple[float, float, int | None]]]) -> list[tuple[float, float, dict]]:
+    """Walk several layers' hulls (:meth:`LayerOptions.hull`) together, cheapest predicted loss per
+    unit of cost first: the options of the group as one unit, one per step, as ``(total cost, total
+    predicted loss, name -> rank of every layer not dense)``. The walk is the greedy allocation's own
+    (the layers are separable), so each point is what the walk would pick at that group cost."""
+    pos = dict.fromkeys(hulls, 0)
+    cost, loss = sum(h[0][0] for h in hulls.values()), 0.0
+    out = []
+    while True:
+        moves = [((h[pos[n] + 1][1] - h[pos[n]][1]) / (h[pos[n]][0] - h[pos[n] + 1][0]), n)
+                 for n, h in hulls.items() if pos[n] + 1 < len(h)]
+        if not moves:
+            return out
+        n = min(moves)[1]
+        h = hulls[n]
+        cost -= h[pos[n]][0] - h[pos[n] + 1][0]
+        loss += h[pos[n] + 1][1] - h[pos[n]][1]
+        pos[n] += 1
+        out.append((cost, loss, {m: hulls[m][pos[m]][2] for m in hulls if hulls[m][pos[m]][2] is not None}))
+
+
 @dataclass
 class Allocation:
     """Result of a greedy allocation.

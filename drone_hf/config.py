@@ -251,7 +251,7 @@ class DroneConfig(QuantizationConfigMixin):
             (a narrower matmul, no factors); ``mlp_widths`` records each pruned block's width. Needs
             ``allocation="greedy"`` with ``param_ratio``, one-shot calibration and ``method="drone"``
             or ``"drone-kfac"``. On SmolLM2-135M at a 20% cut: perplexity 1.22x dense vs 1.43x with
-            ranks alone (``benchmarks/results/lm_width_pruning.md``).
+            ranks alone (``benchmarks/results/lm_prune_mlp.md``).
         calibration_cache (`str` or `os.PathLike`, *optional*):
             A folder where calibration writes its statistics as they are finished (one-shot mode:
             the running accumulators of every layer, every ``SNAPSHOT_SECONDS`` and at the end;

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from .allocation import LayerOptions
+from .allocation import LayerOptions, walk_hulls
 from .config import DroneConfig
 from .modules.low_rank_linear import dense_weight_of
 from .modules.mlp_blocks import MlpBlock, find_mlp_blocks, narrow_block
@@ -103,21 +103,9 @@ class WidthStage:
             labels.append(("width", s))
             costs.append(float(per_neuron * (block.width - s * curve.step)))
             losses.append(loss * scale)
-        # the factored block: walk the projections' hulls together, cheapest loss per parameter first
-        hulls = {o.name: o.hull() for o in member_options}
-        pos = dict.fromkeys(hulls, 0)
-        cost, loss = sum(h[0][0] for h in hulls.values()), 0.0
-        while True:
-            moves = [((h[pos[n] + 1][1] - h[pos[n]][1]) / (h[pos[n]][0] - h[pos[n] + 1][0]), n)
-                     for n, h in hulls.items() if pos[n] + 1 < len(h)]
-            if not moves:
-                break
-            n = min(moves)[1]
-            h = hulls[n]
-            cost -= h[pos[n]][0] - h[pos[n] + 1][0]
-            loss += h[pos[n] + 1][1] - h[pos[n]][1]
-            pos[n] += 1
-            labels.append(("ranks", {m: hulls[m][pos[m]][2] for m in hulls if hulls[m][pos[m]][2] is not None}))
+        # the factored block: the projections' hulls walked together, cheapest loss per parameter first
+        for cost, loss, ranks in walk_hulls({o.name: o.hull() for o in member_options}):
+            labels.append(("ranks", ranks))
             costs.append(cost)
             losses.append(loss)
         unit = UNIT_PREFIX + block.name

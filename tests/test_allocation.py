@@ -268,3 +268,15 @@ def test_greedy_default_is_the_allocation_and_reaches_what_uniform_reaches() -> 
     assert ranks and min(ranks.values()) < 8  # the uniform candidate was used where 8 was too coarse
     with pytest.raises(ValueError, match=r"param_ratio=0.2 cannot be met"):  # the same grid without it
         drone_hf.compress(tiny_bert(), budget_config(param_ratio=ratio, rank_grid=[8, 16, 24]), show_progress=False)
+
+
+def test_walk_hulls_takes_the_cheapest_loss_per_cost_step_of_any_layer_first():
+    from drone_hf.allocation import walk_hulls
+
+    hulls = {  # (cost, loss, rank) from dense down, as LayerOptions.hull gives them
+        "a": [(100.0, 0.0, None), (60.0, 4.0, 8), (20.0, 40.0, 2)],  # slopes 0.1 then 0.9
+        "b": [(50.0, 0.0, None), (30.0, 1.0, 4)],  # slope 0.05
+    }
+    walk = walk_hulls(hulls)
+    assert walk == [(130.0, 1.0, {"b": 4}), (90.0, 5.0, {"a": 8, "b": 4}), (50.0, 41.0, {"a": 2, "b": 4})]
+    assert walk_hulls({"a": [(10.0, 0.0, None)]}) == []  # a layer with no cheaper option adds nothing

@@ -39,6 +39,29 @@ def output_axis(module: nn.Module) -> int:
     return 0 if source_kind(module) == "linear" else 1
 
 
+def dense_layer(kind: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A new ``nn.Linear`` (``kind="linear"``) or ``Conv1D`` (``"conv1d"``) holding ``weight``
+    (``[out, in]``) and ``bias``, on ``weight``'s device and dtype (a ``Conv1D`` without a bias gets zeros:
+    it always has one)."""
+    out_f, in_f = weight.shape
+    if kind == "conv1d":
+        layer = Conv1D(out_f, in_f)
+        layer.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight.T)
+            if bias is not None:
+                layer.bias.copy_(bias)
+            else:
+                layer.bias.zero_()
+        return layer
+    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
 def dense_weight_of(module: nn.Module) -> torch.Tensor:
     """The weight of a supported layer as ``[out, in]`` (``Conv1D`` stores ``[in, out]``)."""
     kind = source_kind(module)
@@ -171,25 +194,7 @@ class DroneLinear(nn.Module):
 
     def to_dense(self) -> nn.Module:
         """The equivalent dense layer, of the kind this one replaced (``nn.Linear`` or ``Conv1D``)."""
-        weight = self.merged_weight().detach()
-        bias = self.up.bias
-        if self.source == "conv1d":
-            layer = Conv1D(self.out_features, self.in_features)
-            layer.to(device=weight.device, dtype=weight.dtype)
-            with torch.no_grad():
-                layer.weight.copy_(weight.T)
-                if bias is not None:
-                    layer.bias.copy_(bias)
-                else:  # Conv1D always has a bias
-                    layer.bias.zero_()
-        else:
-            layer = nn.Linear(
-                self.in_features, self.out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
-            )
-            with torch.no_grad():
-                layer.weight.copy_(weight)
-                if bias is not None:
-                    layer.bias.copy_(bias)
+        layer = dense_layer(self.source, self.merged_weight().detach(), self.up.bias)
         layer.train(self.training)
         return layer
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .low_rank_linear import Conv1D, dense_weight_of, source_kind
+from .low_rank_linear import Conv1D, dense_layer, dense_weight_of, source_kind
 from .targets import replace_modules, supported_layers
 
 #: (input layers, output layer) relative to the block's parent, by family: gated MLPs (Llama,
@@ -79,20 +79,7 @@ def find_mlp_blocks(model: nn.Module, names: set[str] | None = None) -> list[Mlp
 
 def narrowed_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A layer of ``layer``'s kind holding ``weight`` (``[out, in]``) and ``bias``, on its device and dtype."""
-    out_f, in_f = weight.shape
-    kind = source_kind(layer)
-    if kind == "conv1d":
-        new = Conv1D(out_f, in_f)
-        new.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(weight.T)
-            new.bias.copy_(bias if bias is not None else torch.zeros(out_f, dtype=weight.dtype))
-    else:
-        new = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(weight)
-            if bias is not None:
-                new.bias.copy_(bias)
+    new = dense_layer(source_kind(layer) or "linear", weight, bias)
     new.train(layer.training)
     return new
 
