@@ -68,6 +68,7 @@ from drone_hf.calibration import collect_grams, load_texts, tokenize_batches  # 
 from drone_hf.calibration.output_gradients import collect_output_grams  # noqa: E402
 from drone_hf.compress import _split_texts  # noqa: E402
 from drone_hf.modules.low_rank_linear import DroneLinear  # noqa: E402
+from drone_hf.modules.mlp_blocks import MlpBlock, narrow_block  # noqa: E402
 from drone_hf.modules.targets import replace_modules, resolve_targets  # noqa: E402
 from drone_hf.solver import DEFAULT_KFAC_DAMP, decompose_kfac  # noqa: E402
 from drone_hf.solver import width as width_solver  # noqa: E402
@@ -90,18 +91,15 @@ def eliminate_neurons(weight: torch.Tensor, gram: torch.Tensor, out_gram: torch.
 
 def prune_mlp(mlp: nn.Module, removed: list[int], gram: torch.Tensor) -> None:
     """Narrow ``mlp``'s gate/up/down in place to the neurons not in ``removed``; ``down`` is the
-    least-squares compensation on the kept neurons (:func:`drone_hf.solver.width.compensated_weight`)."""
+    least-squares compensation on the kept neurons (:func:`drone_hf.solver.width.compensated_weight`),
+    the layers narrowed by :func:`drone_hf.modules.mlp_blocks.narrow_block`."""
     width = mlp.down_proj.in_features
     keep = sorted(set(range(width)) - set(removed))
+    block = MlpBlock("", PROJECTIONS[:2], PROJECTIONS[2], width)
     compensated = width_solver.compensated_weight(mlp.down_proj.weight, gram, keep)
-    for name in ("gate_proj", "up_proj"):
-        old = getattr(mlp, name)
-        new = nn.Linear(old.in_features, len(keep), bias=False)
-        new.weight.data = old.weight.detach()[keep].clone()
-        setattr(mlp, name, new)
-    new = nn.Linear(len(keep), mlp.down_proj.out_features, bias=False)
-    new.weight.data = compensated
-    mlp.down_proj = new
+    narrowed = narrow_block({p: (p, getattr(mlp, p)) for p in PROJECTIONS}, block, keep, compensated)
+    for name, layer in narrowed.items():  # the library's narrowing, installed on this one MLP
+        setattr(mlp, name, layer)
 
 
 def _rank_options(name: str, dec, step: int) -> LayerOptions:

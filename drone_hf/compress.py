@@ -29,6 +29,7 @@ from .calibration.paired import PairedObserver
 from .config import QUANT_METHOD, DroneConfig
 from .modules.attention import drone_attention_modules
 from .modules.low_rank_linear import DroneLinear, dense_weight_of
+from .modules.mlp_blocks import recorded_mlp_widths
 from .modules.targets import check_rank_keys, rank_for, replace_modules, resolve_targets
 from .planner import RankPlanner
 from .search import default_eval_samples, resolve_eval_loss
@@ -259,13 +260,6 @@ def already_compressed(model: nn.Module) -> str | None:
         [f"{len(attention)} compressed attention modules"] if attention else []) + (
         [f"{len(pruned)} pruned MLP blocks"] if pruned else [])
     return f"{' and '.join(parts)}, e.g. {(linear or attention or pruned)[0]!r}"
-
-
-def recorded_mlp_widths(model: nn.Module) -> dict[str, dict[str, int]]:
-    """The ``mlp_widths`` record of a compressed model's ``quantization_config`` (empty when none)."""
-    record = getattr(getattr(model, "config", None), "quantization_config", None)
-    widths = record.get("mlp_widths") if isinstance(record, dict) else getattr(record, "mlp_widths", None)
-    return dict(widths or {})
 
 
 def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: bool) -> nn.Module:

@@ -21,7 +21,8 @@ from torch import nn
 
 from .modules.attention import DroneAttention
 from .modules.low_rank_linear import DroneLinear
-from .modules.targets import canonical_name
+from .modules.mlp_blocks import find_mlp_blocks, layer_shape, recorded_mlp_widths
+from .modules.targets import canonical_name, supported_layers
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ def report(model: nn.Module) -> CompressionReport:
     attention_rows = [_attention_row(canonical_name(model, name), m) for name, m in model.named_modules()
                       if isinstance(m, DroneAttention)]
     record = getattr(getattr(model, "config", None), "quantization_config", None)
-    pruned_rows = _pruned_rows(model, record)
+    pruned_rows = _pruned_rows(model)
     if not rows and not attention_rows and not pruned_rows:
         raise ValueError(
             "The model has no DRONE-factored layer: compress it first with drone_hf.compress(model, config) or "
@@ -337,31 +338,25 @@ def report(model: nn.Module) -> CompressionReport:
     )
 
 
-def _pruned_rows(model: nn.Module, record: object) -> list[PrunedRow]:
+def _pruned_rows(model: nn.Module) -> list[PrunedRow]:
     """One row per block in the record's ``mlp_widths``, from the model's narrowed layers."""
-    from .modules.low_rank_linear import dense_weight_of
-    from .modules.mlp_blocks import find_mlp_blocks
-    from .modules.targets import supported_layers
-
-    widths = (record.get("mlp_widths") if isinstance(record, dict) else getattr(record, "mlp_widths", None)) or {}
+    widths = recorded_mlp_widths(model)
     if not widths:
         return []
     blocks = {b.name: b for b in find_mlp_blocks(model)}
     layers = supported_layers(model)
+
+    def has_bias(member: str) -> int:
+        return int(getattr(layers[member][1], "bias", None) is not None)
+
     rows = []
     for name, w in widths.items():
         block = blocks.get(name)
         if block is None:
             continue
-
-        def shape(member: str) -> tuple[int, int, int]:
-            layer = layers[member][1]
-            out_f, in_f = dense_weight_of(layer).shape
-            return int(out_f), int(in_f), int(getattr(layer, "bias", None) is not None)
-
-        inputs = [(shape(m)[1], shape(m)[2]) for m in block.inputs]
-        output = shape(block.output)
-        rows.append(PrunedRow.from_layers(name, int(w["width"]), int(w["original"]), inputs, (output[0], output[2])))
+        inputs = [(layer_shape(layers[m][1])[1], has_bias(m)) for m in block.inputs]
+        output = (layer_shape(layers[block.output][1])[0], has_bias(block.output))
+        rows.append(PrunedRow.from_layers(name, int(w["width"]), int(w["original"]), inputs, output))
     return rows
 
 

@@ -33,7 +33,7 @@ from transformers.utils import logging as hf_logging
 from .allocation import LayerOptions, walk_hulls
 from .config import DroneConfig
 from .modules.low_rank_linear import dense_weight_of
-from .modules.mlp_blocks import MlpBlock, find_mlp_blocks, narrow_block
+from .modules.mlp_blocks import MlpBlock, find_mlp_blocks, layer_shape, narrow_block
 from .solver.width import WidthCurve, compensated_weight, eliminate_neurons
 
 #: Marks an allocation unit that stands for a whole MLP block (never a layer name).
@@ -158,8 +158,7 @@ class WidthStage:
         return self.targets[canonical][1]  # the dense layer, whatever is swapped in right now
 
     def _shape(self, canonical: str) -> tuple[int, int]:
-        out_f, in_f = dense_weight_of(self._layer(canonical)).shape
-        return int(out_f), int(in_f)
+        return layer_shape(self._layer(canonical))
 
     def record(self, config: DroneConfig, steps: dict[str, int]) -> None:
         config.mlp_widths = {

@@ -49,9 +49,18 @@ class MlpBlock:
         return (*self.inputs, self.output)
 
 
-def _layer_shape(layer: nn.Module) -> tuple[int, int]:
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a ``nn.Linear`` or ``Conv1D`` (whose weight is stored ``[in, out]``)."""
     out_f, in_f = dense_weight_of(layer).shape
     return int(out_f), int(in_f)
+
+
+def recorded_mlp_widths(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The ``mlp_widths`` record of a compressed model's ``quantization_config`` (a ``DroneConfig`` or
+    its dict form), empty when there is none."""
+    record = getattr(getattr(model, "config", None), "quantization_config", None)
+    widths = record.get("mlp_widths") if isinstance(record, dict) else getattr(record, "mlp_widths", None)
+    return dict(widths or {})
 
 
 def find_mlp_blocks(model: nn.Module, names: set[str] | None = None) -> list[MlpBlock]:
@@ -70,8 +79,8 @@ def find_mlp_blocks(model: nn.Module, names: set[str] | None = None) -> list[Mlp
             out_name = prefix + output
             if not all(m in layers and m in allowed for m in members) or out_name not in allowed:
                 continue
-            width = _layer_shape(layers[out_name][1])[1]
-            if all(_layer_shape(layers[m][1])[0] == width for m in members):
+            width = layer_shape(layers[out_name][1])[1]
+            if all(layer_shape(layers[m][1])[0] == width for m in members):
                 blocks.append(MlpBlock(parent, tuple(members), out_name, width))
                 break
     return blocks
@@ -162,7 +171,7 @@ def narrow_skeleton(model: nn.Module, widths: dict[str, dict[str, int]]) -> list
             )
         for member in block.members:
             full, layer = layers[member]
-            out_f, in_f = _layer_shape(layer)
+            out_f, in_f = layer_shape(layer)
             out_f, in_f = (width, in_f) if member in block.inputs else (out_f, width)
             replacements[full] = _empty_layer(layer, out_f, in_f)
     replace_modules(model, replacements)
