@@ -81,6 +81,7 @@ class Variant:
     eval_samples: int | None = None  # how many held-out texts it measures on (None: the library's default)
     sequential: bool | str = False  # DroneConfig.sequential: one-shot, True (block by block) or "compensated"
     kfac_fisher: str = DEFAULT_KFAC_FISHER  # DroneConfig.kfac_fisher (drone-kfac rows): drawn, all or the data's labels
+    prune_mlp: bool = False  # DroneConfig.prune_mlp (greedy rows): MLP widths allocated with the ranks
 
     @property
     def label(self) -> str:
@@ -90,6 +91,7 @@ class Variant:
         extra += f", {self.eval_samples} held-out texts" if self.eval_samples is not None else ""
         extra += f", {SEQUENTIAL_LABELS[self.sequential]}" if self.sequential else ""
         extra += f", {self.kfac_fisher} Fisher" if self.method == "drone-kfac" else ""
+        extra += ", MLP widths pruned" if self.prune_mlp else ""
         return f"{self.method} ({self.allocation}, {budget}{extra})"
 
     def config(self, texts: list[str], tokenizer: Any, s: Settings, shape: tuple[int, int],
@@ -107,6 +109,7 @@ class Variant:
             eval_samples=self.eval_samples,
             sequential=self.sequential,
             kfac_fisher=self.kfac_fisher,
+            prune_mlp=self.prune_mlp,
             latency_shape=shape,
             dataset=texts,
             tokenizer=tokenizer,
@@ -160,16 +163,17 @@ def validation_split(train_raw):
 def variants(
     plan: Plan, methods: tuple[str, ...] = METHODS, groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto",
     eval_samples: int | None = None, sequential: bool | str = False, greedy_method: str = "drone",
-    kfac_fisher: str = DEFAULT_KFAC_FISHER,
+    kfac_fisher: str = DEFAULT_KFAC_FISHER, prune_mlp: bool = False,
 ) -> list[Variant]:
     """The rows of a run: uniform ranks per method, DRONE greedy (size and speed budgets, measuring
     ``eval_loss`` on ``eval_samples`` held-out texts, calibrated the ``sequential`` way, solved by
     ``greedy_method``: ``drone`` or loss-aware ``drone-kfac``, whose output gradients take
-    ``kfac_fisher``'s labels), DRONE + attention; ``groups`` keeps only some of them."""
+    ``kfac_fisher``'s labels, pruning MLP widths too with ``prune_mlp``), DRONE + attention; ``groups``
+    keeps only some of them."""
     rows = [Variant(m, {"param_ratio": r}) for m in methods for r in plan.ratios] if "uniform" in groups else []
     if "greedy" in groups:
         greedy = dict(allocation="greedy", eval_loss=eval_loss, eval_samples=eval_samples, sequential=sequential,
-                      kfac_fisher=kfac_fisher)
+                      kfac_fisher=kfac_fisher, prune_mlp=prune_mlp)
         rows += [Variant(greedy_method, {"param_ratio": r}, **greedy) for r in plan.ratios]
         rows += [Variant(greedy_method, {"target_speedup": x}, **greedy) for x in plan.speedups]
     if "attention" in groups:
@@ -194,7 +198,7 @@ def speedups(
 def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         groups: tuple[str, ...] = ROW_GROUPS, eval_loss: str = "auto", eval_samples: int | None = None,
         sequential: bool | str = False, split: str = "test", greedy_method: str = "drone",
-        kfac_fisher: str = DEFAULT_KFAC_FISHER, calibration_seed: int | None = None) -> dict:
+        kfac_fisher: str = DEFAULT_KFAC_FISHER, calibration_seed: int | None = None, prune_mlp: bool = False) -> dict:
     """Every row of the plan on split ``split``: ``test`` (the report) or ``validation`` (choosing
     settings; see ``validation_split``). ``calibration_seed`` (default ``s.seed``) is the rows'
     ``DroneConfig.seed`` (see ``Variant.config``): the split, the teacher and the evaluated sentences stay those of
@@ -214,7 +218,8 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
     log(f"dense accuracy {dense_acc:.4f} on {len(test_ds)} {split} sentences")
     texts = list(train_raw["text"])
     rows = []
-    for v in variants(plan, methods, groups, eval_loss, eval_samples, sequential, greedy_method, kfac_fisher):
+    for v in variants(plan, methods, groups, eval_loss, eval_samples, sequential, greedy_method, kfac_fisher,
+                      prune_mlp):
         rec: dict[str, Any] = {"label": v.label, **asdict(v)}
         start = time.perf_counter()
         work = copy.deepcopy(dense)
@@ -251,6 +256,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         "split": split,
         "sequential": sequential,
         "kfac_fisher": kfac_fisher,
+        "prune_mlp": prune_mlp,
         "calibration_seed": calibration_seed,
         "dense_accuracy": dense_acc,
         "dense_params": dense_params,
@@ -444,6 +450,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--calibration-seed", type=int,
                         help="seed of the calibration draw alone (DroneConfig.seed; default: the split's and "
                              "teacher's seed, 0): repeats a row on other calibration texts, same teacher and split")
+    parser.add_argument("--prune-mlp", action="store_true",
+                        help="greedy rows also prune MLP widths (DroneConfig.prune_mlp)")
     parser.add_argument("--prepare", action="store_true",
                         help="only fine-tune (or load from the cache) the dense task model, print its accuracy, stop")
     args = parser.parse_args(argv)
@@ -477,7 +485,8 @@ def main(argv: list[str] | None = None) -> Path:
     result = run(s, plan, log=lambda m: print(f"[frontier] {m}", flush=True), methods=methods,
                  groups=tuple(args.rows), eval_loss=args.eval_loss, eval_samples=eval_samples,
                  sequential=CALIBRATIONS[args.calibration], split=args.split, greedy_method=args.greedy_method,
-                 kfac_fisher=args.kfac_fisher or DEFAULT_KFAC_FISHER, calibration_seed=args.calibration_seed)
+                 kfac_fisher=args.kfac_fisher or DEFAULT_KFAC_FISHER, calibration_seed=args.calibration_seed,
+                 prune_mlp=args.prune_mlp)
     stem = args.name or results_stem(s.model)
     render(result, command_line(__file__, argv if argv is not None else sys.argv[1:]), time.perf_counter() - start, out,
            stem)

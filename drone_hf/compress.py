@@ -8,6 +8,7 @@ factors are computed before any layer is swapped, so a failure leaves the model 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import random
@@ -398,12 +399,14 @@ def _compress_in_place(model: nn.Module, config: DroneConfig, show_progress: boo
                 model, targets, data, widths, observe_output, solve, ranks, show_progress, cache=cache,
                 compensated=solve_compensated if config.sequential == "compensated" else None,
                 input_widths={c: shapes[c][1] for c in targets},
+                pruned=width.sequential_blocks(plan.width_steps) if width is not None else None,
+                narrow=functools.partial(width.narrowed_from, plan.width_steps) if width is not None else None,
             )
         except BaseException:
             replace_modules(model, {f: m for f, m in originals.items() if model.get_submodule(f) is not m})
             raise
         plan.result["sequential"] = config.sequential
-        if config.max_loss is not None and ranks and one_shot:
+        if config.max_loss is not None and (ranks or plan.width_steps) and one_shot:
             replacements = _keep_loss_budget(model, plan, targets, ranks, replacements, config.max_loss)
     else:
         replacements = {targets[c][0]: plan.factored(c, k) for c, k in ranks.items()}
@@ -490,7 +493,7 @@ def _keep_loss_budget(
     if keep:
         plan.result["measured_loss_increase"] = measured
         return replacements
-    one_shot = {targets[c][0]: plan.factored(c, k) for c, k in ranks.items()}
+    one_shot = plan.full(ranks)  # the one-shot factors and narrowed MLP blocks
     replace_modules(model, one_shot)
     plan.result["sequential_kept"] = False
     logger.warning(

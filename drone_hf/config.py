@@ -249,9 +249,12 @@ class DroneConfig(QuantizationConfigMixin):
             pruned width and factored projections, against every other layer's ranks (see
             ``drone_hf/width_stage.py``). Pruned layers stay dense ``nn.Linear``/``Conv1D`` modules
             (a narrower matmul, no factors); ``mlp_widths`` records each pruned block's width. Needs
-            ``allocation="greedy"`` with ``param_ratio``, one-shot calibration and ``method="drone"``
-            or ``"drone-kfac"``. On SmolLM2-135M at a 20% cut: perplexity 1.22x dense vs 1.43x with
-            ranks alone (``benchmarks/results/lm_prune_mlp.md``).
+            ``allocation="greedy"`` (any budget: ``param_ratio``; ``target_speedup`` and ``max_loss``
+            time the narrowed layers with the latency model, like the ranks) and ``method="drone"``
+            or ``"drone-kfac"``. With ``sequential`` the plan's neurons stay and each pruned output
+            layer's compensation is re-solved on the compressed model's activations. On SmolLM2-135M
+            at a 20% cut: perplexity 1.22x dense vs 1.43x with ranks alone
+            (``benchmarks/results/lm_prune_mlp.md``).
         calibration_cache (`str` or `os.PathLike`, *optional*):
             A folder where calibration writes its statistics as they are finished (one-shot mode:
             the running accumulators of every layer, every ``SNAPSHOT_SECONDS`` and at the end;
@@ -561,15 +564,10 @@ class DroneConfig(QuantizationConfigMixin):
                 problem = f"method={self.method!r}: use method='drone' or 'drone-kfac'"
             elif self.allocation != "greedy":
                 problem = f"allocation={self.allocation!r}: use allocation='greedy'"
-            elif self.param_ratio is None:
-                problem = ("a target_speedup or max_loss budget (narrowed layers have no latency model yet): "
-                           "use param_ratio")
-            elif self.sequential:
-                problem = f"sequential={self.sequential!r}: use one-shot calibration (sequential=False)"
             if problem:
                 raise ValueError(
-                    f"prune_mlp=True chooses widths and ranks together in one greedy size allocation from one-shot "
-                    f"statistics; it does not combine with {problem}, or drop prune_mlp."
+                    f"prune_mlp=True chooses widths and ranks together in one greedy allocation; it does not "
+                    f"combine with {problem}, or drop prune_mlp."
                 )
         records = self.mlp_widths
         if records is not None and (not isinstance(records, dict) or not all(

@@ -195,12 +195,42 @@ class RankPlanner:
             self._faults_per_pass.append(per_pass)
         return times
 
-    def full(self, ranks: dict[str, int]) -> dict[str, nn.Module]:
-        """Full name -> replacement for ``ranks``, plus the narrowed layers of the planned widths."""
+    def full(self, ranks: dict[str, int], steps: dict[str, int] | None = None) -> dict[str, nn.Module]:
+        """Full name -> replacement for ``ranks``, plus the narrowed layers of ``steps`` (MLP block ->
+        elimination steps; default: the planned widths, ``width_steps``)."""
         layers = {self.targets[c][0]: self.factored(c, k) for c, k in ranks.items()}
-        if self.width is not None and self.width_steps:
-            layers |= self.width.replacements(self.width_steps)
+        steps = self.width_steps if steps is None else steps
+        if self.width is not None and steps:
+            layers |= self.width.replacements(steps)
         return layers
+
+    def merged(self, options: list[LayerOptions], weights: dict[str, float], cost: str) -> list[LayerOptions]:
+        """``options`` with each prunable MLP block as one unit (``prune_mlp``; else unchanged), its
+        narrowed widths costed like the layers: parameters, or seconds (:meth:`narrowed_time`)."""
+        if self.width is None:
+            return options
+        return self.width.merge(options, weights, self.curvature_known(),
+                                None if cost == "params" else self.narrowed_time)
+
+    def decoded(self, chosen: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+        """An allocation over :meth:`merged` options -> (free layer ranks, MLP block elimination steps)."""
+        return self.width.decode(chosen) if self.width is not None else (chosen, {})
+
+    def narrowed_time(self, block: str, width: int) -> float:
+        """Seconds of ``block``'s layers narrowed to ``width`` neurons: the latency model's dense times
+        of the narrowed shapes, measured at the block's :meth:`~WidthStage.anchor_widths` and linear
+        between them."""
+        assert self.width is not None
+
+        def at(w: int) -> float:
+            return sum(self.latency().layer_times(o, i, [])[0] for o, i in self.width.narrowed_shapes(block, w))
+
+        anchors = self.width.anchor_widths(block)
+        above = min(a for a in anchors if a >= width)
+        below = max(a for a in anchors if a <= width)
+        if above == below:
+            return at(width)
+        return at(below) + (at(above) - at(below)) * (width - below) / (above - below)
 
     def measure_loss(self, ranks: dict[str, int]) -> float:
         with self._swapper.trying(self.full(ranks)):
@@ -289,9 +319,8 @@ class RankPlanner:
             self.params(c, k) for c, k in self.fixed.items()
         )
         weights = self.sensitivities()
-        options = self.options("params", weights)
-        if self.width is not None:  # MLP blocks become single units: pruned widths or factored projections
-            options = self.width.merge(options, weights, self.curvature_known())
+        # prune_mlp: MLP blocks become single units, pruned widths or factored projections
+        options = self.merged(self.options("params", weights), weights, "params")
         alloc = greedy_allocate(options, max_cost=max_cost)
         if not alloc.reachable:
             fixed_cost = sum(self.params(c, k) for c, k in self.fixed.items())
@@ -304,9 +333,7 @@ class RankPlanner:
                 f"param_ratio={ratio} cannot be met with the candidate ranks (smallest reachable: "
                 f"{(alloc.cost + fixed_cost) / dense_cost:.3f}); {fix}."
             )
-        chosen = alloc.ranks
-        if self.width is not None:
-            chosen, self.width_steps = self.width.decode(chosen)
+        chosen, self.width_steps = self.decoded(alloc.ranks)
         ranks = dict(self.fixed) | chosen
         self.result.update(predicted_loss_increase=alloc.predicted_loss,
                            measured_loss_increase=self.measure_loss(ranks))
@@ -320,7 +347,7 @@ class RankPlanner:
                          for c, k in self.fixed.items())
         fixed_dense = sum(self.layer_times(c, [])[0] for c in self.fixed)
         weights = self.sensitivities() if self.config.allocation == "greedy" else {}
-        options = self.options("time", weights)
+        options = self.merged(self.options("time", weights), weights, "time")
         layers_dense = sum(o.dense_cost for o in options) + fixed_dense
         overhead = max(dense_total - layers_dense, 0.0)
         fastest_layers = sum(min([o.dense_cost] + o.costs) for o in options)
@@ -329,10 +356,11 @@ class RankPlanner:
             # Layer times measured in isolation can be pessimistic (the non-matmul remainder is then
             # overestimated): run the fastest allocation end to end before refusing, and re-estimate
             # the remainder from that run when it does reach the target.
-            fastest = dict(self.fixed) | {
+            fastest, fastest_steps = self.decoded({
                 o.name: o.ranks[o.costs.index(min(o.costs))] for o in options if o.costs and min(o.costs) < o.dense_cost
-            }
-            t = self.end_to_end({"dense": {}, "compressed": self.full(fastest)}, inputs)
+            })
+            t = self.end_to_end({"dense": {}, "compressed": self.full(dict(self.fixed) | fastest, fastest_steps)},
+                                inputs)
             measured_best = t["dense"] / t["compressed"]
             self.result["fastest_measured_speedup"] = measured_best
             if measured_best < target:
@@ -362,6 +390,7 @@ class RankPlanner:
         missed_at: float | None = None  # the smallest budget whose allocation missed it
 
         def allocate(time_budget: float) -> dict[str, int]:
+            """The free options' choices (MLP block units included) for ``time_budget``."""
             if self.config.allocation == "uniform":
                 return self._uniform_for_time(options, time_budget)
             return greedy_allocate(options, max_cost=time_budget).ranks
@@ -378,24 +407,25 @@ class RankPlanner:
             return corrected_budget(at, took, goal, measured_at, met_at, missed_at)
 
         for _ in range(VERIFY_ROUNDS):
-            ranks = dict(self.fixed) | allocate(budget)
+            free = allocate(budget)
             for _ in range(64):  # an allocation measured already: move the budget on from its result
-                seen = next((r for r in rounds if r["ranks"] == ranks), None)
+                seen = next((r for r in rounds if r["choice"] == free), None)
                 if seen is None:
                     break
                 budget = next_budget(budget, seen["measured_speedup"], record=False)
-                ranks = dict(self.fixed) | allocate(budget)
+                free = allocate(budget)
             else:
                 break  # the budget no longer reaches a new allocation
-            free = {c: k for c, k in ranks.items() if c not in self.fixed}
             predicted_time = overhead + fixed_time + sum(
                 o.costs[o.ranks.index(free[o.name])] if o.name in free else o.dense_cost for o in options
             )
             predicted = dense_total / predicted_time
-            t = self.end_to_end({"dense": {}, "compressed": self.full(ranks)}, inputs)
+            chosen, steps = self.decoded(free)
+            ranks = dict(self.fixed) | chosen
+            t = self.end_to_end({"dense": {}, "compressed": self.full(ranks, steps)}, inputs)
             measured = t["dense"] / t["compressed"]
             rounds.append({"predicted_speedup": predicted, "measured_speedup": measured, "ranks": ranks,
-                           "time_budget": budget})
+                           "steps": steps, "choice": free, "time_budget": budget})
             if target <= measured <= target * (1 + SPEED_SLACK):
                 break
             budget = next_budget(budget, measured)
@@ -407,6 +437,7 @@ class RankPlanner:
 
         kept = max(rounds, key=preference)
         measured, predicted, ranks = kept["measured_speedup"], kept["predicted_speedup"], kept["ranks"]
+        self.width_steps = kept["steps"]
         if measured < target:
             logger.warning(
                 f"target_speedup={target}: measured {measured:.2f}x at best after {len(rounds)} allocation rounds "
@@ -469,7 +500,7 @@ class RankPlanner:
             ranks = self._paper_search(max_loss)
         else:
             ranks = self._greedy_for_loss(max_loss)
-        if self.free and not set(ranks) - set(self.fixed):
+        if self.free and not set(ranks) - set(self.fixed) and not self.width_steps:
             if strategy != "uniform" and not self._any_layer_faster():
                 raise ValueError(
                     f"allocation={strategy!r} with max_loss factors only layers that get faster, and at "
@@ -505,14 +536,16 @@ class RankPlanner:
         return best or {}
 
     def _greedy_for_loss(self, max_loss: float) -> dict[str, int]:
-        options = self.options("time", self.sensitivities())
-        allowed, best = max_loss, {}
+        weights = self.sensitivities()
+        options = self.merged(self.options("time", weights), weights, "time")
+        allowed, best, best_steps = max_loss, {}, {}
         for _ in range(VERIFY_ROUNDS + 1):
             allocation = greedy_allocate(options, max_loss=allowed)
-            ranks = dict(self.fixed) | allocation.ranks
+            chosen, self.width_steps = self.decoded(allocation.ranks)
+            ranks = dict(self.fixed) | chosen
             measured = self.measure_loss(ranks)
             if measured <= max_loss:
-                best = ranks
+                best, best_steps = ranks, self.width_steps
                 break
             # The layers interact, and the predicted losses (Fisher) can sit orders of magnitude below
             # the measured one: scale the prediction this allocation reached, not the allowance, so the
@@ -520,6 +553,7 @@ class RankPlanner:
             # same ranks while the allowance stays above what the allocation already predicted).
             predicted = allocation.predicted_loss if allocation.predicted_loss > 0 else allowed
             allowed = min(allowed, predicted) * 0.8 * max_loss / measured
+        self.width_steps = best_steps
         return best
 
     def _paper_search(self, max_loss: float) -> dict[str, int]:

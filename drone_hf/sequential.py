@@ -18,7 +18,10 @@ batch, and a second ``n x n`` matrix (the cross-Gram) per distinct layer input.
 
 Ranks are decided before the sequential pass: uniform and fixed ranks directly from the shapes;
 budgets that need spectra, latency or loss (greedy, drone, target_speedup, max_loss) from a
-one-shot plan, whose ranks the sequential pass then re-solves.
+one-shot plan, whose ranks the sequential pass then re-solves. MLP blocks the plan width-prunes
+(``prune_mlp``) keep the plan's neurons; their output layer is calibrated like a factored one (its
+input at full width, the block's input layers still dense) and its compensated weight re-solved on
+the compressed stream, then the whole block is narrowed (``narrow``).
 
 With accelerate offload (``device_map`` with ``"cpu"``/``"disk"`` entries) each block's target layers
 are materialised right before the block is calibrated and replaced by their factors after it, so at
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -70,7 +73,9 @@ def compress_sequentially(
     cache: CalibrationCache | None = None,
     compensated: Callable[[str, PairedObserver], Decomposition] | None = None,
     input_widths: dict[str, int] | None = None,
-) -> dict[str, DroneLinear]:
+    pruned: dict[str, tuple[tuple[str, ...], int]] | None = None,
+    narrow: Callable[[str, Any], dict[str, nn.Module]] | None = None,
+) -> dict[str, nn.Module]:
     """Factor ``targets`` at ``ranks`` block by block; returns full name -> installed ``DroneLinear``.
 
     Args:
@@ -88,22 +93,35 @@ def compress_sequentially(
             (layers outside the blocks still by ``solve``).
         input_widths: canonical name -> input width (needed with ``compensated``: paired statistics
             are always input-side).
+        pruned: output layer -> (input layers, kept width) of each MLP block to narrow (canonical names).
+        narrow: ``(output layer, its statistics) -> {full name: narrowed layer}`` for the whole block
+            (a ``GramObserver``, or a ``PairedObserver`` with ``compensated``).
 
     The model is modified as it goes (block ``i`` is swapped before block ``i+1`` is calibrated); on
     an error the caller restores the dense layers from its own references.
     """
+    pruned = pruned or {}
     full_to_c = {full: c for c, (full, _) in targets.items()}
-    chosen = [full for c, (full, _) in targets.items() if c in ranks]  # module order: deterministic
+    # module order: deterministic
+    chosen = [full for c, (full, _) in targets.items() if c in ranks or c in pruned]
     blocks = find_blocks(model, set(chosen))
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
-    installed: dict[str, DroneLinear] = {}
+    installed: dict[str, nn.Module] = {}
+
+    def block_inputs(names: list[str]) -> list[str]:
+        """Full names of the input layers of the pruned MLP blocks whose output layer is in ``names``."""
+        return [targets[m][0] for full in names for m in pruned.get(full_to_c[full], ((), 0))[0]]
 
     def factor(names: list[str], grams: dict) -> None:
         replacements = {}
-        materialise(model.get_submodule(full) for full in names)  # offloaded: load the dense weights to factor
+        materialise(model.get_submodule(full) for full in names + block_inputs(names))  # offloaded: dense weights
         for full in names:
             c = full_to_c[full]
             stats = grams.pop(c)
+            if c in pruned:
+                assert narrow is not None
+                replacements |= narrow(c, stats)
+                continue
             dec = compensated(c, stats) if isinstance(stats, PairedObserver) else solve(c, stats.gram)
             fact = dec.factors(ranks[c])
             layer = targets[c][1]
@@ -131,7 +149,8 @@ def compress_sequentially(
         """Group by group (q/k/v, o, gate/up, down): each calibrated behind its own block's factored
         groups, then factored; then the dense block's outputs advance the dense stream."""
         assert dense is not None and input_widths is not None
-        originals = {full: targets[full_to_c[full]][1] for full in inside}  # the dense layers
+        # the dense layers, a narrowed block's input layers too (they are swapped with its output layer)
+        originals = {full: targets[full_to_c[full]][1] for full in inside + block_inputs(inside)}
 
         def dense_block():
             return _swapped(model, originals)
@@ -163,7 +182,10 @@ def compress_sequentially(
         if cache is not None:
             from .calibration.cache import value_fingerprint
 
-            cache.bind({"ranks": value_fingerprint(sorted((c, int(k)) for c, k in ranks.items()))})
+            bound = {"ranks": value_fingerprint(sorted((c, int(k)) for c, k in ranks.items()))}
+            if pruned:  # the narrowed blocks change the stream as ranks do (only then bound: old caches stay valid)
+                bound["pruned"] = value_fingerprint(sorted((c, list(ins), int(w)) for c, (ins, w) in pruned.items()))
+            cache.bind(bound)
             start = _resume(cache, blocks, chosen, full_to_c, widths if dense is None else input_widths, stored,
                             device, factor, dense)
         bar = hf_logging.tqdm(

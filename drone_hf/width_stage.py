@@ -24,6 +24,7 @@ layer's sensitivity, like its ranks' errors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,9 @@ from .solver.width import WidthCurve, compensated_weight, eliminate_neurons
 
 #: Marks an allocation unit that stands for a whole MLP block (never a layer name).
 UNIT_PREFIX = "mlp-block:"
+#: Time budgets measure the narrowed layers at every this many elimination steps (and the narrowest
+#: width) and interpolate between: see :meth:`WidthStage.anchor_widths`.
+ANCHOR_STEPS = 8
 
 
 class WidthStage:
@@ -82,26 +86,32 @@ class WidthStage:
             )
 
     # --- allocation ------------------------------------------------------------------------------
-    def merge(self, options: list[LayerOptions], weights: dict[str, float], curvature: bool) -> list[LayerOptions]:
-        """``options`` with each block's projections replaced by one unit for the whole block."""
+    def merge(self, options: list[LayerOptions], weights: dict[str, float], curvature: bool,
+              width_cost: Callable[[str, int], float] | None = None) -> list[LayerOptions]:
+        """``options`` with each block's projections replaced by one unit for the whole block.
+
+        ``width_cost(block, width)`` is a narrowed block's cost on the scale of ``options``' costs
+        (the planner's measured seconds for a time budget); ``None``: its weight parameters.
+        """
         by_name = {o.name: o for o in options}
         members = {m for b in self.blocks.values() for m in b.members}
         out = [o for o in options if o.name not in members]
         for block in self.blocks.values():
-            out.append(self._unit(block, [by_name[m] for m in block.members], weights, curvature))
+            out.append(self._unit(block, [by_name[m] for m in block.members], weights, curvature, width_cost))
         return out
 
     def _unit(self, block: MlpBlock, member_options: list[LayerOptions], weights: dict[str, float],
-              curvature: bool) -> LayerOptions:
+              curvature: bool, width_cost: Callable[[str, int], float] | None) -> LayerOptions:
         labels: list[tuple[str, Any]] = []
         costs: list[float] = []
         losses: list[float] = []
         curve = self.curves[block.name]
         scale = 1.0 if curvature else weights.get(block.output, 1.0) / max(curve.energy, 1e-300)
-        per_neuron = sum(self._shape(m)[1] for m in block.inputs) + self._shape(block.output)[0]
         for s, loss in enumerate(curve.losses, 1):
+            width = self.width(block.name, s)
             labels.append(("width", s))
-            costs.append(float(per_neuron * (block.width - s * curve.step)))
+            costs.append(float(width_cost(block.name, width) if width_cost is not None
+                               else sum(o * i for o, i in self.narrowed_shapes(block.name, width))))
             losses.append(loss * scale)
         # the factored block: the projections' hulls walked together, cheapest loss per parameter first
         for cost, loss, ranks in walk_hulls({o.name: o.hull() for o in member_options}):
@@ -131,6 +141,19 @@ class WidthStage:
     def width(self, block: str, steps: int) -> int:
         return self.blocks[block].width - steps * self.curves[block].step
 
+    def narrowed_shapes(self, block: str, width: int) -> list[tuple[int, int]]:
+        """(out, in) of each of the block's layers narrowed to ``width`` neurons."""
+        b = self.blocks[block]
+        return [(width, self._shape(m)[1]) for m in b.inputs] + [(self._shape(b.output)[0], width)]
+
+    def anchor_widths(self, block: str) -> list[int]:
+        """The widths a time budget measures (descending): the block's own, every
+        :data:`ANCHOR_STEPS`-th candidate and the narrowest. Matmul time is close to linear in one
+        dimension between these, and measuring all ~150 candidates of a 3072-neuron block at a batch
+        of 4096 tokens would take minutes; the speed budget's closed loop then times the whole model."""
+        steps = len(self.curves[block].losses)
+        return sorted({self.width(block, s) for s in [*range(0, steps + 1, ANCHOR_STEPS), steps]}, reverse=True)
+
     def replacements(self, steps: dict[str, int]) -> dict[str, nn.Module]:
         """Full name -> narrowed layer for every block pruned by ``steps`` elimination steps (cached)."""
         out: dict[str, nn.Module] = {}
@@ -144,14 +167,31 @@ class WidthStage:
             out.update(self._layers[(name, s)])
         return out
 
+    def sequential_blocks(self, steps: dict[str, int]) -> dict[str, tuple[tuple[str, ...], int]]:
+        """Output layer -> (input layers, kept width) of every block pruned by ``steps``: what
+        :func:`~drone_hf.sequential.compress_sequentially` narrows."""
+        return {self.blocks[n].output: (self.blocks[n].inputs, self.width(n, s)) for n, s in steps.items()}
+
+    def narrowed_from(self, steps: dict[str, int], output: str, stats: Any) -> dict[str, nn.Module]:
+        """The narrowed layers of the block whose output layer is ``output``, its compensated weight
+        re-solved on the sequential pass's statistics ``stats`` of that layer's input: a
+        ``GramObserver`` (``Ĝ`` of the compressed stream: ``W Ĝ[:, S] Ĝ[S, S]⁻¹``) or a
+        ``PairedObserver`` (``sequential="compensated"``: ``W C[:, S] Ĝ[S, S]⁻¹``, the dense outputs
+        fitted). The kept neurons ``S`` are the one-shot plan's, as the ranks are."""
+        name = next(n for n in steps if self.blocks[n].output == output)
+        block, keep = self.blocks[name], self.curves[name].kept(steps[name])
+        weight = compensated_weight(dense_weight_of(self._layer(output)), stats.gram, keep,
+                                    cross=getattr(stats, "cross", None))
+        return narrow_block(self.targets, block, keep, weight)
+
     def parameters(self, steps: dict[str, int]) -> dict[str, int]:
         """Canonical name -> weight parameters of each narrowed layer."""
         out = {}
         for name, s in steps.items():
-            block, width = self.blocks[name], self.width(name, s)
-            for m in block.inputs:
-                out[m] = width * self._shape(m)[1]
-            out[block.output] = self._shape(block.output)[0] * width
+            block = self.blocks[name]
+            for m, (o, i) in zip([*block.inputs, block.output], self.narrowed_shapes(name, self.width(name, s)),
+                                 strict=True):
+                out[m] = o * i
         return out
 
     def _layer(self, canonical: str) -> nn.Module:

@@ -78,6 +78,7 @@ _WHAT = {
     "statistics": "the statistics-relevant settings (target layers, method, damp, mode)",
     "process": "the process layout (rank / world size of torch.distributed)",
     "ranks": "the ranks of the sequential pass (budget, allocation or planned ranks)",
+    "pruned": "the MLP widths of the sequential pass (prune_mlp's planned widths)",
 }
 
 

@@ -43,9 +43,14 @@ def width_step(width: int) -> int:
     return max(1, min(8, width // 8), width // 192)
 
 
+def _ridge(matrix: torch.Tensor, damp: float) -> float:
+    """``damp · mean(diag)``: the ridge :func:`_damped` adds."""
+    return damp * float(matrix.diagonal().double().mean())
+
+
 def _damped(matrix: torch.Tensor, damp: float) -> torch.Tensor:
     m = 0.5 * (matrix + matrix.T).double()
-    return m + damp * m.diagonal().mean() * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    return m + _ridge(m, damp) * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
 
 
 @dataclass
@@ -128,12 +133,23 @@ def eliminate_neurons(
 
 
 def compensated_weight(weight: torch.Tensor, gram: torch.Tensor, keep: list[int],
-                       damp: float = WIDTH_DAMP) -> torch.Tensor:
+                       damp: float = WIDTH_DAMP, cross: torch.Tensor | None = None) -> torch.Tensor:
     """``W G[:, S] G[S, S]⁻¹``: the output layer on the kept neurons ``S`` (``[out, |S|]``, in
     ``weight``'s dtype), least squares on the calibration activations; computed from the Gram
-    itself, not the elimination's running update."""
+    itself, not the elimination's running update.
+
+    With ``cross`` (``C = Σ h ĥᵀ``, dense activations ``h`` times those ``ĥ`` of a partly compressed
+    model, whose Gram ``gram`` is then): ``W C[:, S] Ĝ[S, S]⁻¹``, the least-squares fit of the dense
+    outputs ``W h`` from the compressed model's kept neurons (``sequential="compensated"``). The ridge
+    ``λ = damp · mean(diag Ĝ)`` pulls toward the dense columns ``W[:, S]`` in both forms (its
+    numerator is ``W C[:, S] + λ W[:, S]``, which is ``W (G + λI)[:, S]`` without ``cross``).
+    """
     g = _damped(gram.detach().to(weight.device), damp)
     index = torch.tensor(keep, device=weight.device)
     w = weight.detach().double()
-    solved = torch.linalg.solve(g[index][:, index], (w @ g[:, index]).T).T
+    if cross is None:
+        target = w @ g[:, index]
+    else:
+        target = w @ cross.detach().double().to(w.device)[:, index] + _ridge(gram, damp) * w[:, index]
+    solved = torch.linalg.solve(g[index][:, index], target.T).T
     return solved.to(weight.dtype)

@@ -69,6 +69,30 @@ def test_compensation_solves_the_normal_equations():
     assert compensated.dtype == weight.dtype and compensated.shape == (weight.shape[0], len(keep))
 
 
+@pytest.mark.parametrize("damp", [0.0, WIDTH_DAMP])
+def test_cross_compensation_fits_the_dense_outputs_from_the_compressed_activations(damp):
+    """With a cross-Gram (sequential="compensated"): the least-squares W' on the kept compressed-model
+    neurons for the dense outputs, min ||W H - W' Ĥ_S||² + λ ||W' - W_S||², computed independently by
+    an augmented least-squares solve on the activations themselves."""
+    weight, _, _ = _problem(seed=3)
+    g = torch.Generator().manual_seed(7)
+    tokens, width = 40, weight.shape[1]
+    h = torch.randn(width, tokens, generator=g, dtype=torch.float64)
+    h_hat = h + 0.3 * torch.randn(width, tokens, generator=g, dtype=torch.float64)  # a perturbed stream
+    keep = [1, 2, 4, 5, 9, 10, 11]
+    gram, cross = h_hat @ h_hat.T, h @ h_hat.T
+    got = compensated_weight(weight, gram, keep, damp=damp, cross=cross)
+    lam = damp * float(gram.diagonal().mean())
+    a = torch.cat([h_hat[keep].T, lam ** 0.5 * torch.eye(len(keep), dtype=torch.float64)])  # [tokens + |S|, |S|]
+    y = torch.cat([(weight @ h).T, lam ** 0.5 * weight[:, keep].T])
+    expected = torch.linalg.lstsq(a, y).solution.T
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    # without the cross-Gram the same fit of a stream onto itself: the plain compensation
+    plain = compensated_weight(weight, gram, keep, damp=damp)
+    torch.testing.assert_close(compensated_weight(weight, gram, keep, damp=damp, cross=gram), plain,
+                               rtol=1e-9, atol=1e-10)
+
+
 def test_compensation_keeping_everything_is_the_identity():
     weight, gram, _ = _problem(seed=2)
     assert torch.allclose(compensated_weight(weight, gram, list(range(weight.shape[1]))), weight, atol=1e-10)
