@@ -128,6 +128,10 @@ class Settings:
     # latency_shape (the MPNet distillation target is stated as a speedup).
     target_speedup: float | None = None
     allocation: str = "uniform"  # for param_ratio; target_speedup always allocates greedily
+    # Held-out texts greedy allocation measures on (DroneConfig.eval_samples; None: the library's 128
+    # for these classifiers). Quick runs use 16: probing 36 layers on 128 texts was most of the test
+    # suite's slowest test.
+    eval_samples: int | None = None
     latency_shape: tuple[int, int] = (8, 128)
     runs: tuple[str, ...] = ("finetune", "distill", "control")  # which trainings follow compression
     # Depth cut before DRONE (the paper's "combined with distillation"): a student keeping this many
@@ -161,6 +165,7 @@ QUICK = Settings(
     test_limit=128,
     latency_repeats=3,
     latency_rounds=1,
+    eval_samples=16,
 )
 
 
@@ -443,6 +448,7 @@ def run(s: Settings, log=print) -> dict:
     cfg = drone_hf.DroneConfig(
         **budget,
         allocation="greedy" if s.target_speedup else s.allocation,
+        eval_samples=s.eval_samples if s.target_speedup or s.allocation == "greedy" else None,  # uniform holds none out
         latency_shape=s.latency_shape,
         dataset=list(train_raw["text"]),
         tokenizer=tokenizer,

@@ -244,6 +244,7 @@ def run(s: Settings, plan: Plan, log=print, methods: tuple[str, ...] = METHODS,
         rec["eval_loss_used"] = result.get("eval_loss")  # what "auto" resolved to (greedy rows)
         rec["eval_samples_used"] = result.get("eval_samples")
         rec["sensitivity"] = result.get("sensitivity")  # "kfac": drone-kfac's ranks from its predicted loss
+        rec["mlp_widths"] = model.config.quantization_config.mlp_widths  # prune_mlp rows: block -> kept width
         log(f"{v.label}: accuracy {rec['accuracy']:.4f}, speedup {rec['speedup']} ({rec['compress_seconds']:.0f} s)")
         rows.append(rec)
         del model, work
@@ -287,6 +288,8 @@ def rows_run(r: dict) -> str:
         mode = r.get("sequential", False)
         if mode:
             greedy += f", calibrated with `sequential={mode!r}`"
+        if r.get("prune_mlp"):
+            greedy += ", pruning MLP widths with the ranks (`prune_mlp=True`)"
         parts.append(greedy)
     if "attention" in groups:
         parts.append(f"DRONE + attention (k={r['plan']['attention_rank']}) at `param_ratio=0.5`")

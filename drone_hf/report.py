@@ -233,10 +233,12 @@ class CompressionReport:
         return head, body
 
     def summary(self) -> str:
-        text = (
-            f"{len(self.rows)} layers factored; targeted weights {self.dense_targeted_params:,} -> "
-            f"{self.factored_targeted_params:,} ({self.targeted_param_ratio:.1%} kept); "
-        )
+        text = ""
+        if self.rows or not (self.attention_rows or self.pruned_rows):  # an all-pruned model factors nothing
+            text = (
+                f"{len(self.rows)} layers factored; targeted weights {self.dense_targeted_params:,} -> "
+                f"{self.factored_targeted_params:,} ({self.targeted_param_ratio:.1%} kept); "
+            )
         if self.attention_rows:
             ranks = sorted({r.qk_rank for r in self.attention_rows})
             text += (

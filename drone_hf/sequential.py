@@ -76,7 +76,8 @@ def compress_sequentially(
     pruned: dict[str, tuple[tuple[str, ...], int]] | None = None,
     narrow: Callable[[str, Any], dict[str, nn.Module]] | None = None,
 ) -> dict[str, nn.Module]:
-    """Factor ``targets`` at ``ranks`` block by block; returns full name -> installed ``DroneLinear``.
+    """Factor ``targets`` at ``ranks`` (and narrow the ``pruned`` MLP blocks) block by block; returns
+    full name -> installed ``DroneLinear`` (or narrowed layer).
 
     Args:
         targets: canonical name -> (full name, layer).

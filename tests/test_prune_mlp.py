@@ -260,6 +260,8 @@ def test_an_all_pruned_model_is_compressed_and_refused_a_second_time(tmp_path):
         drone_hf.compress(model, _config())
     report = drone_hf.report(model)
     assert len(report.pruned_rows) == len(qc.mlp_widths) and not report.rows
+    summary = report.summary()
+    assert summary.startswith(f"{len(qc.mlp_widths)} MLP blocks width-pruned") and "layers factored" not in summary
     dense = AutoModelForCausalLM.from_pretrained(dense_dir)
     assert report.dense_model_params == sum(p.numel() for p in dense.parameters())
 

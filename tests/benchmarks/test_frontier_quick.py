@@ -164,6 +164,17 @@ def test_greedy_rows_take_the_calibration_mode():
     assert line == "- Rows run: DRONE greedy at `target_speedup` 2."
 
 
+def test_greedy_rows_take_prune_mlp():
+    rows = frontier.variants(frontier.QUICK_PLAN, groups=("greedy",), prune_mlp=True)
+    assert rows and all(v.prune_mlp and v.label.endswith(", MLP widths pruned)") for v in rows)
+    assert rows[0].config(["a text"], None, finetune.QUICK, (4, 32)).prune_mlp is True
+    assert not any(v.prune_mlp for v in frontier.variants(frontier.QUICK_PLAN))
+    line = frontier.rows_run({"groups": ["greedy"], "plan": {"ratios": [], "speedups": [2.0]}, "rows": [],
+                              "prune_mlp": True})
+    assert line == ("- Rows run: DRONE greedy at `target_speedup` 2, pruning MLP widths with the ranks "
+                    "(`prune_mlp=True`).")
+
+
 @pytest.mark.slow
 def test_quick_validation_run_reports_the_split_the_calibration_mode_samples_and_seed(tmp_path):
     require_movie_reviews()
