@@ -159,13 +159,17 @@ class WidthStage:
         out: dict[str, nn.Module] = {}
         for name, s in steps.items():
             if (name, s) not in self._layers:
-                block = self.blocks[name]
-                keep = self.curves[name].kept(s)
-                weight = compensated_weight(dense_weight_of(self._layer(block.output)), self._grams[name],
-                                            keep)
-                self._layers[(name, s)] = narrow_block(self.targets, block, keep, weight)
+                self._layers[(name, s)] = self._narrowed(name, s, self._grams[name])
             out.update(self._layers[(name, s)])
         return out
+
+    def _narrowed(self, name: str, steps: int, gram: torch.Tensor, cross: torch.Tensor | None = None
+                  ) -> dict[str, nn.Module]:
+        """Block ``name`` narrowed by ``steps`` elimination steps, its output layer compensated on
+        ``gram`` (and ``cross``, see :func:`~drone_hf.solver.width.compensated_weight`)."""
+        block, keep = self.blocks[name], self.curves[name].kept(steps)
+        weight = compensated_weight(dense_weight_of(self._layer(block.output)), gram, keep, cross=cross)
+        return narrow_block(self.targets, block, keep, weight)
 
     def sequential_blocks(self, steps: dict[str, int]) -> dict[str, tuple[tuple[str, ...], int]]:
         """Output layer -> (input layers, kept width) of every block pruned by ``steps``: what
@@ -179,10 +183,7 @@ class WidthStage:
         ``PairedObserver`` (``sequential="compensated"``: ``W C[:, S] Ĝ[S, S]⁻¹``, the dense outputs
         fitted). The kept neurons ``S`` are the one-shot plan's, as the ranks are."""
         name = next(n for n in steps if self.blocks[n].output == output)
-        block, keep = self.blocks[name], self.curves[name].kept(steps[name])
-        weight = compensated_weight(dense_weight_of(self._layer(output)), stats.gram, keep,
-                                    cross=getattr(stats, "cross", None))
-        return narrow_block(self.targets, block, keep, weight)
+        return self._narrowed(name, steps[name], stats.gram, getattr(stats, "cross", None))
 
     def parameters(self, steps: dict[str, int]) -> dict[str, int]:
         """Canonical name -> weight parameters of each narrowed layer."""
