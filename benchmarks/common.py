@@ -39,6 +39,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Where full benchmark runs write their committed results.
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
+#: ``--calibration`` choices of the encoder benchmarks and the DroneConfig.sequential value each
+#: stands for: one-shot, block by block, or block by block matching the dense outputs.
+CALIBRATIONS = {"one-shot": False, "sequential": True, "compensated": "compensated"}
+
 #: The packaged held-out corpus (later years than the calibration corpus ``sotu``).
 HELDOUT_CORPUS = "sotu-heldout"
 

@@ -69,6 +69,7 @@ import torch  # noqa: E402
 
 import drone_hf  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    CALIBRATIONS,
     RESULTS_DIR,
     check_results_name,
     command_line,
@@ -82,6 +83,7 @@ from benchmarks.common import (  # noqa: E402
     results_header,
     write_markdown,
 )
+from drone_hf.calibration.fisher import DEFAULT_KFAC_FISHER, FISHER_LABELS  # noqa: E402
 from drone_hf.evaluation import measure_latency  # noqa: E402
 from drone_hf.latency import default_cache_dir  # noqa: E402
 from drone_hf.training import (  # noqa: E402
@@ -128,6 +130,13 @@ class Settings:
     # latency_shape (the MPNet distillation target is stated as a speedup).
     target_speedup: float | None = None
     allocation: str = "uniform"  # for param_ratio; target_speedup always allocates greedily
+    # The solver and calibration of the DRONE stage (DroneConfig.method / sequential / kfac_fisher /
+    # prune_mlp): the defaults are the library's; the no-fine-tuning target's best setting is
+    # drone-kfac, "compensated", the exact Fisher and pruned MLP widths.
+    method: str = "drone"
+    sequential: bool | str = False
+    kfac_fisher: str = DEFAULT_KFAC_FISHER
+    prune_mlp: bool = False
     # Held-out texts greedy allocation measures on (DroneConfig.eval_samples; None: the library's 128
     # for these classifiers). Quick runs use 16: probing 36 layers on 128 texts was most of the test
     # suite's slowest test.
@@ -413,6 +422,28 @@ def latency(dense, student, tokenizer, test_texts: list[str], s: Settings) -> tu
     return out, rounds, faults
 
 
+def drone_config(s: Settings, texts: list[str] | None = None, tokenizer=None) -> drone_hf.DroneConfig:
+    """The DRONE stage's config; without texts it only validates the settings (``main`` calls it
+    so that a refused combination stops before hours of training, not after)."""
+    budget = {"target_speedup": s.target_speedup} if s.target_speedup else {"param_ratio": s.param_ratio}
+    greedy = bool(s.target_speedup) or s.allocation == "greedy"
+    return drone_hf.DroneConfig(
+        **budget,
+        allocation="greedy" if greedy else s.allocation,
+        eval_samples=s.eval_samples if greedy else None,  # uniform holds none out
+        method=s.method,
+        sequential=s.sequential,
+        kfac_fisher=s.kfac_fisher,
+        prune_mlp=s.prune_mlp,
+        latency_shape=s.latency_shape,
+        dataset=texts,
+        tokenizer=tokenizer,
+        num_samples=s.calibration_samples,
+        max_length=s.max_length,
+        seed=s.seed,
+    )
+
+
 def run(s: Settings, log=print) -> dict:
     from transformers import AutoTokenizer
 
@@ -444,18 +475,7 @@ def run(s: Settings, log=print) -> dict:
             f"({seconds['shallow']:.0f} s); speedup {shallow_speed}"
         )
 
-    budget = {"target_speedup": s.target_speedup} if s.target_speedup else {"param_ratio": s.param_ratio}
-    cfg = drone_hf.DroneConfig(
-        **budget,
-        allocation="greedy" if s.target_speedup else s.allocation,
-        eval_samples=s.eval_samples if s.target_speedup or s.allocation == "greedy" else None,  # uniform holds none out
-        latency_shape=s.latency_shape,
-        dataset=list(train_raw["text"]),
-        tokenizer=tokenizer,
-        num_samples=s.calibration_samples,
-        max_length=s.max_length,
-        seed=s.seed,
-    )
+    cfg = drone_config(s, list(train_raw["text"]), tokenizer)
     start = time.perf_counter()
     compressed = drone_hf.compress(copy.deepcopy(base), cfg, show_progress=False).eval()
     compress_seconds = time.perf_counter() - start
@@ -499,6 +519,7 @@ def run(s: Settings, log=print) -> dict:
         reloaded = AutoModelForSequenceClassification.from_pretrained(saved)
         reload_factored = len(drone_hf.report(reloaded))
         reload_acc = evaluate_classifier(reloaded, test_ds, tokenizer)
+        reload_widths = reloaded.config.quantization_config.mlp_widths
 
     return {
         "settings": asdict(s),
@@ -519,7 +540,9 @@ def run(s: Settings, log=print) -> dict:
         "model_params": report.model_params,
         "dense_model_params": report.dense_model_params,
         "ranks": sorted({r.rank for r in report}),
-        "reloaded": {"factored_layers": reload_factored, "accuracy": reload_acc},
+        # prune_mlp: block -> kept width (None otherwise)
+        "mlp_widths": compressed.config.quantization_config.mlp_widths,
+        "reloaded": {"factored_layers": reload_factored, "accuracy": reload_acc, "mlp_widths": reload_widths},
         "load_average": load_average(),
     }
 
@@ -572,6 +595,20 @@ def write_results(r: dict, out: Path, command: str, runtime: float, stem: str | 
         budget = f"target_speedup={s['target_speedup']:g}, greedy (latencies at {shape})"
     else:
         budget = f"param_ratio={s['param_ratio']}, {s['allocation']}"
+    solver = "DRONE" if s.get("method", "drone") == "drone" else f"`{s['method']}`"
+    mode = {v: k for k, v in CALIBRATIONS.items()}.get(s.get("sequential", False), str(s.get("sequential")))
+    if mode != "one-shot":
+        budget += f", calibrated {mode} (`sequential={s['sequential']!r}`)"
+    if s.get("method") == "drone-kfac":
+        budget += f", {s['kfac_fisher']} Fisher"
+    widths = r.get("mlp_widths")
+    if s.get("prune_mlp"):
+        kept = sorted({w["width"] for w in (widths or {}).values()})
+        original = sorted({w["original"] for w in (widths or {}).values()})
+        budget += (
+            f", MLP widths pruned (`prune_mlp=True`: {len(widths or {})} blocks narrowed, kept widths {kept} of "
+            f"{original})"
+        )
     notes = []
     if "distill" in acc:
         gap = 100 * (dense_acc - acc["distill"])
@@ -636,7 +673,7 @@ def write_results(r: dict, out: Path, command: str, runtime: float, stem: str | 
             if shallow
             else []
         ),
-        f"- Compression: DRONE {budget}, {r['factored_layers']} layers "
+        f"- Compression: {solver} {budget}, {r['factored_layers']} layers "
         f"factored (ranks {r['ranks']}), targeted weights kept {r['targeted_param_ratio']:.1%}, calibrated on "
         f"{s['calibration_samples']} training sentences in {r['compress_seconds']:.0f} s.",
         f"- Speedup: dense / compressed forward time, `measure_latency` interleaved medians of {s['latency_repeats']} "
@@ -659,8 +696,14 @@ def write_results(r: dict, out: Path, command: str, runtime: float, stem: str | 
         f"hidden_weight={s['hidden_weight']:g})`: alpha·T²·KL(teacher || student) + (1 - alpha)·cross-entropy + "
         "hidden-state MSE over all layers"
         + (" (each student layer against the teacher layer it came from)." if shallow else "."),
-        f"- Saved and reloaded: {r['reloaded']['factored_layers']} factored layers after `from_pretrained`, accuracy "
-        f"{100 * r['reloaded']['accuracy']:.2f}%.",
+        f"- Saved and reloaded: {r['reloaded']['factored_layers']} factored layers"
+        + (
+            f" and the {len(widths)} narrowed MLP blocks"
+            + (" (widths as saved)" if r["reloaded"].get("mlp_widths") == widths else " (WIDTHS DIFFER from the saved)")
+            if widths
+            else ""
+        )
+        + f" after `from_pretrained`, accuracy {100 * r['reloaded']['accuracy']:.2f}%.",
         f"- 1-minute load average at the end: {r['load_average']} (a shared 2-core machine: timings inflate under "
         "load).",
     ]
@@ -733,6 +776,23 @@ def main(argv: list[str] | None = None) -> Path:
         help="batch x sequence of the speed measurement and target (default 8 128)",
     )
     parser.add_argument(
+        "--method", choices=("drone", "drone-kfac"), help="solver of the DRONE stage (default drone)"
+    )
+    parser.add_argument(
+        "--calibration",
+        choices=list(CALIBRATIONS),
+        help="one-shot (default), sequential (block by block) or compensated (block by block, matching the dense "
+        "outputs)",
+    )
+    parser.add_argument(
+        "--kfac-fisher",
+        choices=FISHER_LABELS,
+        help=f"with --method drone-kfac: the labels of its output gradients (default {DEFAULT_KFAC_FISHER})",
+    )
+    parser.add_argument(
+        "--prune-mlp", action="store_true", help="prune MLP widths with the ranks (DroneConfig.prune_mlp; greedy)"
+    )
+    parser.add_argument(
         "--runs",
         nargs="+",
         choices=["finetune", "distill", "control"],
@@ -769,12 +829,22 @@ def main(argv: list[str] | None = None) -> Path:
         "runs": tuple(opts.runs) if opts.runs else None,
         "student_layers": opts.student_layers,
         "train_seed": opts.train_seed,
+        "method": opts.method,
+        "sequential": CALIBRATIONS[opts.calibration] if opts.calibration else None,
+        "kfac_fisher": opts.kfac_fisher,
+        "prune_mlp": opts.prune_mlp or None,
     }
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
     if opts.param_ratio is not None:
         s = replace(s, param_ratio=opts.param_ratio)
     if opts.student_epochs is not None:
         s = replace(s, student_epochs=opts.student_epochs)
+    if opts.kfac_fisher is not None and s.method != "drone-kfac":
+        parser.error("--kfac-fisher applies to --method drone-kfac only")
+    try:
+        drone_config(s)
+    except ValueError as e:  # e.g. --prune-mlp without a greedy budget: refused before any training
+        parser.error(str(e))
     out = Path(opts.out) if opts.out else (Path(tempfile.mkdtemp(prefix="finetune-")) if opts.quick else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

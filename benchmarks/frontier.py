@@ -48,6 +48,7 @@ import torch  # noqa: E402
 
 import drone_hf  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    CALIBRATIONS,
     RESULTS_DIR,
     PeakMemory,
     check_results_name,
@@ -139,9 +140,7 @@ QUICK_EVAL_SAMPLES = 16
 #: Row groups a run can be limited to (``--rows``).
 ROW_GROUPS = ("uniform", "greedy", "attention")
 
-#: ``--calibration`` choices and the DroneConfig.sequential value each stands for; a row's label
-#: names its mode by the same word (one-shot rows name none).
-CALIBRATIONS = {"one-shot": False, "sequential": True, "compensated": "compensated"}
+#: A row's label names its calibration mode by its ``--calibration`` word (one-shot rows name none).
 SEQUENTIAL_LABELS = {mode: word for word, mode in CALIBRATIONS.items() if mode}
 
 #: ``--split validation`` holds out this many sentences from the end of the training split (a fifth of
