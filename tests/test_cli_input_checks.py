@@ -116,6 +116,9 @@ def test_bench_refuses_a_cuda_index_this_machine_lacks(ckpts, capsys, monkeypatc
         ("nulltext.jsonl", '{"text": "a b", "label": 0}\n{"text": null, "label": 1}\n',
          "nulltext.jsonl:2 has column(s) ['text'] missing or null"),
         ("numtext.jsonl", '{"text": 5, "label": 1}\n', "numtext.jsonl:1: 'text' is int 5, not a text"),
+        # an empty text would be scored as a prediction on nothing (calibration drops such texts)
+        ("empty.csv", "text,label\na b,0\n,1\n", "empty.csv:3: 'text' is empty; give the row its text, or remove"),
+        ("blank.jsonl", '{"text": "a b", "label": 0}\n{"text": "  ", "label": 1}\n', "blank.jsonl:2: 'text' is empty"),
         ("broken.jsonl", '{"text": "a", "label": 0}\n\n{oops\n', "broken.jsonl:3 is not valid JSON ("),
         ("string.jsonl", '{"text": "a", "label": 0}\n"just a string"\n', "string.jsonl:2 is a JSON str, not an object"),
         ("short.csv", "text,label\nthe budget is strong,0\nwe will win\n",

@@ -152,13 +152,14 @@ def measure_perplexity(
 def read_labelled(path: str | Path, text_column: str = "text", label_column: str = "label") -> list[tuple[str, Any]]:
     """``(text, label)`` pairs from a ``.jsonl`` (one object per line) or ``.csv``/``.tsv`` file.
 
-    Every row is checked, not only the first: each must hold a string text and a non-null label
-    (a missing CSV field reads as null). A UTF-8 byte order mark (Excel's CSV export) is skipped.
+    Every row is checked, not only the first: each must hold a non-empty string text and a non-null
+    label (a missing CSV field reads as null; an empty text is refused, where calibration's
+    ``load_texts`` drops it, since a labelled row is scored). A UTF-8 byte order mark (Excel's CSV export) is skipped.
     Labels are returned as read (a JSON ``1.0`` stays a float, a CSV field a string):
     :func:`label_ids` turns them into class ids, since that needs the model's label names.
 
     Raises:
-        ValueError: unknown file type, invalid JSON, missing or null columns, or no rows; each message
+        ValueError: unknown file type, invalid JSON, missing, null or empty columns, or no rows; each message
             names the file, the line where it applies, and the fix.
     """
     return [(text, label) for _, text, label in read_labelled_rows(path, text_column, label_column)]
@@ -211,6 +212,10 @@ def read_labelled_rows(
         if not isinstance(row[text_column], str):
             raise ValueError(f"{where}: {text_column!r} is {type(row[text_column]).__name__} "
                              f"{row[text_column]!r}, not a text; give the raw text as a string")
+        if not row[text_column].strip():
+            # load_texts drops empty calibration texts, but a labelled row is a scored example: its label
+            # would be counted against a prediction on nothing, so the file is refused, not edited
+            raise ValueError(f"{where}: {text_column!r} is empty; give the row its text, or remove the row")
         out.append((number, row[text_column], row[label_column]))
     return out
 
