@@ -83,6 +83,26 @@ def test_compress_save_reload_dequantize(tmp_path, arch, auto, method):
     assert torch.allclose(_out(plain), out, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch,auto", [("bert", AutoModel), ("gpt2-lm", AutoModelForCausalLM)])
+def test_with_attention_compression_both_records_survive_a_reload(tmp_path, arch, auto):
+    """compress_attention and prune_mlp in one greedy run: the allocated Q/K head dimensions and the
+    MLP widths are both recorded, and the checkpoint rebuilds both exactly."""
+    dense_dir = save_tiny(arch, tmp_path / "dense")
+    model = auto.from_pretrained(dense_dir, drone_config=_config(compress_attention=True))
+    qc = model.config.quantization_config
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert qc.mlp_widths and qc.attention_ranks
+    assert all(0 < r < head_dim for r in qc.attention_ranks.values()), qc.attention_ranks
+    _check_record(model)
+    out = _out(model)
+    model.save_pretrained(tmp_path / "drone")
+    reloaded = auto.from_pretrained(tmp_path / "drone")
+    rq = reloaded.config.quantization_config
+    assert (rq.mlp_widths, rq.attention_ranks) == (qc.mlp_widths, qc.attention_ranks)
+    _check_record(reloaded)
+    assert torch.equal(_out(reloaded), out)
+
+
 class RecordingLatency(FlopLatency):
     """The FLOP model, recording the shapes asked for without ranks (the planner's narrowed layers)."""
 
