@@ -45,6 +45,14 @@ The run that meets the target (3.03x at -0.85 points, ``finetune_mpnet_8layers_4
 
     python benchmarks/finetune.py --model mpnet --dense-epochs 1 --student-layers 8 --target-speedup 2.0 \
         --latency-shape 32 128 --student-epochs 4 --runs distill --name finetune_mpnet_8layers_4epochs
+
+and no depth cut, the DRONE stage with the setting that meets the no-fine-tuning target (drone-kfac,
+block-by-block compensated calibration, exact Fisher, pruned MLP widths) at the 3x budget itself
+(``finetune_mpnet_kfac_prune_mlp.*``)::
+
+    python benchmarks/finetune.py --model mpnet --dense-epochs 1 --target-speedup 3.0 --latency-shape 32 128 \
+        --student-epochs 4 --runs distill --method drone-kfac --calibration compensated --kfac-fisher exact \
+        --prune-mlp --name finetune_mpnet_kfac_prune_mlp
 """
 
 from __future__ import annotations

@@ -243,3 +243,54 @@ def test_a_stopped_teacher_fine_tuning_resumes_from_its_last_checkpoint(tmp_path
     assert json.loads((folder / "settings.json").read_text())["resumed_from"] == "checkpoint-3"
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         torch.testing.assert_close(b, a, msg=name)
+
+
+@pytest.mark.slow
+def test_quick_drone_stage_options_reach_the_config_and_the_checkpoint(tmp_path, monkeypatch):
+    """--method / --calibration / --kfac-fisher / --prune-mlp: the DRONE stage compresses with them
+    (the config compress receives), the narrowed widths are recorded and survive the reload."""
+    try:
+        finetune.movie_reviews()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"movie-review sentences unavailable ({type(e).__name__}: {e})")
+    import drone_hf
+
+    seen, real = [], drone_hf.compress
+
+    def spy(model, config, **kwargs):
+        seen.append(config)
+        return real(model, config, **kwargs)
+
+    monkeypatch.setattr(drone_hf, "compress", spy)
+    finetune.main(["--quick", "--out", str(tmp_path), "--target-speedup", "1.3", "--latency-shape", "4", "32",
+                   "--runs", "distill", "--method", "drone-kfac", "--calibration", "compensated",
+                   "--kfac-fisher", "exact", "--prune-mlp"])
+    (cfg,) = seen
+    assert (cfg.method, cfg.sequential, cfg.kfac_fisher, cfg.prune_mlp) == ("drone-kfac", "compensated", "exact", True)
+    assert cfg.target_speedup == 1.3 and cfg.allocation == "greedy"
+    raw = json.loads((tmp_path / "finetune.json").read_text())
+    widths = raw["mlp_widths"]
+    assert widths and all(0 < w["width"] < w["original"] == 1536 for w in widths.values())
+    assert raw["reloaded"]["mlp_widths"] == widths  # the checkpoint rebuilds the narrowed blocks
+    assert raw["reloaded"]["accuracy"] == pytest.approx(raw["accuracy"]["distill"])
+    text = (tmp_path / "finetune.md").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("- Compression:"))
+    assert line.startswith("- Compression: `drone-kfac` target_speedup=1.3, greedy (latencies at 4x32), calibrated "
+                           "compensated (`sequential='compensated'`), exact Fisher, MLP widths pruned")
+    assert f"{len(widths)} blocks narrowed" in line
+    assert f"and the {len(widths)} narrowed MLP blocks (widths as saved)" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--prune-mlp"], "prune_mlp=True chooses widths and ranks together in one greedy allocation"),
+        (["--kfac-fisher", "exact"], "--kfac-fisher applies to --method drone-kfac only"),
+        (["--calibration", "compensated", "--method", "drone-kfac", "--param-ratio", "2"], "param_ratio"),
+    ],
+)
+def test_refused_drone_stage_settings_stop_before_training(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(finetune, "run", lambda *a, **k: pytest.fail("ran despite refused settings"))
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--quick", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
