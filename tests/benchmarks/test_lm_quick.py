@@ -24,21 +24,30 @@ def test_lm_benchmark_quick(tmp_path):
     text = (tmp_path / "lm.md").read_text()
     assert "git commit" in text and "| drone |" in text and "**Target**" in text
     rec = json.loads((tmp_path / "lm.json").read_text())
+    pruned = "drone-kfac greedy + MLP widths"
     assert set(rec["methods"]) == {"drone", "drone-kfac", "svd", "asvd", "fwsvd", "svdllm", "drone greedy",
-                                   "drone-kfac greedy"}
+                                   "drone-kfac greedy", pruned}
     assert math.isfinite(rec["dense_ppl"]) and rec["dense_ppl"] > 1
     for method, entry in rec["methods"].items():
         assert "failed" not in entry, method
-        for r in RATIOS:
+        for r in (RATIOS if method != pruned else (0.8,)):  # the pruning row: the target cut only
             assert math.isfinite(entry["ppl"][str(r)]) and entry["ppl"][str(r)] > 1
             # uniform and greedy ranks keep at most the asked fraction, and not much less
             assert r - 0.1 < entry["kept"][str(r)] <= r + 1e-9, (method, r)
     greedy = rec["methods"]["drone greedy"]
     assert all(isinstance(greedy["dense_layers"][str(r)], int) for r in RATIOS)
-    variants = ("drone", "drone greedy", "drone-kfac", "drone-kfac greedy")
-    assert rec["target"]["variant"] in variants  # judged on DRONE's best row
+    variants = ("drone", "drone greedy", "drone-kfac", "drone-kfac greedy", pruned)
+    assert rec["target"]["variant"] in variants  # judged on DRONE's best row, the pruning row included
     assert rec["target"]["drone_ppl"] == min(rec["methods"][m]["ppl"]["0.8"] for m in variants)
-    assert "| drone greedy |" in text and "| drone-kfac greedy |" in text and "not run" not in text
+    assert "| drone greedy |" in text and "| drone-kfac greedy |" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {pruned} |"))
+    assert row.count("not run") == len(RATIOS) - 1 and text.count("not run") == len(RATIOS) - 1
+    # prune_mlp=True narrowed MLP blocks of the tiny Llama (the record names each block's kept width),
+    # on drone-kfac greedy's statistics: the same cache folder, nothing calibrated again
+    widths = rec["methods"][pruned]["mlp_widths"]["0.8"]
+    assert widths and all(0 < w < 64 for w in widths.values())  # the tiny Llama's intermediate size: 64
+    assert f"{len(widths)} MLP blocks narrowed" in text
+    assert rec["methods"][pruned]["cache_entries"] == rec["methods"]["drone-kfac greedy"]["cache_entries"]
     # each greedy row's cuts share one calibration_cache folder: the input Grams, and for drone-kfac
     # its output-gradient pass, are kept there (what the later cuts load instead of calibrating)
     kfac_entry = f"output-grams-{DEFAULT_KFAC_FISHER}-seed0.pt"
@@ -46,6 +55,7 @@ def test_lm_benchmark_quick(tmp_path):
     assert {"oneshot.pt", kfac_entry} <= set(rec["methods"]["drone-kfac greedy"]["cache_entries"])
     for label in ("drone greedy", "drone-kfac greedy"):
         assert set(rec["methods"][label]["seconds"]) == {str(r) for r in RATIOS}
+    assert set(rec["methods"][pruned]["seconds"]) == {"0.8"}
     assert "Seconds per cut: `drone greedy` 10%:" in text
     # drone-kfac's output gradients at labels drawn from the model: the library's default, recorded
     assert rec["kfac_fisher"] == DEFAULT_KFAC_FISHER == "true" and "`kfac_fisher='true'`" in text
