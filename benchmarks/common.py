@@ -42,6 +42,8 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 #: ``--calibration`` choices of the encoder benchmarks and the DroneConfig.sequential value each
 #: stands for: one-shot, block by block, or block by block matching the dense outputs.
 CALIBRATIONS = {"one-shot": False, "sequential": True, "compensated": "compensated"}
+#: The word a table names each block-by-block mode by (one-shot rows name none).
+SEQUENTIAL_LABELS = {mode: word for word, mode in CALIBRATIONS.items() if mode}
 
 #: The packaged held-out corpus (later years than the calibration corpus ``sotu``).
 HELDOUT_CORPUS = "sotu-heldout"

@@ -79,6 +79,7 @@ import drone_hf  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     CALIBRATIONS,
     RESULTS_DIR,
+    SEQUENTIAL_LABELS,
     check_results_name,
     command_line,
     fmt,
@@ -604,17 +605,16 @@ def write_results(r: dict, out: Path, command: str, runtime: float, stem: str | 
     else:
         budget = f"param_ratio={s['param_ratio']}, {s['allocation']}"
     solver = "DRONE" if s.get("method", "drone") == "drone" else f"`{s['method']}`"
-    mode = {v: k for k, v in CALIBRATIONS.items()}.get(s.get("sequential", False), str(s.get("sequential")))
-    if mode != "one-shot":
-        budget += f", calibrated {mode} (`sequential={s['sequential']!r}`)"
+    if s.get("sequential"):
+        budget += f", calibrated {SEQUENTIAL_LABELS[s['sequential']]} (`sequential={s['sequential']!r}`)"
     if s.get("method") == "drone-kfac":
         budget += f", {s['kfac_fisher']} Fisher"
     widths = r.get("mlp_widths")
     if s.get("prune_mlp"):
-        kept = sorted({w["width"] for w in (widths or {}).values()})
-        original = sorted({w["original"] for w in (widths or {}).values()})
+        blocks = (widths or {}).values()
+        kept, original = (sorted({w[k] for w in blocks}) for k in ("width", "original"))
         budget += (
-            f", MLP widths pruned (`prune_mlp=True`: {len(widths or {})} blocks narrowed, kept widths {kept} of "
+            f", MLP widths pruned (`prune_mlp=True`: {len(blocks)} blocks narrowed, kept widths {kept} of "
             f"{original})"
         )
     notes = []

@@ -50,6 +50,7 @@ import drone_hf  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     CALIBRATIONS,
     RESULTS_DIR,
+    SEQUENTIAL_LABELS,
     PeakMemory,
     check_results_name,
     command_line,
@@ -140,8 +141,6 @@ QUICK_EVAL_SAMPLES = 16
 #: Row groups a run can be limited to (``--rows``).
 ROW_GROUPS = ("uniform", "greedy", "attention")
 
-#: A row's label names its calibration mode by its ``--calibration`` word (one-shot rows name none).
-SEQUENTIAL_LABELS = {mode: word for word, mode in CALIBRATIONS.items() if mode}
 
 #: ``--split validation`` holds out this many sentences from the end of the training split (a fifth of
 #: it when that is less, as in ``--quick``): settings (budget, calibration mode, evaluation loss) are
